@@ -1,0 +1,150 @@
+"""Building blocks shared by every decoder family: RMSNorm, rotary embeddings, and the linear
+projection that can carry a LoRA adapter.
+
+Every parameter is declared once, with its logical axis names in the variable's `axes`
+metadata; `jaxlora.sharding` maps those names onto mesh axes through one rules table.
+
+LoRA weights are their own variable types so that `nnx.split(model, LoRAWeight, LoRAConst,
+nnx.Param)` separates the trainable adapter (`LoRAWeight`: A and B), the adapter's constants
+(`LoRAConst`: scaling and dropout rate, per adapter so that alpha or dropout can be swept in
+one job) and the frozen base (`nnx.Param`). The graph definition depends only on *which*
+projections carry an adapter, never on its rank, so every rank shares one compiled function
+body; zero-padding A and B to a larger rank leaves the layer's output, gradients and AdamW
+updates of the real entries unchanged (the padded entries receive exactly zero gradient).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxlora.models.config import ModelConfig
+
+Array = jax.Array
+
+
+class LoRAWeight(nnx.Variable):
+    """Trainable LoRA factors: `lora_a` [in, R] and `lora_b` [R, out]."""
+
+
+class LoRAConst(nnx.Variable):
+    """Per-adapter constants of a LoRA layer: `lora_scale` (alpha/r) and `lora_dropout`."""
+
+
+def _normal(stddev: float):
+    return jax.nn.initializers.normal(stddev)
+
+
+class LoRALinear(nnx.Module):
+    """y = x W + b + s * dropout(x) A B, with W frozen and (A, B) the adapter.
+
+    `rank == 0` builds a plain linear layer. Dropout is applied only when a key is given, so
+    evaluation is deterministic.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        axes: tuple[str | None, str | None],
+        *,
+        use_bias: bool = False,
+        rank: int = 0,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.dtype = dtype
+        self.kernel = nnx.Param(
+            _normal(0.02)(rngs.params(), (in_features, out_features), param_dtype), axes=axes
+        )
+        self.bias = (
+            nnx.Param(jnp.zeros((out_features,), param_dtype), axes=(axes[1],))
+            if use_bias
+            else None
+        )
+        if rank:
+            self.lora_a = LoRAWeight(
+                jnp.zeros((in_features, rank), jnp.float32), axes=(axes[0], "rank")
+            )
+            self.lora_b = LoRAWeight(
+                jnp.zeros((rank, out_features), jnp.float32), axes=("rank", axes[1])
+            )
+            self.lora_scale = LoRAConst(jnp.ones((), jnp.float32), axes=())
+            self.lora_dropout = LoRAConst(jnp.zeros((), jnp.float32), axes=())
+        else:
+            self.lora_a = self.lora_b = self.lora_scale = self.lora_dropout = None
+
+    @property
+    def has_lora(self) -> bool:
+        return self.lora_a is not None
+
+    def __call__(self, x: Array, rng: Array | None = None) -> Array:
+        x = x.astype(self.dtype)
+        y = jnp.einsum("...i,io->...o", x, self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        if self.has_lora:
+            with jax.named_scope("lora"):
+                h = x
+                if rng is not None:
+                    rate = self.lora_dropout[...]
+                    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+                    h = jnp.where(keep, x / (1.0 - rate).astype(x.dtype), 0).astype(x.dtype)
+                a = self.lora_a[...].astype(self.dtype)
+                b = self.lora_b[...].astype(self.dtype)
+                delta = jnp.einsum("...r,ro->...o", jnp.einsum("...i,ir->...r", h, a), b)
+                y = y + (self.lora_scale[...].astype(self.dtype) * delta)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm computed in float32 and cast back, as transformers does."""
+
+    def __init__(
+        self, dim: int, eps: float, *, axis_name: str | None, dtype, param_dtype, rngs: nnx.Rngs
+    ):
+        del rngs
+        self.eps = eps
+        self.dtype = dtype
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), axes=(axis_name,))
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(self.dtype) * normed.astype(self.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """Inverse rotary frequencies [H/2], with Llama 3 scaling when the config asks for it."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq.astype(np.float32)
+    old_len = scaling.original_max_position_embeddings
+    low_freq_wavelen = old_len / scaling.low_freq_factor
+    high_freq_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * np.pi / inv_freq
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_sin_cos(positions_BT: Array, inv_freq: np.ndarray, dtype) -> tuple[Array, Array]:
+    """sin and cos [B, T, H/2] of the rotary angles, computed in float32."""
+    angles = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    return jnp.sin(angles).astype(dtype), jnp.cos(angles).astype(dtype)
+
+
+def apply_rope(x_BTNH: Array, sin_BTh: Array, cos_BTh: Array) -> Array:
+    """Rotate the two halves of the head dim (the `rotate_half` convention of transformers)."""
+    x1, x2 = jnp.split(x_BTNH, 2, axis=-1)
+    sin, cos = sin_BTh[:, :, None, :], cos_BTh[:, :, None, :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

@@ -1,0 +1,186 @@
+"""`Model`: a decoder's frozen parameters, its config and tokenizer, and jitted forwards.
+
+The NNX module is only a description here: `Model` keeps the base parameters as an
+`nnx.State` and merges them with a graph definition inside each jitted function, so forward
+passes are pure functions of pytrees (base broadcast, adapters stacked; see `jaxlora.lora`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxlora.models import convert
+from jaxlora.models.config import ConfigError, ModelConfig
+from jaxlora.models.layers import LoRAConst, LoRAWeight
+from jaxlora.models.presets import PRESETS
+from jaxlora.models.tokenizer import train_tokenizer
+from jaxlora.models.transformer import LoRAPlacement, Remat, Transformer
+from jaxlora.sharding import variable_sharding
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def parse_dtype(dtype: str | jnp.dtype) -> jnp.dtype:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    return jnp.dtype(dtype).type
+
+
+@functools.lru_cache(maxsize=64)
+def abstract_module(
+    config: ModelConfig,
+    lora: LoRAPlacement | None = None,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    remat: Remat = "none",
+):
+    """(graphdef, abstract LoRA weights, abstract LoRA consts, abstract base) without allocating.
+
+    The split order (LoRAWeight, LoRAConst, Param) is the calling convention of every merge.
+    """
+    module = nnx.eval_shape(
+        lambda: Transformer(
+            config, lora=lora, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=nnx.Rngs(0)
+        )
+    )
+    return nnx.split(module, LoRAWeight, LoRAConst, nnx.Param)
+
+
+def count_params(state: nnx.State) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(state))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _forward(graphdef, base, tokens_BT, mask_BT, positions_BT):
+    module = nnx.merge(graphdef, nnx.State({}), nnx.State({}), base)
+    return module(tokens_BT, mask_BT, positions_BT=positions_BT)[0]
+
+
+@dataclasses.dataclass
+class Model:
+    """A loaded decoder: `model(input_ids, attention_mask=mask)` -> float32 logits [B, T, V]."""
+
+    config: ModelConfig
+    params: nnx.State
+    tokenizer: Any = None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    mesh: Mesh | None = None
+
+    def graph(self, lora: LoRAPlacement | None = None, remat: Remat = "none") -> nnx.GraphDef:
+        return abstract_module(self.config, lora, self.dtype, self.param_dtype, remat)[0]
+
+    def __call__(self, input_ids, attention_mask=None, *, positions=None, adapters=None):
+        """Logits of `input_ids` [B, T]; with `adapters` (a stack of A), input [A, B, T] -> [A, B, T, V]."""
+        input_ids = jnp.asarray(input_ids, jnp.int32)
+        mask = (
+            jnp.ones(input_ids.shape, bool)
+            if attention_mask is None
+            else jnp.asarray(attention_mask, bool)
+        )
+        if adapters is not None:
+            from jaxlora.lora import stacked_logits
+
+            return stacked_logits(self, adapters, input_ids, mask, positions)
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, time], got shape {input_ids.shape}")
+        return _forward(self.graph(), self.params, input_ids, mask, positions)
+
+    @property
+    def num_params(self) -> int:
+        return count_params(self.params)
+
+    def save_hf(self, out_dir: str | os.PathLike) -> None:
+        """Write the base model as a transformers checkpoint (config, safetensors, tokenizer)."""
+        convert.save_hf_checkpoint(out_dir, self.config, self.params, self.tokenizer)
+
+
+def init_params(
+    config: ModelConfig, seed: int = 0, param_dtype=jnp.float32, mesh: Mesh | None = None
+) -> nnx.State:
+    """Random base parameters (normal(0.02) projections, unit norms), created in place on the mesh."""
+    _, _, _, abstract = abstract_module(config, None, param_dtype, param_dtype)
+    shardings = jax.tree.map(
+        lambda v: variable_sharding(v, mesh),
+        abstract,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+
+    @functools.partial(jax.jit, out_shardings=shardings)
+    def init():
+        module = Transformer(
+            config, dtype=param_dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed)
+        )
+        return nnx.state(module, nnx.Param)
+
+    return init()
+
+
+def from_preset(name: str, dtype="float32", *, param_dtype=None, mesh: Mesh | None = None) -> Model:
+    """A built-in preset: its architecture, random weights of its seed, a local tokenizer."""
+    preset = PRESETS[name]
+    dtype = parse_dtype(dtype)
+    param_dtype = parse_dtype(param_dtype) if param_dtype is not None else dtype
+    params = init_params(preset.config, preset.seed, param_dtype, mesh)
+    tokenizer = train_tokenizer(preset.tokenizer_style, preset.tokenizer_vocab)
+    config = preset.config.replace(name_or_path=name)
+    return Model(config, params, tokenizer, dtype, param_dtype, mesh)
+
+
+def load_pretrained(
+    path_or_id: str | os.PathLike,
+    dtype: str | Any = "float32",
+    *,
+    param_dtype: str | Any | None = None,
+    mesh: Mesh | None = None,
+    tokenizer: bool = True,
+) -> Model:
+    """Load a model from a Hugging Face directory, a hub id, a `jaxlora convert` directory or a
+    built-in preset name.
+
+    `dtype` is the compute dtype and, unless `param_dtype` is given, the storage dtype of the
+    base weights. With a `mesh`, weights are read straight into their sharded layout.
+    """
+    if str(path_or_id) in PRESETS and not Path(path_or_id).exists():
+        return from_preset(str(path_or_id), dtype, param_dtype=param_dtype, mesh=mesh)
+    dtype = parse_dtype(dtype)
+    param_dtype = parse_dtype(param_dtype) if param_dtype is not None else dtype
+    model_dir = convert.resolve_model_dir(path_or_id)
+    config = ModelConfig.from_file(model_dir / "config.json")
+    _, _, _, abstract = abstract_module(config, None, dtype, param_dtype)
+
+    def sharding(path, var):
+        return variable_sharding(var, mesh)
+
+    if convert.is_orbax_dir(model_dir):
+        params = convert.load_orbax_params(model_dir, abstract, sharding)
+    else:
+        params = convert.load_hf_params(model_dir, abstract, sharding)
+    tok = load_tokenizer(model_dir, config) if tokenizer else None
+    return Model(config, params, tok, dtype, param_dtype, mesh)
+
+
+def load_tokenizer(model_dir: Path, config: ModelConfig):
+    """The directory's tokenizer (None when it has none), checked against the model's vocab."""
+    if not any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if len(tok) > config.vocab_size:
+        raise convert.CheckpointError(
+            f"{model_dir}: the tokenizer has {len(tok)} tokens but the model's vocab_size is "
+            f"{config.vocab_size}; use the tokenizer that belongs to this checkpoint"
+        )
+    return tok

@@ -1,0 +1,106 @@
+"""The device mesh and the one table that maps logical axis names onto it.
+
+Every parameter declares logical names for its dimensions (`axes` metadata, e.g. a q
+projection is ("embed", "heads")); `RULES` says which mesh axis each name is split over. The
+mesh has three axes: `adapter` (independent adapters, the axis `vmap` runs over), `fsdp`
+(base weights and each adapter's batch rows) and `tensor` (heads, MLP and vocab columns).
+A dimension that a mesh axis does not divide is kept whole instead of failing, so tiny test
+models run on any mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxlora.errors import JaxloraError
+
+MESH_AXES = ("adapter", "fsdp", "tensor")
+
+RULES: dict[str, str | None] = {
+    "adapter": "adapter",
+    "batch": "fsdp",
+    "embed": "fsdp",
+    "vocab": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "rank": None,
+    "seq": None,
+}
+
+
+class MeshError(JaxloraError):
+    """A mesh shape that does not fit the devices."""
+
+
+def make_mesh(
+    adapter: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
+    """A ("adapter", "fsdp", "tensor") mesh; one size may be -1 for all remaining devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [adapter, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise MeshError("at most one mesh axis may be -1 (all remaining devices)")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise MeshError(
+            f"mesh sizes must be positive or -1, got adapter={adapter}, fsdp={fsdp}, "
+            f"tensor={tensor}"
+        )
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise MeshError(
+                f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} does not divide "
+                f"{len(devices)} devices"
+            )
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise MeshError(
+            f"mesh adapter={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = "
+            f"{math.prod(sizes)} devices, but {len(devices)} are available; make the "
+            "product equal the device count (or use -1 for one axis)"
+        )
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def logical_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """PartitionSpec for a tensor with logical `axes`, dropping splits that do not divide."""
+    spec: list[str | None] = []
+    used: set[str] = set()
+    for name, dim in zip(axes, shape, strict=True):
+        mesh_axis = RULES.get(name) if name is not None else None
+        if (
+            mesh_axis is None
+            or mesh_axis in used
+            or mesh.shape[mesh_axis] == 1
+            or dim % mesh.shape[mesh_axis]
+        ):
+            spec.append(None)
+        else:
+            spec.append(mesh_axis)
+            used.add(mesh_axis)
+    return PartitionSpec(*spec)
+
+
+def variable_sharding(var: nnx.Variable, mesh: Mesh | None, leading: Sequence[str] = ()):
+    """The sharding of a parameter from its `axes` metadata (with extra leading logical axes)."""
+    if mesh is None:
+        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    value = var.get_value()
+    axes = tuple(leading) + tuple(var.get_metadata().get("axes", (None,) * value.ndim))
+    return NamedSharding(mesh, logical_spec(axes, value.shape, mesh))
+
+
+def state_shardings(state: nnx.State, mesh: Mesh | None, leading: Sequence[str] = ()):
+    """A tree of shardings matching `state` (Variables replaced by their sharding)."""
+    return jax.tree.map(
+        lambda v: variable_sharding(v, mesh, leading),
+        state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
