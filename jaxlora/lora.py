@@ -1,0 +1,484 @@
+"""LoRA applied functionally: stacks of adapters, rank groups, per-example routing, merging.
+
+An `AdapterStack` holds A adapters with a leading adapter axis on every LoRA leaf. A forward
+pass over the stack is `jax.vmap` over (adapter weights, adapter constants, that adapter's
+tokens) with the frozen base broadcast (`in_axes=None`): XLA sees one batched matmul per
+projection instead of A separate programs.
+
+Adapters of different ranks, targets or layers share one stack by zero-padding: a zero row of
+A or column of B gets exactly zero gradient and zero AdamW update, so padding to the largest
+rank (or to the union of targets) changes nothing about any adapter. The alternative layout,
+*rank groups*, keeps one stack per distinct rank and evaluates every group inside the same
+compiled function; `layout_groups` chooses between the two.
+
+Initialisation follows PEFT: A Kaiming-uniform (bound 1/sqrt(in)) or Gaussian (std 1/r), B
+zero. Each column of A draws from its own key, derived from the adapter's key and the
+projection's position in the model, so an adapter's initial weights depend only on its own
+key and rank, never on its neighbours in the stack or on padding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxlora.errors import JaxloraError
+from jaxlora.models.config import ModelConfig
+from jaxlora.models.model import Model, abstract_module
+from jaxlora.models.transformer import (
+    ATTENTION_MODULES,
+    LINEAR_MODULES,
+    MLP_MODULES,
+    LoRAPlacement,
+)
+from jaxlora.sharding import variable_sharding
+
+Array = jax.Array
+Layout = Literal["groups", "padded"]
+InitKind = Literal["kaiming", "gaussian"]
+
+TARGET_GROUPS: dict[str, tuple[str, ...]] = {
+    "all-linear": LINEAR_MODULES,
+    "attention": ATTENTION_MODULES,
+    "mlp": MLP_MODULES,
+}
+
+
+class LoRAError(JaxloraError):
+    """An adapter configuration that cannot be built for this model."""
+
+
+def resolve_targets(targets: str | Sequence[str]) -> frozenset[str]:
+    """Module names from `all-linear`, `attention`, `mlp` or a list (`q_proj` or `q`)."""
+    if isinstance(targets, str):
+        if targets in TARGET_GROUPS:
+            return frozenset(TARGET_GROUPS[targets])
+        targets = [targets]
+    names = set()
+    for t in targets:
+        name = t if t.endswith("_proj") else f"{t}_proj"
+        if name not in LINEAR_MODULES:
+            valid = ", ".join([*TARGET_GROUPS, *LINEAR_MODULES])
+            raise LoRAError(f"unknown LoRA target {t!r}; use one of {valid}")
+        names.add(name)
+    if not names:
+        raise LoRAError("LoRA targets are empty; name at least one module or use 'all-linear'")
+    return frozenset(names)
+
+
+def module_dims(config: ModelConfig, module: str) -> tuple[int, int]:
+    """(in, out) features of a projection."""
+    D, F, H = config.hidden_size, config.intermediate_size, config.head_dim
+    return {
+        "q_proj": (D, config.num_heads * H),
+        "k_proj": (D, config.num_kv_heads * H),
+        "v_proj": (D, config.num_kv_heads * H),
+        "o_proj": (config.num_heads * H, D),
+        "gate_proj": (D, F),
+        "up_proj": (D, F),
+        "down_proj": (F, D),
+    }[module]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """One adapter's hyperparameters, normalised on construction: `targets` becomes the tuple of
+    module names in model order, `alpha=None` becomes alpha = rank, `layers` a sorted tuple."""
+
+    rank: int
+    alpha: float | None = None
+    targets: str | tuple[str, ...] = "all-linear"
+    layers: tuple[int, ...] | None = None
+    dropout: float = 0.0
+    use_rslora: bool = False
+    init: InitKind = "kaiming"
+
+    def __post_init__(self) -> None:
+        modules = resolve_targets(self.targets)
+        object.__setattr__(self, "targets", tuple(m for m in LINEAR_MODULES if m in modules))
+        if self.alpha is None and isinstance(self.rank, int):
+            object.__setattr__(self, "alpha", float(self.rank))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(sorted(set(self.layers))))
+
+    @property
+    def scale(self) -> float:
+        """s in y = Wx + s BAx: alpha/r, or alpha/sqrt(r) for rsLoRA."""
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    @property
+    def modules(self) -> frozenset[str]:
+        return frozenset(self.targets)
+
+    def validate(self, config: ModelConfig) -> LoRAConfig:
+        if not isinstance(self.rank, int) or self.rank <= 0:
+            raise LoRAError(f"LoRA rank must be a positive integer, got {self.rank!r}")
+        if self.alpha is None or self.alpha <= 0:
+            raise LoRAError(f"LoRA alpha must be positive, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise LoRAError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init not in ("kaiming", "gaussian"):
+            raise LoRAError(f"LoRA init must be 'kaiming' or 'gaussian', got {self.init!r}")
+        if self.layers is not None:
+            bad = [i for i in self.layers if not 0 <= i < config.num_layers]
+            if bad or not self.layers:
+                raise LoRAError(
+                    f"LoRA layers {list(self.layers)} must be a non-empty subset of "
+                    f"0..{config.num_layers - 1}"
+                )
+        for module in sorted(self.modules):
+            d_in, d_out = module_dims(config, module)
+            if self.rank > min(d_in, d_out):
+                raise LoRAError(
+                    f"LoRA rank {self.rank} exceeds min(in, out) = {min(d_in, d_out)} of "
+                    f"{module} ({d_in} -> {d_out}); use rank <= {min(d_in, d_out)} or drop "
+                    f"{module} from the targets"
+                )
+        return self
+
+    def placement(self) -> LoRAPlacement:
+        layers = None if self.layers is None else frozenset(self.layers)
+        return LoRAPlacement(self.rank, self.modules, layers)
+
+
+def union_placement(configs: Sequence[LoRAConfig]) -> LoRAPlacement:
+    """The smallest placement holding every adapter (max rank, union of modules and layers)."""
+    layers = None
+    if all(c.layers is not None for c in configs):
+        layers = frozenset(i for c in configs for i in c.layers)
+    return LoRAPlacement(
+        rank=max(c.rank for c in configs),
+        modules=frozenset(m for c in configs for m in c.modules),
+        layers=layers,
+    )
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class AdapterStack:
+    """A adapters stacked on a leading axis: `weights` (A, B factors), `consts` (scale, dropout).
+
+    LoRAWeight leaves are [A, in, R] and [A, R, out] with R the largest rank in the stack;
+    LoRAConst leaves are [A]. `configs` and `names` are static (one per adapter).
+    """
+
+    weights: nnx.State
+    consts: nnx.State
+    configs: tuple[LoRAConfig, ...] = dataclasses.field(metadata=dict(static=True))
+    names: tuple[str, ...] = dataclasses.field(metadata=dict(static=True))
+
+    def __len__(self) -> int:
+        return len(self.configs)
+
+    @property
+    def placement(self) -> LoRAPlacement:
+        return union_placement(self.configs)
+
+    def select(self, indices: Sequence[int]) -> AdapterStack:
+        """The sub-stack of the given adapters (padding kept)."""
+        idx = np.asarray(indices)
+        return AdapterStack(
+            jax.tree.map(lambda x: x[idx], self.weights),
+            jax.tree.map(lambda x: x[idx], self.consts),
+            tuple(self.configs[i] for i in indices),
+            tuple(self.names[i] for i in indices),
+        )
+
+    def num_trainable(self, index: int, config: ModelConfig) -> int:
+        """Trainable parameters of adapter `index` (its own rank and targets, no padding)."""
+        c = self.configs[index]
+        layers = config.num_layers if c.layers is None else len(c.layers)
+        return layers * sum(c.rank * sum(module_dims(config, m)) for m in c.modules)
+
+
+# ---------------------------------------------------------------------------------------------
+# building stacks
+
+
+def _lora_paths(config: ModelConfig) -> dict[tuple, int]:
+    """A fixed index for every projection of the model (its key offset), in model order."""
+    return {
+        ("layers", layer, parent, module): layer * len(LINEAR_MODULES) + j
+        for layer in range(config.num_layers)
+        for j, (parent, module) in enumerate(
+            [("self_attn", m) for m in ATTENTION_MODULES] + [("mlp", m) for m in MLP_MODULES]
+        )
+    }
+
+
+def init_adapters(
+    model: Model,
+    configs: Sequence[LoRAConfig],
+    keys: Array | Sequence[Array],
+    names: Sequence[str] | None = None,
+) -> AdapterStack:
+    """A stack of freshly initialised adapters, one per config and key, sharded on `adapter`."""
+    configs = tuple(c.validate(model.config) for c in configs)
+    names = (
+        tuple(names) if names is not None else tuple(f"adapter_{i}" for i in range(len(configs)))
+    )
+    if len(names) != len(configs):
+        raise LoRAError(f"{len(names)} names given for {len(configs)} adapters")
+    placement = union_placement(configs)
+    _, weights_abs, consts_abs, _ = abstract_module(
+        model.config, placement, model.dtype, model.param_dtype
+    )
+    paths = _lora_paths(model.config)
+    R = placement.rank
+
+    # Per adapter and module: does it carry this adapter, and the adapter's numbers.
+    module_index = {path: i for i, path in enumerate(paths)}
+    targeted = np.zeros((len(configs), len(paths)), bool)
+    for a, c in enumerate(configs):
+        for path in paths:
+            layer, module = path[1], path[3]
+            targeted[a, module_index[path]] = c.placement().rank_for(layer, module) > 0
+    ranks = np.array([c.rank for c in configs], np.int32)
+    gaussian = np.array([c.init == "gaussian" for c in configs])
+    scales = np.array([c.scale for c in configs], np.float32)
+    dropouts = np.array([c.dropout for c in configs], np.float32)
+    keys = jnp.stack([jnp.asarray(k) for k in keys])
+
+    def one(key, rank, is_gaussian, scale, dropout, targeted_row):
+        def init_a(path, var):
+            module_path = path[:4]
+            d_in = var.get_value().shape[0]
+            k = jax.random.fold_in(key, paths[module_path])
+            col_keys = jax.vmap(lambda j: jax.random.fold_in(k, j))(jnp.arange(R))
+            uniform = jax.vmap(lambda ck: jax.random.uniform(ck, (d_in,), jnp.float32, -1, 1))(
+                col_keys
+            )
+            normal = jax.vmap(lambda ck: jax.random.normal(ck, (d_in,), jnp.float32))(col_keys)
+            a = jnp.where(is_gaussian, normal / rank, uniform / math.sqrt(d_in)).T
+            live = (jnp.arange(R) < rank) & targeted_row[module_index[module_path]]
+            return a * live[None, :]
+
+        def init_weight(path, var):
+            if path[-1] == "lora_a":
+                return var.replace(init_a(path, var))
+            return var.replace(jnp.zeros(var.get_value().shape, jnp.float32))
+
+        def init_const(path, var):
+            return var.replace(scale if path[-1] == "lora_scale" else dropout)
+
+        return (nnx.map_state(init_weight, weights_abs), nnx.map_state(init_const, consts_abs))
+
+    shardings = tuple(
+        jax.tree.map(
+            lambda v: variable_sharding(v, model.mesh, ("adapter",)),
+            s,
+            is_leaf=lambda x: isinstance(x, nnx.Variable),
+        )
+        for s in _stacked_abstract(weights_abs, consts_abs, len(configs))
+    )
+    weights, consts = jax.jit(jax.vmap(one), out_shardings=shardings)(
+        keys, ranks, gaussian, scales, dropouts, targeted
+    )
+    return AdapterStack(weights, consts, configs, names)
+
+
+def _stacked_abstract(weights_abs, consts_abs, n: int):
+    def stack(v):
+        value = v.get_value()
+        return v.replace(jax.ShapeDtypeStruct((n, *value.shape), value.dtype))
+
+    return tuple(
+        jax.tree.map(stack, s, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        for s in (weights_abs, consts_abs)
+    )
+
+
+def concatenate(model: Model, stacks: Sequence[AdapterStack]) -> AdapterStack:
+    """One stack of all adapters of `stacks`, zero-padded to a common rank and placement."""
+    configs = tuple(c for s in stacks for c in s.configs)
+    placement = union_placement(configs)
+    padded = [pad_to(model, s, placement) for s in stacks]
+    cat = lambda *xs: jnp.concatenate(xs, axis=0)  # noqa: E731
+    return AdapterStack(
+        jax.tree.map(cat, *[p.weights for p in padded]),
+        jax.tree.map(cat, *[p.consts for p in padded]),
+        configs,
+        tuple(n for s in stacks for n in s.names),
+    )
+
+
+def pad_to(model: Model, stack: AdapterStack, placement: LoRAPlacement) -> AdapterStack:
+    """Zero-pad a stack's rank and fill modules it does not target with zeros."""
+    _, w_abs, c_abs, _ = abstract_module(model.config, placement)
+    have_w = dict(nnx.to_flat_state(stack.weights))
+    have_c = dict(nnx.to_flat_state(stack.consts))
+    n = len(stack)
+
+    def fill(path, var, have, is_weight):
+        shape = var.get_value().shape
+        if path not in have:
+            return var.replace(jnp.zeros((n, *shape), jnp.float32))
+        x = have[path].get_value()
+        if is_weight:
+            x = jnp.pad(x, [(0, 0)] + [(0, t - s) for s, t in zip(x.shape[1:], shape, strict=True)])
+        return var.replace(x)
+
+    return AdapterStack(
+        nnx.map_state(lambda p, v: fill(p, v, have_w, True), w_abs),
+        nnx.map_state(lambda p, v: fill(p, v, have_c, False), c_abs),
+        stack.configs,
+        stack.names,
+    )
+
+
+def layout_groups(configs: Sequence[LoRAConfig], layout: Layout) -> list[list[int]]:
+    """Adapter indices per stack: one group per distinct rank, or one padded group."""
+    if layout == "padded":
+        return [list(range(len(configs)))]
+    if layout != "groups":
+        raise LoRAError(f"unknown adapter layout {layout!r}: use 'groups' or 'padded'")
+    groups: dict[int, list[int]] = {}
+    for i, c in enumerate(configs):
+        groups.setdefault(c.rank, []).append(i)
+    return [groups[r] for r in sorted(groups)]
+
+
+# ---------------------------------------------------------------------------------------------
+# forward passes
+
+
+def stack_forward(
+    graphdef,
+    base: nnx.State,
+    weights: nnx.State,
+    consts: nnx.State,
+    tokens_ABT: Array,
+    mask_ABT: Array,
+    positions_ABT: Array | None = None,
+    rng_A: Array | None = None,
+    *,
+    spmd_axis_name: str | None = None,
+    return_hidden: bool = False,
+) -> Array:
+    """Logits [A, B, T, V] (or hidden states) of A adapters, each on its own tokens."""
+
+    def one(w, c, tokens, mask, positions, rng):
+        module = nnx.merge(graphdef, w, c, base)
+        return module(tokens, mask, positions_BT=positions, rng=rng, return_hidden=return_hidden)[0]
+
+    in_axes = (0, 0, 0, 0, None if positions_ABT is None else 0, None if rng_A is None else 0)
+    return jax.vmap(one, in_axes=in_axes, spmd_axis_name=spmd_axis_name)(
+        weights, consts, tokens_ABT, mask_ABT, positions_ABT, rng_A
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("graphdefs",))
+def _groups_forward(graphdefs, base, stacks, tokens, masks, positions):
+    return tuple(
+        stack_forward(g, base, s.weights, s.consts, t, m, p)
+        for g, s, t, m, p in zip(graphdefs, stacks, tokens, masks, positions, strict=True)
+    )
+
+
+def stacked_logits(
+    model: Model,
+    adapters: AdapterStack | Sequence[AdapterStack],
+    input_ids_ABT: Array,
+    mask_ABT: Array,
+    positions_ABT: Array | None = None,
+) -> Array:
+    """`model(ids [A, B, T], adapters=...)`: logits [A, B, T, V] of every adapter, all groups in
+    one compiled call (adapters of a list of stacks are numbered in order)."""
+    stacks = (adapters,) if isinstance(adapters, AdapterStack) else tuple(adapters)
+    total = sum(len(s) for s in stacks)
+    if input_ids_ABT.ndim != 3 or input_ids_ABT.shape[0] != total:
+        raise LoRAError(
+            f"with {total} adapters, input_ids must be [{total}, batch, time]; got "
+            f"shape {tuple(input_ids_ABT.shape)}"
+        )
+    bounds = list(itertools.pairwise(np.cumsum([0] + [len(s) for s in stacks])))
+
+    def cut(x):
+        return None if x is None else tuple(x[a:b] for a, b in bounds)
+
+    graphdefs = tuple(model.graph(s.placement) for s in stacks)
+    outs = _groups_forward(
+        graphdefs,
+        model.params,
+        stacks,
+        cut(input_ids_ABT),
+        cut(mask_ABT),
+        cut(positions_ABT) or (None,) * len(stacks),
+    )
+    return jnp.concatenate(outs, axis=0)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _routed_forward(graphdef, base, stack, adapter_ids, tokens, mask):
+    weights = jax.tree.map(lambda x: x[adapter_ids], stack.weights)
+    consts = jax.tree.map(lambda x: x[adapter_ids], stack.consts)
+    out = stack_forward(graphdef, base, weights, consts, tokens[:, None], mask[:, None])
+    return out[:, 0]
+
+
+def routed_logits(
+    model: Model, adapters: AdapterStack, adapter_ids, input_ids_BT, mask_BT=None
+) -> Array:
+    """Per-example mode: row b of the batch runs with adapter `adapter_ids[b]` -> [B, T, V]."""
+    ids = jnp.asarray(input_ids_BT, jnp.int32)
+    mask = jnp.ones(ids.shape, bool) if mask_BT is None else jnp.asarray(mask_BT, bool)
+    adapter_ids = np.asarray(adapter_ids)
+    if (
+        adapter_ids.shape != (ids.shape[0],)
+        or adapter_ids.min() < 0
+        or adapter_ids.max() >= len(adapters)
+    ):
+        raise LoRAError(
+            f"adapter_ids must be {ids.shape[0]} indices in [0, {len(adapters)}); "
+            f"got {adapter_ids.tolist()}"
+        )
+    return _routed_forward(
+        model.graph(adapters.placement), model.params, adapters, jnp.asarray(adapter_ids), ids, mask
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# merging into the base
+
+
+def delta_weights(stack: AdapterStack, index: int) -> dict[tuple, Array]:
+    """s * A @ B [in, out] of adapter `index` for every projection it carries, by kernel path."""
+    weights = dict(nnx.to_flat_state(stack.weights))
+    consts = dict(nnx.to_flat_state(stack.consts))
+    out = {}
+    for path, var in weights.items():
+        if path[-1] != "lora_a":
+            continue
+        module = path[:-1]
+        a = var.get_value()[index]
+        b = weights[(*module, "lora_b")].get_value()[index]
+        s = consts[(*module, "lora_scale")].get_value()[index]
+        out[(*module, "kernel")] = s * (a @ b)
+    return out
+
+
+def merge(model: Model, stack: AdapterStack, index: int, *, sign: float = 1.0) -> Model:
+    """A model whose base weights include adapter `index` (sign=-1 removes it again)."""
+    deltas = delta_weights(stack, index)
+
+    def add(path, var):
+        if path not in deltas:
+            return var
+        w = var.get_value()
+        return var.replace((w.astype(jnp.float32) + sign * deltas[path]).astype(w.dtype))
+
+    return dataclasses.replace(model, params=nnx.map_state(add, model.params))
+
+
+def unmerge(model: Model, stack: AdapterStack, index: int) -> Model:
+    """Inverse of `merge` (exact up to float rounding)."""
+    return merge(model, stack, index, sign=-1.0)
