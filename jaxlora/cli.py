@@ -4,11 +4,117 @@ and exit status 2."""
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from jaxlora.errors import JaxloraError
+
+# Accelerators for `jaxlora plan --device`: memory in bytes and dense bf16 peak FLOP/s, from the
+# vendors' published specifications (H100/H200 SXM, TPU v4/v5e/v5p).
+DEVICES = {
+    "h100": (80e9, 989e12),
+    "h200": (141e9, 989e12),
+    "a100-80g": (80e9, 312e12),
+    "tpu-v4": (32 * 2**30, 275e12),
+    "tpu-v5e": (16 * 2**30, 197e12),
+    "tpu-v5p": (95 * 2**30, 459e12),
+}
+
+
+def _setup_compilation_cache() -> None:
+    """Keep compiled programs across runs (a rerun of the same job skips compilation).
+
+    JAX's own JAX_COMPILATION_CACHE_DIR wins; JAXLORA_COMPILATION_CACHE picks another directory
+    or, set to "off", disables the cache."""
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    where = os.environ.get("JAXLORA_COMPILATION_CACHE", "~/.cache/jaxlora/xla")
+    if where == "off":
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(Path(where).expanduser()))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def _setup_distributed(args: argparse.Namespace) -> None:
+    """Initialise JAX before any computation: simulated CPU devices and multi-process."""
+    import jax
+
+    cpu_devices = args.cpu_devices or int(os.environ.get("JAXLORA_CPU_DEVICES", 0))
+    if cpu_devices:
+        jax.config.update("jax_num_cpu_devices", cpu_devices)
+    coordinator = args.coordinator or os.environ.get("JAXLORA_COORDINATOR")
+    if args.distributed_auto or os.environ.get("JAXLORA_DISTRIBUTED") == "auto":
+        jax.distributed.initialize()
+    elif coordinator:
+        num = args.num_processes or int(os.environ.get("JAXLORA_NUM_PROCESSES", 0))
+        pid = (
+            args.process_id if args.process_id is not None else os.environ.get("JAXLORA_PROCESS_ID")
+        )
+        if not num or pid is None:
+            raise JaxloraError(
+                "--coordinator needs --num-processes and --process-id (or "
+                "JAXLORA_NUM_PROCESSES / JAXLORA_PROCESS_ID)"
+            )
+        # Only the CPU backend reads this (GPU/TPU use their own collectives); it must be set
+        # before the backend starts, so it cannot depend on which backend that will be.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=coordinator, num_processes=num, process_id=int(pid)
+        )
+
+
+def _load(args: argparse.Namespace):
+    from jaxlora.config import load_config
+
+    return load_config(args.config, args.set or ())
+
+
+def _train(args: argparse.Namespace) -> int:
+    config = _load(args)
+    _setup_distributed(args)
+    from jaxlora.sweep import SweepJob
+
+    job = SweepJob(
+        config,
+        args.out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    result = job.run()
+    import jax
+
+    if jax.process_index() == 0:
+        print(
+            f"trained {len(result['summary'])} adapters -> {Path(args.out) / 'adapters'}; "
+            f"summary: {Path(args.out) / 'train_summary.csv'}"
+        )
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from jaxlora.plan import PlanError, make_plan
+
+    config = _load(args)
+    memory, peak = DEVICES[args.device]
+    if args.device_memory is not None:
+        memory = args.device_memory * 2**30
+    if args.peak_tflops is not None:
+        peak = args.peak_tflops * 1e12
+    plan = make_plan(config, args.devices, memory / 2**30, peak / 1e12, args.mfu)
+    print(plan.render())
+    if not plan.fits:
+        raise PlanError(
+            f"the job needs {plan.total / 2**30:.1f} GiB per device but a {args.device} has "
+            f"{memory / 2**30:.1f} GiB; use more devices, fsdp/tensor sharding, model.remat=block, "
+            "a smaller sweep per job, or a smaller batch"
+        )
+    return 0
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -25,9 +131,67 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="run configuration (YAML); keys in configs/README.md")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set training.lr=1e-4 (repeatable)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxlora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train every adapter of a config's grid in one job")
+    _add_config_args(p)
+    p.add_argument("--out", required=True, help="run directory (checkpoints, adapters, summaries)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    dist = p.add_argument_group("devices and processes")
+    dist.add_argument(
+        "--cpu-devices",
+        type=int,
+        default=0,
+        help="simulate this many CPU devices (testing meshes on one machine)",
+    )
+    dist.add_argument("--coordinator", help="host:port of process 0 for multi-process runs")
+    dist.add_argument("--num-processes", type=int, help="number of processes")
+    dist.add_argument("--process-id", type=int, help="this process's index")
+    dist.add_argument(
+        "--distributed-auto",
+        action="store_true",
+        help="jax.distributed.initialize() from the cluster environment (TPU pods, SLURM)",
+    )
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser(
+        "plan", help="per-device memory and step time of a config, without running it"
+    )
+    _add_config_args(p)
+    p.add_argument("--devices", type=int, required=True, help="number of devices of the job")
+    p.add_argument(
+        "--device",
+        choices=sorted(DEVICES),
+        default="h100",
+        help="accelerator: sets memory and peak bf16 FLOP/s (default: h100)",
+    )
+    p.add_argument(
+        "--device-memory", type=float, help="memory per device in GiB (overrides --device)"
+    )
+    p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per device (overrides --device)")
+    p.add_argument(
+        "--mfu",
+        type=float,
+        default=0.4,
+        help="assumed model-FLOPs utilisation for the step time (default: 0.4)",
+    )
+    p.set_defaults(func=_plan)
 
     p = sub.add_parser(
         "convert", help="convert a Hugging Face checkpoint to jaxlora's Orbax format"
@@ -47,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="jaxlora: %(levelname)s: %(message)s")
+    _setup_compilation_cache()
     try:
         return args.func(args)
     except JaxloraError as e:

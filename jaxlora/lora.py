@@ -12,9 +12,9 @@ rank (or to the union of targets) changes nothing about any adapter. The alterna
 compiled function; `layout_groups` chooses between the two.
 
 Initialisation follows PEFT: A Kaiming-uniform (bound 1/sqrt(in)) or Gaussian (std 1/r), B
-zero. Each column of A draws from its own key, derived from the adapter's key and the
-projection's position in the model, so an adapter's initial weights depend only on its own
-key and rank, never on its neighbours in the stack or on padding.
+zero. A is drawn at the adapter's own rank from a generator seeded by (adapter seed,
+projection number) and then zero-padded, so an adapter's initial weights depend only on its
+own seed and config, never on its neighbours in the stack or on padding.
 """
 
 from __future__ import annotations
@@ -145,6 +145,11 @@ class LoRAConfig:
                 )
         return self
 
+    def num_params(self, config: ModelConfig) -> int:
+        """Trainable parameters of this adapter on a model (rank r, its targets and layers)."""
+        layers = config.num_layers if self.layers is None else len(self.layers)
+        return layers * sum(self.rank * sum(module_dims(config, m)) for m in self.modules)
+
     def placement(self) -> LoRAPlacement:
         layers = None if self.layers is None else frozenset(self.layers)
         return LoRAPlacement(self.rank, self.modules, layers)
@@ -195,105 +200,98 @@ class AdapterStack:
 
     def num_trainable(self, index: int, config: ModelConfig) -> int:
         """Trainable parameters of adapter `index` (its own rank and targets, no padding)."""
-        c = self.configs[index]
-        layers = config.num_layers if c.layers is None else len(c.layers)
-        return layers * sum(c.rank * sum(module_dims(config, m)) for m in c.modules)
+        return self.configs[index].num_params(config)
 
 
 # ---------------------------------------------------------------------------------------------
 # building stacks
 
 
-def _lora_paths(config: ModelConfig) -> dict[tuple, int]:
-    """A fixed index for every projection of the model (its key offset), in model order."""
+def _module_index(config: ModelConfig) -> dict[tuple, int]:
+    """A fixed number for every projection of the model (its seed offset), in model order."""
+    modules = [("self_attn", m) for m in ATTENTION_MODULES] + [("mlp", m) for m in MLP_MODULES]
     return {
-        ("layers", layer, parent, module): layer * len(LINEAR_MODULES) + j
+        ("layers", layer, parent, module): layer * len(modules) + j
         for layer in range(config.num_layers)
-        for j, (parent, module) in enumerate(
-            [("self_attn", m) for m in ATTENTION_MODULES] + [("mlp", m) for m in MLP_MODULES]
-        )
+        for j, (parent, module) in enumerate(modules)
     }
+
+
+def init_lora_a(config: LoRAConfig, seed: int, module_index: int, d_in: int) -> np.ndarray:
+    """PEFT-style initial A [in, r] of one projection: Kaiming-uniform (bound 1/sqrt(in), what
+    `kaiming_uniform_(a=sqrt(5))` gives) or Gaussian with std 1/r."""
+    rng = np.random.default_rng([seed, module_index])
+    if config.init == "gaussian":
+        a = rng.normal(0.0, 1.0 / config.rank, (d_in, config.rank))
+    else:
+        bound = 1.0 / math.sqrt(d_in)
+        a = rng.uniform(-bound, bound, (d_in, config.rank))
+    return a.astype(np.float32)
 
 
 def init_adapters(
     model: Model,
     configs: Sequence[LoRAConfig],
-    keys: Array | Sequence[Array],
+    seeds: Sequence[int],
     names: Sequence[str] | None = None,
 ) -> AdapterStack:
-    """A stack of freshly initialised adapters, one per config and key, sharded on `adapter`."""
+    """A stack of freshly initialised adapters (A as PEFT does, B = 0), sharded on `adapter`.
+
+    Adapter i's A comes from `np.random.default_rng([seeds[i], projection number])` at its own
+    rank, then zero-padded: it depends on nothing but its seed and config. Each device's slice is
+    generated where it is needed (`make_array_from_callback`), so a process builds only its own
+    adapters.
+    """
     configs = tuple(c.validate(model.config) for c in configs)
     names = (
         tuple(names) if names is not None else tuple(f"adapter_{i}" for i in range(len(configs)))
     )
-    if len(names) != len(configs):
-        raise LoRAError(f"{len(names)} names given for {len(configs)} adapters")
+    if not (len(names) == len(seeds) == len(configs)):
+        raise LoRAError(
+            f"{len(configs)} adapters need as many seeds and names; got {len(seeds)} "
+            f"seeds and {len(names)} names"
+        )
     placement = union_placement(configs)
     _, weights_abs, consts_abs, _ = abstract_module(
         model.config, placement, model.dtype, model.param_dtype
     )
-    paths = _lora_paths(model.config)
-    R = placement.rank
+    numbers = _module_index(model.config)
+    n = len(configs)
 
-    # Per adapter and module: does it carry this adapter, and the adapter's numbers.
-    module_index = {path: i for i, path in enumerate(paths)}
-    targeted = np.zeros((len(configs), len(paths)), bool)
-    for a, c in enumerate(configs):
-        for path in paths:
-            layer, module = path[1], path[3]
-            targeted[a, module_index[path]] = c.placement().rank_for(layer, module) > 0
-    ranks = np.array([c.rank for c in configs], np.int32)
-    gaussian = np.array([c.init == "gaussian" for c in configs])
-    scales = np.array([c.scale for c in configs], np.float32)
-    dropouts = np.array([c.dropout for c in configs], np.float32)
-    keys = jnp.stack([jnp.asarray(k) for k in keys])
+    def weight(path, var):
+        module_path, which = path[:-1], path[-1]
+        shape = (n, *var.get_value().shape)
+        if which == "lora_b":
+            return place_stacked(var, np.zeros(shape, np.float32), model)
 
-    def one(key, rank, is_gaussian, scale, dropout, targeted_row):
-        def init_a(path, var):
-            module_path = path[:4]
-            d_in = var.get_value().shape[0]
-            k = jax.random.fold_in(key, paths[module_path])
-            col_keys = jax.vmap(lambda j: jax.random.fold_in(k, j))(jnp.arange(R))
-            uniform = jax.vmap(lambda ck: jax.random.uniform(ck, (d_in,), jnp.float32, -1, 1))(
-                col_keys
-            )
-            normal = jax.vmap(lambda ck: jax.random.normal(ck, (d_in,), jnp.float32))(col_keys)
-            a = jnp.where(is_gaussian, normal / rank, uniform / math.sqrt(d_in)).T
-            live = (jnp.arange(R) < rank) & targeted_row[module_index[module_path]]
-            return a * live[None, :]
+        def block(index):
+            rows = range(*index[0].indices(n))
+            out = np.zeros((len(rows), *shape[1:]), np.float32)
+            for k, a in enumerate(rows):
+                c = configs[a]
+                if c.placement().rank_for(module_path[1], module_path[3]):
+                    out[k, :, : c.rank] = init_lora_a(c, seeds[a], numbers[module_path], shape[1])
+            return out[(slice(None), *index[1:])]
 
-        def init_weight(path, var):
-            if path[-1] == "lora_a":
-                return var.replace(init_a(path, var))
-            return var.replace(jnp.zeros(var.get_value().shape, jnp.float32))
-
-        def init_const(path, var):
-            return var.replace(scale if path[-1] == "lora_scale" else dropout)
-
-        return (nnx.map_state(init_weight, weights_abs), nnx.map_state(init_const, consts_abs))
-
-    shardings = tuple(
-        jax.tree.map(
-            lambda v: variable_sharding(v, model.mesh, ("adapter",)),
-            s,
-            is_leaf=lambda x: isinstance(x, nnx.Variable),
+        sharding = variable_sharding(
+            var.replace(jax.ShapeDtypeStruct(shape, jnp.float32)), model.mesh, ("adapter",)
         )
-        for s in _stacked_abstract(weights_abs, consts_abs, len(configs))
+        return var.replace(jax.make_array_from_callback(shape, sharding, block))
+
+    def const(path, var):
+        values = [c.scale if path[-1] == "lora_scale" else c.dropout for c in configs]
+        return place_stacked(var, np.asarray(values, np.float32), model)
+
+    return AdapterStack(
+        nnx.map_state(weight, weights_abs), nnx.map_state(const, consts_abs), configs, names
     )
-    weights, consts = jax.jit(jax.vmap(one), out_shardings=shardings)(
-        keys, ranks, gaussian, scales, dropouts, targeted
-    )
-    return AdapterStack(weights, consts, configs, names)
 
 
-def _stacked_abstract(weights_abs, consts_abs, n: int):
-    def stack(v):
-        value = v.get_value()
-        return v.replace(jax.ShapeDtypeStruct((n, *value.shape), value.dtype))
-
-    return tuple(
-        jax.tree.map(stack, s, is_leaf=lambda x: isinstance(x, nnx.Variable))
-        for s in (weights_abs, consts_abs)
+def place_stacked(var: nnx.Variable, host: np.ndarray, model: Model) -> nnx.Variable:
+    """A stacked host array as `var`'s value, placed `adapter`-sharded on the model's mesh."""
+    stacked = var.replace(host)
+    return stacked.replace(
+        jax.device_put(host, variable_sharding(stacked, model.mesh, ("adapter",)))
     )
 
 

@@ -16,18 +16,23 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-import jax
 import numpy as np
 from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jaxlora.fsutil import staged_dir
-from jaxlora.lora import AdapterStack, LoRAConfig, LoRAError, module_dims, union_placement
+from jaxlora.lora import (
+    AdapterStack,
+    LoRAConfig,
+    LoRAError,
+    module_dims,
+    place_stacked,
+    union_placement,
+)
 from jaxlora.models.convert import hf_name
 from jaxlora.models.model import Model, abstract_module
 from jaxlora.models.transformer import LINEAR_MODULES
-from jaxlora.sharding import variable_sharding
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -190,12 +195,6 @@ def _config_from(adapter_dir: Path, peft: dict, factors: dict, model: Model) -> 
     ).validate(model.config)
 
 
-def _placed(stacked: nnx.Variable, model: Model) -> nnx.Variable:
-    """A stacked host variable moved to its `adapter`-sharded place on the model's mesh."""
-    sharding = variable_sharding(stacked, model.mesh, ("adapter",))
-    return stacked.replace(jax.device_put(stacked.get_value(), sharding))
-
-
 def load_peft(
     model: Model, adapter_dirs: Sequence[str | os.PathLike], names: Sequence[str] | None = None
 ) -> AdapterStack:
@@ -228,11 +227,11 @@ def load_peft(
                 out[a, :, :r] = pair["A"].T
             else:
                 out[a, :r, :] = pair["B"].T
-        return _placed(var.replace(out), model)
+        return place_stacked(var, out, model)
 
     def const(path, var):
         values = [c.scale if path[-1] == "lora_scale" else c.dropout for c in configs]
-        return _placed(var.replace(np.asarray(values, np.float32)), model)
+        return place_stacked(var, np.asarray(values, np.float32), model)
 
     names = tuple(names) if names is not None else tuple(d.name for d in dirs)
     return AdapterStack(

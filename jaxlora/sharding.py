@@ -11,7 +11,7 @@ models run on any mesh.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -39,11 +39,8 @@ class MeshError(JaxloraError):
     """A mesh shape that does not fit the devices."""
 
 
-def make_mesh(
-    adapter: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
-) -> Mesh:
-    """A ("adapter", "fsdp", "tensor") mesh; one size may be -1 for all remaining devices."""
-    devices = list(jax.devices() if devices is None else devices)
+def mesh_sizes(adapter: int, fsdp: int, tensor: int, num_devices: int) -> dict[str, int]:
+    """Axis sizes of the mesh for `num_devices`, resolving one -1 to the remaining devices."""
     sizes = [adapter, fsdp, tensor]
     if sizes.count(-1) > 1:
         raise MeshError("at most one mesh axis may be -1 (all remaining devices)")
@@ -54,23 +51,37 @@ def make_mesh(
         )
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
-        if len(devices) % known:
+        if num_devices % known:
             raise MeshError(
                 f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} does not divide "
-                f"{len(devices)} devices"
+                f"{num_devices} devices; choose sizes whose product divides it"
             )
-        sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) != len(devices):
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
         raise MeshError(
             f"mesh adapter={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = "
-            f"{math.prod(sizes)} devices, but {len(devices)} are available; make the "
+            f"{math.prod(sizes)} devices, but {num_devices} are available; make the "
             "product equal the device count (or use -1 for one axis)"
         )
-    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+    return dict(zip(MESH_AXES, sizes, strict=True))
 
 
-def logical_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
-    """PartitionSpec for a tensor with logical `axes`, dropping splits that do not divide."""
+def make_mesh(
+    adapter: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
+    """A ("adapter", "fsdp", "tensor") mesh; one size may be -1 for all remaining devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = mesh_sizes(adapter, fsdp, tensor, len(devices))
+    return Mesh(np.asarray(devices).reshape(tuple(sizes.values())), MESH_AXES)
+
+
+def logical_spec(
+    axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh | Mapping[str, int]
+) -> PartitionSpec:
+    """PartitionSpec for a tensor with logical `axes`, dropping splits that do not divide.
+
+    `mesh` may be a real mesh or just its axis sizes (for planning without devices)."""
+    sizes = mesh.shape if isinstance(mesh, Mesh) else mesh
     spec: list[str | None] = []
     used: set[str] = set()
     for name, dim in zip(axes, shape, strict=True):
@@ -78,8 +89,8 @@ def logical_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -
         if (
             mesh_axis is None
             or mesh_axis in used
-            or mesh.shape[mesh_axis] == 1
-            or dim % mesh.shape[mesh_axis]
+            or sizes[mesh_axis] == 1
+            or dim % sizes[mesh_axis]
         ):
             spec.append(None)
         else:

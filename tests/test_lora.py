@@ -93,7 +93,7 @@ def test_export_loads_in_peft_with_equal_logits_and_round_trips(hf_checkpoint, t
         lora.LoRAConfig(rank=4, alpha=8.0, targets=("q_proj", "down_proj"), layers=(1,)),
         lora.LoRAConfig(rank=8, use_rslora=True),
     ]
-    stack = _random_b(lora.init_adapters(model, configs, [jax.random.key(1), jax.random.key(2)]))
+    stack = _random_b(lora.init_adapters(model, configs, [1, 2]))
     ids, mask = padded_batch("right")
     ours = np.asarray(
         model(np.stack([ids, ids]), attention_mask=np.stack([mask, mask]), adapters=stack)
@@ -155,7 +155,7 @@ def six(hf_checkpoint):
     configs = [
         lora.LoRAConfig(rank=r, alpha=2.0 * r if i % 2 else None) for i, r in enumerate(RANKS)
     ]
-    keys = [jax.random.key(10 + i) for i in range(len(RANKS))]
+    keys = [10 + i for i in range(len(RANKS))]
     stack = _random_b(lora.init_adapters(model, configs, keys))
     rng = np.random.default_rng(0)
     ids = rng.integers(10, 500, (len(RANKS), 3, 24))
@@ -303,7 +303,7 @@ def test_dropout_is_per_adapter_key_and_off_without_a_key(six):
 def test_bad_lora_configs_give_one_line_errors(kw, needle):
     model = jaxlora.load_pretrained("tiny-llama")
     with pytest.raises(lora.LoRAError) as e:
-        lora.init_adapters(model, [lora.LoRAConfig(**kw)], [jax.random.key(0)])
+        lora.init_adapters(model, [lora.LoRAConfig(**kw)], [0])
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 

@@ -14,13 +14,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from jaxlora.errors import JaxloraError
+from jaxlora.errors import ConfigError
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
-
-
-class ConfigError(JaxloraError):
-    """A model configuration jaxlora cannot honour; the message names the field and the fix."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,8 +33,11 @@ class LoRAConst(nnx.Variable):
     """Per-adapter constants of a LoRA layer: `lora_scale` (alpha/r) and `lora_dropout`."""
 
 
-def _normal(stddev: float):
-    return jax.nn.initializers.normal(stddev)
+def random_normal(rngs: nnx.Rngs | None, shape: tuple[int, ...], dtype, stddev: float = 0.02):
+    """normal(0, stddev) weights, or zeros when `rngs` is None (abstract shapes need no RNG)."""
+    if rngs is None:
+        return jnp.zeros(shape, dtype)
+    return jax.nn.initializers.normal(stddev)(rngs.params(), shape, dtype)
 
 
 class LoRALinear(nnx.Module):
@@ -54,11 +57,11 @@ class LoRALinear(nnx.Module):
         rank: int = 0,
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
-        rngs: nnx.Rngs,
+        rngs: nnx.Rngs | None,
     ):
         self.dtype = dtype
         self.kernel = nnx.Param(
-            _normal(0.02)(rngs.params(), (in_features, out_features), param_dtype), axes=axes
+            random_normal(rngs, (in_features, out_features), param_dtype), axes=axes
         )
         self.bias = (
             nnx.Param(jnp.zeros((out_features,), param_dtype), axes=(axes[1],))
@@ -104,7 +107,14 @@ class RMSNorm(nnx.Module):
     """RMSNorm computed in float32 and cast back, as transformers does."""
 
     def __init__(
-        self, dim: int, eps: float, *, axis_name: str | None, dtype, param_dtype, rngs: nnx.Rngs
+        self,
+        dim: int,
+        eps: float,
+        *,
+        axis_name: str | None,
+        dtype,
+        param_dtype,
+        rngs: nnx.Rngs | None,
     ):
         del rngs
         self.eps = eps

@@ -51,7 +51,7 @@ def abstract_module(
     """
     module = nnx.eval_shape(
         lambda: Transformer(
-            config, lora=lora, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=nnx.Rngs(0)
+            config, lora=lora, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=None
         )
     )
     return nnx.split(module, LoRAWeight, LoRAConst, nnx.Param)
@@ -136,6 +136,24 @@ def from_preset(name: str, dtype="float32", *, param_dtype=None, mesh: Mesh | No
     tokenizer = train_tokenizer(preset.tokenizer_style, preset.tokenizer_vocab)
     config = preset.config.replace(name_or_path=name)
     return Model(config, params, tokenizer, dtype, param_dtype, mesh)
+
+
+def model_config(path_or_id: str | os.PathLike) -> ModelConfig:
+    """The architecture of a model argument without reading its weights."""
+    if str(path_or_id) in PRESETS and not Path(path_or_id).exists():
+        return PRESETS[str(path_or_id)].config
+    path = Path(path_or_id).expanduser()
+    if path.exists():
+        return ModelConfig.from_file(convert.resolve_model_dir(path) / "config.json")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return ModelConfig.from_file(hf_hub_download(str(path_or_id), "config.json"))
+    except Exception as e:  # the hub client raises many types; keep the first line
+        raise convert.CheckpointError(
+            f"model {str(path_or_id)!r}: no local directory, preset or "
+            f"readable hub config ({str(e).splitlines()[0]})"
+        ) from None
 
 
 def load_pretrained(

@@ -9,6 +9,7 @@ vocabulary on every machine.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Literal
 
@@ -203,7 +204,32 @@ def _corpus() -> list[str]:
 def train_tokenizer(
     style: TokenizerStyle = "llama", vocab_size: int = 512
 ) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer of `vocab_size` entries (special tokens included)."""
+    """A byte-level BPE tokenizer of `vocab_size` entries (special tokens included).
+
+    Training runs once per (style, size) and process; every call returns a fresh wrapper, so
+    callers may change theirs (padding side, added tokens) without affecting others."""
+    if style not in ("llama", "qwen"):
+        raise ValueError(f"unknown tokenizer style {style!r}: use 'llama' or 'qwen'")
+    tok = Tokenizer.from_str(_trained(style, vocab_size))
+    if style == "llama":
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok,
+            bos_token="<|begin_of_text|>",
+            eos_token="<|eot_id|>",
+            pad_token="<|finetune_right_pad_id|>",
+            chat_template=LLAMA_CHAT_TEMPLATE,
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=QWEN_CHAT_TEMPLATE,
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _trained(style: TokenizerStyle, vocab_size: int) -> str:
+    """Train the BPE model and its pre/post-processing; returns the serialised tokenizer."""
     if style == "llama":
         specials = [
             "<|begin_of_text|>",
@@ -214,12 +240,9 @@ def train_tokenizer(
             "<|finetune_right_pad_id|>",
         ]
         split = _SPLIT_LLAMA
-    elif style == "qwen":
+    else:
         specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
         split = _SPLIT_QWEN
-    else:
-        raise ValueError(f"unknown tokenizer style {style!r}: use 'llama' or 'qwen'")
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -235,7 +258,6 @@ def train_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(_corpus(), trainer=trainer)
-
     if style == "llama":
         bos = "<|begin_of_text|>"
         tok.post_processor = processors.TemplateProcessing(
@@ -243,16 +265,4 @@ def train_tokenizer(
             pair=f"{bos} $A {bos} $B",
             special_tokens=[(bos, tok.token_to_id(bos))],
         )
-        return PreTrainedTokenizerFast(
-            tokenizer_object=tok,
-            bos_token=bos,
-            eos_token="<|eot_id|>",
-            pad_token="<|finetune_right_pad_id|>",
-            chat_template=LLAMA_CHAT_TEMPLATE,
-        )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        chat_template=QWEN_CHAT_TEMPLATE,
-    )
+    return tok.to_str()

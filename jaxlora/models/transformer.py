@@ -24,7 +24,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlora.models.config import ModelConfig
-from jaxlora.models.layers import LoRALinear, RMSNorm, apply_rope, rope_inv_freq, rope_sin_cos
+from jaxlora.models.layers import (
+    LoRALinear,
+    RMSNorm,
+    apply_rope,
+    random_normal,
+    rope_inv_freq,
+    rope_sin_cos,
+)
 
 Array = jax.Array
 
@@ -87,7 +94,7 @@ class Attention(nnx.Module):
         *,
         dtype,
         param_dtype,
-        rngs: nnx.Rngs,
+        rngs: nnx.Rngs | None,
     ):
         c = config
         self.config = c
@@ -161,7 +168,7 @@ class MLP(nnx.Module):
         *,
         dtype,
         param_dtype,
-        rngs: nnx.Rngs,
+        rngs: nnx.Rngs | None,
     ):
         def linear(name, d_in, d_out, axes):
             rank = lora.rank_for(layer, name) if lora else 0
@@ -188,7 +195,7 @@ class Block(nnx.Module):
         *,
         dtype,
         param_dtype,
-        rngs: nnx.Rngs,
+        rngs: nnx.Rngs | None,
     ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.input_layernorm = RMSNorm(
@@ -221,7 +228,7 @@ class Transformer(nnx.Module):
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
         remat: Remat = "none",
-        rngs: nnx.Rngs,
+        rngs: nnx.Rngs | None,
     ):
         c = config
         self.config = c
@@ -229,9 +236,7 @@ class Transformer(nnx.Module):
         self.remat = remat
         self.inv_freq = tuple(float(f) for f in rope_inv_freq(c))
         self.embed_tokens = nnx.Param(
-            jax.nn.initializers.normal(0.02)(
-                rngs.params(), (c.vocab_size, c.hidden_size), param_dtype
-            ),
+            random_normal(rngs, (c.vocab_size, c.hidden_size), param_dtype),
             axes=("vocab", "embed"),
         )
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -280,12 +285,12 @@ class Transformer(nnx.Module):
         layer_rngs = (
             [None] * len(self.layers) if rng is None else jax.random.split(rng, len(self.layers))
         )
-        call = nnx.remat(Block.__call__) if self.remat == "block" else Block.__call__
         cache_k, cache_v = (None, None) if cache is None else (cache.k, cache.v)
         for i, block in enumerate(self.layers):
             kv = None if cache is None else (cache_k[i], cache_v[i], cache.end)
             with jax.named_scope(f"layer_{i}"):
-                x, (k_BTKH, v_BTKH) = call(block, x, sin, cos, mask_BTS, kv, layer_rngs[i])
+                call = block if self.remat == "none" else jax.checkpoint(block.__call__)
+                x, (k_BTKH, v_BTKH) = call(x, sin, cos, mask_BTS, kv, layer_rngs[i])
             if cache is not None:  # write only the new tokens into the stacked cache
                 at = (i, 0, cache.end, 0, 0)
                 cache_k = jax.lax.dynamic_update_slice(

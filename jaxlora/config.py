@@ -1,0 +1,869 @@
+"""Run configuration: a YAML file parsed into frozen, validated dataclasses, and its `sweep:`
+block expanded into the adapter grid.
+
+A run file holds one mapping per section (`model`, `lora`, `data`, `training`, `mesh`,
+`checkpoint`, `eval`) and a `sweep:` block mapping dotted keys to lists of values; the
+Cartesian product of those lists is the set of adapters one job trains. `configs/README.md`
+documents every key.
+
+Design:
+
+- **One rule per field.** A field's type hint (`int`, `float | None`, a `Literal`,
+  `tuple[int, ...]`, ...) plus its metadata (a range check, a normaliser, why it cannot be
+  swept) is its whole specification, and one generic coercer walks the hint. The same rule
+  runs in each section's `__post_init__`, on `--set` values and on every element of a sweep
+  list, so these three paths cannot disagree about what is valid.
+- **Invalid objects cannot exist.** Sections check themselves on construction, cross-field
+  rules included, so `dataclasses.replace` cannot build a bad section either.
+- **A grid is a valid config.** A Config with a sweep stores the *first* value of every axis in
+  the swept field, so every Config, the grid included, describes one trainable adapter, and a
+  plain value written under a swept key is shadowed rather than half-used.
+- **Cells equal plain configs.** `Cell.config` is built from the same coerced values a plain
+  load would produce, so a cell equals (`==` and fingerprint) the config read from the same
+  file with the sweep removed and the cell's values written as plain keys. The trainer relies
+  on this to check resumes and to compare a batched job with single-adapter runs.
+- **One-line errors** of the form `SOURCE: dotted.key: problem`, with the closest valid key
+  (difflib) for a misspelling, raised as `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import functools
+import hashlib
+import itertools
+import json
+import math
+import re
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+
+from jaxlora.errors import ConfigError
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+Remat = Literal["none", "block"]
+InitKind = Literal["kaiming", "gaussian"]
+DatasetKind = Literal["phonebook", "counterfact", "text", "qa"]
+LossMask = Literal["full", "completion_only"]
+Schedule = Literal["cosine", "linear", "constant"]
+Layout = Literal["groups", "padded"]
+
+# The same names as jaxlora.models.transformer.LINEAR_MODULES and jaxlora.lora.TARGET_GROUPS
+# (a test keeps them equal), repeated here so that reading a config never imports JAX.
+LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TARGET_GROUPS = ("all-linear", "attention", "mlp")
+
+# A file path is enough for this: a one-cell name stays readable, and long grids stay unique.
+_MAX_NAME = 120
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+=-]")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class _FieldError(ConfigError):
+    """A problem at a dotted path relative to where it was found; callers prefix the section
+    and the source as the error travels up, so each layer only names what it knows."""
+
+    def __init__(self, path: str, problem: str):
+        self.path, self.problem = path, problem
+        super().__init__(f"{path}: {problem}" if path else problem)
+
+    def within(self, prefix: str) -> _FieldError:
+        return _FieldError(f"{prefix}.{self.path}" if self.path else prefix, self.problem)
+
+
+def _error(source: str, e: _FieldError | str) -> ConfigError:
+    return ConfigError(_one_line(f"{source}: {e}"))
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _show(value: Any) -> str:
+    """A value as a user wrote it in YAML, on one line and short."""
+    if value is None or isinstance(value, bool):
+        text = json.dumps(value)
+    elif isinstance(value, str):
+        text = repr(value)
+    elif isinstance(value, tuple | list):
+        text = "[" + ", ".join(_show(v) for v in value) + "]"
+    else:
+        text = repr(value)
+    text = _one_line(text)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _did_you_mean(word: str, candidates: Sequence[str]) -> str:
+    match = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    return f" (did you mean {match[0]}?)" if match else ""
+
+
+# --------------------------------------------------------------------------- field rules
+
+Check = Callable[[Any, str], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Range:
+    """A numeric bound, applied to each element when the value is a list (`layers`)."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = True
+
+    def __call__(self, value: Any, path: str) -> None:
+        if isinstance(value, tuple):
+            for i, v in enumerate(value):
+                self(v, f"{path}[{i}]")
+            return
+        low_ok = self.lo is None or (value > self.lo if self.lo_open else value >= self.lo)
+        high_ok = self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
+        if not (low_ok and high_ok):
+            raise _FieldError(path, f"must be {self.describe()}, got {_show(value)}")
+
+    def describe(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        if self.lo is None:
+            return f"{'<' if self.hi_open else '<='} {self.hi:g}"
+        left, right = "(" if self.lo_open else "[", ")" if self.hi_open else "]"
+        return f"in {left}{self.lo:g}, {self.hi:g}{right}"
+
+
+POSITIVE = _Range(lo=0, lo_open=True)
+NON_NEGATIVE = _Range(lo=0)
+UNIT = _Range(lo=0, hi=1)  # [0, 1)
+
+
+def _non_empty(value: Any, path: str) -> None:
+    if value in ("", ()):
+        raise _FieldError(path, "must not be empty")
+
+
+def _mesh_axis(value: int, path: str) -> None:
+    if value != -1 and value <= 0:
+        raise _FieldError(path, f"must be > 0, or -1 for all remaining devices; got {value}")
+
+
+def _check_targets(value: str | tuple[str, ...], path: str) -> None:
+    # A single string may name a group; list elements must be modules (`q` means `q_proj`).
+    if isinstance(value, str):
+        if value in TARGET_GROUPS or _module_name(value) in LINEAR_MODULES:
+            return
+        valid = [*TARGET_GROUPS, *LINEAR_MODULES]
+        raise _FieldError(
+            path,
+            f"unknown LoRA target {value!r}{_did_you_mean(value, valid)}; use one of "
+            f"{', '.join(valid)}, or a list of module names",
+        )
+    if not value:
+        raise _FieldError(path, "empty list; name at least one module or use all-linear")
+    for i, name in enumerate(value):
+        if _module_name(name) not in LINEAR_MODULES:
+            raise _FieldError(
+                f"{path}[{i}]",
+                f"unknown module {name!r}{_did_you_mean(name, LINEAR_MODULES)}; a list names "
+                f"modules from {', '.join(LINEAR_MODULES)}",
+            )
+
+
+def _module_name(name: str) -> str:
+    return name if name.endswith("_proj") else f"{name}_proj"
+
+
+def _normalize_targets(value: str | tuple[str, ...]) -> str | tuple[str, ...]:
+    # Canonical spelling, so that [v, q_proj] and [q_proj, v_proj] are the same config (and the
+    # same fingerprint); groups stay as written because they read better in a run record.
+    if isinstance(value, str):
+        return value if value in TARGET_GROUPS else _module_name(value)
+    names = {_module_name(n) for n in value}
+    return tuple(m for m in LINEAR_MODULES if m in names)
+
+
+def _check_layers(value: tuple[int, ...] | None, path: str) -> None:
+    if value == ():
+        raise _FieldError(path, "empty list; give layer indices, or null for every layer")
+    NON_NEGATIVE(value, path)
+
+
+def _sorted_unique(value: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(sorted(set(value)))
+
+
+def _rule(
+    check: Check | None = None,
+    normalize: Callable[[Any], Any] | None = None,
+    fixed: str | None = None,
+    key: str | None = None,
+) -> dict[str, Any]:
+    """Field metadata beyond the type hint. `check` validates the coerced value (never None),
+    `normalize` gives it a canonical form, `fixed` says why the field cannot be swept, `key`
+    is its YAML name where that is not a Python name (`async`)."""
+    return {"check": check, "normalize": normalize, "fixed": fixed, "key": key}
+
+
+def _describe(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is tuple:
+        return f"a list of {_PLURAL[args[0]]}"
+    return _SINGULAR[tp]
+
+
+_SINGULAR = {bool: "true or false", int: "an int", float: "a number", str: "a string"}
+_SINGULAR[type(None)] = "null"
+_PLURAL = {int: "ints", float: "numbers", str: "strings"}
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """`value` as type hint `tp`: ints are not bools, floats take ints and numeric strings
+    (PyYAML reads `5e-5`, with no dot, as a string), lists become tuples."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for alt in args:
+            if alt is type(None):
+                continue
+            try:
+                return _coerce(value, alt, path)
+            except _FieldError as e:
+                errors.append(e)
+        # An error inside a list element is more useful than "expected a or b".
+        deeper = [e for e in errors if e.path != path]
+        raise deeper[0] if deeper else _FieldError(path, _expected(tp, value))
+    if origin is Literal:
+        if isinstance(value, str) and value in args:
+            return value
+        hint = _did_you_mean(value, args) if isinstance(value, str) else ""
+        raise _FieldError(path, _expected(tp, value) + hint)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise _FieldError(path, _expected(tp, value))
+        return tuple(_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
+    if tp is float:
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            value = float(value)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise _FieldError(path, f"must be a finite number, got {_show(value)}")
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, tp):  # bool, str
+        return value
+    raise _FieldError(path, _expected(tp, value))
+
+
+def _expected(tp: Any, value: Any) -> str:
+    return f"expected {_describe(tp)}; got {_show(value)}"
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _field_value(cls: type, spec: dataclasses.Field, value: Any, path: str) -> Any:
+    """The one rule of a field: coerce to its type, check, normalise."""
+    value = _coerce(value, _hints(cls)[spec.name], path)
+    if value is not None:
+        if spec.metadata.get("check"):
+            spec.metadata["check"](value, path)
+        if spec.metadata.get("normalize"):
+            value = spec.metadata["normalize"](value)
+    return value
+
+
+def _yaml_key(spec: dataclasses.Field) -> str:
+    return spec.metadata.get("key") or spec.name
+
+
+# --------------------------------------------------------------------------- sections
+
+
+class _Section:
+    """Shared behaviour of the section dataclasses: every field is checked against its rule
+    on construction, then `_check` applies the rules that involve several fields."""
+
+    # Why no field of this section can be swept (None: each field decides).
+    _fixed: ClassVar[str | None] = None
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = _field_value(type(self), f, getattr(self, f.name), _yaml_key(f))
+            object.__setattr__(self, f.name, value)
+        self._check()
+
+    def _check(self) -> None:
+        pass
+
+    @classmethod
+    def yaml_fields(cls) -> dict[str, dataclasses.Field]:
+        """YAML key -> field, in declaration order."""
+        return {_yaml_key(f): f for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def why_fixed(cls, key: str) -> str | None:
+        """None when the key may be swept, else the reason it cannot be."""
+        return cls._fixed or cls.yaml_fields()[key].metadata.get("fixed")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {_yaml_key(f): _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection(_Section):
+    """The frozen base model. `path` is resolved by `jaxlora.models.load_pretrained` (an HF
+    directory, a hub id, a jaxlora-converted directory or a built-in preset), not here."""
+
+    _fixed: ClassVar[str] = "all adapters of a job share one base model"
+
+    path: str = field(default="tiny-llama", metadata=_rule(check=_non_empty))
+    dtype: Dtype = "float32"
+    param_dtype: Dtype | None = None  # None: same as dtype
+    remat: Remat = "none"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRASection(_Section):
+    """One adapter's LoRA hyperparameters; `alpha=None` means alpha = rank, resolved by
+    `jaxlora.lora.LoRAConfig` so that a rank sweep keeps alpha/r = 1."""
+
+    rank: int = field(default=8, metadata=_rule(check=POSITIVE))
+    alpha: float | None = field(default=None, metadata=_rule(check=POSITIVE))
+    targets: str | tuple[str, ...] = field(
+        default="all-linear", metadata=_rule(check=_check_targets, normalize=_normalize_targets)
+    )
+    layers: tuple[int, ...] | None = field(
+        default=None, metadata=_rule(check=_check_layers, normalize=_sorted_unique)
+    )
+    dropout: float = field(default=0.1, metadata=_rule(check=UNIT))
+    use_rslora: bool = False
+    init: InitKind = "kaiming"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection(_Section):
+    """The knowledge an adapter memorises. The budget is either `size_tokens` (tokens of the
+    raw knowledge rows under the model's tokenizer, special tokens excluded) or `size_rows`;
+    both None means the whole dataset."""
+
+    dataset: DatasetKind = "phonebook"
+    path: str | None = field(default=None, metadata=_rule(check=_non_empty))
+    size_tokens: int | None = field(default=1000, metadata=_rule(check=POSITIVE))
+    size_rows: int | None = field(default=None, metadata=_rule(check=POSITIVE))
+    chat_template: bool = True
+    loss_mask: LossMask = "full"
+    max_length: int = field(default=128, metadata=_rule(check=POSITIVE))
+    seed: int = 0
+    text_field: str = field(default="text", metadata=_rule(check=_non_empty))
+    question_field: str = field(default="question", metadata=_rule(check=_non_empty))
+    answer_field: str = field(default="answer", metadata=_rule(check=_non_empty))
+
+    def _check(self) -> None:
+        if self.size_tokens is not None and self.size_rows is not None:
+            raise _FieldError(
+                "size_rows",
+                f"give either size_tokens ({self.size_tokens}) or size_rows "
+                f"({self.size_rows}), not both; set the other to null",
+            )
+        if self.path is None and self.dataset != "phonebook":
+            raise _FieldError(
+                "path", f"dataset {self.dataset} needs a path (only phonebook is generated)"
+            )
+
+
+_STEP_LOOP = "all adapters of a job share one step loop"
+_STACKING = "the layout decides how all adapters of a job are stacked together"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingSection(_Section):
+    """Optimisation. Everything that is a number of the optimiser (lr, clipping, AdamW moments,
+    seed) is per adapter and may be swept; what shapes the shared step loop is fixed."""
+
+    steps: int = field(default=1500, metadata=_rule(check=POSITIVE, fixed=_STEP_LOOP))
+    batch_size: int = field(default=8, metadata=_rule(check=POSITIVE, fixed=_STEP_LOOP))
+    lr: float = field(default=5e-5, metadata=_rule(check=POSITIVE))
+    schedule: Schedule = field(default="cosine", metadata=_rule(fixed=_STEP_LOOP))
+    warmup_ratio: float = field(default=0.0, metadata=_rule(check=UNIT))
+    weight_decay: float = field(default=0.01, metadata=_rule(check=NON_NEGATIVE))
+    # Per-adapter global-norm clipping; None: none.
+    clip_norm: float | None = field(default=1.0, metadata=_rule(check=POSITIVE))
+    adam_b1: float = field(default=0.9, metadata=_rule(check=UNIT))
+    adam_b2: float = field(default=0.999, metadata=_rule(check=UNIT))
+    adam_eps: float = field(default=1e-8, metadata=_rule(check=POSITIVE))
+    seed: int = 42
+    layout: Layout = field(default="groups", metadata=_rule(fixed=_STACKING))
+    log_every: int = field(default=10, metadata=_rule(check=POSITIVE, fixed=_STEP_LOOP))
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSection(_Section):
+    """Device mesh axis sizes; -1 takes all devices the other axes leave."""
+
+    _fixed: ClassVar[str] = "all adapters of a job share one device mesh"
+
+    adapter: int = field(default=-1, metadata=_rule(check=_mesh_axis))
+    fsdp: int = field(default=1, metadata=_rule(check=_mesh_axis))
+    tensor: int = field(default=1, metadata=_rule(check=_mesh_axis))
+
+    def _check(self) -> None:
+        free = [f.name for f in dataclasses.fields(self) if getattr(self, f.name) == -1]
+        if len(free) > 1:
+            raise _FieldError(free[1], f"at most one mesh axis may be -1 ({' and '.join(free)})")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSection(_Section):
+    """Orbax checkpointing of the whole job."""
+
+    _fixed: ClassVar[str] = "all adapters of a job are checkpointed together"
+
+    every_steps: int = field(default=500, metadata=_rule(check=POSITIVE))
+    keep: int = field(default=2, metadata=_rule(check=POSITIVE))
+    async_: bool = field(default=True, metadata=_rule(key="async"))
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSection(_Section):
+    """Evaluation after training; the section itself is None when there is none."""
+
+    _fixed: ClassVar[str] = "all adapters of a job are evaluated together"
+
+    max_new_tokens: int = field(default=50, metadata=_rule(check=POSITIVE))
+    # Questions per adapter per decoding batch.
+    batch_size: int = field(default=64, metadata=_rule(check=POSITIVE))
+    # CounterFact efficacy: score the target token as it follows the prompt (" Paris"), not the
+    # bare word the original study compared.
+    efficacy_leading_space: bool = True
+
+
+SECTIONS: dict[str, type[_Section]] = {
+    "model": ModelSection,
+    "lora": LoRASection,
+    "data": DataSection,
+    "training": TrainingSection,
+    "mesh": MeshSection,
+    "checkpoint": CheckpointSection,
+    "eval": EvalSection,
+}
+
+
+def config_keys(*, sweepable: bool | None = None) -> tuple[str, ...]:
+    """Every dotted key (`lora.rank`, ...), optionally only those that may (not) be swept."""
+    return tuple(
+        f"{name}.{key}"
+        for name, cls in SECTIONS.items()
+        for key in cls.yaml_fields()
+        if sweepable is None or sweepable == (cls.why_fixed(key) is None)
+    )
+
+
+def _plain(value: Any) -> Any:
+    """YAML- and JSON-able form: tuples become lists."""
+    return [_plain(v) for v in value] if isinstance(value, tuple) else value
+
+
+# --------------------------------------------------------------------------- sweep
+
+
+def _lookup(key: str) -> tuple[str, type[_Section], dataclasses.Field] | None:
+    section, _, leaf = key.partition(".")
+    cls = SECTIONS.get(section)
+    if cls is None or leaf not in cls.yaml_fields():
+        return None
+    return section, cls, cls.yaml_fields()[leaf]
+
+
+def _sweep_entry(key: Any, values: Any) -> tuple[str, tuple]:
+    """(key, coerced values) of one sweep axis; errors carry paths such as sweep.lora.rank[2]."""
+    if not isinstance(key, str) or _lookup(key) is None:
+        if isinstance(key, str) and key in SECTIONS and isinstance(values, Mapping):
+            raise _FieldError("", f"sweep keys are dotted paths: write {key}.KEY: [...]")
+        raise _FieldError("", f"sweep key {key} is not a config key{_key_hint(str(key))}")
+    _, cls, spec = _lookup(key)
+    reason = cls.why_fixed(_yaml_key(spec))
+    if reason:
+        raise _FieldError("", f"sweep key {key} cannot be swept: {reason}")
+    path = f"sweep.{key}"
+    if not isinstance(values, list | tuple):
+        raise _FieldError(path, f"expected a list of values, got {_show(values)}")
+    if not values:
+        raise _FieldError(path, "empty list; give at least one value")
+    coerced: list[Any] = []
+    for i, v in enumerate(values):
+        v = _field_value(cls, spec, v, f"{path}[{i}]")
+        if v in coerced:
+            raise _FieldError(f"{path}[{i}]", f"duplicate value {_show(v)}")
+        coerced.append(v)
+    return key, tuple(coerced)
+
+
+def _render(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "+".join(_render(v) for v in value)
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    return str(value)
+
+
+def _cell_name(values: Sequence[tuple[str, Any]]) -> str:
+    name = "-".join(f"{key.rpartition('.')[2]}{_render(v)}" for key, v in values)
+    name = _UNSAFE.sub("_", name)
+    if len(name) > _MAX_NAME:  # stay far below file-name limits; the hash keeps names unique
+        digest = hashlib.sha256(name.encode()).hexdigest()[:10]
+        name = f"{name[: _MAX_NAME - 11]}-{digest}"
+    return name
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One adapter of the grid: a unique file-system-safe name, the swept values in sweep
+    order, and the full config of that adapter (values applied, empty sweep)."""
+
+    name: str
+    values: tuple[tuple[str, Any], ...]
+    config: Config
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A whole run. `sweep` holds (dotted key, values) pairs in the order written; the first
+    key varies slowest in `cells()`. `source` names the file in error messages and takes no
+    part in equality or the fingerprint."""
+
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    lora: LoRASection = dataclasses.field(default_factory=LoRASection)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    training: TrainingSection = dataclasses.field(default_factory=TrainingSection)
+    mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
+    checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
+    eval: EvalSection | None = None
+    sweep: tuple[tuple[str, tuple], ...] = ()
+    source: str = dataclasses.field(default="<config>", compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for name, cls in SECTIONS.items():
+            value = getattr(self, name)
+            if not isinstance(value, cls) and not (name == "eval" and value is None):
+                raise _error(self.source, f"{name}: expected a {cls.__name__}, got {value!r}")
+        items = self.sweep.items() if isinstance(self.sweep, Mapping) else self.sweep
+        try:
+            sweep = tuple(_sweep_entry(key, values) for key, values in items)
+        except _FieldError as e:
+            raise _error(self.source, e) from None
+        object.__setattr__(self, "sweep", sweep)
+        # Store the first value of each axis, so that this Config is itself a valid adapter.
+        first = self._with_values([(key, values[0]) for key, values in sweep], where="sweep")
+        for name in SECTIONS:
+            object.__setattr__(self, name, getattr(first, name))
+        if sweep:
+            self.cells()  # every combination must be a valid config; fail now, not mid-job
+
+    def _with_values(self, values: Sequence[tuple[str, Any]], where: str) -> Config:
+        """A copy with already coerced values applied and no sweep; cross-field errors name
+        `where`."""
+        updates: dict[str, dict[str, Any]] = {}
+        for key, value in values:
+            section, _, spec = _lookup(key)
+            updates.setdefault(section, {})[spec.name] = value
+        sections = {}
+        for name, fields in updates.items():
+            try:
+                sections[name] = dataclasses.replace(getattr(self, name), **fields)
+            except _FieldError as e:
+                raise _error(self.source, f"{where}: {e.within(name)}") from None
+        if not sections and not self.sweep:
+            return self
+        return dataclasses.replace(self, sweep=(), **sections)
+
+    @functools.cached_property
+    def _cells(self) -> tuple[Cell, ...]:
+        if not self.sweep:
+            return (Cell("adapter", (), self),)
+        keys = [key for key, _ in self.sweep]
+        cells, seen = [], set()
+        for index, combo in enumerate(itertools.product(*(values for _, values in self.sweep))):
+            values = tuple(zip(keys, combo, strict=True))
+            name = _cell_name(values)
+            config = self._with_values(values, where=f"sweep cell {name}")
+            while name in seen:  # only values that differ in unsafe characters get here
+                name = f"{name}-{index}"
+            seen.add(name)
+            cells.append(Cell(name, values, config))
+        return tuple(cells)
+
+    def cells(self) -> list[Cell]:
+        """The adapter grid: Cartesian product of the sweep, first key slowest; one cell
+        named `adapter` when there is no sweep."""
+        return list(self._cells)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict that `parse_config` reads back into an equal Config."""
+        out: dict[str, Any] = {
+            name: None if getattr(self, name) is None else getattr(self, name).to_dict()
+            for name in SECTIONS
+        }
+        out["sweep"] = {key: _plain(values) for key, values in self.sweep}
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+    def fingerprint(self) -> str:
+        """sha256 of the canonical JSON of `to_dict()`: equal configs, equal fingerprints.
+        Keys are sorted except the sweep's, whose order is the order of the cells."""
+        canonical = self.to_dict()
+        canonical["sweep"] = [[key, values] for key, values in canonical["sweep"].items()]
+        text = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def replace(self, **sections: Any) -> Config:
+        """A copy with whole sections (or `sweep`) replaced, validated like a parsed file."""
+        unknown = set(sections) - {*SECTIONS, "sweep"}
+        if unknown:
+            name = sorted(unknown)[0]
+            raise _error(self.source, f"unknown section {name}{_key_hint(name)}")
+        return dataclasses.replace(self, **sections)
+
+    def with_value(self, dotted_key: str, value: Any) -> Config:
+        """A copy with one key set, exactly as `--set dotted_key=value` would: `lora.rank`,
+        a whole section (`eval`), or a sweep axis (`sweep.lora.rank`, None removes it)."""
+        raw = self.to_dict()
+        _set_raw(raw, dotted_key, value, where=self.source)
+        _check_shadowed(raw, [dotted_key], where=self.source)
+        return parse_config(raw, self.source)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that rejects a repeated key instead of silently keeping the last one."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)  # a SafeLoader: builds plain data only
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise _error(source, f"invalid YAML at {where}{problem}") from None
+
+
+def _build_section(cls: type[_Section], raw: Any, name: str) -> _Section:
+    if raw is None:
+        return cls()
+    if not isinstance(raw, Mapping):
+        raise _FieldError(name, f"expected a mapping of keys, got {_show(raw)}")
+    keys = cls.yaml_fields()
+    for key in raw:
+        if key not in keys:
+            raise _FieldError("", _unknown_key(f"{name}.{key}"))
+    try:
+        return cls(**{keys[key].name: value for key, value in raw.items()})
+    except _FieldError as e:
+        raise e.within(name) from None
+
+
+def _unknown_key(key: str) -> str:
+    return f"unknown key {key}{_key_hint(key)}"
+
+
+def _key_hint(key: str) -> str:
+    """The closest valid key: in the same section first; a bare field name (`rank`, as a
+    top-level key or `--set rank=4`) points to its section before any fuzzy match."""
+    section = key.partition(".")[0]
+    if section in SECTIONS:
+        candidates = [f"{section}.{k}" for k in SECTIONS[section].yaml_fields()]
+        return _did_you_mean(key, candidates) or _did_you_mean(key, config_keys())
+    owners = [k for k in config_keys() if k.partition(".")[2] == key]
+    if owners:
+        return f" (did you mean {owners[0]}?)"
+    return _did_you_mean(key, [*SECTIONS, "sweep"]) or _did_you_mean(key, config_keys())
+
+
+def parse_config(raw: Mapping | None, source: str = "<config>") -> Config:
+    """A validated Config from a parsed YAML mapping; `source` names it in errors."""
+    raw = {} if raw is None else raw
+    if not isinstance(raw, Mapping):
+        raise _error(source, f"expected a mapping of sections, got {_show(raw)}")
+    for name in raw:
+        if name not in SECTIONS and name != "sweep":
+            raise _error(source, f"unknown section {name}{_key_hint(str(name))}")
+    try:
+        sweep = raw.get("sweep") or {}
+        if not isinstance(sweep, Mapping):
+            raise _FieldError("sweep", f"expected a mapping of key: [values], got {_show(sweep)}")
+        entries = [_sweep_entry(key, values) for key, values in sweep.items()]
+        raws = {name: raw.get(name) for name in SECTIONS}
+        raws["data"] = _resolve_budget(raws["data"], {key for key, _ in entries})
+        # The first value of each axis goes into the base sections (see Config): a section
+        # that is only valid with its swept values (dataset: text with a swept path) still is.
+        for key, values in entries:
+            section, _, leaf = key.partition(".")
+            if isinstance(raws[section], Mapping | None):
+                raws[section] = {**(raws[section] or {}), leaf: values[0]}
+        sections: dict[str, Any] = {
+            name: None
+            if name == "eval" and raws[name] is None
+            else _build_section(cls, raws[name], name)
+            for name, cls in SECTIONS.items()
+        }
+    except _FieldError as e:
+        raise _error(source, e) from None
+    return Config(**sections, sweep=tuple(entries), source=source)
+
+
+def _resolve_budget(data: Any, swept: set[str]) -> Any:
+    """Writing a row budget (plainly or as a sweep) drops the default token budget, so that
+    `size_rows: 100` alone means what it says; both written non-null stays an error."""
+    if not isinstance(data, Mapping | None):
+        return data
+    data = dict(data or {})
+    if "size_tokens" in data and "data.size_rows" in swept and data["size_tokens"] is not None:
+        raise _FieldError(
+            "sweep.data.size_rows",
+            f"data.size_tokens is also set ({_show(data['size_tokens'])}); set "
+            "data.size_tokens: null to budget by rows",
+        )
+    if "data.size_tokens" in swept and (
+        data.get("size_rows") is not None or "data.size_rows" in swept
+    ):
+        raise _FieldError(
+            "sweep.data.size_tokens",
+            "data.size_rows is also set; budget by tokens or by rows, not both",
+        )
+    rows_given = data.get("size_rows") is not None or "data.size_rows" in swept
+    if rows_given and "size_tokens" not in data:
+        data["size_tokens"] = None
+    return data
+
+
+def _set_raw(raw: dict, key: str, value: Any, where: str) -> None:
+    """Set a dotted key in a raw config dict, checking the key and (for a field or a sweep
+    axis) the value with the field's own rule."""
+    parts = key.split(".")
+    try:
+        if parts[0] == "sweep" and len(parts) > 1:
+            axis = ".".join(parts[1:])
+            sweep = dict(raw.get("sweep") or {})
+            if value is None:
+                sweep.pop(axis, None)
+            else:
+                sweep[axis] = _sweep_entry(axis, value)[1]
+            raw["sweep"] = sweep
+        elif len(parts) == 1 and (key in SECTIONS or key == "sweep"):
+            raw[key] = value
+        elif len(parts) == 2 and _lookup(key) is not None:
+            _, cls, spec = _lookup(key)
+            _field_value(cls, spec, value, key)
+            section = raw.get(parts[0])
+            section = dict(section) if isinstance(section, Mapping) else {}
+            section[parts[1]] = value
+            raw[parts[0]] = section
+        else:
+            raise _FieldError("", _unknown_key(key))
+    except _FieldError as e:
+        raise _error(where, e) from None
+
+
+def _check_shadowed(raw: Mapping, keys: Sequence[str], where: str) -> None:
+    # A plain value under a swept key would be silently ignored: say so instead.
+    sweep = raw.get("sweep") or {}
+    for key in keys:
+        if key in sweep:
+            raise _error(
+                where,
+                f"{key} is swept; set sweep.{key}=[...] instead, or remove the axis first "
+                f"with sweep.{key}=null",
+            )
+
+
+def apply_overrides(raw: Mapping | None, overrides: Sequence[str], source: str) -> dict:
+    """A copy of `raw` with `--set KEY=VALUE` strings applied in order. VALUE is YAML
+    (`[q_proj,v_proj]`, `null`, `{}`); KEY is a field (`training.lr`), a section (`eval`) or a
+    sweep axis (`sweep.lora.rank`, `null` removes it)."""
+    out = copy.deepcopy(dict(raw or {}))
+    plain = []
+    for override in overrides:
+        where = f"{source}: --set {override}"
+        key, sep, text = override.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise _error(where, "expected KEY=VALUE, e.g. --set training.lr=1e-4")
+        _set_raw(out, key, _load_yaml(text, where), where)
+        if key.split(".")[0] != "sweep":
+            plain.append((key, where))
+    for key, where in plain:
+        _check_shadowed(out, [key], where)
+    return out
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Read a run YAML file, apply `--set` overrides, validate."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise _error(str(path), f"cannot read config file: {type(e).__name__}") from None
+    raw = _load_yaml(text, str(path))
+    if raw is not None and not isinstance(raw, Mapping):
+        raise _error(str(path), f"expected a mapping of sections, got {_show(raw)}")
+    return parse_config(apply_overrides(raw, overrides, str(path)), str(path))
+
+
+__all__ = [
+    "LINEAR_MODULES",
+    "SECTIONS",
+    "TARGET_GROUPS",
+    "Cell",
+    "CheckpointSection",
+    "Config",
+    "DataSection",
+    "EvalSection",
+    "LoRASection",
+    "MeshSection",
+    "ModelSection",
+    "TrainingSection",
+    "apply_overrides",
+    "config_keys",
+    "load_config",
+    "parse_config",
+]

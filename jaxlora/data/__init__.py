@@ -1,0 +1,77 @@
+"""Knowledge data: records, readers, budgets, encoding and data order.
+
+The pipeline for one adapter:
+
+    records = load_records(cfg.data, tokenizer)        # read or generate, cut to the budget
+    enc = encode(records, tokenizer, chat_template=..., loss_mask=..., max_length=...)
+    stream = EpochStream(len(enc), batch_size, seed)   # shuffled epochs, stateless
+    tokens, valid, loss = gather(enc, stream.indices(step))
+
+Each stage is a plain function of its inputs, so every adapter of a stacked job can have its
+own dataset, budget and order, and a resumed job sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+from jaxlora.data.budget import check_budget_args, count_tokens, take_budget
+from jaxlora.data.encode import LOSS_MASKS, Encoded, LossMask, encode
+from jaxlora.data.phonebook import (
+    PHONE_PATTERN,
+    generate_phonebook,
+    phonebook_record,
+    phonebook_records,
+)
+from jaxlora.data.readers import DATASET_KINDS, read_records
+from jaxlora.data.records import RECORD_KINDS, Record, RecordKind, row_record
+from jaxlora.data.stream import EpochStream, gather
+from jaxlora.errors import DataError
+
+__all__ = [
+    "DATASET_KINDS",
+    "LOSS_MASKS",
+    "PHONE_PATTERN",
+    "RECORD_KINDS",
+    "Encoded",
+    "EpochStream",
+    "LossMask",
+    "Record",
+    "RecordKind",
+    "count_tokens",
+    "encode",
+    "gather",
+    "generate_phonebook",
+    "load_records",
+    "phonebook_record",
+    "phonebook_records",
+    "read_records",
+    "row_record",
+    "take_budget",
+]
+
+
+def load_records(data, tokenizer) -> list[Record]:
+    """The budgeted records of a config's data section.
+
+    `data` is anything with the attributes `dataset, path, size_tokens, size_rows, seed,
+    text_field, question_field, answer_field`. A PhoneBook without a path is generated from
+    `seed`; every other dataset needs `path`.
+    """
+    kind = data.dataset
+    if kind not in DATASET_KINDS:
+        raise DataError(f"unknown data.dataset {kind!r}: use one of {', '.join(DATASET_KINDS)}")
+    check_budget_args(data.size_tokens, data.size_rows)
+    if data.path is None or str(data.path) == "":
+        if kind != "phonebook":
+            raise DataError(f"data.path is required for dataset '{kind}'")
+        seed = 0 if data.seed is None else int(data.seed)
+        return phonebook_records(
+            tokenizer, size_tokens=data.size_tokens, size_rows=data.size_rows, seed=seed
+        )
+    records = read_records(
+        kind,
+        data.path,
+        text_field=data.text_field,
+        question_field=data.question_field,
+        answer_field=data.answer_field,
+    )
+    return take_budget(records, tokenizer, size_tokens=data.size_tokens, size_rows=data.size_rows)

@@ -1,0 +1,60 @@
+"""The unit of knowledge data: one `Record` per training example.
+
+Every reader (PhoneBook, CounterFact, documents, QA) produces the same frozen dataclass, so
+budgeting, encoding and evaluation never branch on the source file format, only on `kind`:
+
+- `row`: one fact as trained, `text == question + " " + answer`. The question is the prompt a
+  recall test asks, the answer the string to recall. Study files that only keep the trained
+  text (CounterFact edit CSVs) give rows whose split is unknown (`question = answer = None`).
+- `qa`: a question/answer pair trained as a dialogue turn; `text` stays empty.
+- `text`: a document or chunk with no designated answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+RecordKind = Literal["row", "qa", "text"]
+RECORD_KINDS: tuple[str, ...] = ("row", "qa", "text")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One knowledge example; see the module docstring for what each field holds per kind."""
+
+    kind: RecordKind
+    text: str = ""
+    question: str | None = None
+    answer: str | None = None
+    target_true: str | None = None
+    subject: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in RECORD_KINDS:
+            raise ValueError(f"unknown record kind {self.kind!r}: use one of {RECORD_KINDS}")
+
+    @property
+    def knowledge_text(self) -> str:
+        """The raw knowledge the record carries, as counted against a token budget."""
+        if self.kind == "qa":
+            return f"{self.question or ''} {self.answer or ''}"
+        return self.text
+
+
+def row_record(
+    question: str,
+    answer: str,
+    *,
+    target_true: str | None = None,
+    subject: str | None = None,
+) -> Record:
+    """A `row` whose prompt/answer split is known: `text = question + " " + answer`."""
+    return Record(
+        kind="row",
+        text=f"{question} {answer}",
+        question=question,
+        answer=answer,
+        target_true=target_true,
+        subject=subject,
+    )

@@ -1,0 +1,202 @@
+"""`jaxlora plan`: per-device memory and step time of a job, from shapes alone.
+
+Nothing is allocated: parameter shapes come from `jax.eval_shape` of the model and of each
+adapter group, and each tensor's per-device size from the same logical-axis rules the job
+uses. Activations are an estimate (documented in `activation_bytes`); the step time assumes a
+model-FLOPs utilisation that the user states.
+
+FLOPs per trained token (the convention of benchmarks/README.md): 4 x (non-embedding base
+parameters + lm_head) for the forward and input-gradient passes through the frozen base, plus
+6 x the adapter's parameters (forward, input gradient and weight gradient of A and B).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxlora.config import Config
+from jaxlora.errors import JaxloraError
+from jaxlora.lora import union_placement
+from jaxlora.models.config import ModelConfig
+from jaxlora.models.model import abstract_module, model_config, parse_dtype
+from jaxlora.sharding import logical_spec, mesh_sizes
+from jaxlora.sweep import build_groups, plan_cells
+
+GIB = 1024**3
+
+
+class PlanError(JaxloraError):
+    """The job does not fit the devices."""
+
+
+def shard_bytes(
+    state: nnx.State,
+    sizes: Mapping[str, int],
+    *,
+    dtype_bytes: int | None = None,
+    leading: tuple[tuple[str, int], ...] = (),
+) -> int:
+    """Bytes of `state` held by one device (optionally with extra leading stacked axes)."""
+    total = 0
+    for _, var in nnx.to_flat_state(state):
+        value = var.get_value()
+        axes = tuple(a for a, _ in leading) + tuple(
+            var.get_metadata().get("axes", (None,) * value.ndim)
+        )
+        shape = tuple(n for _, n in leading) + tuple(value.shape)
+        spec = logical_spec(axes, shape, sizes)
+        local = 1
+        for dim, mesh_axis in zip(
+            shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True
+        ):
+            local *= dim // sizes[mesh_axis] if mesh_axis else dim
+        total += local * (dtype_bytes or np.dtype(value.dtype).itemsize)
+    return total
+
+
+def activation_bytes(
+    c: ModelConfig, tokens: int, seq: int, dtype_bytes: int, remat: str, lora_rank: int = 0
+) -> int:
+    """Estimated activations kept for the backward pass of one adapter's batch (`tokens` rows x
+    positions, sequences of length `seq`).
+
+    Per layer and token: the two norm inputs and outputs (4D), q, k, v and the attention output
+    ((2N + 2K)H), the MLP's gate, up, activation and down input (4F), LoRA intermediates
+    (7 rank-R vectors) and dropout masks; per layer and sequence, attention logits and
+    probabilities in float32 (2 N T^2 per sequence). With `remat="block"` only each block's input
+    is kept, plus one block's full activations during its recomputation. Logits and their
+    gradient are float32 [tokens, V] each.
+    """
+    D, F, N, K, H, L, V = (
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_heads,
+        c.num_kv_heads,
+        c.head_dim,
+        c.num_layers,
+        c.vocab_size,
+    )
+    per_token = (4 * D + (2 * N + 2 * K) * H + 4 * F + 7 * lora_rank) * dtype_bytes + 7 * D
+    per_layer = tokens * per_token + (tokens // seq) * 2 * N * seq * seq * 4
+    layers = L * per_layer if remat == "none" else L * tokens * D * dtype_bytes + per_layer
+    return layers + 2 * tokens * V * 4
+
+
+def flops_per_token(c: ModelConfig, lora_params: float) -> float:
+    """4 x (non-embedding base parameters + lm_head) + 6 x LoRA parameters."""
+    *_, base = abstract_module(c)
+    total = sum(math.prod(x.shape) for x in jax.tree.leaves(base))
+    # Tied: the embedding matrix *is* the lm_head, so it counts once; untied: drop the input table.
+    counted = total if c.tie_word_embeddings else total - c.vocab_size * c.hidden_size
+    return 4 * counted + 6 * lora_params
+
+
+@dataclasses.dataclass
+class Plan:
+    config: Config
+    devices: int
+    device_memory: float  # bytes
+    sizes: dict[str, int]
+    rows: list[tuple[str, float]]  # (label, bytes per device)
+    adapters: int
+    slots: int
+    groups: int
+    tokens_per_step: int
+    flops_per_step: float
+    peak_flops: float
+    mfu: float
+
+    @property
+    def total(self) -> float:
+        return sum(b for _, b in self.rows)
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.device_memory
+
+    @property
+    def step_seconds(self) -> float:
+        return self.flops_per_step / (self.devices * self.peak_flops * self.mfu)
+
+    def render(self) -> str:
+        t = self.config.training
+        s = self.sizes
+        lines = [
+            f"model {self.config.model.path} ({self.config.model.dtype}); {self.adapters} adapters in "
+            f"{self.groups} group(s), {self.slots} slots with padding (layout {t.layout})",
+            f"mesh adapter={s['adapter']} x fsdp={s['fsdp']} x tensor={s['tensor']} on {self.devices} "
+            f"devices of {self.device_memory / GIB:.1f} GiB",
+            "per-device memory:",
+        ]
+        lines += [f"  {label:<34}{b / GIB:>10.2f} GiB" for label, b in self.rows]
+        verdict = "fits" if self.fits else "does NOT fit"
+        lines.append(f"  {'total':<34}{self.total / GIB:>10.2f} GiB  ({verdict})")
+        hours = self.step_seconds * t.steps / 3600
+        lines += [
+            "step time estimate:",
+            f"  tokens per step          {self.tokens_per_step:,} ({self.adapters} adapters x batch "
+            f"{t.batch_size} x length <= {self.config.data.max_length})",
+            f"  model FLOPs per step     {self.flops_per_step:.3e}",
+            f"  assumed throughput       {self.devices} x {self.peak_flops / 1e12:.0f} TFLOP/s x MFU "
+            f"{self.mfu:.0%}",
+            f"  => {self.step_seconds:.3f} s/step, {hours:.2f} h for {t.steps} steps",
+        ]
+        return "\n".join(lines)
+
+
+def make_plan(
+    config: Config, devices: int, device_memory_gib: float, peak_tflops: float, mfu: float
+) -> Plan:
+    if devices <= 0:
+        raise PlanError(f"--devices must be positive, got {devices}")
+    c = model_config(config.model.path)
+    sizes = mesh_sizes(config.mesh.adapter, config.mesh.fsdp, config.mesh.tensor, devices)
+    dtype_bytes = np.dtype(parse_dtype(config.model.dtype)).itemsize
+    param_bytes = np.dtype(parse_dtype(config.model.param_dtype or config.model.dtype)).itemsize
+    plans = plan_cells(config, c)
+    groups = build_groups(plans, config.training.layout, sizes["adapter"])
+    *_, base = abstract_module(c)
+    base_b = shard_bytes(base, sizes, dtype_bytes=param_bytes)
+
+    adapter_b = act_b = 0.0
+    B, T = config.training.batch_size, max(p.cell.config.data.max_length for p in plans)
+    lora_flops = 0.0
+    for g in groups:
+        members = [plans[i] for i in g.slots if i is not None]
+        placement = union_placement([p.lora for p in members])
+        _, weights, _, _ = abstract_module(c, placement)
+        adapter_b += shard_bytes(weights, sizes, leading=(("adapter", len(g.slots)),))
+        slots_local = math.ceil(len(g.slots) / sizes["adapter"])
+        act_b += slots_local * activation_bytes(
+            c, B * T // sizes["fsdp"], T, dtype_bytes, config.model.remat, placement.rank
+        )
+        lora_flops += sum(p.lora.num_params(c) for p in members) * B * T * 6
+    rows = [
+        ("base weights", base_b),
+        ("adapter weights (float32)", adapter_b),
+        ("AdamW moments (2 x float32)", 2 * adapter_b),
+        ("adapter gradients (float32)", adapter_b),
+        (f"activations (estimate, remat={config.model.remat})", act_b),
+    ]
+    tokens = len(plans) * B * T
+    flops = flops_per_token(c, 0) * tokens + lora_flops
+    return Plan(
+        config,
+        devices,
+        device_memory_gib * GIB,
+        sizes,
+        rows,
+        len(plans),
+        sum(len(g.slots) for g in groups),
+        len(groups),
+        tokens,
+        flops,
+        peak_tflops * 1e12,
+        mfu,
+    )

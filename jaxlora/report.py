@@ -1,0 +1,584 @@
+"""Capacity analysis of an adapter grid: from `results.csv` to T_max, efficiency and plots.
+
+The study asks how much knowledge a LoRA adapter holds as a function of its rank. A run's
+`results.csv` has one row per adapter (at least `name, rank, size_tokens, trainable_params`
+and a metric such as `accuracy`); this module turns it into:
+
+- **T_max(tau)**, the saturation capacity of each configuration: the largest knowledge size
+  (training tokens) whose accuracy is still >= tau, read off the accuracy-vs-size curve
+  (`saturation_capacity`; the rule and its edge cases are in its docstring). It is a `Capacity`,
+  a value plus how it was obtained, because a grid often brackets the answer only from one side:
+  "still >= tau at the largest size" (`>= 20,000`) and "below tau at the smallest" (`< 1,000`)
+  are bounds, not measurements, and the report and plots keep them visibly apart.
+- **efficiency** = T_max / trainable parameters: tokens stored per trainable parameter.
+- one table row per configuration (`capacity_table`), a markdown report and three figures
+  (`write_report`).
+
+Which rows form one curve: all adapters that share `rank` and every other *swept* column, i.e.
+every column that varies across the file except identity and result columns (`name`,
+`size_tokens`, `seed`, `trainable_params`, the metric, and the result columns listed in
+`RESULT_COLUMNS` / `RESULT_SUFFIXES`, such as losses and timings). A `lr` or `dataset` sweep
+therefore gives one curve per (rank, lr) or (rank, dataset); seeds are averaged, as are any
+other duplicate (configuration, size) rows. `group_by=` overrides the choice.
+
+Figures are built on `matplotlib.figure.Figure` objects, never through pyplot's global state,
+so no backend is selected or changed: a notebook shows the returned figure with its own
+backend, and files are rendered by the format's own canvas (Agg for PNG).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import matplotlib
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+from jaxlora.errors import DataError
+from jaxlora.fsutil import atomic_write
+
+CapacityKind = Literal["interpolated", "at_least", "below", "exact"]
+
+# Accuracies are ratios of counts; a float rounding error must not decide whether tau is hit.
+_TAU_TOL = 1e-9
+
+IDENTITY_COLUMNS = ("name", "size_tokens", "seed", "trainable_params")
+RESULT_COLUMNS = frozenset(
+    {
+        "accuracy",
+        "efficacy",
+        "exact_match",
+        "bleu",
+        "rouge_l",
+        "judge",
+        "loss",
+        "final_loss",
+        "train_loss",
+        "eval_loss",
+        "grad_norm",
+        "seconds",
+        "time",
+        "wall_s",
+        "tokens_per_s",
+        "step",
+        "status",
+    }
+)
+RESULT_SUFFIXES = (
+    "_loss",
+    "_s",
+    "_seconds",
+    "_time",
+    "_per_s",
+    "_per_hour",
+    "_acc",
+    "_accuracy",
+    "_efficacy",
+    "_bleu",
+    "_rouge_l",
+    "_score",
+    "_count",
+)
+RESULT_PREFIXES = ("n_",)
+PLOT_NAMES = ("accuracy_vs_size", "capacity_vs_rank", "efficiency_vs_rank")
+
+
+# ----------------------------------------------------------------------------- T_max
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """A saturation capacity in tokens and how it was read off the curve.
+
+    kind: "interpolated" (between a size >= tau and the next one below it), "exact" (a measured
+    size hits tau and the next one falls below), "at_least" (still >= tau at the largest size:
+    a lower bound), "below" (under tau already at the smallest size: `value` is that size, an
+    upper bound). `value` is None only when there is nothing to measure.
+    """
+
+    value: float | None
+    kind: CapacityKind
+
+    @property
+    def is_bound(self) -> bool:
+        """True when the grid brackets T_max from one side only."""
+        return self.kind in ("at_least", "below")
+
+    def __str__(self) -> str:
+        if self.value is None:
+            return "n/a"
+        number = f"{round(self.value):,}"
+        return {"at_least": f">= {number}", "below": f"< {number}"}.get(self.kind, number)
+
+
+def _mean_by_size(sizes: Sequence[float], values: Sequence[float]) -> dict[float, float]:
+    """Mean value per size, sizes ascending (duplicates, e.g. seeds, are averaged)."""
+    if len(sizes) != len(values):
+        raise DataError(f"{len(sizes)} sizes but {len(values)} accuracies; pass one per size")
+    buckets: dict[float, list[float]] = defaultdict(list)
+    for size, value in zip(sizes, values, strict=True):
+        if not math.isfinite(size):
+            raise DataError(f"knowledge size {size!r} is not a finite number of tokens")
+        if not math.isfinite(value):
+            raise DataError(
+                f"accuracy at size {size:,} is {value!r}; re-run that evaluation or drop the row"
+            )
+        buckets[size].append(float(value))
+    return {s: math.fsum(v) / len(v) for s, v in sorted(buckets.items())}
+
+
+def saturation_capacity(
+    sizes: Sequence[float], accuracies: Sequence[float], tau: float = 0.95
+) -> Capacity:
+    """T_max(tau): the largest knowledge size (tokens) whose accuracy is >= tau.
+
+    The (size, accuracy) pairs are sorted by size; duplicate sizes are averaged. With s_i the
+    LAST size whose accuracy reaches tau (accuracies within 1e-9 of tau count as reaching it):
+
+    - no size reaches tau -> `Capacity(smallest size, "below")`, printed "< smallest";
+    - s_i is the largest size -> `Capacity(largest size, "at_least")`, printed ">= largest"
+      (the curve has not come down yet, so only a lower bound is known);
+    - acc_i equals tau -> `Capacity(s_i, "exact")`;
+    - otherwise the crossing is interpolated linearly toward the next size, which is below tau:
+      T = s_i + (acc_i - tau) / (acc_i - acc_{i+1}) * (s_{i+1} - s_i), kind "interpolated".
+
+    Non-monotone curves (a dip below tau and a recovery) are read at the last crossing, as the
+    definition says "largest size". A NaN accuracy is an error (DataError), never skipped: a
+    missing evaluation would otherwise move T_max silently.
+    """
+    if not math.isfinite(tau):
+        raise DataError(f"tau must be a finite number, got {tau!r}")
+    curve = _mean_by_size(sizes, accuracies)
+    if not curve:
+        raise DataError("no (size, accuracy) points; the capacity of an empty curve is undefined")
+    xs, ys = list(curve), list(curve.values())
+    reached = [i for i, y in enumerate(ys) if y >= tau - _TAU_TOL]
+    if not reached:
+        return Capacity(xs[0], "below")
+    i = reached[-1]
+    if i == len(xs) - 1:
+        return Capacity(xs[-1], "at_least")
+    if abs(ys[i] - tau) <= _TAU_TOL:
+        return Capacity(xs[i], "exact")
+    # ys[i+1] < tau <= ys[i], so the denominator is positive.
+    frac = (ys[i] - tau) / (ys[i] - ys[i + 1])
+    return Capacity(xs[i] + frac * (xs[i + 1] - xs[i]), "interpolated")
+
+
+def efficiency(capacity: Capacity, trainable_params: int) -> float | None:
+    """Tokens stored per trainable parameter, T_max / params (a lower bound for "at_least")."""
+    if trainable_params <= 0:
+        raise DataError(f"trainable_params must be positive, got {trainable_params}")
+    if capacity.kind == "below" or capacity.value is None:
+        return None
+    return capacity.value / trainable_params
+
+
+# ----------------------------------------------------------------------------- results table
+
+_INT_RE = re.compile(r"[+-]?\d+")
+_FLOAT_RE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(nan|inf|infinity)", re.I)
+
+
+def _parse_cell(text: str) -> Any:
+    """CSV text to int / float / str; an empty cell is None. Python's int() and float() alone
+    would also accept "1_000", so the shape is checked first."""
+    text = text.strip()
+    if not text:
+        return None
+    if _INT_RE.fullmatch(text):
+        return int(text)
+    if _FLOAT_RE.fullmatch(text):
+        return float(text)
+    return text
+
+
+def read_results(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a results CSV with numbers parsed (`name` always stays a string)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} not found; evaluate the run first so it writes results.csv")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = [
+            {k: (v or "").strip() if k == "name" else _parse_cell(v or "") for k, v in r.items()}
+            for r in reader
+        ]
+    if not rows:
+        raise DataError(f"{path} has no rows; evaluate at least one adapter first")
+    return rows
+
+
+def _is_result_column(column: str, metric: str) -> bool:
+    return (
+        column == metric
+        or column in RESULT_COLUMNS
+        or column.endswith(RESULT_SUFFIXES)
+        or column.startswith(RESULT_PREFIXES)
+    )
+
+
+def sweep_columns(rows: Sequence[Mapping[str, Any]], metric: str = "accuracy") -> list[str]:
+    """The columns that define one curve: `rank` first, then every other column that varies
+    across `rows` and is neither an identity column nor a result (see the module docstring)."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    varying = [
+        c
+        for c in columns
+        if c != "rank"
+        and c not in IDENTITY_COLUMNS
+        and not _is_result_column(c, metric)
+        and len({repr(row.get(c)) for row in rows}) > 1
+    ]
+    return ["rank", *varying]
+
+
+def _sort_key(value: Any) -> tuple[int, Any]:
+    # Numbers before strings before missing values, so mixed columns still sort.
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return (0, value)
+    return (1, str(value)) if value is not None else (2, "")
+
+
+def _as_int(row: Mapping[str, Any], column: str) -> int:
+    value = row.get(column)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise DataError(
+            f"adapter {row.get('name')!r} has {column}={value!r}; it must be a whole number"
+        )
+    return value
+
+
+def _metric_value(row: Mapping[str, Any], metric: str) -> float:
+    value = row.get(metric)
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        raise DataError(
+            f"adapter {row.get('name')!r} has no {metric} value ({value!r}); "
+            "re-run its evaluation or remove the row"
+        )
+    return float(value)
+
+
+def capacity_table(
+    rows: Sequence[Mapping[str, Any]],
+    metric: str = "accuracy",
+    tau: float = 0.95,
+    group_by: Sequence[str] | None = None,
+) -> list[dict[str, Any]]:
+    """One row per configuration (rank and any other swept column), sorted by those columns.
+
+    Each row has the group columns at top level (`rank`, e.g. `lr`), plus
+    `group` ({column: value} of the group columns, in order), `trainable_params`,
+    `T_max` (a `Capacity`), `efficiency` (float or None), `accuracies` ({size: mean metric},
+    sizes ascending), `metric` and `tau`. `group_by=None` picks the columns with
+    `sweep_columns`; an explicit `group_by` must include "rank".
+    """
+    if not rows:
+        raise DataError("no results rows; evaluate at least one adapter first")
+    columns = set().union(*(row.keys() for row in rows))
+    required = ["rank", "size_tokens", "trainable_params", metric]
+    if missing := [c for c in required if c not in columns]:
+        hint = ""
+        if metric in missing:
+            # Offer the result-like columns first: they are what metric= usually means.
+            offer = sorted(c for c in columns if _is_result_column(c, metric)) or sorted(columns)
+            hint = f"; pass metric= one of: {', '.join(offer)}"
+        raise DataError(f"results have no column {', '.join(missing)}{hint}")
+    group_cols = list(group_by) if group_by is not None else sweep_columns(rows, metric)
+    if "rank" not in group_cols:
+        raise DataError(f"group_by={tuple(group_cols)} lacks 'rank'; curves are per rank")
+    if unknown := [c for c in group_cols if c not in columns]:
+        raise DataError(f"group_by column {', '.join(unknown)} is not in the results")
+
+    groups: dict[tuple, list[Mapping[str, Any]]] = defaultdict(list)
+    for row in rows:
+        key = tuple(_as_int(row, c) if c == "rank" else row.get(c) for c in group_cols)
+        groups[key].append(row)
+
+    table = []
+    for key in sorted(groups, key=lambda k: tuple(_sort_key(v) for v in k)):
+        members = groups[key]
+        group = dict(zip(group_cols, key, strict=True))
+        label = ", ".join(f"{c}={_fmt_value(v)}" for c, v in group.items())
+        params = {_as_int(r, "trainable_params") for r in members}
+        if len(params) > 1:
+            raise DataError(
+                f"trainable_params differs within {label} ({sorted(params)}); add the column "
+                "that changes it to group_by"
+            )
+        sizes = [_as_int(r, "size_tokens") for r in members]
+        values = [_metric_value(r, metric) for r in members]
+        capacity = saturation_capacity(sizes, values, tau)
+        n_params = params.pop()
+        table.append(
+            {
+                **group,
+                "group": group,
+                "trainable_params": n_params,
+                "T_max": capacity,
+                "efficiency": efficiency(capacity, n_params),
+                "accuracies": _mean_by_size(sizes, values),
+                "metric": metric,
+                "tau": tau,
+            }
+        )
+    return table
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _as_table(
+    table_or_rows: Sequence[Mapping[str, Any]], metric: str | None, tau: float | None
+) -> tuple[list[dict[str, Any]], str, float]:
+    """Accept either `capacity_table` output or raw results rows."""
+    rows = list(table_or_rows)
+    if rows and isinstance(rows[0].get("T_max"), Capacity):
+        made_metric, made_tau = rows[0]["metric"], rows[0]["tau"]
+        if (metric not in (None, made_metric)) or (tau not in (None, made_tau)):
+            raise DataError(
+                f"this table was computed for {made_metric} at tau={made_tau}; call "
+                "capacity_table again with the metric and tau you want, or pass the raw rows"
+            )
+        return [dict(r) for r in rows], made_metric, made_tau
+    metric, tau = metric or "accuracy", 0.95 if tau is None else tau
+    return capacity_table(rows, metric, tau), metric, tau
+
+
+def _fmt_value(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _fmt_tokens(n: float) -> str:
+    return f"{n / 1000:g}K" if n >= 1000 else f"{n:g}"
+
+
+def _others(row: Mapping[str, Any]) -> tuple:
+    """The group values other than rank: the series a row belongs to in the per-rank plots."""
+    return tuple((c, v) for c, v in row["group"].items() if c != "rank")
+
+
+def _new_axes(title: str) -> tuple[Figure, Any]:
+    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    ax = fig.add_subplot()
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    return fig, ax
+
+
+def _label_ticks(axis: Any, ticks: Iterable[float], fmt: Any) -> None:
+    """Ticks at the measured values only: a log axis' default powers of ten hide the grid."""
+    ticks = sorted(set(ticks))
+    axis.set_major_locator(FixedLocator(ticks))
+    axis.set_minor_locator(NullLocator())
+    axis.set_ticklabels([fmt(t) for t in ticks])
+
+
+def plot_accuracy_vs_size(
+    table_or_rows: Sequence[Mapping[str, Any]],
+    *,
+    metric: str | None = None,
+    tau: float | None = None,
+    log2_x: bool = True,
+) -> Figure:
+    """Metric against knowledge size, one line per configuration, with the tau line."""
+    table, metric, tau = _as_table(table_or_rows, metric, tau)
+    fig, ax = _new_axes(f"{metric} vs knowledge size")
+    cmap = matplotlib.colormaps["viridis"]
+    for i, row in enumerate(table):
+        sizes = list(row["accuracies"])
+        label = ", ".join(f"{c}={_fmt_value(v)}" for c, v in row["group"].items())
+        color = cmap(i / max(len(table) - 1, 1) * 0.9)
+        ax.plot(sizes, list(row["accuracies"].values()), "o-", ms=4, color=color, label=label)
+    ax.axhline(tau, color="0.3", ls="--", lw=1, label=f"tau = {tau:g}")
+    all_sizes = [s for row in table for s in row["accuracies"]]
+    if log2_x:
+        ax.set_xscale("log", base=2)
+        _label_ticks(ax.xaxis, all_sizes, _fmt_tokens)
+        if len(set(all_sizes)) > 8:
+            ax.tick_params(axis="x", labelrotation=45)
+    ax.set_xlabel("knowledge size (training tokens)")
+    ax.set_ylabel(metric)
+    ax.legend(fontsize="small", ncol=2 if len(table) > 8 else 1)
+    return fig
+
+
+def _plot_per_rank(
+    table: list[dict[str, Any]], title: str, ylabel: str, value_of: Any, log_y: bool
+) -> Figure:
+    """Shared body of the capacity and efficiency plots: one series per non-rank config,
+    point estimates filled, one-sided bounds as hollow triangles pointing where T_max lies."""
+    fig, ax = _new_axes(title)
+    series: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for row in table:
+        series[_others(row)].append(row)
+    markers = {"interpolated": "o", "exact": "o", "at_least": "^", "below": "v"}
+    cmap = matplotlib.colormaps["tab10"]
+    for i, (others, rows) in enumerate(series.items()):
+        color = cmap(i % 10)
+        points = sorted(
+            ((r["rank"], value_of(r), r["T_max"].kind) for r in rows if value_of(r) is not None),
+            key=lambda p: p[0],
+        )
+        label = ", ".join(f"{c}={_fmt_value(v)}" for c, v in others) or None
+        ax.plot([p[0] for p in points], [p[1] for p in points], "-", color=color, label=label)
+        for rank, y, kind in points:
+            hollow = kind in ("at_least", "below")
+            ax.plot([rank], [y], markers[kind], ms=7, color=color, mfc="white" if hollow else color)
+    ranks = [r["rank"] for r in table]
+    ax.set_xscale("log", base=2)
+    _label_ticks(ax.xaxis, ranks, lambda r: f"{r:g}")
+    if log_y:
+        ax.set_yscale("log")
+    else:
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    ax.set_xlabel("LoRA rank")
+    ax.set_ylabel(ylabel)
+    legend = [
+        Line2D([], [], marker="o", ls="", color="0.3", label="interpolated"),
+        Line2D([], [], marker="^", ls="", color="0.3", mfc="white", label=">= (largest size)"),
+        Line2D([], [], marker="v", ls="", color="0.3", mfc="white", label="< (smallest size)"),
+    ]
+    handles, _ = ax.get_legend_handles_labels()
+    ax.legend(handles=[*handles, *legend], fontsize="small")
+    return fig
+
+
+def plot_capacity_vs_rank(
+    table_or_rows: Sequence[Mapping[str, Any]],
+    *,
+    metric: str | None = None,
+    tau: float | None = None,
+) -> Figure:
+    """T_max against rank; ">=" and "<" bounds drawn as hollow up / down triangles."""
+    table, metric, tau = _as_table(table_or_rows, metric, tau)
+    return _plot_per_rank(
+        table,
+        f"saturation capacity T_max ({metric} >= {tau:g})",
+        "T_max (training tokens)",
+        lambda r: r["T_max"].value,
+        log_y=False,
+    )
+
+
+def plot_efficiency_vs_rank(
+    table_or_rows: Sequence[Mapping[str, Any]],
+    *,
+    metric: str | None = None,
+    tau: float | None = None,
+) -> Figure:
+    """T_max / trainable parameters against rank (log y); "<" cells have no value and are left out."""
+    table, metric, tau = _as_table(table_or_rows, metric, tau)
+    return _plot_per_rank(
+        table,
+        f"capacity efficiency ({metric} >= {tau:g})",
+        "T_max / trainable parameters (tokens per parameter)",
+        lambda r: r["efficiency"],
+        log_y=True,
+    )
+
+
+def save_figure(fig: Figure, stem: str | Path) -> list[Path]:
+    """Write `stem.png` and `stem.svg` atomically; returns the two paths."""
+    paths = []
+    for fmt in ("png", "svg"):
+        buf = io.BytesIO()
+        # A fixed hash salt and no date make the SVG byte-identical across re-runs.
+        with matplotlib.rc_context({"svg.hashsalt": "jaxlora"}):
+            metadata = {"Date": None} if fmt == "svg" else None
+            fig.savefig(buf, format=fmt, dpi=150, metadata=metadata)
+        path = Path(f"{stem}.{fmt}")
+        atomic_write(path, buf.getvalue())
+        paths.append(path)
+    return paths
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _fmt_efficiency(row: Mapping[str, Any]) -> str:
+    value = row["efficiency"]
+    if value is None:
+        return "–"
+    prefix = ">= " if row["T_max"].kind == "at_least" else ""
+    return f"{prefix}{value:.3g}"
+
+
+def render_markdown(table: list[dict[str, Any]], *, title: str = "Capacity report") -> str:
+    """The report as markdown: definitions, the capacity table and links to the figures."""
+    metric, tau = table[0]["metric"], table[0]["tau"]
+    group_cols = list(table[0]["group"])
+    sizes = sorted({s for row in table for s in row["accuracies"]})
+    header = [
+        *group_cols,
+        "trainable params",
+        "T_max (tokens)",
+        "efficiency (tokens/param)",
+        *(f"{metric} @ {_fmt_tokens(s)}" for s in sizes),
+    ]
+    lines = [
+        f"# {title}",
+        "",
+        f"Metric `{metric}`, tau = {tau:g}. T_max(tau) is the largest knowledge size (training "
+        f"tokens) whose {metric} is >= tau, linearly interpolated between that size and the next "
+        "one, which is below tau. `>= N`: still >= tau at the largest size tried (a lower "
+        "bound); `< N`: below tau already at the smallest size. Efficiency = T_max / trainable "
+        "parameters. Rows with the same configuration and size (e.g. seeds) are averaged.",
+        "",
+        f"One row per {', '.join(group_cols)}.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---:" for _ in header) + "|",
+    ]
+    for row in table:
+        cells = [
+            *(_fmt_value(row["group"][c]) for c in group_cols),
+            f"{row['trainable_params']:,}",
+            str(row["T_max"]),
+            _fmt_efficiency(row),
+            *(f"{row['accuracies'][s]:.3f}" if s in row["accuracies"] else "–" for s in sizes),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Figures", ""]
+    for name in PLOT_NAMES:
+        text = name.replace("_", " ")
+        lines.append(f"![{text}](plots/{name}.png) ([svg](plots/{name}.svg))")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(
+    run_dir: str | Path,
+    metric: str = "accuracy",
+    tau: float = 0.95,
+    group_by: Sequence[str] | None = None,
+) -> Path:
+    """Read `run_dir/results.csv`; write `run_dir/report.md` and `run_dir/plots/*.{png,svg}`.
+
+    Every file is written atomically, the figures first, so report.md never names a missing
+    figure. Returns the path of report.md.
+    """
+    run_dir = Path(run_dir)
+    table = capacity_table(read_results(run_dir / "results.csv"), metric, tau, group_by)
+    plots = run_dir / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    for name, plot in zip(
+        PLOT_NAMES,
+        (plot_accuracy_vs_size, plot_capacity_vs_rank, plot_efficiency_vs_rank),
+        strict=True,
+    ):
+        save_figure(plot(table), plots / name)
+    report = run_dir / "report.md"
+    atomic_write(report, render_markdown(table, title=f"Capacity report: {run_dir.name}"))
+    return report

@@ -1,0 +1,576 @@
+"""`jaxlora train`: every adapter of a grid trained in one jitted job.
+
+The job, in order: parse the config and expand the sweep into cells; load the model onto the
+mesh; check every cell's adapter and data *before* touching the run directory (bad input
+writes nothing); stack the adapters in rank groups (or one padded group), each padded to a
+multiple of the mesh's `adapter` axis with inert slots; run the compiled step; checkpoint with
+Orbax; export every adapter in PEFT format with a summary table.
+
+Independence of cells: an adapter's initial weights derive from (training.seed, its `lora`
+settings), its data order from (training.seed, its `data` settings) and its dropout masks
+from both, never from its position in the grid. A one-cell config with the same values
+therefore reproduces that cell of a grid job, and cells that share settings share random
+numbers (a rank sweep sees identical batches in identical order).
+
+Multi-host: every process runs the same program; batches are global arrays built with
+`make_array_from_callback`, so each process tokenizes and feeds only the adapters whose shards
+live on its devices.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import math
+import shutil
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxlora import data as kdata
+from jaxlora.checkpoint import RunCheckpoints
+from jaxlora.config import Cell, Config
+from jaxlora.errors import ConfigError, JaxloraError
+from jaxlora.fsutil import atomic_write, check_new_dir
+from jaxlora.lora import AdapterStack, LoRAConfig, init_adapters, layout_groups, union_placement
+from jaxlora.models.config import ModelConfig
+from jaxlora.models.model import load_pretrained
+from jaxlora.peft_io import save_peft
+from jaxlora.sharding import logical_spec, make_mesh
+from jaxlora.train import GroupState, Hyper, StepConfig, TrainState, compile_step, init_opt_state
+
+log = logging.getLogger(__name__)
+
+# Keys that may differ between a run and its resume: they do not change the adapters.
+RESUME_NEUTRAL = ("checkpoint", "mesh", "eval", "training.log_every")
+
+
+# ---------------------------------------------------------------------------------------------
+# cells
+
+
+def stable_seed(*parts: Any) -> int:
+    """A 62-bit seed from JSON-serialisable parts, identical on every machine and process."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "big") >> 2
+
+
+def seed_key(seed: int) -> jax.Array:
+    return jax.random.fold_in(jax.random.key(seed & 0x7FFFFFFF), (seed >> 31) & 0x7FFFFFFF)
+
+
+@dataclasses.dataclass(frozen=True)
+class CellPlan:
+    """One adapter of the job: its cell, LoRA config, optimizer numbers and seeds."""
+
+    index: int
+    cell: Cell
+    lora: LoRAConfig
+    hyper: dict[str, float]
+    init_seed: int
+    data_seed: int
+    dropout_seed: int
+
+    @property
+    def name(self) -> str:
+        return self.cell.name
+
+
+def plan_cells(config: Config, model_config: ModelConfig) -> list[CellPlan]:
+    plans = []
+    for i, cell in enumerate(config.cells()):
+        c = cell.config
+        lora = LoRAConfig(
+            rank=c.lora.rank,
+            alpha=c.lora.alpha,
+            targets=c.lora.targets if isinstance(c.lora.targets, str) else tuple(c.lora.targets),
+            layers=None if c.lora.layers is None else tuple(c.lora.layers),
+            dropout=c.lora.dropout,
+            use_rslora=c.lora.use_rslora,
+            init=c.lora.init,
+        ).validate(model_config)
+        t = c.training
+        hyper = dict(
+            lr=t.lr,
+            warmup_ratio=t.warmup_ratio,
+            weight_decay=t.weight_decay,
+            clip_norm=math.inf if t.clip_norm is None else t.clip_norm,
+            b1=t.adam_b1,
+            b2=t.adam_b2,
+            eps=t.adam_eps,
+        )
+        lora_d, data_d = dataclasses.asdict(c.lora), dataclasses.asdict(c.data)
+        plans.append(
+            CellPlan(
+                index=i,
+                cell=cell,
+                lora=lora,
+                hyper=hyper,
+                init_seed=stable_seed(t.seed, "init", lora_d),
+                data_seed=stable_seed(t.seed, "data-order", data_d),
+                dropout_seed=stable_seed(t.seed, "dropout", lora_d, data_d),
+            )
+        )
+    return plans
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+class JobData:
+    """Records and encodings of each cell, built lazily (a process encodes only its adapters)."""
+
+    def __init__(self, plans: Sequence[CellPlan], tokenizer, batch_size: int):
+        if tokenizer is None:
+            raise ConfigError(
+                "model.path has no tokenizer; training needs one "
+                "(add tokenizer files to the model directory)"
+            )
+        self.plans, self.tokenizer, self.batch_size = plans, tokenizer, batch_size
+        self._records: dict[Any, list] = {}
+        self._encoded: dict[int, kdata.Encoded] = {}
+        self.width = 0
+
+    def records(self, plan: CellPlan) -> list:
+        key = json.dumps(dataclasses.asdict(plan.cell.config.data), sort_keys=True)
+        if key not in self._records:
+            self._records[key] = kdata.load_records(plan.cell.config.data, self.tokenizer)
+        return self._records[key]
+
+    def encoded(self, plan: CellPlan) -> kdata.Encoded:
+        if plan.index not in self._encoded:
+            d = plan.cell.config.data
+            self._encoded[plan.index] = kdata.encode(
+                self.records(plan),
+                self.tokenizer,
+                chat_template=d.chat_template,
+                loss_mask=d.loss_mask,
+                max_length=d.max_length,
+            )
+        return self._encoded[plan.index]
+
+    def prepare(self, indices: Sequence[int]) -> None:
+        """Encode the given cells and agree on one sequence width across processes."""
+        local = max((self.encoded(self.plans[i]).tokens.shape[1] for i in indices), default=0)
+        self.width = int(np.max(multihost_utils.process_allgather(np.int32(local))))
+
+    def stream(self, plan: CellPlan) -> kdata.EpochStream:
+        return kdata.EpochStream(len(self.encoded(plan).tokens), self.batch_size, plan.data_seed)
+
+    def batch(self, plan: CellPlan, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        encoded = self.encoded(plan)
+        tokens, valid, loss = kdata.gather(encoded, self.stream(plan).indices(step))
+        pad = self.width - tokens.shape[1]
+        if pad:
+            tokens = np.pad(tokens, ((0, 0), (0, pad)), constant_values=encoded.pad_id)
+            valid, loss = (np.pad(x, ((0, 0), (0, pad))) for x in (valid, loss))
+        return tokens, valid, loss
+
+
+# ---------------------------------------------------------------------------------------------
+# the job
+
+
+@dataclasses.dataclass
+class Group:
+    """Slots of one stack: plan indices, None for inert padding slots."""
+
+    slots: list[int | None]
+
+    @property
+    def real(self) -> list[tuple[int, int]]:
+        return [(slot, i) for slot, i in enumerate(self.slots) if i is not None]
+
+
+def build_groups(plans: Sequence[CellPlan], layout: str, adapter_devices: int) -> list[Group]:
+    groups = []
+    for members in layout_groups([p.lora for p in plans], layout):
+        pad = -len(members) % adapter_devices
+        groups.append(Group(list(members) + [None] * pad))
+    return groups
+
+
+def result_fingerprint(config: Config) -> dict[str, Any]:
+    """The config keys that determine the adapters (everything but RESUME_NEUTRAL)."""
+    flat = _flatten(config.to_dict())
+    return {
+        k: v
+        for k, v in flat.items()
+        if not any(k == n or k.startswith(n + ".") for n in RESUME_NEUTRAL)
+    }
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k != "sweep":
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class SweepJob:
+    """One training job over every cell of a config."""
+
+    def __init__(
+        self,
+        config: Config,
+        run_dir: str | Path,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        progress: bool = True,
+        devices: Sequence[jax.Device] | None = None,
+    ):
+        self.config, self.run_dir = config, Path(run_dir)
+        self.resume, self.progress = resume, progress
+        if resume and overwrite:
+            raise JaxloraError("--resume and --overwrite exclude each other; pick one")
+        if resume:
+            self._check_resumable()
+        else:
+            check_new_dir(self.run_dir, overwrite=overwrite, flag="--overwrite (or --resume)")
+        self.overwrite = overwrite
+
+        t = config.training
+        self.mesh = make_mesh(config.mesh.adapter, config.mesh.fsdp, config.mesh.tensor, devices)
+        self.model = load_pretrained(
+            config.model.path,
+            config.model.dtype,
+            param_dtype=config.model.param_dtype,
+            mesh=self.mesh,
+        )
+        self.plans = plan_cells(config, self.model.config)
+        self.groups = build_groups(self.plans, t.layout, self.mesh.shape["adapter"])
+        self.data = JobData(self.plans, self.model.tokenizer, t.batch_size)
+        self.local = self._local_cells()
+        self.data.prepare(sorted({i for g in self.local for i in g}))
+
+    # -- setup ----------------------------------------------------------------------------
+
+    def _check_resumable(self) -> None:
+        saved_file = self.run_dir / "config.yaml"
+        if not (self.run_dir / "checkpoints").is_dir() or not saved_file.exists():
+            raise JaxloraError(
+                f"{self.run_dir} has no checkpoint to resume; start a new run without --resume"
+            )
+        from jaxlora.config import load_config
+
+        saved = result_fingerprint(load_config(saved_file))
+        now = result_fingerprint(self.config)
+        changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+        if changed:
+            raise JaxloraError(
+                f"cannot resume {self.run_dir}: the config differs in {', '.join(changed)}, which "
+                "changes the results; resume with the run's config.yaml or start a new run"
+            )
+
+    def _batch_sharding(self, n: int) -> NamedSharding:
+        shape = (n, self.config.training.batch_size, 1)
+        return NamedSharding(self.mesh, logical_spec(("adapter", "batch", None), shape, self.mesh))
+
+    def _local_cells(self) -> list[list[int]]:
+        """Per group, the plan indices whose batch slices live on this process's devices."""
+        out = []
+        for g in self.groups:
+            n = len(g.slots)
+            index_map = self._batch_sharding(n).addressable_devices_indices_map(
+                (n, self.config.training.batch_size, 1)
+            )
+            slots = set()
+            for idx in index_map.values():
+                slots.update(range(*idx[0].indices(n)))
+            out.append([g.slots[s] for s in sorted(slots) if g.slots[s] is not None])
+        return out
+
+    def _init_state(self) -> TrainState:
+        t = self.config.training
+        groups = []
+        for g in self.groups:
+            plans = [self.plans[i if i is not None else g.slots[0]] for i in g.slots]
+            stack = init_adapters(self.model, [p.lora for p in plans], [p.init_seed for p in plans])
+            hyper = Hyper.stack([p.hyper for p in plans])
+            opt = jax.jit(init_opt_state, static_argnums=(2, 3))(
+                stack.weights, hyper, t.schedule, t.steps
+            )
+            keys = jnp.stack([jax.random.key_data(seed_key(p.dropout_seed)) for p in plans])
+            live = jnp.asarray([i is not None for i in g.slots])
+            groups.append(
+                GroupState(
+                    weights=stack.weights,
+                    consts=stack.consts,
+                    opt=opt,
+                    hyper=hyper,
+                    dropout_keys=keys,
+                    live=live,
+                    diverged_at=jnp.full(len(plans), -1, jnp.int32),
+                )
+            )
+        return TrainState(step=jnp.zeros((), jnp.int32), groups=tuple(groups))
+
+    def _step_config(self) -> StepConfig:
+        graphdefs = tuple(
+            self.model.graph(
+                union_placement([self.plans[i].lora for i in g.slots if i is not None]),
+                remat=self.config.model.remat,
+            )
+            for g in self.groups
+        )
+        return StepConfig(
+            graphdefs=graphdefs,
+            schedule=self.config.training.schedule,
+            total_steps=self.config.training.steps,
+            use_dropout=any(p.lora.dropout > 0 for p in self.plans),
+            spmd_axis_name="adapter",
+        )
+
+    def _batches(self, step: int):
+        out, n_tokens = [], 0
+        for g, local in zip(self.groups, self.local, strict=True):
+            n, B, T = len(g.slots), self.config.training.batch_size, self.data.width
+            host = [
+                np.zeros((n, B, T), np.int32),
+                np.zeros((n, B, T), bool),
+                np.zeros((n, B, T), bool),
+            ]
+            for i in local:
+                slot = g.slots.index(i)
+                for h, x in zip(host, self.data.batch(self.plans[i], step), strict=True):
+                    h[slot] = x
+                n_tokens += int(host[1][slot].sum())
+            sharding = self._batch_sharding(n)
+            out.append(
+                tuple(
+                    jax.make_array_from_callback(h.shape, sharding, lambda idx, h=h: h[idx])
+                    for h in host
+                )
+            )
+        return tuple(out), n_tokens
+
+    # -- run --------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        t = self.config.training
+        state = self._init_state()
+        step_fn = compile_step(self._step_config())
+        start = 0
+        if not self.resume:
+            self._create_run_dir()
+        ckpt = RunCheckpoints(
+            self.run_dir / "checkpoints",
+            keep=self.config.checkpoint.keep,
+            async_save=self.config.checkpoint.async_,
+        )
+        meta = {
+            "fingerprint": result_fingerprint(self.config),
+            "names": [p.name for p in self.plans],
+        }
+        last_losses: dict[str, float] = {}
+        if self.resume:
+            state, saved = ckpt.restore_latest(state)
+            start = int(saved["step"])
+            last_losses = saved.get("losses", {})
+            self._truncate_metrics(start)
+            log.info("resumed %s at step %d", self.run_dir, start)
+
+        bar = self._progress_bar(start)
+        t0, tokens_seen, compile_s = time.perf_counter(), 0, None
+        for step in range(start, t.steps):
+            batches, n_tokens = self._batches(step)
+            state, losses = step_fn(self.model.params, state, batches)
+            tokens_seen += n_tokens
+            if compile_s is None:
+                jax.block_until_ready(losses)
+                compile_s = time.perf_counter() - t0
+                t0, tokens_seen = time.perf_counter(), 0
+            done = step + 1
+            if done % t.log_every == 0 or done == t.steps:
+                last_losses = self._by_name(losses)
+                self._log_metrics(done, last_losses, state)
+                rate = tokens_seen / max(time.perf_counter() - t0, 1e-9)
+                self._update_bar(bar, done, last_losses, rate)
+            if done % self.config.checkpoint.every_steps == 0 and done < t.steps:
+                last_losses = self._by_name(losses)
+                ckpt.save(done, state, {**meta, "losses": last_losses})
+        if bar is not None:
+            bar.close()
+        ckpt.save(t.steps, state, {**meta, "losses": last_losses})
+        ckpt.wait()
+        ckpt.close()
+        summary = self._finish(state, last_losses)
+        return {"summary": summary, "compile_seconds": compile_s}
+
+    def _create_run_dir(self) -> None:
+        if self.run_dir.exists() and self.overwrite:
+            shutil.rmtree(self.run_dir)
+        if jax.process_index() == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.run_dir / "config.yaml", self.config.to_yaml())
+        multihost_utils.sync_global_devices("jaxlora-run-dir")
+
+    # -- logging -----------------------------------------------------------------------------
+
+    def _by_name(self, per_group) -> dict[str, Any]:
+        """{adapter name: value} from per-group [slots] arrays. A collective: every process calls it."""
+        out = {}
+        for g, values in zip(self.groups, per_group, strict=True):
+            values = np.asarray(multihost_utils.process_allgather(values, tiled=True))
+            for slot, i in g.real:
+                out[self.plans[i].name] = values[slot].item()
+        return out
+
+    def _log_metrics(self, step: int, losses: dict[str, float], state: TrainState) -> None:
+        diverged_at = self._by_name([gs.diverged_at for gs in state.groups])
+        if jax.process_index() != 0:
+            return
+        diverged = [name for name, at in diverged_at.items() if at >= 0]
+        line = {"step": step, "loss": losses}
+        if diverged:
+            line["diverged"] = diverged
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def _truncate_metrics(self, step: int) -> None:
+        path = self.run_dir / "metrics.jsonl"
+        if jax.process_index() != 0 or not path.exists():
+            return
+        kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        atomic_write(path, "".join(ln + "\n" for ln in kept))
+
+    def _progress_bar(self, start: int):
+        if not self.progress or jax.process_index() != 0:
+            return None
+        from tqdm.auto import tqdm
+
+        n = len(self.plans)
+        return tqdm(
+            total=self.config.training.steps,
+            initial=start,
+            unit="step",
+            desc=f"training {n} adapter{'s' * (n != 1)}",
+            dynamic_ncols=True,
+        )
+
+    @staticmethod
+    def _update_bar(bar, step: int, losses: dict[str, float], tokens_per_s: float) -> None:
+        if bar is None:
+            return
+        values = [v for v in losses.values() if math.isfinite(v)]
+        bar.n = step
+        post = {"tok/s": f"{tokens_per_s:,.0f}"}
+        if values:
+            post.update(
+                loss_min=f"{min(values):.3f}",
+                loss_med=f"{statistics.median(values):.3f}",
+                loss_max=f"{max(values):.3f}",
+            )
+        if len(values) < len(losses):
+            post["diverged"] = len(losses) - len(values)
+        bar.set_postfix(post, refresh=True)
+
+    # -- outputs -----------------------------------------------------------------------------
+
+    def _finish(self, state: TrainState, losses: dict[str, float]) -> list[dict[str, Any]]:
+        rows = []
+        n_rows = self._gathered_counts(lambda p: len(self.data.encoded(p).tokens))
+        diverged_at = self._by_name([gs.diverged_at for gs in state.groups])
+        for g, gs in zip(self.groups, state.groups, strict=True):
+            stack = self._replicated_stack(g, gs)
+            for slot, i in g.real:
+                plan = self.plans[i]
+                local = self._local_adapter(stack, slot)
+                if local is not None:
+                    save_peft(
+                        self.model, local, 0, self.run_dir / "adapters" / plan.name, overwrite=True
+                    )
+                rows.append(self._summary_row(plan, n_rows[i], losses, diverged_at[plan.name]))
+        rows.sort(key=lambda r: r["index"])
+        if jax.process_index() == 0:
+            self._write_summary(rows)
+        multihost_utils.sync_global_devices("jaxlora-finish")
+        return rows
+
+    def _gathered_counts(self, count) -> np.ndarray:
+        local = np.full(len(self.plans), -1, np.int64)
+        for i in {i for g in self.local for i in g}:
+            local[i] = count(self.plans[i])
+        return (
+            np.asarray(multihost_utils.process_allgather(local)).reshape(-1, len(self.plans)).max(0)
+        )
+
+    def _replicated_stack(self, g: Group, gs: GroupState) -> AdapterStack:
+        """The group's stack sharded only on `adapter`, so each process holds whole adapters."""
+        spec = lambda x: NamedSharding(self.mesh, PartitionSpec("adapter"))  # noqa: E731
+        weights, consts = jax.jit(
+            lambda w, c: (w, c),
+            out_shardings=(jax.tree.map(spec, gs.weights), jax.tree.map(spec, gs.consts)),
+        )(gs.weights, gs.consts)
+        configs = tuple(self.plans[i if i is not None else g.slots[0]].lora for i in g.slots)
+        names = tuple(
+            self.plans[i].name if i is not None else f"_pad{s}" for s, i in enumerate(g.slots)
+        )
+        return AdapterStack(weights, consts, configs, names)
+
+    @staticmethod
+    def _local_adapter(stack: AdapterStack, slot: int) -> AdapterStack | None:
+        """Adapter `slot` as a one-adapter host stack, on the one process that writes it (the
+        holder of its first replica); None elsewhere."""
+
+        def host(x):
+            for shard in x.addressable_shards:
+                rows = range(*shard.index[0].indices(x.shape[0]))
+                if shard.replica_id == 0 and slot in rows:
+                    return np.asarray(shard.data)[slot - rows.start][None]
+            return None
+
+        weights, consts = (jax.tree.map(host, t) for t in (stack.weights, stack.consts))
+        if any(x is None for x in jax.tree.leaves(weights, is_leaf=lambda x: x is None)):
+            return None
+        return AdapterStack(weights, consts, (stack.configs[slot],), (stack.names[slot],))
+
+    def _summary_row(
+        self, plan: CellPlan, n_rows: int, losses: dict[str, float], diverged_at: int
+    ) -> dict[str, Any]:
+        c = plan.cell.config
+        return {
+            "index": plan.index,
+            "name": plan.name,
+            **{k: _csv_value(v) for k, v in plan.cell.values},
+            "rank": plan.lora.rank,
+            "size_tokens": c.data.size_tokens,
+            "n_rows": n_rows,
+            "trainable_params": plan.lora.num_params(self.model.config),
+            "steps": self.config.training.steps,
+            "final_loss": losses.get(plan.name, float("nan")),
+            "status": "diverged" if diverged_at >= 0 else "ok",
+            "diverged_at_step": diverged_at if diverged_at >= 0 else "",
+        }
+
+    def _write_summary(self, rows: list[dict[str, Any]]) -> None:
+        buf = io.StringIO()
+        fields = [k for k in rows[0] if k != "index"]
+        writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write(self.run_dir / "train_summary.csv", buf.getvalue())
+
+
+def _csv_value(v: Any) -> Any:
+    if isinstance(v, (list, tuple)):
+        return "+".join(map(str, v))
+    return v

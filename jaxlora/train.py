@@ -1,0 +1,215 @@
+"""The training step: many independent adapters, one jitted function.
+
+State is a tuple of *groups* (rank groups, or one padded group); each group holds a stack of
+A_g adapters: LoRA weights, optimizer state and per-adapter hyperparameters. One step
+
+1. evaluates every group's loss with `jax.vmap` over its adapters (base broadcast, never
+   differentiated, never donated) and takes gradients of the *sum* of the per-adapter losses,
+   so each adapter's gradient comes from its own loss alone;
+2. applies Optax AdamW per adapter, again under `vmap`: clipping by each adapter's own global
+   norm, each adapter's own learning rate, warmup and weight decay (an lr sweep is one job);
+3. freezes any adapter whose loss or gradients are not finite (its update is masked inside the
+   step, and it stays frozen), leaving its neighbours untouched.
+
+The learning-rate schedules follow transformers' `get_cosine_schedule_with_warmup` and
+`get_linear_schedule_with_warmup` (warmup steps = ceil(ratio * steps)), so one adapter trained
+here follows the study's PEFT + HF recipe update for update.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxlora.lora import stack_forward
+
+Array = jax.Array
+Schedule = Literal["cosine", "linear", "constant"]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Hyper:
+    """Per-adapter optimizer hyperparameters; every leaf is [A] (or a scalar for one adapter)."""
+
+    lr: Array
+    warmup_ratio: Array
+    weight_decay: Array
+    clip_norm: Array  # +inf: no clipping
+    b1: Array
+    b2: Array
+    eps: Array
+
+    @classmethod
+    def stack(cls, hypers: Sequence[dict[str, float]]) -> Hyper:
+        fields = [f.name for f in dataclasses.fields(cls)]
+        return cls(**{f: jnp.asarray([h[f] for h in hypers], jnp.float32) for f in fields})
+
+
+def lr_multiplier(kind: Schedule, step: Array, total_steps: int, warmup_ratio: Array) -> Array:
+    """Fraction of the peak learning rate at optimizer step `step` (0-based)."""
+    step = jnp.asarray(step, jnp.float32)
+    warmup = jnp.ceil(warmup_ratio * total_steps)
+    warm = step / jnp.maximum(warmup, 1.0)
+    progress = (step - warmup) / jnp.maximum(total_steps - warmup, 1.0)
+    if kind == "cosine":
+        after = 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+    elif kind == "linear":
+        after = jnp.maximum(0.0, 1.0 - progress)
+    elif kind == "constant":
+        after = jnp.ones_like(progress)
+    else:
+        raise ValueError(f"unknown schedule {kind!r}")
+    return jnp.where(step < warmup, warm, after)
+
+
+def make_optimizer(h: Hyper, kind: Schedule, total_steps: int) -> optax.GradientTransformation:
+    """AdamW (decoupled weight decay, as torch.optim.AdamW) after global-norm clipping."""
+
+    def schedule(count):
+        return h.lr * lr_multiplier(kind, count, total_steps, h.warmup_ratio)
+
+    return optax.chain(
+        optax.clip_by_global_norm(h.clip_norm),
+        optax.adamw(schedule, b1=h.b1, b2=h.b2, eps=h.eps, weight_decay=h.weight_decay),
+    )
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class GroupState:
+    """One stack of adapters being trained."""
+
+    weights: nnx.State  # LoRAWeight leaves [A, ...]
+    consts: nnx.State  # LoRAConst leaves [A] (scale, dropout): not trained
+    opt: Any  # optax state, leaves [A, ...]
+    hyper: Hyper  # [A]
+    dropout_keys: Array  # [A] key data: dropout mask of step s = fold_in(key, s)
+    live: Array  # [A] bool: False for padding adapters and adapters that diverged
+    diverged_at: Array  # [A] int32: first step with a non-finite loss/gradient, -1 if none
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    step: Array  # int32 scalar: optimizer steps taken
+    groups: tuple[GroupState, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Static settings of the step (part of the compiled function's identity)."""
+
+    graphdefs: tuple[Any, ...]  # one per group
+    schedule: Schedule
+    total_steps: int
+    use_dropout: bool
+    spmd_axis_name: str | None = None
+
+
+def init_opt_state(weights: nnx.State, hyper: Hyper, cfg_schedule: Schedule, total_steps: int):
+    """Per-adapter optimizer state (vmapped over the stack)."""
+    return jax.vmap(lambda w, h: make_optimizer(h, cfg_schedule, total_steps).init(w))(
+        weights, hyper
+    )
+
+
+def token_mean_ce(logits_BTV: Array, tokens_BT: Array, loss_BT: Array) -> Array:
+    """Next-token cross-entropy averaged over the target tokens (loss mask of the *targets*)."""
+    logits = logits_BTV[:, :-1].astype(jnp.float32)
+    targets = tokens_BT[:, 1:]
+    weights = loss_BT[:, 1:].astype(jnp.float32)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum((logz - picked) * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def _group_losses(graphdef, base, weights, consts, tokens, valid, loss_mask, rngs, spmd_axis_name):
+    logits = stack_forward(
+        graphdef, base, weights, consts, tokens, valid, rng_A=rngs, spmd_axis_name=spmd_axis_name
+    )
+    return jax.vmap(token_mean_ce)(logits, tokens, loss_mask)
+
+
+def _finite(tree) -> Array:
+    """[A] bool: every leaf of adapter a is finite."""
+    leaves = [
+        jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1) for x in jax.tree.leaves(tree)
+    ]
+    return functools.reduce(jnp.logical_and, leaves)
+
+
+def _masked(keep: Array, new, old):
+    """Per adapter: `new` where keep[a], else `old`."""
+
+    def pick(n, o):
+        return jnp.where(keep.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
+
+    return jax.tree.map(pick, new, old)
+
+
+def train_step(
+    cfg: StepConfig,
+    base: nnx.State,
+    state: TrainState,
+    batches: tuple[tuple[Array, Array, Array], ...],
+) -> tuple[TrainState, tuple[Array, ...]]:
+    """One optimizer step of every adapter. Returns the new state and each group's losses [A_g]."""
+    new_groups, losses = [], []
+    for graphdef, g, (tokens, valid, loss_mask) in zip(
+        cfg.graphdefs, state.groups, batches, strict=True
+    ):
+        rngs = None
+        if cfg.use_dropout:
+            keys = jax.random.wrap_key_data(g.dropout_keys)
+            rngs = jax.vmap(jax.random.fold_in, (0, None))(keys, state.step)
+
+        def total(
+            w, g=g, graphdef=graphdef, tokens=tokens, valid=valid, loss_mask=loss_mask, rngs=rngs
+        ):
+            per = _group_losses(
+                graphdef, base, w, g.consts, tokens, valid, loss_mask, rngs, cfg.spmd_axis_name
+            )
+            return jnp.sum(jnp.where(g.live, per, 0.0)), per
+
+        (_, per_adapter), grads = jax.value_and_grad(total, has_aux=True)(g.weights)
+
+        def update(gr, opt, w, h):
+            tx = make_optimizer(h, cfg.schedule, cfg.total_steps)
+            upd, opt = tx.update(gr, opt, w)
+            return optax.apply_updates(w, upd), opt
+
+        new_w, new_opt = jax.vmap(update, spmd_axis_name=cfg.spmd_axis_name)(
+            grads, g.opt, g.weights, g.hyper
+        )
+        finite = jnp.isfinite(per_adapter) & _finite(grads)
+        keep = g.live & finite
+        newly_diverged = g.live & ~finite
+        new_groups.append(
+            dataclasses.replace(
+                g,
+                weights=_masked(keep, new_w, g.weights),
+                opt=_masked(keep, new_opt, g.opt),
+                live=keep,
+                diverged_at=jnp.where(newly_diverged, state.step, g.diverged_at),
+            )
+        )
+        losses.append(per_adapter)
+    return TrainState(step=state.step + 1, groups=tuple(new_groups)), tuple(losses)
+
+
+@functools.lru_cache(maxsize=16)
+def compile_step(cfg: StepConfig):
+    """`train_step` jitted once per static config, donating the training state (never the base).
+
+    Shardings follow the inputs: adapter stacks and batches arrive sharded on `adapter`, the base
+    on fsdp/tensor, and `vmap(spmd_axis_name="adapter")` keeps the per-adapter work on its shard.
+    """
+    return jax.jit(functools.partial(train_step, cfg), donate_argnums=(1,))

@@ -1,0 +1,181 @@
+"""Hand-checked cases for the study's scoring rules (jaxlora.eval.metrics)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import sacrebleu
+
+from jaxlora.errors import DataError
+from jaxlora.eval import metrics
+from jaxlora.eval.metrics import (
+    bleu,
+    efficacy,
+    exact_match,
+    extract_phone,
+    first_target_token,
+    phonebook_correct,
+    rouge_l,
+    summarize,
+    target_token_context,
+)
+
+# ----------------------------------------------------------------------------- PhoneBook
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("603-556-7631", "603-556-7631"),
+        ("The phone number of Mary Smith is 603-556-7631.", "603-556-7631"),
+        ("Answer: 603-556-7631 or maybe 212-555-0100", "603-556-7631"),  # first one counts
+        ("no number here", None),
+        ("", None),
+        ("603.556.7631", None),  # the study's regex requires dashes
+        ("(603) 556-7631", None),
+        ("6035567631", None),
+        ("603-556-763", None),  # too short
+        ("12603-556-76319", "603-556-7631"),  # no word boundaries in the study's regex
+    ],
+)
+def test_extract_phone(text, expected):
+    assert extract_phone(text) == expected
+
+
+@pytest.mark.parametrize(
+    "prediction, answer, expected",
+    [
+        ("603-556-7631", "603-556-7631", True),
+        ("Sure! It is 603-556-7631, call anytime.", "603-556-7631", True),
+        ("603-556-7631", "603-556-7632", False),
+        ("212-555-0100 then 603-556-7631", "603-556-7631", False),  # only the first counts
+        ("603-556-7631 then 212-555-0100", "603-556-7631", True),
+        ("603.556.7631", "603-556-7631", False),  # right digits, wrong separators: no match
+        ("603-556-7631", "(603) 556 7631", True),  # digits compared, not strings
+        ("603-556-7631", "6035567631", True),
+        ("I don't know.", "603-556-7631", False),
+        ("", "603-556-7631", False),
+    ],
+)
+def test_phonebook_correct(prediction, answer, expected):
+    assert phonebook_correct(prediction, answer) is expected
+
+
+def test_phonebook_answer_without_digits_is_a_data_error():
+    with pytest.raises(DataError, match="no digits"):
+        phonebook_correct("603-556-7631", "unknown")
+
+
+# ----------------------------------------------------------------------------- generic
+
+
+def test_exact_match():
+    assert exact_match("  Paris\n", "paris")
+    assert exact_match("New   York  City", "new york city")
+    assert exact_match("STRASSE", "straße")  # casefold, not lower
+    assert not exact_match("Paris", "Paris, France")
+    assert not exact_match(" Paris", "Paris", normalize=False)
+    assert exact_match("Paris", "Paris", normalize=False)
+    assert exact_match("", "   ")
+
+
+def test_summarize():
+    assert summarize([True, False, True, True]) == {"mean": 0.75, "n": 4}
+    assert summarize([0.5, 1.0]) == {"mean": 0.75, "n": 2}
+    assert summarize([]) == {"mean": None, "n": 0}
+
+
+# ----------------------------------------------------------------------------- CounterFact
+
+
+def test_efficacy_orders_and_ties():
+    assert efficacy(-0.5, -2.0) is True
+    assert efficacy(-2.0, -0.5) is False
+    assert efficacy(-1.0, -1.0) is False  # a tie is not a success
+    assert efficacy(float("nan"), -1.0) is False
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from jaxlora.models.tokenizer import train_tokenizer
+
+    return train_tokenizer("llama", 512)
+
+
+PROMPT = "The president of the company is"
+
+
+def test_leading_space_token_differs_from_study_variant(tok):
+    # " William" is one merged token in the test vocabulary; "William" alone is not.
+    spaced = first_target_token(tok, PROMPT, "William")
+    alone = first_target_token(tok, PROMPT, "William", leading_space=False)
+    assert spaced != alone
+    assert tok.decode([spaced]) == " William"
+    assert tok.decode([spaced]).startswith(" W")
+    assert tok.decode([alone]) == "W"
+    assert alone == tok("William", add_special_tokens=False)["input_ids"][0]
+    # The leading-space token is what the model sees after the prompt in the training text.
+    full = tok(PROMPT + " William", add_special_tokens=False)["input_ids"]
+    context, target_id = target_token_context(tok, PROMPT, "William")
+    assert full[: len(context) + 1] == [*context, target_id]
+    assert context == tok(PROMPT, add_special_tokens=False)["input_ids"]
+
+
+def test_separate_space_token_stays_in_context(tok):
+    # This small vocabulary has no " I…" merge: " Italian" is "Ġ" + "I" + …, so the target's
+    # first token is "I" and the lone space token belongs to the context the model conditions on.
+    context, target_id = target_token_context(tok, PROMPT, "Italian")
+    assert tok.convert_ids_to_tokens([context[-1]]) == ["Ġ"]
+    assert tok.decode([target_id]) == "I"
+    assert [*context, target_id] == tok(PROMPT + " I", add_special_tokens=False)["input_ids"]
+    assert first_target_token(tok, PROMPT, "Italian", leading_space=False) == target_id
+
+
+def test_study_variant_context_is_the_prompt_alone(tok):
+    context, target_id = target_token_context(tok, PROMPT, "William", leading_space=False)
+    assert context == tok(PROMPT, add_special_tokens=False)["input_ids"]
+    assert tok.decode([target_id]) == "W"
+
+
+def test_empty_target_is_a_data_error(tok):
+    with pytest.raises(DataError, match="empty CounterFact target"):
+        first_target_token(tok, PROMPT, "  ")
+
+
+# ----------------------------------------------------------------------------- BLEU / ROUGE-L
+
+
+def test_bleu_identical_and_disjoint():
+    assert bleu("the cat sat on the mat", "the cat sat on the mat") == pytest.approx(100.0)
+    assert bleu("a dog ran home", "the cat sat on the mat") == 0.0
+    assert bleu("", "the cat sat on the mat") == 0.0
+
+
+def test_bleu_partial_by_hand_and_against_corpus_bleu():
+    pred = "the quick brown fox jumps over the dog"
+    ref = "the quick brown fox jumped over the lazy dog"
+    # Modified n-gram precisions 7/8, 4/7, 2/6, 1/5; brevity penalty exp(1 - 9/8).
+    by_hand = (
+        100
+        * math.exp(1 - 9 / 8)
+        * math.exp((math.log(7 / 8) + math.log(4 / 7) + math.log(2 / 6) + math.log(1 / 5)) / 4)
+    )
+    assert bleu(pred, ref) == pytest.approx(by_hand, rel=1e-9)
+    # Every order has a match, so smoothing does not enter and sentence == corpus BLEU.
+    assert bleu(pred, ref) == pytest.approx(sacrebleu.corpus_bleu([pred], [[ref]]).score)
+
+
+def test_rouge_l_with_stemming_by_hand():
+    # Stemmed tokens: pred [the, cat, is, run], ref [the, cat, run]: LCS = 3.
+    p, r = 3 / 4, 3 / 3
+    assert rouge_l("the cat is running", "the cats run") == pytest.approx(2 * p * r / (p + r))
+    # Without stemming only "the" would match; "runs"/"run" share the stem too.
+    assert rouge_l("runs", "run") == pytest.approx(1.0)
+    assert rouge_l("The Cat", "the cat") == pytest.approx(1.0)
+    assert rouge_l("", "the cat") == 0.0
+    assert rouge_l("dog", "the cat") == 0.0
+
+
+def test_rouge_scorer_is_built_once():
+    assert metrics._rouge_scorer() is metrics._rouge_scorer()

@@ -1,0 +1,114 @@
+"""`jaxlora plan`: sizes against PEFT and hand arithmetic; the verdict and its exit code."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import jaxlora
+from jaxlora.cli import main as cli
+from jaxlora.config import load_config
+from jaxlora.plan import GIB, flops_per_token, make_plan
+from tests.test_checkpoints import REAL_CONFIGS
+
+LLAMA8B = jaxlora.ModelConfig.from_hf(REAL_CONFIGS["Llama-3.1-8B"])
+
+
+@pytest.mark.parametrize(
+    ("ours", "peft"),
+    [
+        (dict(rank=8), dict(r=8, target_modules="all-linear")),
+        (dict(rank=64), dict(r=64, target_modules="all-linear")),
+        (
+            dict(rank=16, targets="attention"),
+            dict(r=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+        ),
+        (
+            dict(rank=4, targets=("up_proj",), layers=(0, 5)),
+            dict(r=4, target_modules=["up_proj"], layers_to_transform=[0, 5]),
+        ),
+    ],
+)
+def test_adapter_size_equals_peft_trainable_parameters(tmp_path, ours, peft):
+    (tmp_path / "config.json").write_text(json.dumps(REAL_CONFIGS["Llama-3.1-8B"]))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp_path))
+    trainable, _ = get_peft_model(model, PeftLoraConfig(**peft)).get_nb_trainable_parameters()
+    assert jaxlora.LoRAConfig(**ours).num_params(LLAMA8B) == trainable
+
+
+def test_flops_per_token_by_hand():
+    c = LLAMA8B
+    D, F, L, V = c.hidden_size, c.intermediate_size, c.num_layers, c.vocab_size
+    kv = c.num_kv_heads * c.head_dim
+    per_layer = 2 * D * D + 2 * D * kv + 3 * D * F + 2 * D  # q,o + k,v + MLP + two norms
+    non_embedding = L * per_layer + D
+    assert flops_per_token(c, 0) == 4 * (non_embedding + V * D)
+    assert flops_per_token(c, 1000) == 4 * (non_embedding + V * D) + 6000
+
+
+def _grid(tmp_path, **sets):
+    config = load_config(
+        "configs/phonebook_capacity_llama3_8b.yaml",
+        ["model.path=llama-3.1-8b-shape", *(f"{k}={v}" for k, v in sets.items())],
+    )
+    return config
+
+
+def test_base_weights_are_the_model_size_split_over_fsdp(tmp_path):
+    params = 8_030_261_248  # Llama-3.1-8B
+    one = make_plan(_grid(tmp_path, **{"mesh.adapter": 1}), 1, 80, 989, 0.4)
+    assert dict(one.rows)["base weights"] == params * 2
+    sharded = make_plan(_grid(tmp_path, **{"mesh.adapter": 1, "mesh.fsdp": 8}), 8, 80, 989, 0.4)
+    assert dict(sharded.rows)["base weights"] == pytest.approx(params * 2 / 8, rel=1e-3)
+
+
+def test_study_grid_on_eight_h100s_does_not_fit_and_says_so(capsys):
+    code = cli(
+        [
+            "plan",
+            "configs/phonebook_capacity_llama3_8b.yaml",
+            "--devices",
+            "8",
+            "--set",
+            "model.path=llama-3.1-8b-shape",
+        ]
+    )
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert "does NOT fit" in out and "200 adapters" in out
+    assert err.startswith("jaxlora: error:") and "\n" not in err.strip() and "GiB per device" in err
+
+
+def test_a_small_job_fits(capsys):
+    code = cli(
+        [
+            "plan",
+            "configs/phonebook_capacity_llama3_8b.yaml",
+            "--devices",
+            "8",
+            "--set",
+            "model.path=llama-3.1-8b-shape",
+            "--set",
+            "sweep.lora.rank=[4, 8]",
+            "--set",
+            "sweep.data.size_tokens=[1000, 2000, 4000, 8000]",
+        ]
+    )
+    out, _ = capsys.readouterr()
+    assert code == 0 and "(fits)" in out
+    total = float(out.split("total")[1].split("GiB")[0])
+    assert 15 < total < 74.5  # more than the bf16 base alone, within an H100
+
+
+def test_plan_memory_grows_with_adapters():
+    small = make_plan(_grid(None, **{"sweep.lora.rank": "[8]"}), 8, 80, 989, 0.4)
+    large = make_plan(_grid(None, **{"sweep.lora.rank": "[8, 64]"}), 8, 80, 989, 0.4)
+    assert large.total > small.total
+    assert large.adapters == 2 * small.adapters
+    assert large.total / GIB < small.total / GIB + 80

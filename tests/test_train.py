@@ -1,0 +1,400 @@
+"""The one-job sweep trainer against the references that define it: single-adapter runs,
+single-device runs, uninterrupted runs, and the study's PEFT + torch recipe."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.numpy import load_file
+
+import jaxlora
+from jaxlora.cli import main as cli
+from jaxlora.config import load_config, parse_config
+from jaxlora.sweep import JobData, SweepJob, plan_cells
+
+BASE = {
+    "model": {"path": "tiny-llama"},
+    "lora": {"rank": 4, "dropout": 0.1},
+    "data": {"dataset": "phonebook", "size_tokens": 200, "max_length": 64},
+    "training": {"steps": 6, "batch_size": 4, "lr": 1.0e-3, "log_every": 1},
+    "mesh": {"adapter": 1, "fsdp": 1, "tensor": 1},
+    "checkpoint": {"every_steps": 3, "keep": 2},
+}
+GRID = {"lora.rank": [2, 8], "data.size_tokens": [150, 300], "training.lr": [1.0e-3, 3.0e-3]}
+
+
+def write_config(path: Path, **changes) -> Path:
+    raw = json.loads(json.dumps(BASE))
+    for key, value in changes.items():
+        section, _, field = key.partition(".")
+        if field:
+            raw.setdefault(section, {})[field] = value
+        else:
+            raw[section] = value
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def adapters(run_dir: Path) -> dict[str, dict[str, np.ndarray]]:
+    root = run_dir / "adapters"
+    return {d.name: load_file(d / "adapter_model.safetensors") for d in sorted(root.iterdir())}
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float(np.abs(a[k] - b[k]).max()) for k in a)
+
+
+ONE_DEVICE = None  # set lazily: jax.devices()[:1]
+
+
+def run(config, out: Path, **kw):
+    return SweepJob(
+        config, out, progress=False, devices=kw.pop("devices", jax.devices()[:1]), **kw
+    ).run()
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def grid_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("grid")
+    config = load_config(write_config(tmp / "grid.yaml", sweep=GRID))
+    run(config, tmp / "run")
+    return config, tmp / "run"
+
+
+@pytest.mark.slow
+def test_batched_equals_one_adapter_at_a_time(grid_run, tmp_path):
+    """8 adapters (ranks 2/8, sizes 150/300 tokens, lrs 1e-3/3e-3, dropout 0.1) trained in one job
+    equal each cell trained alone from a one-cell config (sweep removed, its values set)."""
+    config, run_dir = grid_run
+    grid = adapters(run_dir)
+    assert len(grid) == 8
+    base_file = write_config(tmp_path / "one.yaml")
+    for cell in config.cells():
+        sets = [f"{k}={v}" for k, v in cell.values]
+        alone = load_config(base_file, sets)
+        out = tmp_path / cell.name
+        run(alone, out)
+        (single,) = adapters(out).values()
+        assert max_diff(single, grid[cell.name]) < 1e-5, cell.name
+        assert max(np.abs(v).max() for k, v in single.items() if "lora_B" in k) > 1e-3
+
+
+@pytest.mark.slow
+def test_padded_layout_equals_rank_groups(grid_run, tmp_path):
+    config, run_dir = grid_run
+    padded = tmp_path / "padded"
+    run(config.with_value("training.layout", "padded"), padded)
+    assert max_diff_all(adapters(padded), adapters(run_dir)) < 1e-5
+
+
+def sharded_config(config):
+    """The grid on adapter 4 x fsdp 2, in one padded stack (half the compile of rank groups;
+    padded == groups is tested on its own)."""
+    return (
+        config.with_value("mesh.adapter", 4)
+        .with_value("mesh.fsdp", 2)
+        .with_value("training.layout", "padded")
+    )
+
+
+def max_diff_all(a, b):
+    assert a.keys() == b.keys()
+    return max(max_diff(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_sharded_over_eight_devices_equals_one_device(grid_run, tmp_path):
+    config, run_dir = grid_run
+    sharded = tmp_path / "sharded"
+    mesh_config = sharded_config(config)
+    run(mesh_config, sharded, devices=jax.devices()[:8])
+    assert max_diff_all(adapters(sharded), adapters(run_dir)) < 1e-5
+
+
+def test_outputs_of_a_run(grid_run):
+    config, run_dir = grid_run
+    with open(run_dir / "train_summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["name"] for r in rows] == [c.name for c in config.cells()]
+    for row, cell in zip(rows, config.cells(), strict=True):
+        for key, value in cell.values:
+            assert float(row[key]) == float(value)
+        assert int(row["rank"]) == cell.config.lora.rank
+        assert int(row["trainable_params"]) == jaxlora.LoRAConfig(
+            rank=cell.config.lora.rank
+        ).num_params(jaxlora.PRESETS["tiny-llama"].config)
+        assert (
+            int(row["steps"]) == 6
+            and row["status"] == "ok"
+            and np.isfinite(float(row["final_loss"]))
+        )
+        assert int(row["n_rows"]) > 0
+    sizes = {int(r["size_tokens"]): int(r["n_rows"]) for r in rows}
+    assert sizes[300] > sizes[150]
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [ln["step"] for ln in lines] == list(range(1, 7))
+    assert set(lines[-1]["loss"]) == {c.name for c in config.cells()}
+    assert load_config(run_dir / "config.yaml") == config
+
+
+def test_existing_run_dir_is_not_overwritten(grid_run, capsys):
+    _, run_dir = grid_run
+    before = (run_dir / "train_summary.csv").read_text()
+    assert cli(["train", str(run_dir / "config.yaml"), "--out", str(run_dir), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "already exists" in err and "--overwrite" in err and "\n" not in err.strip()
+    assert (run_dir / "train_summary.csv").read_text() == before
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("lora.rnak=4", "did you mean lora.rank"),
+        ("training.lr=fast", "training.lr"),
+        ("lora.rank=0", "lora.rank"),
+    ],
+)
+def test_config_errors_are_one_line(tmp_path, capsys, override, needle):
+    cfg = write_config(tmp_path / "c.yaml")
+    assert cli(["train", str(cfg), "--out", str(tmp_path / "run"), "--set", override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and "\n" not in err and err.startswith("jaxlora: error:")
+    assert not (tmp_path / "run").exists()
+
+
+def test_block_remat_gives_the_same_gradients_and_really_rematerialises():
+    from jaxlora import lora
+    from jaxlora.train import token_mean_ce
+
+    model = jaxlora.load_pretrained("tiny-llama")
+    stack = lora.init_adapters(model, [lora.LoRAConfig(rank=4)] * 2, [1, 2])
+    weights = jax.tree.map(lambda x: x + 0.01, stack.weights)
+    ids = np.random.default_rng(0).integers(10, 500, (2, 3, 16))
+    mask = np.ones_like(ids, bool)
+
+    def loss(w, remat):
+        logits = lora.stack_forward(
+            model.graph(stack.placement, remat=remat), model.params, w, stack.consts, ids, mask
+        )
+        return jax.vmap(token_mean_ce)(logits, ids, mask).sum()
+
+    grads = {r: jax.jit(jax.grad(loss), static_argnums=1)(weights, r) for r in ("none", "block")}
+    for a, b in zip(jax.tree.leaves(grads["none"]), jax.tree.leaves(grads["block"]), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-7)
+    jaxpr = {r: str(jax.make_jaxpr(jax.grad(loss), static_argnums=1)(weights, r)) for r in grads}
+    assert jaxpr["none"].count("remat") == 0
+    assert jaxpr["block"].count("remat") == model.config.num_layers
+
+
+# ---------------------------------------------------------------------------------------------
+# processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def jaxlora_cmd(*args) -> list[str]:
+    return [sys.executable, "-m", "jaxlora.cli", *map(str, args)]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_device(grid_run, tmp_path):
+    config, run_dir = grid_run
+    cfg = tmp_path / "mp.yaml"
+    cfg.write_text(sharded_config(config).to_yaml())
+    port, out = free_port(), tmp_path / "mp"
+    procs = [
+        subprocess.Popen(
+            jaxlora_cmd(
+                "train",
+                cfg,
+                "--out",
+                out,
+                "--no-progress",
+                "--cpu-devices",
+                4,
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                2,
+                "--process-id",
+                i,
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=600)[0].decode() for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs[0][-2000:] + outputs[1][-2000:]
+    assert max_diff_all(adapters(out), adapters(run_dir)) < 1e-5
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_exact(tmp_path):
+    cfg = write_config(
+        tmp_path / "r.yaml",
+        **{"training.steps": 12, "checkpoint.every_steps": 4, "checkpoint.async": False},
+    )
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run(
+        jaxlora_cmd("train", cfg, "--out", full, "--no-progress"), check=True, capture_output=True
+    )
+    proc = subprocess.Popen(
+        jaxlora_cmd("train", cfg, "--out", killed, "--no-progress"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    metrics = killed / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill between the checkpoints of steps 4 and 8
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 6:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "adapters").exists()
+    assert (killed / "checkpoints" / "4").exists() and not (killed / "checkpoints" / "12").exists()
+    subprocess.run(
+        jaxlora_cmd("train", cfg, "--out", killed, "--resume", "--no-progress"),
+        check=True,
+        capture_output=True,
+    )
+    a, b = adapters(full), adapters(killed)
+    for name in a:
+        for key in a[name]:
+            np.testing.assert_array_equal(a[name][key], b[name][key])
+    steps = [json.loads(x)["step"] for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))
+
+
+def test_resume_refuses_a_changed_config_and_a_missing_checkpoint(grid_run, tmp_path, capsys):
+    _, run_dir = grid_run
+    saved = run_dir / "config.yaml"
+    assert (
+        cli(
+            [
+                "train",
+                str(saved),
+                "--out",
+                str(run_dir),
+                "--resume",
+                "--set",
+                "training.lr=0.5",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
+    assert "training.lr" in capsys.readouterr().err
+    assert cli(["train", str(saved), "--out", str(tmp_path / "none"), "--resume"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# the study's recipe
+
+
+@pytest.mark.slow
+def test_one_adapter_follows_the_peft_torch_recipe(tmp_path):
+    """20 steps of jaxlora vs PEFT + torch AdamW(wd 0.01) + HF cosine schedule + clip 1.0, same
+    base, same initial A, same batches, dropout 0."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
+
+    base_dir = tmp_path / "base"
+    jaxlora.load_pretrained("tiny-llama").save_hf(base_dir)
+    cfg = write_config(
+        tmp_path / "recipe.yaml",
+        **{
+            "model.path": str(base_dir),
+            "lora.dropout": 0.0,
+            "lora.rank": 8,
+            "training.steps": 20,
+            "training.lr": 3.0e-3,
+            "training.weight_decay": 0.01,
+            "training.clip_norm": 1.0,
+            "training.warmup_ratio": 0.1,
+            "data.size_tokens": 300,
+        },
+    )
+    config = load_config(cfg)
+    out = tmp_path / "run"
+    job = SweepJob(config, out, progress=False, devices=jax.devices()[:1])
+    (plan,) = job.plans
+    initial = jaxlora.init_adapters(job.model, [plan.lora], [plan.init_seed])
+    jaxlora.save_peft(job.model, initial, 0, tmp_path / "initial")
+    job.run()
+    ours_losses = [
+        json.loads(x)["loss"][plan.name] for x in (out / "metrics.jsonl").read_text().splitlines()
+    ]
+
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_pretrained(
+        base_dir, dtype=torch.float32, attn_implementation="eager"
+    )
+    peft_model = PeftModel.from_pretrained(hf, tmp_path / "initial", is_trainable=True)
+    peft_model.train()
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-8)
+    sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=2, num_training_steps=20)
+    data = JobData(plan_cells(config, job.model.config), job.model.tokenizer, 4)
+    data.prepare([0])
+    ref_losses = []
+    for step in range(20):
+        tokens, valid, loss = data.batch(data.plans[0], step)
+        labels = np.where(loss, tokens, -100)
+        out_t = peft_model(
+            input_ids=torch.tensor(tokens, dtype=torch.long),
+            attention_mask=torch.tensor(valid, dtype=torch.long),
+            labels=torch.tensor(labels, dtype=torch.long),
+        )
+        out_t.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        ref_losses.append(out_t.loss.item())
+    np.testing.assert_allclose(ours_losses, ref_losses, rtol=1e-3)
+    assert ref_losses[-1] < ref_losses[0] - 0.1  # it learned something
+    peft_model.save_pretrained(tmp_path / "torch_final")
+    ref = load_file(tmp_path / "torch_final" / "adapter_model.safetensors")
+    ours = load_file(out / "adapters" / plan.name / "adapter_model.safetensors")
+    assert max_diff(ours, ref) < 1e-4
+
+
+def test_plan_cells_seeds_depend_only_on_the_cell():
+    raw = json.loads(json.dumps(BASE))
+    grid = parse_config({**raw, "sweep": {"lora.rank": [2, 8], "training.lr": [1.0e-3, 2.0e-3]}})
+    model_config = jaxlora.PRESETS["tiny-llama"].config
+    plans = plan_cells(grid, model_config)
+    by_values = {tuple(p.cell.values): p for p in plans}
+    # same lora settings -> same init; same data -> same order, whatever the lr
+    assert (
+        by_values[(("lora.rank", 2), ("training.lr", 1e-3))].init_seed
+        == by_values[(("lora.rank", 2), ("training.lr", 2e-3))].init_seed
+    )
+    assert len({p.data_seed for p in plans}) == 1
+    assert len({p.init_seed for p in plans}) == 2
+    alone = plan_cells(parse_config({**raw, "lora": {**raw["lora"], "rank": 8}}), model_config)[0]
+    assert alone.init_seed == by_values[(("lora.rank", 8), ("training.lr", 1e-3))].init_seed
