@@ -97,6 +97,26 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    _setup_distributed(args)
+    from jaxlora.evaluate import run_eval
+
+    rows = run_eval(args.run_dir, args.set or ())
+    import jax
+
+    if jax.process_index() == 0:
+        print(f"evaluated {len(rows)} adapters -> {Path(args.run_dir) / 'results.csv'}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from jaxlora.report import write_report
+
+    path = write_report(args.run_dir, metric=args.metric, tau=args.tau)
+    print(f"wrote {path} and plots in {Path(args.run_dir) / 'plots'}")
+    return 0
+
+
 def _plan(args: argparse.Namespace) -> int:
     from jaxlora.plan import PlanError, make_plan
 
@@ -141,18 +161,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxlora", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("train", help="train every adapter of a config's grid in one job")
-    _add_config_args(p)
-    p.add_argument("--out", required=True, help="run directory (checkpoints, adapters, summaries)")
-    p.add_argument(
-        "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+def _add_distributed_args(p: argparse.ArgumentParser) -> None:
     dist = p.add_argument_group("devices and processes")
     dist.add_argument(
         "--cpu-devices",
@@ -168,7 +177,44 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="jax.distributed.initialize() from the cluster environment (TPU pods, SLURM)",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxlora", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train every adapter of a config's grid in one job")
+    _add_config_args(p)
+    p.add_argument("--out", required=True, help="run directory (checkpoints, adapters, summaries)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_distributed_args(p)
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="evaluate every adapter of a finished run on its own knowledge")
+    p.add_argument("run_dir", help="a run directory written by jaxlora train")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a key of the run's config, e.g. --set eval.max_new_tokens=20",
+    )
+    _add_distributed_args(p)
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("report", help="capacity tables and plots from a run's results.csv")
+    p.add_argument("run_dir", help="a run directory with results.csv")
+    p.add_argument("--metric", default="accuracy", help="the column to analyse (default: accuracy)")
+    p.add_argument(
+        "--tau",
+        type=float,
+        default=0.95,
+        help="saturation threshold: T_max is the largest size with metric >= tau",
+    )
+    p.set_defaults(func=_report)
 
     p = sub.add_parser(
         "plan", help="per-device memory and step time of a config, without running it"

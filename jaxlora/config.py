@@ -55,6 +55,7 @@ DatasetKind = Literal["phonebook", "counterfact", "text", "qa"]
 LossMask = Literal["full", "completion_only"]
 Schedule = Literal["cosine", "linear", "constant"]
 Layout = Literal["groups", "padded"]
+EvalPrompt = Literal["continuation", "question"]
 
 # The same names as jaxlora.models.transformer.LINEAR_MODULES and jaxlora.lora.TARGET_GROUPS
 # (a test keeps them equal), repeated here so that reading a config never imports JAX.
@@ -455,6 +456,12 @@ class EvalSection(_Section):
     # CounterFact efficacy: score the target token as it follows the prompt (" Paris"), not the
     # bare word the original study compared.
     efficacy_leading_space: bool = True
+    # How a row is asked: its training text up to the answer (recall of what was stored), or
+    # the question alone as a fresh user turn.
+    prompt: EvalPrompt = "continuation"
+    # A separate question/answer file to evaluate on (csv/json/jsonl with the data section's
+    # question and answer fields); null: each adapter is asked its own training knowledge.
+    path: str | None = field(default=None, metadata=_rule(check=_non_empty))
 
 
 SECTIONS: dict[str, type[_Section]] = {

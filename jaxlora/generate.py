@@ -100,11 +100,107 @@ def _generate_base(graphdef, base, tokens, mask, spec: DecodeSpec):
     cfg, dtype = module.config, module.dtype
 
     def forward(t, m, cache):
-        return module(t, m, cache=cache)
+        return module(t, m, cache=cache, last_only=True)
 
     return decode(
         forward, lambda n: KVCache.init(cfg, tokens.shape[0], n, dtype), tokens, mask, spec
     )
+
+
+# vmap axes of a stacked cache: everything per adapter except the shared write slot.
+_CACHE_AXES = KVCache(k=0, v=0, valid=0, end=None, next_pos=0)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "spec"))
+def decode_stack(graphdef, base, weights, consts, tokens_ABT, mask_ABT, spec: DecodeSpec):
+    """Jitted greedy decoding of left-padded prompts [A, B, T] by a stack of A adapters."""
+    from flax import nnx
+
+    def one(w, c, t, m, cache):
+        return nnx.merge(graphdef, w, c, base)(t, m, cache=cache, last_only=True)
+
+    def forward(t, m, cache):
+        return jax.vmap(
+            one,
+            in_axes=(0, 0, 0, 0, _CACHE_AXES),
+            out_axes=(0, _CACHE_AXES),
+            spmd_axis_name="adapter",
+        )(weights, consts, t, m, cache)
+
+    A, B = tokens_ABT.shape[:2]
+    probe = nnx.merge(
+        graphdef, jax.tree.map(lambda x: x[0], weights), jax.tree.map(lambda x: x[0], consts), base
+    )
+    cfg, dtype = probe.config, probe.dtype
+
+    def init_cache(n):
+        one = KVCache.init(cfg, B, n, dtype)
+        stacked = lambda x: jnp.broadcast_to(x, (A, *x.shape))  # noqa: E731
+        return KVCache(
+            k=tuple(map(stacked, one.k)),
+            v=tuple(map(stacked, one.v)),
+            valid=stacked(one.valid),
+            end=one.end,
+            next_pos=stacked(one.next_pos),
+        )
+
+    return decode(forward, init_cache, tokens_ABT, mask_ABT, spec)
+
+
+def generate_stack(
+    model,
+    adapters,
+    input_ids_ABT,
+    attention_mask_ABT=None,
+    *,
+    max_new_tokens: int = 50,
+    eos_token_ids: Sequence[int] | None = None,
+) -> np.ndarray:
+    """Greedy continuations [A, B, max_new_tokens]: adapter a continues its own prompts [B, T]."""
+    ids = np.asarray(input_ids_ABT)
+    mask = (
+        np.ones(ids.shape, bool) if attention_mask_ABT is None else np.asarray(attention_mask_ABT)
+    )
+    tokens, mask = left_align(ids, mask)
+    eos, pad = eos_and_pad(model.tokenizer, model.config, eos_token_ids)
+    out = decode_stack(
+        model.graph(adapters.placement),
+        model.params,
+        adapters.weights,
+        adapters.consts,
+        jnp.asarray(tokens, jnp.int32),
+        jnp.asarray(mask),
+        DecodeSpec(max_new_tokens, eos, pad),
+    )
+    return np.asarray(out)
+
+
+def generate_routed(
+    model,
+    adapters,
+    adapter_ids,
+    input_ids_BT,
+    attention_mask_BT=None,
+    *,
+    max_new_tokens: int = 50,
+    eos_token_ids: Sequence[int] | None = None,
+) -> np.ndarray:
+    """Per-example mode: row b continues with adapter `adapter_ids[b]` -> [B, max_new_tokens]."""
+    from jaxlora.lora import AdapterStack
+
+    idx = np.asarray(adapter_ids)
+    rows = AdapterStack(
+        jax.tree.map(lambda x: x[idx], adapters.weights),
+        jax.tree.map(lambda x: x[idx], adapters.consts),
+        tuple(adapters.configs[i] for i in idx),
+        tuple(adapters.names[i] for i in idx),
+    )
+    ids = np.asarray(input_ids_BT)
+    mask = None if attention_mask_BT is None else np.asarray(attention_mask_BT)[:, None]
+    out = generate_stack(
+        model, rows, ids[:, None], mask, max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids
+    )
+    return out[:, 0]
 
 
 def generate(

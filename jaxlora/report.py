@@ -439,7 +439,17 @@ def _plot_per_rank(
     ranks = [r["rank"] for r in table]
     ax.set_xscale("log", base=2)
     _label_ticks(ax.xaxis, ranks, lambda r: f"{r:g}")
-    if log_y:
+    if not any(value_of(r) for r in table):  # e.g. no configuration reached tau
+        ax.text(
+            0.5,
+            0.5,
+            "no value to show: no configuration reached the threshold",
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+            color="0.4",
+        )
+    elif log_y:
         ax.set_yscale("log")
     else:
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))

@@ -224,7 +224,65 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-class SweepJob:
+class Job:
+    """What training and evaluation share: the mesh, the model, the cells and their groups, the
+    data, which adapters this process holds, and sharded global batches."""
+
+    def __init__(self, config: Config, devices: Sequence[jax.Device] | None = None):
+        self.config = config
+        self.mesh = make_mesh(config.mesh.adapter, config.mesh.fsdp, config.mesh.tensor, devices)
+        self.model = load_pretrained(
+            config.model.path,
+            config.model.dtype,
+            param_dtype=config.model.param_dtype,
+            mesh=self.mesh,
+        )
+        self.plans = plan_cells(config, self.model.config)
+        self.groups = build_groups(self.plans, config.training.layout, self.mesh.shape["adapter"])
+        self.data = JobData(self.plans, self.model.tokenizer, config.training.batch_size)
+        self.local = self._local_cells()
+
+    def sharding(self, shape: tuple[int, ...]) -> NamedSharding:
+        """[slots, rows, ...] arrays: slots over `adapter`, rows over `fsdp` (when they divide)."""
+        axes = ("adapter", "batch") + (None,) * (len(shape) - 2)
+        return NamedSharding(self.mesh, logical_spec(axes, shape, self.mesh))
+
+    def global_array(self, host: np.ndarray) -> jax.Array:
+        """A [slots, rows, ...] host array as a global array; only local slices are read."""
+        return jax.make_array_from_callback(
+            host.shape, self.sharding(host.shape), lambda idx: host[idx]
+        )
+
+    def _local_cells(self) -> list[list[int]]:
+        """Per group, the plan indices whose slots live (at least in part) on this process."""
+        out = []
+        for g in self.groups:
+            n = len(g.slots)
+            index_map = self.sharding((n, 1)).addressable_devices_indices_map((n, 1))
+            slots = set()
+            for idx in index_map.values():
+                slots.update(range(*idx[0].indices(n)))
+            out.append([g.slots[s] for s in sorted(slots) if g.slots[s] is not None])
+        return out
+
+    def placement(self, g: Group):
+        return union_placement([self.plans[i].lora for i in g.slots if i is not None])
+
+    def slot_plans(self, g: Group) -> list[CellPlan]:
+        """Every slot's cell (padding slots repeat the group's first adapter)."""
+        return [self.plans[i if i is not None else g.slots[0]] for i in g.slots]
+
+    def by_name(self, per_group) -> dict[str, Any]:
+        """{adapter name: value} from per-group [slots] arrays. A collective: every process calls it."""
+        out = {}
+        for g, values in zip(self.groups, per_group, strict=True):
+            values = np.asarray(multihost_utils.process_allgather(values, tiled=True))
+            for slot, i in g.real:
+                out[self.plans[i].name] = values[slot].item()
+        return out
+
+
+class SweepJob(Job):
     """One training job over every cell of a config."""
 
     def __init__(
@@ -238,30 +296,15 @@ class SweepJob:
         devices: Sequence[jax.Device] | None = None,
     ):
         self.config, self.run_dir = config, Path(run_dir)
-        self.resume, self.progress = resume, progress
+        self.resume, self.progress, self.overwrite = resume, progress, overwrite
         if resume and overwrite:
             raise JaxloraError("--resume and --overwrite exclude each other; pick one")
         if resume:
             self._check_resumable()
         else:
             check_new_dir(self.run_dir, overwrite=overwrite, flag="--overwrite (or --resume)")
-        self.overwrite = overwrite
-
-        t = config.training
-        self.mesh = make_mesh(config.mesh.adapter, config.mesh.fsdp, config.mesh.tensor, devices)
-        self.model = load_pretrained(
-            config.model.path,
-            config.model.dtype,
-            param_dtype=config.model.param_dtype,
-            mesh=self.mesh,
-        )
-        self.plans = plan_cells(config, self.model.config)
-        self.groups = build_groups(self.plans, t.layout, self.mesh.shape["adapter"])
-        self.data = JobData(self.plans, self.model.tokenizer, t.batch_size)
-        self.local = self._local_cells()
+        super().__init__(config, devices)
         self.data.prepare(sorted({i for g in self.local for i in g}))
-
-    # -- setup ----------------------------------------------------------------------------
 
     def _check_resumable(self) -> None:
         saved_file = self.run_dir / "config.yaml"
@@ -280,29 +323,11 @@ class SweepJob:
                 "changes the results; resume with the run's config.yaml or start a new run"
             )
 
-    def _batch_sharding(self, n: int) -> NamedSharding:
-        shape = (n, self.config.training.batch_size, 1)
-        return NamedSharding(self.mesh, logical_spec(("adapter", "batch", None), shape, self.mesh))
-
-    def _local_cells(self) -> list[list[int]]:
-        """Per group, the plan indices whose batch slices live on this process's devices."""
-        out = []
-        for g in self.groups:
-            n = len(g.slots)
-            index_map = self._batch_sharding(n).addressable_devices_indices_map(
-                (n, self.config.training.batch_size, 1)
-            )
-            slots = set()
-            for idx in index_map.values():
-                slots.update(range(*idx[0].indices(n)))
-            out.append([g.slots[s] for s in sorted(slots) if g.slots[s] is not None])
-        return out
-
     def _init_state(self) -> TrainState:
         t = self.config.training
         groups = []
         for g in self.groups:
-            plans = [self.plans[i if i is not None else g.slots[0]] for i in g.slots]
+            plans = self.slot_plans(g)
             stack = init_adapters(self.model, [p.lora for p in plans], [p.init_seed for p in plans])
             hyper = Hyper.stack([p.hyper for p in plans])
             opt = jax.jit(init_opt_state, static_argnums=(2, 3))(
@@ -325,11 +350,7 @@ class SweepJob:
 
     def _step_config(self) -> StepConfig:
         graphdefs = tuple(
-            self.model.graph(
-                union_placement([self.plans[i].lora for i in g.slots if i is not None]),
-                remat=self.config.model.remat,
-            )
-            for g in self.groups
+            self.model.graph(self.placement(g), remat=self.config.model.remat) for g in self.groups
         )
         return StepConfig(
             graphdefs=graphdefs,
@@ -353,13 +374,7 @@ class SweepJob:
                 for h, x in zip(host, self.data.batch(self.plans[i], step), strict=True):
                     h[slot] = x
                 n_tokens += int(host[1][slot].sum())
-            sharding = self._batch_sharding(n)
-            out.append(
-                tuple(
-                    jax.make_array_from_callback(h.shape, sharding, lambda idx, h=h: h[idx])
-                    for h in host
-                )
-            )
+            out.append(tuple(self.global_array(h) for h in host))
         return tuple(out), n_tokens
 
     # -- run --------------------------------------------------------------------------------
@@ -400,12 +415,12 @@ class SweepJob:
                 t0, tokens_seen = time.perf_counter(), 0
             done = step + 1
             if done % t.log_every == 0 or done == t.steps:
-                last_losses = self._by_name(losses)
+                last_losses = self.by_name(losses)
                 self._log_metrics(done, last_losses, state)
                 rate = tokens_seen / max(time.perf_counter() - t0, 1e-9)
                 self._update_bar(bar, done, last_losses, rate)
             if done % self.config.checkpoint.every_steps == 0 and done < t.steps:
-                last_losses = self._by_name(losses)
+                last_losses = self.by_name(losses)
                 ckpt.save(done, state, {**meta, "losses": last_losses})
         if bar is not None:
             bar.close()
@@ -413,7 +428,21 @@ class SweepJob:
         ckpt.wait()
         ckpt.close()
         summary = self._finish(state, last_losses)
-        return {"summary": summary, "compile_seconds": compile_s}
+        results = None
+        if self.config.eval is not None:
+            from jaxlora.evaluate import evaluate_run
+
+            stacks = [
+                AdapterStack(
+                    gs.weights,
+                    gs.consts,
+                    tuple(p.lora for p in self.slot_plans(g)),
+                    tuple(p.name for p in self.slot_plans(g)),
+                )
+                for g, gs in zip(self.groups, state.groups, strict=True)
+            ]
+            results = evaluate_run(self, stacks, self.run_dir, self.config.eval)
+        return {"summary": summary, "results": results, "compile_seconds": compile_s}
 
     def _create_run_dir(self) -> None:
         if self.run_dir.exists() and self.overwrite:
@@ -425,17 +454,8 @@ class SweepJob:
 
     # -- logging -----------------------------------------------------------------------------
 
-    def _by_name(self, per_group) -> dict[str, Any]:
-        """{adapter name: value} from per-group [slots] arrays. A collective: every process calls it."""
-        out = {}
-        for g, values in zip(self.groups, per_group, strict=True):
-            values = np.asarray(multihost_utils.process_allgather(values, tiled=True))
-            for slot, i in g.real:
-                out[self.plans[i].name] = values[slot].item()
-        return out
-
     def _log_metrics(self, step: int, losses: dict[str, float], state: TrainState) -> None:
-        diverged_at = self._by_name([gs.diverged_at for gs in state.groups])
+        diverged_at = self.by_name([gs.diverged_at for gs in state.groups])
         if jax.process_index() != 0:
             return
         diverged = [name for name, at in diverged_at.items() if at >= 0]
@@ -488,7 +508,7 @@ class SweepJob:
     def _finish(self, state: TrainState, losses: dict[str, float]) -> list[dict[str, Any]]:
         rows = []
         n_rows = self._gathered_counts(lambda p: len(self.data.encoded(p).tokens))
-        diverged_at = self._by_name([gs.diverged_at for gs in state.groups])
+        diverged_at = self.by_name([gs.diverged_at for gs in state.groups])
         for g, gs in zip(self.groups, state.groups, strict=True):
             stack = self._replicated_stack(g, gs)
             for slot, i in g.real:
@@ -520,7 +540,7 @@ class SweepJob:
             lambda w, c: (w, c),
             out_shardings=(jax.tree.map(spec, gs.weights), jax.tree.map(spec, gs.consts)),
         )(gs.weights, gs.consts)
-        configs = tuple(self.plans[i if i is not None else g.slots[0]].lora for i in g.slots)
+        configs = tuple(p.lora for p in self.slot_plans(g))
         names = tuple(
             self.plans[i].name if i is not None else f"_pad{s}" for s, i in enumerate(g.slots)
         )

@@ -20,6 +20,8 @@ jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
+import yaml  # noqa: E402
+
 from tests.hf_factory import make_hf_checkpoint  # noqa: E402
 
 
@@ -36,3 +38,34 @@ def hf_checkpoint(tmp_path_factory):
         return made[key]
 
     return make
+
+
+# A tiny PhoneBook grid (2 ranks x 2 sizes) that learns something in 250 steps: shared by the
+# evaluation, report and notebook tests.
+RUN = {
+    "model": {"path": "tiny-llama"},
+    "lora": {"rank": 8, "dropout": 0.0},
+    "data": {
+        "dataset": "phonebook",
+        "size_tokens": 125,
+        "loss_mask": "completion_only",
+        "max_length": 64,
+    },
+    "training": {"steps": 250, "batch_size": 8, "lr": 1.0e-2, "weight_decay": 0.0, "log_every": 50},
+    "mesh": {"adapter": 1},
+    "checkpoint": {"every_steps": 1000},
+    "eval": {"max_new_tokens": 16, "batch_size": 4},
+    "sweep": {"lora.rank": [2, 16], "data.size_tokens": [125, 250]},
+}
+
+
+@pytest.fixture(scope="session")
+def evaluated_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("evalrun")
+    from jaxlora.config import load_config
+    from jaxlora.sweep import SweepJob
+
+    (tmp / "run.yaml").write_text(yaml.safe_dump(RUN, sort_keys=False))
+    config = load_config(tmp / "run.yaml")
+    SweepJob(config, tmp / "run", progress=False, devices=jax.devices()[:1]).run()
+    return config, tmp / "run"

@@ -267,6 +267,15 @@ def test_write_report(tmp_path):
     assert leftovers == []
 
 
+def test_report_of_a_grid_where_nothing_saturates(tmp_path):
+    rows = [dict(r, accuracy=0.0) for r in _results_rows(seeds=(0,))]
+    _write_csv(tmp_path / "results.csv", rows)
+    text = write_report(tmp_path).read_text()
+    assert all(f"| {rank} |" in text and "< 1,000" in text for rank in RANKS)
+    for name in ("accuracy_vs_size", "capacity_vs_rank", "efficiency_vs_rank"):
+        assert (tmp_path / "plots" / f"{name}.png").read_bytes().startswith(PNG_MAGIC)
+
+
 def test_write_report_errors(tmp_path):
     with pytest.raises(DataError, match=r"results\.csv not found") as err:
         write_report(tmp_path)

@@ -61,6 +61,22 @@ PRESETS: dict[str, Preset] = {
         512,
         description="2-layer 64-wide Qwen3 with q/k norm (tests)",
     ),
+    "small-llama": Preset(
+        _tiny(
+            "llama",
+            hidden_size=256,
+            intermediate_size=1024,
+            num_layers=4,
+            num_heads=8,
+            num_kv_heads=4,
+            head_dim=32,
+            tie_word_embeddings=False,
+            **_LLAMA_SPECIAL,
+        ),
+        "llama",
+        512,
+        description="4-layer 256-wide Llama, GQA, untied embeddings (CPU benchmarks)",
+    ),
     "llama-3.1-8b-shape": Preset(
         ModelConfig(
             model_type="llama",

@@ -59,22 +59,24 @@ class LoRAPlacement:
 class KVCache:
     """Keys and values of every layer, written slot by slot.
 
-    k, v: [L, B, S, K, H]; valid: [B, S] slots holding a real token; end: [] slots written so
+    k, v: one [B, K, S, H] array per layer (separate buffers, so each layer's write is an
+    in-place slice update); valid: [B, S] slots holding a real token; end: [] slots written so
     far (shared by the batch); next_pos: [B] RoPE position of each row's next token.
     """
 
-    k: Array
-    v: Array
+    k: tuple[Array, ...]
+    v: tuple[Array, ...]
     valid: Array
     end: Array
     next_pos: Array
 
     @classmethod
     def init(cls, config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-        shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+        shape = (batch, config.num_kv_heads, max_len, config.head_dim)
+        layers = range(config.num_layers)
         return cls(
-            k=jnp.zeros(shape, dtype),
-            v=jnp.zeros(shape, dtype),
+            k=tuple(jnp.zeros(shape, dtype) for _ in layers),
+            v=tuple(jnp.zeros(shape, dtype) for _ in layers),
             valid=jnp.zeros((batch, max_len), bool),
             end=jnp.zeros((), jnp.int32),
             next_pos=jnp.zeros((batch,), jnp.int32),
@@ -82,7 +84,7 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k[0].shape[2]
 
 
 class Attention(nnx.Module):
@@ -130,7 +132,7 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def __call__(self, x_BTD, sin, cos, mask_BTS, kv_SKH, rngs):
+    def __call__(self, x_BTD, sin, cos, mask_BTS, kv, rngs):
         c = self.config
         B, T, _ = x_BTD.shape
         q = self.q_proj(x_BTD, rngs[0]).reshape(B, T, c.num_heads, c.head_dim)
@@ -139,24 +141,26 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q_BTNH, k_BTKH = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
-        if kv_SKH is None:
-            keys, values = k_BTKH, v
+        # Keys and values as [B, K, S, H]: per kv head a plain [S, H] matrix, so both attention
+        # contractions are matmuls batched over (B, K) also when T = 1 (decoding).
+        k_BKTH, v_BKTH = jnp.swapaxes(k_BTKH, 1, 2), jnp.swapaxes(v, 1, 2)
+        if kv is None:
+            keys, values = k_BKTH, v_BKTH
         else:  # write this call's tokens into their slots, attend over the whole cache
-            cache_k, cache_v, start = kv_SKH
-            keys = jax.lax.dynamic_update_slice(
-                cache_k, k_BTKH.astype(cache_k.dtype), (0, start, 0, 0)
-            )
-            values = jax.lax.dynamic_update_slice(
-                cache_v, v.astype(cache_v.dtype), (0, start, 0, 0)
-            )
-        q_BTKGH = q_BTNH.reshape(B, T, c.num_kv_heads, c.kv_groups, c.head_dim)
-        logits = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, keys.astype(self.dtype))
+            cache_k, cache_v, start = kv
+            at = (0, 0, start, 0)
+            keys = jax.lax.dynamic_update_slice(cache_k, k_BKTH.astype(cache_k.dtype), at)
+            values = jax.lax.dynamic_update_slice(cache_v, v_BKTH.astype(cache_v.dtype), at)
+        q_BKGTH = q_BTNH.reshape(B, T, c.num_kv_heads, c.kv_groups, c.head_dim).transpose(
+            0, 2, 3, 1, 4
+        )
+        logits = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, keys.astype(self.dtype))
         logits = logits.astype(jnp.float32) * c.head_dim**-0.5
         logits = jnp.where(mask_BTS[:, None, None], logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, values.astype(self.dtype))
+        out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, values.astype(self.dtype))
         out = self.o_proj(out.reshape(B, T, c.num_heads * c.head_dim), rngs[3])
-        return out, (k_BTKH, v)
+        return out, (keys, values)
 
 
 class MLP(nnx.Module):
@@ -236,7 +240,9 @@ class Transformer(nnx.Module):
         self.remat = remat
         self.inv_freq = tuple(float(f) for f in rope_inv_freq(c))
         self.embed_tokens = nnx.Param(
-            random_normal(rngs, (c.vocab_size, c.hidden_size), param_dtype),
+            # std 1/sqrt(D): with tied embeddings, logits can reach ~sqrt(D), the confident
+            # range of a trained model (std 0.02 would cap a 64-wide model near uniform).
+            random_normal(rngs, (c.vocab_size, c.hidden_size), param_dtype, c.hidden_size**-0.5),
             axes=("vocab", "embed"),
         )
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -257,12 +263,14 @@ class Transformer(nnx.Module):
         cache: KVCache | None = None,
         rng: Array | None = None,
         return_hidden: bool = False,
+        last_only: bool = False,
     ) -> tuple[Array, KVCache | None]:
         """Run the decoder.
 
         mask_BT marks real tokens (1) and padding (0). Without positions, each row's
         positions count its real tokens, continuing from `cache.next_pos` when a cache is
-        given. `rng` enables LoRA dropout. With `return_hidden`, the final-norm hidden states
+        given. `rng` enables LoRA dropout. `last_only` computes the logits of the last position only
+        ([B, 1, V], what decoding needs). With `return_hidden`, the final-norm hidden states
         [B, T, D] are returned in place of the logits.
         """
         B, T = tokens_BT.shape
@@ -285,32 +293,28 @@ class Transformer(nnx.Module):
         layer_rngs = (
             [None] * len(self.layers) if rng is None else jax.random.split(rng, len(self.layers))
         )
-        cache_k, cache_v = (None, None) if cache is None else (cache.k, cache.v)
+        new_k, new_v = [], []
         for i, block in enumerate(self.layers):
-            kv = None if cache is None else (cache_k[i], cache_v[i], cache.end)
+            kv = None if cache is None else (cache.k[i], cache.v[i], cache.end)
             with jax.named_scope(f"layer_{i}"):
                 call = block if self.remat == "none" else jax.checkpoint(block.__call__)
-                x, (k_BTKH, v_BTKH) = call(x, sin, cos, mask_BTS, kv, layer_rngs[i])
-            if cache is not None:  # write only the new tokens into the stacked cache
-                at = (i, 0, cache.end, 0, 0)
-                cache_k = jax.lax.dynamic_update_slice(
-                    cache_k, k_BTKH[None].astype(cache_k.dtype), at
-                )
-                cache_v = jax.lax.dynamic_update_slice(
-                    cache_v, v_BTKH[None].astype(cache_v.dtype), at
-                )
+                x, (k_BKSH, v_BKSH) = call(x, sin, cos, mask_BTS, kv, layer_rngs[i])
+            new_k.append(k_BKSH)
+            new_v.append(v_BKSH)
         x = self.norm(x)
 
         if cache is not None:
             cache = KVCache(
-                k=cache_k,
-                v=cache_v,
+                k=tuple(new_k),
+                v=tuple(new_v),
                 valid=valid_BS,
                 end=cache.end + T,
                 next_pos=cache.next_pos + mask_BT.sum(axis=1, dtype=jnp.int32),
             )
         if return_hidden:
             return x, cache
+        if last_only:
+            x = x[:, -1:]
         if self.lm_head is None:
             logits = jnp.einsum("BTD,VD->BTV", x, self.embed_tokens[...].astype(self.dtype))
         else:

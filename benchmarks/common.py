@@ -1,0 +1,66 @@
+"""Shared benchmark helpers: the machine and versions a figure was measured on, and timing."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict[str, Any]:
+    """Where and with what a benchmark ran (printed with every result)."""
+    versions = {}
+    for pkg in ("jax", "jaxlib", "flax", "optax", "transformers", "peft", "torch"):
+        try:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    devices = jax.devices()
+    return {
+        "date": datetime.date.today().isoformat(),
+        "cpu": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "accelerator": f"{len(devices)} x {devices[0].device_kind}"
+        if devices[0].platform != "cpu"
+        else "none (CPU)",
+        "python": platform.python_version(),
+        **versions,
+    }
+
+
+def timed(fn: Callable[[], Any], repeat: int = 3) -> float:
+    """Median wall seconds of `fn()` (which must block until its result is ready)."""
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def report(name: str, results: dict[str, Any]) -> None:
+    """Print the machine and the measured results, human-readable then as one JSON line."""
+    info = machine()
+    print(f"== {name} ==")
+    for k, v in {**info, **results}.items():
+        print(f"  {k}: {v}")
+    print("JSON " + json.dumps({"benchmark": name, **info, **results}))
