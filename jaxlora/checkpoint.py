@@ -4,7 +4,8 @@ The state (adapter stacks, optimizer states, step, per-adapter flags) is stored 
 mapping of numbered leaves; the tree paths of the leaves are kept in the metadata so that a
 restore against a different structure fails loudly instead of loading into the wrong slots.
 Restores go straight into the target's shardings (every process reads only its shards). If the
-latest step cannot be read, the previous steps are tried, with a warning.
+latest step cannot be read, the previous steps are tried, with a warning; the unreadable
+newer steps are then deleted so that training can save over them.
 """
 
 from __future__ import annotations
@@ -79,10 +80,11 @@ class RunCheckpoints:
                     ),
                 )
             except Exception as e:  # a damaged step: Orbax raises many types
+                reason = (str(e).splitlines() or [type(e).__name__])[0]
                 log.warning(
                     "checkpoint step %d is unreadable (%s); trying an older one",
                     step,
-                    str(e).splitlines()[0] if str(e) else type(e).__name__,
+                    reason if len(reason) <= 160 else reason[:157] + "...",
                 )
                 continue
             meta = dict(restored["meta"])
@@ -91,6 +93,11 @@ class RunCheckpoints:
                     f"checkpoint step {step} in {self.directory} has a different state structure "
                     "than this run; resume with the run's own config.yaml"
                 )
+            for bad in steps[steps.index(step) + 1 :]:
+                log.warning(
+                    "removing unreadable checkpoint step %d; training resumes at %d", bad, step
+                )
+                self.manager.delete(bad)
             leaves = [restored["state"][k] for k in sorted(flat_target)]
             return jax.tree.unflatten(treedef, leaves), meta
         raise CheckpointRestoreError(

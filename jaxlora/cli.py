@@ -77,6 +77,8 @@ def _load(args: argparse.Namespace):
 def _train(args: argparse.Namespace) -> int:
     config = _load(args)
     _setup_distributed(args)
+    import jax
+
     from jaxlora.sweep import SweepJob
 
     job = SweepJob(
@@ -87,13 +89,20 @@ def _train(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     result = job.run()
-    import jax
-
-    if jax.process_index() == 0:
+    if jax.process_index() != 0:
+        return 0
+    out = Path(args.out)
+    if "interrupted_at" in result:
         print(
-            f"trained {len(result['summary'])} adapters -> {Path(args.out) / 'adapters'}; "
-            f"summary: {Path(args.out) / 'train_summary.csv'}"
+            f"jaxlora: {result['signal']}: checkpoint saved at step {result['interrupted_at']}; "
+            f"resume with: jaxlora train {out / 'config.yaml'} --out {out} --resume",
+            file=sys.stderr,
         )
+        return 0
+    print(
+        f"trained {len(result['summary'])} adapters -> {out / 'adapters'}; "
+        f"summary: {out / 'train_summary.csv'}"
+    )
     return 0
 
 
@@ -264,6 +273,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except JaxloraError as e:
         print(f"jaxlora: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("jaxlora: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from jaxlora import data as kdata
 from jaxlora.config import EvalSection
 from jaxlora.errors import DataError
 from jaxlora.eval import metrics
-from jaxlora.fsutil import atomic_write
+from jaxlora.fsutil import RunLock, atomic_write
 from jaxlora.generate import DecodeSpec, decode_stack, eos_and_pad
 from jaxlora.lora import AdapterStack, stack_forward
 
@@ -390,4 +390,10 @@ def run_eval(
         raise DataError(f"{run_dir} is not a jaxlora run directory (no config.yaml)")
     config = load_config(run_dir / "config.yaml", overrides)
     job = Job(config, devices)
-    return evaluate_run(job, load_stacks(job, run_dir), run_dir, config.eval or EvalSection())
+    stacks = load_stacks(job, run_dir)
+    lock = RunLock(run_dir).acquire() if jax.process_index() == 0 else None
+    try:
+        return evaluate_run(job, stacks, run_dir, config.eval or EvalSection())
+    finally:
+        if lock is not None:
+            lock.release()

@@ -56,3 +56,66 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+class RunLock:
+    """An exclusive lock on a run directory: `RUN_DIR/.lock` holds "host pid".
+
+    A second job on the same directory stops with a one-line error naming the holder. A lock
+    left by a process that no longer exists on this host (a crash, a SIGKILL) is stale: it is
+    taken over with a warning. Locks held from other hosts cannot be checked and are respected.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir) / ".lock"
+        self.held = False
+
+    def acquire(self) -> RunLock:
+        import logging
+        import socket
+
+        me = f"{socket.gethostname()} {os.getpid()}"
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self.path.read_text().strip() if self.path.exists() else ""
+                host, _, pid = holder.partition(" ")
+                if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                    logging.getLogger(__name__).warning(
+                        "removing the stale lock of process %s (no longer running) on %s",
+                        pid,
+                        self.path.parent,
+                    )
+                    self.path.unlink(missing_ok=True)
+                    continue
+                raise JaxloraError(
+                    f"{self.path.parent} is in use by another job (process {pid or '?'} on "
+                    f"{host or '?'}); wait for it to finish, or delete {self.path} if it is gone"
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+            self.held = True
+            return self
+        raise JaxloraError(f"could not lock {self.path.parent}; delete {self.path} and retry")
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

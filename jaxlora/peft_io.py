@@ -182,7 +182,7 @@ def _config_from(adapter_dir: Path, peft: dict, factors: dict, model: Model) -> 
             raise LoRAError(
                 f"{adapter_dir}: {path[3]} of layer {path[1]} has lora_A {pair['A'].shape} and "
                 f"lora_B {pair['B'].shape}, but the base model needs ({rank}, {d_in}) and "
-                f"({d_out}, {rank}); was this adapter trained on another base model?"
+                f"({d_out}, {rank}); load it with the base model it was trained on"
             )
     all_layers = len(layers) == model.config.num_layers
     return LoRAConfig(

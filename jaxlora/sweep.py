@@ -21,13 +21,18 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import hashlib
 import io
 import json
 import logging
 import math
+import os
 import shutil
+import signal
 import statistics
+import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,7 +48,7 @@ from jaxlora import data as kdata
 from jaxlora.checkpoint import RunCheckpoints
 from jaxlora.config import Cell, Config
 from jaxlora.errors import ConfigError, JaxloraError
-from jaxlora.fsutil import atomic_write, check_new_dir
+from jaxlora.fsutil import RunLock, atomic_write, check_new_dir
 from jaxlora.lora import AdapterStack, LoRAConfig, init_adapters, layout_groups, union_placement
 from jaxlora.models.config import ModelConfig
 from jaxlora.models.model import load_pretrained
@@ -224,6 +229,49 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+class _Interrupts:
+    """SIGTERM / SIGINT during training: the first asks for a checkpoint at the next step
+    boundary, the second exits at once. `agreed()` is the stop decision; with several
+    processes it is collective, so every process stops (and saves) at the same step."""
+
+    def __init__(self):
+        self.requested = False
+        self.signal_name = ""
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.requested:
+            print(
+                f"jaxlora: second {name}: stopping now; the last saved checkpoint is intact",
+                file=sys.stderr,
+                flush=True,
+            )
+            os._exit(128 + signum)
+        self.requested, self.signal_name = True, name
+        print(
+            f"jaxlora: {name} received: saving a checkpoint after this step "
+            "(send it again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def agreed(self) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
+
+
 class Job:
     """What training and evaluation share: the mesh, the model, the cells and their groups, the
     data, which adapters this process holds, and sharded global batches."""
@@ -323,7 +371,10 @@ class SweepJob(Job):
                 "changes the results; resume with the run's config.yaml or start a new run"
             )
 
-    def _init_state(self) -> TrainState:
+    # -- the pieces of `run`, public so that benchmarks and notebooks can time one step --------
+
+    def init_state(self) -> TrainState:
+        """Every adapter's initial weights, optimizer state and bookkeeping, stacked per group."""
         t = self.config.training
         groups = []
         for g in self.groups:
@@ -346,7 +397,32 @@ class SweepJob(Job):
                     diverged_at=jnp.full(len(plans), -1, jnp.int32),
                 )
             )
-        return TrainState(step=jnp.zeros((), jnp.int32), groups=tuple(groups))
+        return self._on_mesh(TrainState(step=jnp.zeros((), jnp.int32), groups=tuple(groups)))
+
+    def _on_mesh(self, state: TrainState) -> TrainState:
+        """Every leaf on the job's mesh: per-slot leaves split on `adapter`, the rest replicated;
+        leaves already there (the adapter weights) keep their placement. The step returns its
+        state in these placements, so its second call reuses the first call's compilation."""
+
+        def place(x, slots):
+            if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == self.mesh:
+                return x
+            axes = (None,) * x.ndim
+            if x.ndim and x.shape[0] == slots:
+                axes = ("adapter", *axes[1:])
+            host = np.asarray(x)
+            sharding = NamedSharding(self.mesh, logical_spec(axes, x.shape, self.mesh))
+            return jax.make_array_from_callback(x.shape, sharding, lambda idx: host[idx])
+
+        groups = tuple(
+            jax.tree.map(functools.partial(place, slots=len(g.slots)), gs)
+            for g, gs in zip(self.groups, state.groups, strict=True)
+        )
+        return TrainState(step=place(state.step, 0), groups=groups)
+
+    def step_function(self):
+        """`(base, state, batches) -> (state, losses)`, jitted once per static configuration."""
+        return compile_step(self._step_config())
 
     def _step_config(self) -> StepConfig:
         graphdefs = tuple(
@@ -360,7 +436,9 @@ class SweepJob(Job):
             spmd_axis_name="adapter",
         )
 
-    def _batches(self, step: int):
+    def batches(self, step: int) -> tuple[tuple, int]:
+        """Per group, the global (tokens, valid, loss mask) [slots, B, T] arrays of `step`, and
+        the number of real (non-padding) tokens this process loaded."""
         out, n_tokens = [], 0
         for g, local in zip(self.groups, self.local, strict=True):
             n, B, T = len(g.slots), self.config.training.batch_size, self.data.width
@@ -380,12 +458,37 @@ class SweepJob(Job):
     # -- run --------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
+        """Train (from the last checkpoint with `resume`), export, summarise, evaluate.
+
+        A first SIGTERM or SIGINT saves a checkpoint at the next step boundary and returns
+        `{"interrupted_at": step}`; a second one exits at once (Orbax never leaves a partial
+        checkpoint behind, so the last good one survives)."""
+        state = self.init_state()
+        step_fn = self.step_function()
+        lock = self._open_run_dir()
+        try:
+            return self._train(state, step_fn)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _open_run_dir(self) -> RunLock | None:
+        """Create (or, resuming, reopen) the run directory under process 0's lock."""
+        lock = RunLock(self.run_dir) if jax.process_index() == 0 else None
+        if lock is not None:
+            if not self.resume and self.run_dir.exists() and self.overwrite:
+                lock.acquire()  # never delete a run that another job is writing
+                shutil.rmtree(self.run_dir)
+                lock.release()
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+            if not self.resume:
+                atomic_write(self.run_dir / "config.yaml", self.config.to_yaml())
+        multihost_utils.sync_global_devices("jaxlora-run-dir")
+        return lock
+
+    def _train(self, state: TrainState, step_fn) -> dict[str, Any]:
         t = self.config.training
-        state = self._init_state()
-        step_fn = compile_step(self._step_config())
-        start = 0
-        if not self.resume:
-            self._create_run_dir()
         ckpt = RunCheckpoints(
             self.run_dir / "checkpoints",
             keep=self.config.checkpoint.keep,
@@ -395,7 +498,7 @@ class SweepJob(Job):
             "fingerprint": result_fingerprint(self.config),
             "names": [p.name for p in self.plans],
         }
-        last_losses: dict[str, float] = {}
+        start, last_losses = 0, {}
         if self.resume:
             state, saved = ckpt.restore_latest(state)
             start = int(saved["step"])
@@ -405,23 +508,31 @@ class SweepJob(Job):
 
         bar = self._progress_bar(start)
         t0, tokens_seen, compile_s = time.perf_counter(), 0, None
-        for step in range(start, t.steps):
-            batches, n_tokens = self._batches(step)
-            state, losses = step_fn(self.model.params, state, batches)
-            tokens_seen += n_tokens
-            if compile_s is None:
-                jax.block_until_ready(losses)
-                compile_s = time.perf_counter() - t0
-                t0, tokens_seen = time.perf_counter(), 0
-            done = step + 1
-            if done % t.log_every == 0 or done == t.steps:
-                last_losses = self.by_name(losses)
-                self._log_metrics(done, last_losses, state)
-                rate = tokens_seen / max(time.perf_counter() - t0, 1e-9)
-                self._update_bar(bar, done, last_losses, rate)
-            if done % self.config.checkpoint.every_steps == 0 and done < t.steps:
-                last_losses = self.by_name(losses)
-                ckpt.save(done, state, {**meta, "losses": last_losses})
+        with _Interrupts() as interrupts:
+            for step in range(start, t.steps):
+                batches, n_tokens = self.batches(step)
+                state, losses = step_fn(self.model.params, state, batches)
+                tokens_seen += n_tokens
+                if compile_s is None:
+                    jax.block_until_ready(losses)
+                    compile_s = time.perf_counter() - t0
+                    t0, tokens_seen = time.perf_counter(), 0
+                done = step + 1
+                if done % t.log_every == 0 or done == t.steps:
+                    last_losses = self.by_name(losses)
+                    diverged = self._log_metrics(done, last_losses, state)
+                    rate = tokens_seen / max(time.perf_counter() - t0, 1e-9)
+                    self._update_bar(bar, done, last_losses, len(diverged), rate)
+                stop = interrupts.agreed()
+                if stop or (done % self.config.checkpoint.every_steps == 0 and done < t.steps):
+                    last_losses = self.by_name(losses)
+                    ckpt.save(done, state, {**meta, "losses": last_losses})
+                if stop and done < t.steps:
+                    ckpt.wait()
+                    ckpt.close()
+                    if bar is not None:
+                        bar.close()
+                    return {"interrupted_at": done, "signal": interrupts.signal_name}
         if bar is not None:
             bar.close()
         ckpt.save(t.steps, state, {**meta, "losses": last_losses})
@@ -444,26 +555,20 @@ class SweepJob(Job):
             results = evaluate_run(self, stacks, self.run_dir, self.config.eval)
         return {"summary": summary, "results": results, "compile_seconds": compile_s}
 
-    def _create_run_dir(self) -> None:
-        if self.run_dir.exists() and self.overwrite:
-            shutil.rmtree(self.run_dir)
-        if jax.process_index() == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.run_dir / "config.yaml", self.config.to_yaml())
-        multihost_utils.sync_global_devices("jaxlora-run-dir")
-
     # -- logging -----------------------------------------------------------------------------
 
-    def _log_metrics(self, step: int, losses: dict[str, float], state: TrainState) -> None:
+    def _log_metrics(self, step: int, losses: dict[str, float], state: TrainState) -> list[str]:
+        """Append a line to metrics.jsonl; return the adapters that have diverged so far."""
         diverged_at = self.by_name([gs.diverged_at for gs in state.groups])
-        if jax.process_index() != 0:
-            return
         diverged = [name for name, at in diverged_at.items() if at >= 0]
+        if jax.process_index() != 0:
+            return diverged
         line = {"step": step, "loss": losses}
         if diverged:
             line["diverged"] = diverged
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(line) + "\n")
+        return diverged
 
     def _truncate_metrics(self, step: int) -> None:
         path = self.run_dir / "metrics.jsonl"
@@ -487,7 +592,9 @@ class SweepJob(Job):
         )
 
     @staticmethod
-    def _update_bar(bar, step: int, losses: dict[str, float], tokens_per_s: float) -> None:
+    def _update_bar(
+        bar, step: int, losses: dict[str, float], n_diverged: int, tokens_per_s: float
+    ) -> None:
         if bar is None:
             return
         values = [v for v in losses.values() if math.isfinite(v)]
@@ -499,8 +606,8 @@ class SweepJob(Job):
                 loss_med=f"{statistics.median(values):.3f}",
                 loss_max=f"{max(values):.3f}",
             )
-        if len(values) < len(losses):
-            post["diverged"] = len(losses) - len(values)
+        if n_diverged:
+            post["diverged"] = n_diverged
         bar.set_postfix(post, refresh=True)
 
     # -- outputs -----------------------------------------------------------------------------

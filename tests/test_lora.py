@@ -335,4 +335,4 @@ def test_peft_adapter_for_another_base_is_refused(hf_checkpoint, tmp_path):
     )
     with pytest.raises(lora.LoRAError) as e:
         jaxlora.load_peft(jaxlora.load_pretrained(hf_checkpoint("llama")), [tmp_path / "a"])
-    assert "another base model" in str(e.value) and "\n" not in str(e.value)
+    assert "the base model it was trained on" in str(e.value) and "\n" not in str(e.value)

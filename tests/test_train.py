@@ -5,67 +5,30 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
-import socket
+import logging
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 import torch
-import yaml
 from safetensors.numpy import load_file
 
 import jaxlora
 from jaxlora.cli import main as cli
 from jaxlora.config import load_config, parse_config
 from jaxlora.sweep import JobData, SweepJob, plan_cells
-
-BASE = {
-    "model": {"path": "tiny-llama"},
-    "lora": {"rank": 4, "dropout": 0.1},
-    "data": {"dataset": "phonebook", "size_tokens": 200, "max_length": 64},
-    "training": {"steps": 6, "batch_size": 4, "lr": 1.0e-3, "log_every": 1},
-    "mesh": {"adapter": 1, "fsdp": 1, "tensor": 1},
-    "checkpoint": {"every_steps": 3, "keep": 2},
-}
-GRID = {"lora.rank": [2, 8], "data.size_tokens": [150, 300], "training.lr": [1.0e-3, 3.0e-3]}
-
-
-def write_config(path: Path, **changes) -> Path:
-    raw = json.loads(json.dumps(BASE))
-    for key, value in changes.items():
-        section, _, field = key.partition(".")
-        if field:
-            raw.setdefault(section, {})[field] = value
-        else:
-            raw[section] = value
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
-def adapters(run_dir: Path) -> dict[str, dict[str, np.ndarray]]:
-    root = run_dir / "adapters"
-    return {d.name: load_file(d / "adapter_model.safetensors") for d in sorted(root.iterdir())}
-
-
-def max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max(float(np.abs(a[k] - b[k]).max()) for k in a)
-
-
-ONE_DEVICE = None  # set lazily: jax.devices()[:1]
-
-
-def run(config, out: Path, **kw):
-    return SweepJob(
-        config, out, progress=False, devices=kw.pop("devices", jax.devices()[:1]), **kw
-    ).run()
-
+from tests.runs import (
+    BASE,
+    GRID,
+    adapters,
+    free_port,
+    jaxlora_cmd,
+    max_diff,
+    max_diff_all,
+    run,
+    write_config,
+)
 
 # ---------------------------------------------------------------------------------------------
 
@@ -112,11 +75,6 @@ def sharded_config(config):
         .with_value("mesh.fsdp", 2)
         .with_value("training.layout", "padded")
     )
-
-
-def max_diff_all(a, b):
-    assert a.keys() == b.keys()
-    return max(max_diff(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow
@@ -207,16 +165,6 @@ def test_block_remat_gives_the_same_gradients_and_really_rematerialises():
 # processes
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def jaxlora_cmd(*args) -> list[str]:
-    return [sys.executable, "-m", "jaxlora.cli", *map(str, args)]
-
-
 @pytest.mark.slow
 def test_two_processes_equal_one_device(grid_run, tmp_path):
     config, run_dir = grid_run
@@ -248,44 +196,6 @@ def test_two_processes_equal_one_device(grid_run, tmp_path):
     outputs = [p.communicate(timeout=600)[0].decode() for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs[0][-2000:] + outputs[1][-2000:]
     assert max_diff_all(adapters(out), adapters(run_dir)) < 1e-5
-
-
-@pytest.mark.slow
-def test_resume_after_sigkill_is_exact(tmp_path):
-    cfg = write_config(
-        tmp_path / "r.yaml",
-        **{"training.steps": 12, "checkpoint.every_steps": 4, "checkpoint.async": False},
-    )
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    subprocess.run(
-        jaxlora_cmd("train", cfg, "--out", full, "--no-progress"), check=True, capture_output=True
-    )
-    proc = subprocess.Popen(
-        jaxlora_cmd("train", cfg, "--out", killed, "--no-progress"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    metrics = killed / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline:  # kill between the checkpoints of steps 4 and 8
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 6:
-            break
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "adapters").exists()
-    assert (killed / "checkpoints" / "4").exists() and not (killed / "checkpoints" / "12").exists()
-    subprocess.run(
-        jaxlora_cmd("train", cfg, "--out", killed, "--resume", "--no-progress"),
-        check=True,
-        capture_output=True,
-    )
-    a, b = adapters(full), adapters(killed)
-    for name in a:
-        for key in a[name]:
-            np.testing.assert_array_equal(a[name][key], b[name][key])
-    steps = [json.loads(x)["step"] for x in (killed / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 13))
 
 
 def test_resume_refuses_a_changed_config_and_a_missing_checkpoint(grid_run, tmp_path, capsys):
@@ -398,3 +308,40 @@ def test_plan_cells_seeds_depend_only_on_the_cell():
     assert len({p.init_seed for p in plans}) == 2
     alone = plan_cells(parse_config({**raw, "lora": {**raw["lora"], "rank": 8}}), model_config)[0]
     assert alone.init_seed == by_values[(("lora.rank", 8), ("training.lr", 1e-3))].init_seed
+
+
+class _Compiles(logging.Handler):
+    """Counts XLA compilations of the train step (what `jax_log_compiles` reports)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def emit(self, record):
+        if "XLA compilation of jit(train_step)" in record.getMessage():
+            self.count += 1
+
+
+def test_train_step_compiles_once(tmp_path):
+    """The state the step returns is placed like the state it was given: a second or third step
+    reuses the first compilation (on a 2-device mesh, where the adapter axis is really split)."""
+    raw = {
+        **BASE,
+        "training": {**BASE["training"], "batch_size": 3},
+        "mesh": {"adapter": 2},
+        "sweep": {"data.seed": [0, 1]},
+    }
+    config = parse_config(raw)
+    job = SweepJob(config, tmp_path / "run", progress=False, devices=jax.devices()[:2])
+    state, step_fn = job.init_state(), job.step_function()
+    counter = _Compiles()
+    logger = logging.getLogger("jax._src.dispatch")
+    logger.addHandler(counter)
+    try:
+        with jax.log_compiles():
+            for step in range(3):
+                state, losses = step_fn(job.model.params, state, job.batches(step)[0])
+            jax.block_until_ready(losses)
+    finally:
+        logger.removeHandler(counter)
+    assert counter.count == 1

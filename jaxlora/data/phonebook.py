@@ -133,10 +133,20 @@ def _phone(rng: random.Random) -> str:
     return f"{_digits(rng, 3, 2)}-{_digits(rng, 3, 2)}-{_digits(rng, 4)}"
 
 
+# Far beyond the study's largest budgets; larger requests are typos that would otherwise spend
+# minutes drawing names.
+MAX_ROWS = 1_000_000
+
+
 def generate_phonebook(n: int, seed: int = 0) -> list[tuple[str, str]]:
     """`n` unique (name, phone) pairs; prefix-stable in `n` for a fixed `seed`."""
     if n < 0:
         raise DataError(f"a phonebook needs a non-negative number of rows, got {n}")
+    if n > MAX_ROWS:
+        raise DataError(
+            f"a generated phonebook has at most {MAX_ROWS:,} rows, {n:,} were asked for: "
+            "use a smaller data.size_tokens / data.size_rows or a phonebook file in data.path"
+        )
     rng = random.Random(seed)
     names: set[str] = set()
     phones: set[str] = set()
@@ -190,6 +200,12 @@ def phonebook_records(
     sample = [phonebook_record(*e) for e in generate_phonebook(64, seed)]
     per_row = float(count_tokens(sample, tokenizer).mean())
     n = math.ceil(1.1 * size_tokens / per_row) + 16
+    if n > MAX_ROWS:
+        raise DataError(
+            f"data.size_tokens={size_tokens:,} needs about {n:,} phonebook rows, more than the "
+            f"{MAX_ROWS:,} a generated phonebook offers: use a smaller data.size_tokens or a "
+            "phonebook file in data.path"
+        )
     while True:
         records = [phonebook_record(*e) for e in generate_phonebook(n, seed)]
         if int(count_tokens(records, tokenizer).sum()) > size_tokens:
