@@ -15,6 +15,7 @@ from peft import PeftModel, get_peft_model
 
 import jaxlora
 from jaxlora import lora
+from jaxlora.models import layers
 from tests.hf_factory import load_hf_model
 from tests.test_model_parity import padded_batch
 
@@ -283,6 +284,42 @@ def test_dropout_is_per_adapter_key_and_off_without_a_key(six):
     np.testing.assert_allclose(
         off, np.asarray(model(ids, attention_mask=mask, adapters=stack)), atol=1e-5
     )
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+def test_dropout_keeps_the_right_fraction_unbiased_and_uncorrelated(rate):
+    x = jnp.ones((256, 1023), jnp.float32)  # odd width: the last 16-bit draw is cut off
+    out = np.asarray(layers._dropout(jax.random.key(3), jnp.float32(rate), x))
+    kept = out != 0
+    n = kept.size
+    # binomial: 4 standard deviations
+    assert abs(kept.mean() - (1 - rate)) < 4 * np.sqrt(rate * (1 - rate) / n)
+    np.testing.assert_allclose(out[kept], 1 / (1 - rate), rtol=1e-4)
+    assert abs(out.mean() - 1) < 4 * np.sqrt(rate / (1 - rate) / n)
+    # neighbours share a 32-bit threefry word (and every fourth a hash): they must be independent
+    flat = kept.reshape(-1).astype(np.float64)
+    for lag in (1, 2, 3):
+        assert abs(np.corrcoef(flat[:-lag], flat[lag:])[0, 1]) < 4 / np.sqrt(n)
+    other = np.asarray(layers._dropout(jax.random.key(4), jnp.float32(rate), x)) != 0
+    assert (other != kept).mean() > rate  # another key, another mask
+    np.testing.assert_array_equal(
+        np.asarray(layers._dropout(jax.random.key(3), jnp.float32(0.0), x)), np.asarray(x)
+    )
+
+
+def test_low_rank_product_gradient_equals_autodiff():
+    u = jax.random.normal(jax.random.key(0), (3, 5, 4))
+    b = jax.random.normal(jax.random.key(1), (4, 7))
+    cot = jax.random.normal(jax.random.key(2), (3, 5, 7))
+
+    def plain(u, b):
+        return jnp.einsum("...r,ro->...o", u, b)
+
+    _, ours = jax.vjp(layers._low_rank_out, u, b)
+    _, ref = jax.vjp(plain, u, b)
+    for g, r in zip(ours(cot), ref(cot), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layers._low_rank_out(u, b), plain(u, b), rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------

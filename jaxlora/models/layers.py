@@ -15,14 +15,50 @@ updates of the real entries unchanged (the padded entries receive exactly zero g
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.extend.random import threefry_2x32
 
 from jaxlora.models.config import ModelConfig
 
 Array = jax.Array
+
+
+def _dropout(rng: Array, rate: Array, x: Array) -> Array:
+    """Inverted dropout at a (traced) `rate`, each element kept with probability
+    round((1 - rate) * 2^16) / 2^16 and rescaled by its inverse (so the expectation is x).
+
+    Every threefry hash yields 64 bits; `jax.random.bernoulli` spends one hash per element,
+    this spends one per four (16 bits each), which makes dropout ~4x cheaper to draw."""
+    n = math.prod(x.shape)
+    words = jnp.arange((n + 1) // 2, dtype=jnp.uint32)
+    bits = threefry_2x32(jax.random.key_data(rng), words)
+    draws = jax.lax.bitcast_convert_type(bits, jnp.uint16).reshape(-1)[:n].reshape(x.shape)
+    threshold = jnp.round((1.0 - rate) * 65536.0).astype(jnp.uint32)
+    scale = (65536.0 / jnp.maximum(threshold, 1).astype(jnp.float32)).astype(x.dtype)
+    return jnp.where(draws.astype(jnp.uint32) < threshold, x * scale, 0).astype(x.dtype)
+
+
+@jax.custom_vjp
+def _low_rank_out(u: Array, b: Array) -> Array:
+    return jnp.einsum("...r,ro->...o", u, b)
+
+
+def _low_rank_out_fwd(u, b):
+    return _low_rank_out(u, b), (u, b)
+
+
+def _low_rank_out_bwd(res, g):
+    u, b = res
+    u2, g2 = u.reshape(-1, u.shape[-1]), g.reshape(-1, g.shape[-1])
+    return jnp.einsum("...o,ro->...r", g, b), jnp.einsum("to,tr->or", g2, u2).T
+
+
+_low_rank_out.defvjp(_low_rank_out_fwd, _low_rank_out_bwd)
 
 
 class LoRAWeight(nnx.Variable):
@@ -93,13 +129,13 @@ class LoRALinear(nnx.Module):
             with jax.named_scope("lora"):
                 h = x
                 if rng is not None:
-                    rate = self.lora_dropout[...]
-                    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-                    h = jnp.where(keep, x / (1.0 - rate).astype(x.dtype), 0).astype(x.dtype)
+                    h = _dropout(rng, self.lora_dropout[...], x)
                 a = self.lora_a[...].astype(self.dtype)
                 b = self.lora_b[...].astype(self.dtype)
-                delta = jnp.einsum("...r,ro->...o", jnp.einsum("...i,ir->...r", h, a), b)
-                y = y + (self.lora_scale[...].astype(self.dtype) * delta)
+                # Scaling the rank-r intermediate rather than the output keeps the backward pass
+                # free of an elementwise pass over the [..., out] cotangent.
+                scale = self.lora_scale[...].astype(self.dtype)
+                y = y + _low_rank_out(jnp.einsum("...i,ir->...r", h, a) * scale, b)
         return y
 
 
