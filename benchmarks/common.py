@@ -57,6 +57,20 @@ def timed(fn: Callable[[], Any], repeat: int = 3) -> float:
     return statistics.median(times)
 
 
+def matmul_ceiling(dtype: str = "float32", n: int | None = None) -> float:
+    """FLOP/s of a large square matmul on the default device: the machine's practical ceiling."""
+    import jax.numpy as jnp
+
+    on_cpu = jax.devices()[0].platform == "cpu"
+    n = n or (2048 if on_cpu else 8192)
+    key_a, key_b = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(key_a, (n, n), dtype)
+    b = jax.random.normal(key_b, (n, n), dtype)
+    matmul = jax.jit(jnp.matmul)
+    jax.block_until_ready(matmul(a, b))
+    return 2 * n**3 / timed(lambda: jax.block_until_ready(matmul(a, b)), repeat=5)
+
+
 def report(name: str, results: dict[str, Any]) -> None:
     """Print the machine and the measured results, human-readable then as one JSON line."""
     info = machine()

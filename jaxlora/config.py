@@ -414,6 +414,11 @@ class TrainingSection(_Section):
     adam_eps: float = field(default=1e-8, metadata=_rule(check=POSITIVE))
     seed: int = 42
     layout: Layout = field(default="groups", metadata=_rule(fixed=_STACKING))
+    # Adapters of a group trained at once on each device; the rest of the group follows in
+    # sequential passes of the same compiled step. None: all at once.
+    adapters_per_pass: int | None = field(
+        default=None, metadata=_rule(check=POSITIVE, fixed=_STEP_LOOP)
+    )
     log_every: int = field(default=10, metadata=_rule(check=POSITIVE, fixed=_STEP_LOOP))
 
 

@@ -173,6 +173,8 @@ def make_plan(
         _, weights, _, _ = abstract_module(c, placement)
         adapter_b += shard_bytes(weights, sizes, leading=(("adapter", len(g.slots)),))
         slots_local = math.ceil(len(g.slots) / sizes["adapter"])
+        if config.training.adapters_per_pass is not None:  # activations live one pass at a time
+            slots_local = min(slots_local, config.training.adapters_per_pass)
         act_b += slots_local * activation_bytes(
             c, B * T // sizes["fsdp"], T, dtype_bytes, config.model.remat, placement.rank
         )

@@ -59,7 +59,13 @@ from jaxlora.train import GroupState, Hyper, StepConfig, TrainState, compile_ste
 log = logging.getLogger(__name__)
 
 # Keys that may differ between a run and its resume: they do not change the adapters.
-RESUME_NEUTRAL = ("checkpoint", "mesh", "eval", "training.log_every")
+RESUME_NEUTRAL = (
+    "checkpoint",
+    "mesh",
+    "eval",
+    "training.log_every",
+    "training.adapters_per_pass",
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,7 +440,17 @@ class SweepJob(Job):
             total_steps=self.config.training.steps,
             use_dropout=any(p.lora.dropout > 0 for p in self.plans),
             spmd_axis_name="adapter",
+            passes=tuple(self._passes(g) for g in self.groups),
         )
+
+    def _passes(self, g: Group) -> int:
+        """Sequential passes over a group: the fewest that keep each device's share of a pass
+        within `training.adapters_per_pass` and divide the device's adapters evenly."""
+        per_pass = self.config.training.adapters_per_pass
+        local = len(g.slots) // self.mesh.shape["adapter"]
+        if per_pass is None or per_pass >= local:
+            return 1
+        return next(n for n in range(-(-local // per_pass), local + 1) if local % n == 0)
 
     def batches(self, step: int) -> tuple[tuple, int]:
         """Per group, the global (tokens, valid, loss mask) [slots, B, T] arrays of `step`, and

@@ -6,7 +6,12 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
+import signal
 import subprocess
+import sys
+import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -23,12 +28,13 @@ from tests.runs import (
     GRID,
     adapters,
     free_port,
-    jaxlora_cmd,
     max_diff,
     max_diff_all,
     run,
     write_config,
 )
+
+LAUNCH = Path(__file__).resolve().parents[1] / "launch"
 
 # ---------------------------------------------------------------------------------------------
 
@@ -65,6 +71,19 @@ def test_padded_layout_equals_rank_groups(grid_run, tmp_path):
     padded = tmp_path / "padded"
     run(config.with_value("training.layout", "padded"), padded)
     assert max_diff_all(adapters(padded), adapters(run_dir)) < 1e-5
+
+
+@pytest.mark.slow
+def test_sequential_passes_equal_all_at_once(grid_run, tmp_path):
+    """adapters_per_pass=1 on a 2-device adapter axis: each device takes its 2 adapters of a
+    rank group in 2 passes (lax.map over a sharded stack), giving the same adapters."""
+    config, run_dir = grid_run
+    passes = tmp_path / "passes"
+    config = config.with_value("training.adapters_per_pass", 1).with_value("mesh.adapter", 2)
+    job = SweepJob(config, passes, progress=False, devices=jax.devices()[:2])
+    assert job._step_config().passes == (2, 2)
+    job.run()
+    assert max_diff_all(adapters(passes), adapters(run_dir)) < 1e-5
 
 
 def sharded_config(config):
@@ -166,36 +185,81 @@ def test_block_remat_gives_the_same_gradients_and_really_rematerialises():
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_device(grid_run, tmp_path):
+def test_local_multi_process_launch_equals_one_device(grid_run, tmp_path):
+    """launch/local_cpu.sh: two processes of 4 CPU devices each give the single-device adapters."""
     config, run_dir = grid_run
     cfg = tmp_path / "mp.yaml"
     cfg.write_text(sharded_config(config).to_yaml())
-    port, out = free_port(), tmp_path / "mp"
-    procs = [
-        subprocess.Popen(
-            jaxlora_cmd(
-                "train",
-                cfg,
-                "--out",
-                out,
-                "--no-progress",
-                "--cpu-devices",
-                4,
-                "--coordinator",
-                f"127.0.0.1:{port}",
-                "--num-processes",
-                2,
-                "--process-id",
-                i,
-            ),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=600)[0].decode() for p in procs]
-    assert all(p.returncode == 0 for p in procs), outputs[0][-2000:] + outputs[1][-2000:]
+    out = tmp_path / "mp"
+    env = {
+        **os.environ,
+        "JAXLORA_CMD": f"{sys.executable} -m jaxlora.cli",
+        "JAXLORA_CPU_DEVICES": "4",
+        "JAXLORA_PORT": str(free_port()),
+    }
+    proc = subprocess.run(
+        ["bash", str(LAUNCH / "local_cpu.sh"), "2", cfg, out, "--no-progress"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert max_diff_all(adapters(out), adapters(run_dir)) < 1e-5
+
+
+def test_local_launch_passes_on_a_config_error(tmp_path):
+    env = {**os.environ, "JAXLORA_CMD": f"{sys.executable} -m jaxlora.cli"}
+    proc = subprocess.run(
+        ["bash", str(LAUNCH / "local_cpu.sh"), "2", tmp_path / "missing.yaml", tmp_path / "o"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert "missing.yaml does not exist" in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_local_launch_stops_the_others_when_one_process_fails(tmp_path):
+    """Process 1 fails at once while process 0 would wait forever (as for a lost peer): the
+    launch ends promptly with process 1's status."""
+    fake = tmp_path / "fake.sh"
+    fake.write_text('[ "$JAXLORA_PROCESS_ID" = 1 ] && exit 3\nexec sleep 300\n')
+    env = {**os.environ, "JAXLORA_CMD": f"bash {fake}"}
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        ["bash", str(LAUNCH / "local_cpu.sh"), "2", "c.yaml", tmp_path / "o"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 3
+    assert time.monotonic() - t0 < 60
+
+
+def test_local_launch_passes_sigterm_to_every_process(tmp_path):
+    """SIGTERM to the launcher reaches each process (which would checkpoint and exit 0); the
+    launch waits for them and exits 0."""
+    fake = tmp_path / "fake.sh"
+    fake.write_text(
+        f"trap 'touch {tmp_path}/term$JAXLORA_PROCESS_ID; sleep 1; exit 0' TERM\n"
+        f"touch {tmp_path}/ready$JAXLORA_PROCESS_ID\n"
+        "while true; do sleep 0.1; done\n"
+    )
+    env = {**os.environ, "JAXLORA_CMD": f"bash {fake}"}
+    proc = subprocess.Popen(
+        ["bash", str(LAUNCH / "local_cpu.sh"), "2", "c.yaml", tmp_path / "o"], env=env
+    )
+    deadline = time.monotonic() + 60
+    while not all((tmp_path / f"ready{i}").exists() for i in range(2)):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    assert all((tmp_path / f"term{i}").exists() for i in range(2))
 
 
 def test_resume_refuses_a_changed_config_and_a_missing_checkpoint(grid_run, tmp_path, capsys):
