@@ -1,13 +1,15 @@
 """Mixed ranks in one job: rank groups vs one stack zero-padded to the largest rank.
 
-One adapter per rank in {2, 4, ..., 256} (the study's rank axis up to 256), the study's PhoneBook
-recipe, batch 8. `training.layout: groups` keeps one stack per rank, each evaluated in the same
-compiled step; `padded` pads every adapter to rank 256 and runs one stack. Both give the same
+One adapter per rank in {2, 4, ..., --max-rank} (the study's rank axis, up to what the model's
+narrowest projection allows: 128 for small-llama, whose k/v projections are 128 wide), the
+study's PhoneBook recipe, batch 8. `training.layout: groups` keeps one stack per rank, each
+evaluated in the same compiled step; `padded` pads every adapter to the largest rank and runs
+one stack. Both give the same
 adapters (tests/test_train.py); this measures seconds per step and memory: the step's buffers
 as XLA plans them (`memory_analysis` of the compiled step: arguments + temporaries) and the
 adapter state alone (weights, AdamW moments).
 
-    python -m benchmarks.bench_ranks --model small-llama
+    python -m benchmarks.bench_ranks --model small-llama --max-rank 128
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="small-llama")
     p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU)")
-    p.add_argument("--max-rank", type=int, default=256)
+    p.add_argument("--max-rank", type=int, default=128)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size-tokens", type=int, default=1000)
     p.add_argument("--max-length", type=int, default=64)

@@ -106,9 +106,9 @@ def peft_loop(
         base,
         LoraConfig(
             r=plan.lora.rank,
-            lora_alpha=plan.lora.rank,
+            lora_alpha=plan.lora.alpha,
             target_modules="all-linear",
-            lora_dropout=0.1,
+            lora_dropout=plan.lora.dropout,
             task_type="CAUSAL_LM",
         ),
     )

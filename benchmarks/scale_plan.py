@@ -4,8 +4,8 @@ sizes each) on a given set of accelerators, from `jaxlora plan` alone (nothing i
 The whole grid does not fit one job anywhere (a rank-1024 all-linear adapter with its AdamW
 state is ~43 GB), so the grid is cut into jobs: ranks are taken in increasing order and packed
 into one job while it fits; a rank whose 20 sizes do not fit together is split into jobs of
-fewer sizes. For every job the script prints `jaxlora plan`'s memory rows and step time, then
-the total.
+fewer sizes. For every job the script prints one line from its `jaxlora plan`: adapters,
+per-device memory, FLOPs per step and the step time; then the total.
 
     python -m benchmarks.scale_plan --devices 8 --device h100
     python -m benchmarks.scale_plan --devices 64 --device tpu-v5e

@@ -4,8 +4,10 @@ sibling name and renamed into place, so a crash never leaves a half-written resu
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -71,17 +73,14 @@ class RunLock:
         self.held = False
 
     def acquire(self) -> RunLock:
-        import logging
-        import socket
-
-        me = f"{socket.gethostname()} {os.getpid()}"
+        here = socket.gethostname()
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = self.path.read_text().strip() if self.path.exists() else ""
                 host, _, pid = holder.partition(" ")
-                if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                if host == here and pid.isdigit() and not _alive(int(pid)):
                     logging.getLogger(__name__).warning(
                         "removing the stale lock of process %s (no longer running) on %s",
                         pid,
@@ -94,7 +93,7 @@ class RunLock:
                     f"{host or '?'}); wait for it to finish, or delete {self.path} if it is gone"
                 ) from None
             with os.fdopen(fd, "w") as f:
-                f.write(me)
+                f.write(f"{here} {os.getpid()}")
             self.held = True
             return self
         raise JaxloraError(f"could not lock {self.path.parent}; delete {self.path} and retry")

@@ -236,11 +236,14 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 class _Interrupts:
-    """SIGTERM / SIGINT during training: the first asks for a checkpoint at the next step
-    boundary, the second exits at once. `agreed()` is the stop decision; with several
-    processes it is collective, so every process stops (and saves) at the same step."""
+    """SIGTERM / SIGINT during training: the first asks for a checkpoint at a step boundary,
+    the second exits at once. `agreed(step)` is the stop decision. With several processes it is
+    collective, so every process stops (and saves) at the same step; it is taken every `every`
+    steps (the logging steps, where the processes synchronise anyway) rather than at every
+    step, which would stall the asynchronous dispatch of the steps on a host round trip."""
 
-    def __init__(self):
+    def __init__(self, every: int):
+        self.every = every
         self.requested = False
         self.signal_name = ""
         self._previous: dict[int, Any] = {}
@@ -272,9 +275,11 @@ class _Interrupts:
             flush=True,
         )
 
-    def agreed(self) -> bool:
+    def agreed(self, step: int) -> bool:
         if jax.process_count() == 1:
             return self.requested
+        if step % self.every:
+            return False
         return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
 
 
@@ -524,7 +529,7 @@ class SweepJob(Job):
 
         bar = self._progress_bar(start)
         t0, tokens_seen, compile_s = time.perf_counter(), 0, None
-        with _Interrupts() as interrupts:
+        with _Interrupts(every=t.log_every) as interrupts:
             for step in range(start, t.steps):
                 batches, n_tokens = self.batches(step)
                 state, losses = step_fn(self.model.params, state, batches)
@@ -539,7 +544,7 @@ class SweepJob(Job):
                     diverged = self._log_metrics(done, last_losses, state)
                     rate = tokens_seen / max(time.perf_counter() - t0, 1e-9)
                     self._update_bar(bar, done, last_losses, len(diverged), rate)
-                stop = interrupts.agreed()
+                stop = interrupts.agreed(done)
                 if stop or (done % self.config.checkpoint.every_steps == 0 and done < t.steps):
                     last_losses = self.by_name(losses)
                     ckpt.save(done, state, {**meta, "losses": last_losses})
