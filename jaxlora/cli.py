@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from jaxlora.errors import JaxloraError
 
@@ -22,6 +24,59 @@ DEVICES = {
     "tpu-v5e": (16 * 2**30, 197e12),
     "tpu-v5p": (95 * 2**30, 459e12),
 }
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the house error format: one line, the fix named, exit status 2 (argparse
+    itself prints the whole usage block first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _setup_logging() -> None:
+    """jaxlora's own warnings, once each, as `jaxlora: WARNING: ...`. The handler goes on the
+    `jaxlora` logger, which stops there: the root logger may carry a handler that a library put
+    there on import (orbax does), and libraries with handlers of their own (huggingface_hub,
+    transformers) would print every record twice through a root handler of ours."""
+    log = logging.getLogger("jaxlora")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("jaxlora: %(levelname)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.WARNING)
+        log.propagate = False
 
 
 def _setup_compilation_cache() -> None:
@@ -40,31 +95,46 @@ def _setup_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
+def _flag_or_env(value, env: str, parse):
+    """A flag's value, else the environment variable's, checked by the flag's own parser."""
+    if value is not None or env not in os.environ:
+        return value
+    try:
+        return parse(os.environ[env])
+    except argparse.ArgumentTypeError as e:
+        raise JaxloraError(f"{env}: {e}") from None
+
+
 def _setup_distributed(args: argparse.Namespace) -> None:
     """Initialise JAX before any computation: simulated CPU devices and multi-process."""
     import jax
 
-    cpu_devices = args.cpu_devices or int(os.environ.get("JAXLORA_CPU_DEVICES", 0))
+    cpu_devices = _flag_or_env(args.cpu_devices, "JAXLORA_CPU_DEVICES", _int_at_least(0))
     if cpu_devices:
         jax.config.update("jax_num_cpu_devices", cpu_devices)
     coordinator = args.coordinator or os.environ.get("JAXLORA_COORDINATOR")
     if args.distributed_auto or os.environ.get("JAXLORA_DISTRIBUTED") == "auto":
         jax.distributed.initialize()
     elif coordinator:
-        num = args.num_processes or int(os.environ.get("JAXLORA_NUM_PROCESSES", 0))
-        pid = (
-            args.process_id if args.process_id is not None else os.environ.get("JAXLORA_PROCESS_ID")
-        )
-        if not num or pid is None:
+        num = _flag_or_env(args.num_processes, "JAXLORA_NUM_PROCESSES", _int_at_least(1))
+        pid = _flag_or_env(args.process_id, "JAXLORA_PROCESS_ID", _int_at_least(0))
+        if num is None or pid is None:
             raise JaxloraError(
                 "--coordinator needs --num-processes and --process-id (or "
                 "JAXLORA_NUM_PROCESSES / JAXLORA_PROCESS_ID)"
             )
+        if pid >= num:
+            raise JaxloraError(
+                f"--process-id {pid} is out of range for --num-processes {num}: use 0..{num - 1}"
+            )
+        host, _, port = coordinator.rpartition(":")
+        if not host or not port.isdigit():
+            raise JaxloraError(f"--coordinator {coordinator!r}: expected HOST:PORT")
         # Only the CPU backend reads this (GPU/TPU use their own collectives); it must be set
         # before the backend starts, so it cannot depend on which backend that will be.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
-            coordinator_address=coordinator, num_processes=num, process_id=int(pid)
+            coordinator_address=coordinator, num_processes=num, process_id=pid
         )
 
 
@@ -174,13 +244,12 @@ def _add_distributed_args(p: argparse.ArgumentParser) -> None:
     dist = p.add_argument_group("devices and processes")
     dist.add_argument(
         "--cpu-devices",
-        type=int,
-        default=0,
+        type=_int_at_least(0),
         help="simulate this many CPU devices (testing meshes on one machine)",
     )
     dist.add_argument("--coordinator", help="host:port of process 0 for multi-process runs")
-    dist.add_argument("--num-processes", type=int, help="number of processes")
-    dist.add_argument("--process-id", type=int, help="this process's index")
+    dist.add_argument("--num-processes", type=_int_at_least(1), help="number of processes")
+    dist.add_argument("--process-id", type=_int_at_least(0), help="this process's index")
     dist.add_argument(
         "--distributed-auto",
         action="store_true",
@@ -189,8 +258,8 @@ def _add_distributed_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxlora", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="jaxlora", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="train every adapter of a config's grid in one job")
     _add_config_args(p)
@@ -219,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="accuracy", help="the column to analyse (default: accuracy)")
     p.add_argument(
         "--tau",
-        type=float,
+        type=_fraction,
         default=0.95,
         help="saturation threshold: T_max is the largest size with metric >= tau",
     )
@@ -229,7 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
         "plan", help="per-device memory and step time of a config, without running it"
     )
     _add_config_args(p)
-    p.add_argument("--devices", type=int, required=True, help="number of devices of the job")
+    p.add_argument(
+        "--devices", type=_int_at_least(1), required=True, help="number of devices of the job"
+    )
     p.add_argument(
         "--device",
         choices=sorted(DEVICES),
@@ -237,12 +308,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="accelerator: sets memory and peak bf16 FLOP/s (default: h100)",
     )
     p.add_argument(
-        "--device-memory", type=float, help="memory per device in GiB (overrides --device)"
+        "--device-memory",
+        type=_positive_float,
+        help="memory per device in GiB (overrides --device)",
     )
-    p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per device (overrides --device)")
+    p.add_argument(
+        "--peak-tflops", type=_positive_float, help="peak TFLOP/s per device (overrides --device)"
+    )
     p.add_argument(
         "--mfu",
-        type=float,
+        type=_fraction,
         default=0.4,
         help="assumed model-FLOPs utilisation for the step time (default: 0.4)",
     )
@@ -266,7 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="jaxlora: %(levelname)s: %(message)s")
+    # jaxlora uses transformers for tokenizers and configs only: its advice that PyTorch is
+    # missing is noise in a runtime-only install.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    _setup_logging()
     _setup_compilation_cache()
     try:
         return args.func(args)

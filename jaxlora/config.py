@@ -856,7 +856,14 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     except (OSError, UnicodeDecodeError) as e:
         raise _error(str(path), f"cannot read config file: {type(e).__name__}") from None
     raw = _load_yaml(text, str(path))
-    if raw is not None and not isinstance(raw, Mapping):
+    if not raw:
+        # An empty file is a mistake (a wrong path, an unsaved editor), not a request for the
+        # default grid.
+        raise _error(
+            str(path),
+            "the config is empty; start from configs/quickstart.yaml (every key: configs/README.md)",
+        )
+    if not isinstance(raw, Mapping):
         raise _error(str(path), f"expected a mapping of sections, got {_show(raw)}")
     return parse_config(apply_overrides(raw, overrides, str(path)), str(path))
 

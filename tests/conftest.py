@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 
@@ -23,6 +24,18 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 import yaml  # noqa: E402
 
 from tests.hf_factory import make_hf_checkpoint  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _cli_logging_restored():
+    """`jaxlora.cli.main` sets up process-wide logging, as an entry point does; tests that call
+    it in process must not take jaxlora's records away from later tests' caplog."""
+    yield
+    log = logging.getLogger("jaxlora")
+    for handler in log.handlers[:]:
+        log.removeHandler(handler)
+    log.propagate = True
+    log.setLevel(logging.NOTSET)
 
 
 @pytest.fixture(scope="session")

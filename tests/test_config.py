@@ -98,8 +98,8 @@ def test_issue_example_yields_the_grid(tmp_path):
         assert cell.config.model == config.model and cell.config.training == config.training
 
 
-def test_defaults_and_empty_file(tmp_path):
-    assert load_config(write(tmp_path, "")) == Config()
+def test_defaults(tmp_path):
+    assert load_config(write(tmp_path, "model: {}\n")) == Config()
     config = parse("{}")
     assert config.model.path == "tiny-llama" and config.lora.rank == 8
     assert config.data.size_tokens == 1000 and config.data.size_rows is None
@@ -287,6 +287,11 @@ def test_file_errors(tmp_path):
     dup = write(tmp_path, "lora: {rank: 4}\nlora: {rank: 8}\n", "dup.yaml")
     with pytest.raises(ConfigError, match=r"dup.yaml: invalid YAML at line 2.*duplicate key lora"):
         load_config(dup)
+    # An empty file (or one of comments only) is a mistake, not a request for the default grid.
+    for text in ("", "# nothing yet\n", "{}\n"):
+        empty = write(tmp_path, text, "empty.yaml")
+        with pytest.raises(ConfigError, match=r"empty\.yaml: the config is empty; start from"):
+            load_config(empty)
     top = write(tmp_path, "- lora\n", "top.yaml")
     with pytest.raises(ConfigError, match=r"top\.yaml: expected a mapping of sections"):
         load_config(top)
