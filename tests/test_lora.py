@@ -64,6 +64,8 @@ def test_peft_adapter_logits_match(hf_checkpoint, tmp_path, case):
     ref = peft_logits(peft_model, ids, mask)
     base = np.asarray(model(ids, mask))
     valid = mask.astype(bool)
+    # float32 forward, torch's reduction order vs XLA's: logits of size ~1-10 through 2 layers
+    # of <= 128-term sums agree to ~1e-6; an error in the math moves them by > 1e-2 (below).
     assert np.abs(ours[valid] - ref[valid]).max() < 1e-4
     assert np.abs(ref[valid] - base[valid]).max() > 1e-2  # the adapter changes the logits
 
@@ -105,6 +107,7 @@ def test_export_loads_in_peft_with_equal_logits_and_round_trips(hf_checkpoint, t
         saved = json.loads((out / "adapter_config.json").read_text())
         assert saved["r"] == configs[index].rank and saved["base_model_name_or_path"] == str(path)
         peft_model = PeftModel.from_pretrained(load_hf_model(path), out).eval()
+        # torch vs XLA rounding of one float32 forward (see test_peft_adapter_logits_match)
         assert np.abs(peft_logits(peft_model, ids, mask)[valid] - ours[index][valid]).max() < 1e-4
     back = jaxlora.load_peft(model, [tmp_path / "a0", tmp_path / "a1"])
     assert back.configs == tuple(configs)
@@ -140,6 +143,7 @@ def test_adapter_trained_in_peft_gives_peft_logits(hf_checkpoint, tmp_path):
     stack = jaxlora.load_peft(model, [tmp_path / "trained"])
     ours = np.asarray(model(ids[None], attention_mask=mask[None], adapters=stack))[0]
     valid = mask.astype(bool)
+    # torch vs XLA rounding of one float32 forward (see test_peft_adapter_logits_match)
     assert np.abs(ours[valid] - peft_logits(peft_model, ids, mask)[valid]).max() < 1e-4
 
 
@@ -195,6 +199,7 @@ def test_vmapped_stack_equals_single_adapter_forwards(six):
         alone = np.asarray(model(ids[i : i + 1], attention_mask=mask[i : i + 1], adapters=single))[
             0
         ]
+        # same math, other shapes (XLA may pick other kernels): a few float32 ulps of ~10
         assert np.abs(batched[i][mask[i]] - alone[mask[i]]).max() < 1e-5
 
 
@@ -213,6 +218,7 @@ def test_rank_groups_and_padding_agree(six):
     grouped = np.asarray(model(ids[order], attention_mask=mask[order], adapters=stacks))
     padded = np.asarray(model(ids, attention_mask=mask, adapters=stack))[order]
     valid = mask[order]
+    # zero-padded ranks add exact zeros; only the kernels' shapes differ: a few ulps of ~10
     assert np.abs(grouped[valid] - padded[valid]).max() < 1e-5
 
 
@@ -229,6 +235,7 @@ def test_per_example_mode_equals_each_row_with_its_adapter(six):
         )
     )
     for b, a in enumerate(adapter_ids):
+        # the same adapter per row, gathered instead of stacked: a few ulps of ~10
         assert np.abs(routed[b] - everything[a, b]).max() < 1e-5
 
 
@@ -246,12 +253,14 @@ def test_zero_b_gives_exactly_the_base_logits(six):
 def test_merged_equals_unmerged(six):
     model, _, _, stack, ids, mask = six
     merged = lora.merge(model, stack, 4)
+    # W + s B A rounded once into W vs added as a separate product: a few ulps of ~10
     np.testing.assert_allclose(
         np.asarray(merged(ids[4], mask[4])),
         np.asarray(model(ids, attention_mask=mask, adapters=stack))[4],
         atol=1e-5,
     )
     restored = lora.unmerge(merged, stack, 4)
+    # (W + dW) - dW is W up to one rounding of each weight
     np.testing.assert_allclose(
         np.asarray(restored(ids[0], mask[0])), np.asarray(model(ids[0], mask[0])), atol=1e-5
     )
@@ -281,6 +290,7 @@ def test_dropout_is_per_adapter_key_and_off_without_a_key(six):
     off = np.asarray(lora.stack_forward(*args))
     np.testing.assert_array_equal(a, b)
     assert np.abs(a - c).max() > 1e-3
+    # no dropout key: the same math as the plain forward, through another code path
     np.testing.assert_allclose(
         off, np.asarray(model(ids, attention_mask=mask, adapters=stack)), atol=1e-5
     )
@@ -294,6 +304,7 @@ def test_dropout_keeps_the_right_fraction_unbiased_and_uncorrelated(rate):
     n = kept.size
     # binomial: 4 standard deviations
     assert abs(kept.mean() - (1 - rate)) < 4 * np.sqrt(rate * (1 - rate) / n)
+    # 1 / (1 - rate) computed in float32 vs float64
     np.testing.assert_allclose(out[kept], 1 / (1 - rate), rtol=1e-4)
     assert abs(out.mean() - 1) < 4 * np.sqrt(rate / (1 - rate) / n)
     # neighbours share a 32-bit threefry word (and every fourth a hash): they must be independent
@@ -317,6 +328,7 @@ def test_low_rank_product_gradient_equals_autodiff():
 
     _, ours = jax.vjp(layers._low_rank_out, u, b)
     _, ref = jax.vjp(plain, u, b)
+    # one float32 product each, contracted in another order: a few ulps
     for g, r in zip(ours(cot), ref(cot), strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(layers._low_rank_out(u, b), plain(u, b), rtol=1e-6)

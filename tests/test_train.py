@@ -27,9 +27,10 @@ from tests.runs import (
     BASE,
     GRID,
     adapters,
+    assert_equal_to_rounding,
+    assert_identical,
     free_port,
-    max_diff,
-    max_diff_all,
+    rounding_bound,
     run,
     write_config,
 )
@@ -50,7 +51,8 @@ def grid_run(tmp_path_factory):
 @pytest.mark.slow
 def test_batched_equals_one_adapter_at_a_time(grid_run, tmp_path):
     """8 adapters (ranks 2/8, sizes 150/300 tokens, lrs 1e-3/3e-3, dropout 0.1) trained in one job
-    equal each cell trained alone from a one-cell config (sweep removed, its values set)."""
+    equal each cell trained alone from a one-cell config (sweep removed, its values set), to
+    rounding: XLA compiles a stack of 4 and a stack of 1 to different kernels."""
     config, run_dir = grid_run
     grid = adapters(run_dir)
     assert len(grid) == 8
@@ -61,7 +63,8 @@ def test_batched_equals_one_adapter_at_a_time(grid_run, tmp_path):
         out = tmp_path / cell.name
         run(alone, out)
         (single,) = adapters(out).values()
-        assert max_diff(single, grid[cell.name]) < 1e-5, cell.name
+        bound = rounding_bound(alone)
+        assert_equal_to_rounding({cell.name: single}, {cell.name: grid[cell.name]}, bound)
         assert max(np.abs(v).max() for k, v in single.items() if "lora_B" in k) > 1e-3
 
 
@@ -70,7 +73,8 @@ def test_padded_layout_equals_rank_groups(grid_run, tmp_path):
     config, run_dir = grid_run
     padded = tmp_path / "padded"
     run(config.with_value("training.layout", "padded"), padded)
-    assert max_diff_all(adapters(padded), adapters(run_dir)) < 1e-5
+    # Zero-padded ranks change the shapes of the products, so their rounding.
+    assert_equal_to_rounding(adapters(padded), adapters(run_dir), rounding_bound(config))
 
 
 @pytest.mark.slow
@@ -83,7 +87,7 @@ def test_sequential_passes_equal_all_at_once(grid_run, tmp_path):
     job = SweepJob(config, passes, progress=False, devices=jax.devices()[:2])
     assert job._step_config().passes == (2, 2)
     job.run()
-    assert max_diff_all(adapters(passes), adapters(run_dir)) < 1e-5
+    assert_equal_to_rounding(adapters(passes), adapters(run_dir), rounding_bound(config))
 
 
 def sharded_config(config):
@@ -96,13 +100,20 @@ def sharded_config(config):
     )
 
 
+@pytest.fixture(scope="module")
+def sharded_run(grid_run, tmp_path_factory):
+    config, _ = grid_run
+    out = tmp_path_factory.mktemp("sharded") / "run"
+    run(sharded_config(config), out, devices=jax.devices()[:8])
+    return out
+
+
 @pytest.mark.slow
-def test_sharded_over_eight_devices_equals_one_device(grid_run, tmp_path):
+def test_sharded_over_eight_devices_equals_one_device(grid_run, sharded_run):
+    """fsdp splits the base weights' reductions over two devices, so the adapters agree to
+    float32 rounding, not to the bit (the bound and its derivation: tests/runs.py)."""
     config, run_dir = grid_run
-    sharded = tmp_path / "sharded"
-    mesh_config = sharded_config(config)
-    run(mesh_config, sharded, devices=jax.devices()[:8])
-    assert max_diff_all(adapters(sharded), adapters(run_dir)) < 1e-5
+    assert_equal_to_rounding(adapters(sharded_run), adapters(run_dir), rounding_bound(config))
 
 
 def test_outputs_of_a_run(grid_run):
@@ -174,6 +185,7 @@ def test_block_remat_gives_the_same_gradients_and_really_rematerialises():
 
     grads = {r: jax.jit(jax.grad(loss), static_argnums=1)(weights, r) for r in ("none", "block")}
     for a, b in zip(jax.tree.leaves(grads["none"]), jax.tree.leaves(grads["block"]), strict=True):
+        # remat recomputes the same ops in the same order: equal up to XLA's fusion choices
         np.testing.assert_allclose(a, b, atol=1e-7)
     jaxpr = {r: str(jax.make_jaxpr(jax.grad(loss), static_argnums=1)(weights, r)) for r in grads}
     assert jaxpr["none"].count("remat") == 0
@@ -185,9 +197,10 @@ def test_block_remat_gives_the_same_gradients_and_really_rematerialises():
 
 
 @pytest.mark.slow
-def test_local_multi_process_launch_equals_one_device(grid_run, tmp_path):
-    """launch/local_cpu.sh: two processes of 4 CPU devices each give the single-device adapters."""
-    config, run_dir = grid_run
+def test_local_multi_process_launch_equals_one_process(grid_run, sharded_run, tmp_path):
+    """launch/local_cpu.sh: two processes of 4 CPU devices each give, bit for bit, the adapters
+    of one process with 8 devices on the same mesh: every device runs the same program."""
+    config, _ = grid_run
     cfg = tmp_path / "mp.yaml"
     cfg.write_text(sharded_config(config).to_yaml())
     out = tmp_path / "mp"
@@ -205,7 +218,7 @@ def test_local_multi_process_launch_equals_one_device(grid_run, tmp_path):
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert max_diff_all(adapters(out), adapters(run_dir)) < 1e-5
+    assert_identical(adapters(out), adapters(sharded_run))
 
 
 def test_local_launch_passes_on_a_config_error(tmp_path):
@@ -349,12 +362,14 @@ def test_one_adapter_follows_the_peft_torch_recipe(tmp_path):
         sched.step()
         opt.zero_grad()
         ref_losses.append(out_t.loss.item())
-    np.testing.assert_allclose(ours_losses, ref_losses, rtol=1e-3)
+    # torch and XLA order their float32 reductions differently: equal to rounding (runs.py).
+    bound = rounding_bound(config)
+    np.testing.assert_allclose(ours_losses, ref_losses, rtol=bound)
     assert ref_losses[-1] < ref_losses[0] - 0.1  # it learned something
     peft_model.save_pretrained(tmp_path / "torch_final")
     ref = load_file(tmp_path / "torch_final" / "adapter_model.safetensors")
     ours = load_file(out / "adapters" / plan.name / "adapter_model.safetensors")
-    assert max_diff(ours, ref) < 1e-4
+    assert_equal_to_rounding({"torch": ours}, {"torch": ref}, bound)
 
 
 def test_plan_cells_seeds_depend_only_on_the_cell():
