@@ -55,9 +55,14 @@ class Question:
 
 
 def build_questions(
-    records: Sequence[kdata.Record], tokenizer, data, ev: EvalSection
+    records: Sequence[kdata.Record],
+    tokenizer,
+    data,
+    ev: EvalSection,
+    vocab_size: int | None = None,
 ) -> list[Question]:
-    """The questions one adapter is asked about its records."""
+    """The questions one adapter is asked about its records; with `vocab_size`, every prompt
+    token must lie inside the model's embedding table."""
     if any(r.kind == "text" for r in records):
         raise DataError(
             "text documents hold no questions to ask: set eval.path to a "
@@ -77,6 +82,7 @@ def build_questions(
             chat_template=data.chat_template,
             loss_mask="completion_only",
             max_length=data.max_length,
+            vocab_size=vocab_size,
         )
         prompts = [
             tuple(int(t) for t in enc.tokens[i, : int(np.argmax(enc.loss[i]))])
@@ -86,6 +92,9 @@ def build_questions(
         prompts = [
             _question_prompt(r.question or "", tokenizer, data.chat_template) for r in records
         ]
+        if vocab_size is not None:
+            for i, p in enumerate(prompts):
+                kdata.check_vocab(p, tokenizer, vocab_size, f"eval question {i}")
     return [
         Question(
             p,
@@ -159,7 +168,9 @@ class Evaluator:
             )
         else:
             records = self.job.data.records(plan)
-        return build_questions(records, self.tok, data, self.ev)
+        return build_questions(
+            records, self.tok, data, self.ev, vocab_size=self.job.model.config.vocab_size
+        )
 
     def run(self, stacks: Sequence[AdapterStack]) -> tuple[list[dict], list[dict]]:
         rows, predictions = [], []

@@ -144,13 +144,20 @@ def plan_cells(config: Config, model_config: ModelConfig) -> list[CellPlan]:
 class JobData:
     """Records and encodings of each cell, built lazily (a process encodes only its adapters)."""
 
-    def __init__(self, plans: Sequence[CellPlan], tokenizer, batch_size: int):
+    def __init__(
+        self,
+        plans: Sequence[CellPlan],
+        tokenizer,
+        batch_size: int,
+        vocab_size: int | None = None,
+    ):
         if tokenizer is None:
             raise ConfigError(
                 "model.path has no tokenizer; training needs one "
                 "(add tokenizer files to the model directory)"
             )
         self.plans, self.tokenizer, self.batch_size = plans, tokenizer, batch_size
+        self.vocab_size = vocab_size  # the model's embedding rows: every token id must fit
         self._records: dict[Any, list] = {}
         self._encoded: dict[int, kdata.Encoded] = {}
         self.width = 0
@@ -170,6 +177,7 @@ class JobData:
                 chat_template=d.chat_template,
                 loss_mask=d.loss_mask,
                 max_length=d.max_length,
+                vocab_size=self.vocab_size,
             )
         return self._encoded[plan.index]
 
@@ -298,7 +306,12 @@ class Job:
         )
         self.plans = plan_cells(config, self.model.config)
         self.groups = build_groups(self.plans, config.training.layout, self.mesh.shape["adapter"])
-        self.data = JobData(self.plans, self.model.tokenizer, config.training.batch_size)
+        self.data = JobData(
+            self.plans,
+            self.model.tokenizer,
+            config.training.batch_size,
+            vocab_size=self.model.config.vocab_size,
+        )
         self.local = self._local_cells()
 
     def sharding(self, shape: tuple[int, ...]) -> NamedSharding:

@@ -14,7 +14,7 @@ own dataset, budget and order, and a resumed job sees exactly the batches it wou
 from __future__ import annotations
 
 from jaxlora.data.budget import check_budget_args, count_tokens, take_budget
-from jaxlora.data.encode import LOSS_MASKS, Encoded, LossMask, encode
+from jaxlora.data.encode import LOSS_MASKS, Encoded, LossMask, check_vocab, encode
 from jaxlora.data.phonebook import (
     PHONE_PATTERN,
     generate_phonebook,
@@ -36,6 +36,7 @@ __all__ = [
     "LossMask",
     "Record",
     "RecordKind",
+    "check_vocab",
     "count_tokens",
     "encode",
     "gather",

@@ -21,6 +21,9 @@ Formats follow the study (DESIGN §3), minus its flaws:
   an assistant turn the targets continue through the end-of-turn special token.
 - Nothing is truncated: a sequence longer than `data.max_length` is an error (the study cut
   long documents to 2048 tokens silently).
+- With `vocab_size`, a token outside the model's embedding table is an error: an embedding
+  lookup would clamp it to another row silently (a tokenizer may define added tokens the
+  checkpoint has no rows for; loading only warns about them, a run that uses one stops here).
 """
 
 from __future__ import annotations
@@ -64,8 +67,10 @@ def encode(
     loss_mask: LossMask,
     max_length: int,
     pad_to: int | None = None,
+    vocab_size: int | None = None,
 ) -> Encoded:
-    """Encode `records` (see the module docstring for formats and masks)."""
+    """Encode `records` (see the module docstring for formats and masks); with `vocab_size`,
+    every token id must lie inside the model's embedding table."""
     if loss_mask not in LOSS_MASKS:
         raise DataError(f"unknown data.loss_mask {loss_mask!r}: use 'full' or 'completion_only'")
     if max_length <= 0:
@@ -82,6 +87,8 @@ def encode(
     enc = _Encoder(tokenizer, chat_template, loss_mask == "completion_only", eos)
     seqs = [enc(i, r) for i, r in enumerate(records)]
     for i, (ids, _) in enumerate(seqs):
+        if vocab_size is not None:
+            check_vocab(ids, tokenizer, vocab_size, f"record {i}")
         if len(ids) > max_length:
             raise DataError(
                 f"record {i} has {len(ids)} tokens, more than data.max_length={max_length}: "
@@ -107,6 +114,17 @@ def encode(
         loss[i, : len(ids)] = True if targets is None else targets
     loss[:, 0] = False  # nothing predicts the first token
     return Encoded(tokens=tokens, valid=valid, loss=loss, pad_id=int(pad))
+
+
+def check_vocab(ids: Sequence[int], tokenizer, vocab_size: int, where: str) -> None:
+    """A DataError naming the first of `ids` outside a `vocab_size`-row embedding table."""
+    bad = next((int(t) for t in ids if t >= vocab_size), None)
+    if bad is not None:
+        raise DataError(
+            f"{where} has the token {tokenizer.convert_ids_to_tokens(bad)!r} (id {bad}), outside "
+            f"the model's {vocab_size}-row embedding table: use the tokenizer that belongs to "
+            "the checkpoint, or remove that token from the data or the chat template"
+        )
 
 
 class _Encoder:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -196,9 +197,29 @@ def load_tokenizer(model_dir: Path, config: ModelConfig):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    if len(tok) > config.vocab_size:
+    V, fix = config.vocab_size, "use the tokenizer that belongs to this checkpoint"
+    # A base vocabulary larger than the table is another model's tokenizer.
+    if tok.vocab_size > V:
         raise convert.CheckpointError(
-            f"{model_dir}: the tokenizer has {len(tok)} tokens but the model's vocab_size is "
-            f"{config.vocab_size}; use the tokenizer that belongs to this checkpoint"
+            f"{model_dir}: the tokenizer's base vocabulary has {tok.vocab_size} tokens but the "
+            f"model's vocab_size is {V}; {fix}"
+        )
+    # Every run feeds BOS, EOS and padding to the model.
+    for name in ("bos", "eos", "pad"):
+        i = getattr(tok, f"{name}_token_id")
+        if i is not None and i >= V:
+            raise convert.CheckpointError(
+                f"{model_dir}: the tokenizer's {name}_token {tok.convert_ids_to_tokens(i)!r} has "
+                f"id {i}, outside the model's vocab_size {V}; {fix}"
+            )
+    # Added tokens beyond the table are harmless until used (Qwen's tokenizer class adds
+    # <|endoftext|> on load): warn, as transformers does; encoding refuses them (data.encode).
+    outside = sorted(i for i in tok.added_tokens_decoder if i >= V)
+    if outside:
+        names = ", ".join(repr(tok.added_tokens_decoder[i].content) for i in outside[:5])
+        logging.getLogger(__name__).warning(
+            f"{model_dir}: {len(outside)} added tokens of the tokenizer ({names}"
+            f"{', ...' if len(outside) > 5 else ''}) lie outside the model's vocab_size {V}; "
+            "a run whose data or chat template uses them is refused"
         )
     return tok
