@@ -33,6 +33,10 @@ class CheckpointError(JaxloraError):
     """A checkpoint that cannot be read as asked; the message names the file and the fix."""
 
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0]
+
+
 # ---------------------------------------------------------------------------------------------
 # names
 
@@ -222,7 +226,7 @@ def load_orbax_params(
             restored = ckptr.restore(Path(ckpt_dir).absolute() / "params", target)
     except (ValueError, KeyError) as e:
         raise CheckpointError(
-            f"{ckpt_dir}: Orbax checkpoint does not match config.json ({str(e).splitlines()[0]})"
+            f"{ckpt_dir}: Orbax checkpoint does not match config.json ({_first_line(e)})"
         ) from None
     state = jax.tree.map(lambda v: v, abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))
     nnx.replace_by_pure_dict(state, restored)
@@ -244,6 +248,62 @@ def _nest(flat: list[tuple[Path_, Any]]) -> dict:
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE as the hub client read it at import, or as the environment says now."""
+    from huggingface_hub import constants
+
+    now = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+    return bool(constants.HF_HUB_OFFLINE) or now
+
+
+def hub_unreachable() -> str | None:
+    """Why the hub is not to be asked (offline mode, or no answer to one quick request), or None.
+
+    The hub client retries a failed connection five times with backoff, logging each retry,
+    before it falls back to its cache: ~25 s of warnings on an offline machine. One request with
+    a short timeout, through the client's own session (its proxies and hooks), decides up front.
+    """
+    from huggingface_hub import constants, get_session
+
+    if _hub_offline():
+        return "HF_HUB_OFFLINE is set"
+    try:
+        get_session().head(constants.ENDPOINT, timeout=_HUB_PROBE_TIMEOUT_S)
+    except Exception as e:  # DNS, connection, TLS, timeout; any HTTP status means reachable
+        return f"the hub ({constants.ENDPOINT}) is unreachable: {_first_line(e)}"
+    return None
+
+
+def hub_fetch(repo_id: str, fetch: Callable[..., str], hint: str = "") -> Path:
+    """`fetch(local_files_only=...)` (a hub client call) for a hub id, asking the hub at most once.
+
+    Offline or with the hub unreachable, only the local hub cache is read (a cached model works
+    without a network); any failure is one CheckpointError line that names the fixes, with
+    `hint` (a caller's own fix) appended.
+    """
+    fixes = "pass a local Hugging Face model directory or one written by `jaxlora convert`"
+    hint = f"; {hint}" if hint else ""
+    if not _HUB_ID.match(repo_id):
+        raise CheckpointError(
+            f"model {repo_id!r} not found: not a directory, a built-in preset "
+            f"(see jaxlora.PRESETS) or a hub id like 'org/name'; {fixes}{hint}"
+        )
+    unreachable = hub_unreachable()
+    try:
+        return Path(fetch(local_files_only=unreachable is not None))
+    except Exception as e:  # the hub client raises many types; keep the first line
+        if unreachable is None:
+            raise CheckpointError(
+                f"could not download {repo_id!r} from the hub: {_first_line(e)}; {fixes}{hint}"
+            ) from None
+        raise CheckpointError(
+            f"model {repo_id!r} is not in the local hub cache and {unreachable}; {fixes}, or "
+            "cache it by running this once where the hub is reachable (HF_HUB_OFFLINE=1 then "
+            f"reads the cache without asking the hub){hint}"
+        ) from None
 
 
 def resolve_model_dir(path_or_id: str | os.PathLike) -> Path:
@@ -257,21 +317,13 @@ def resolve_model_dir(path_or_id: str | os.PathLike) -> Path:
         if not (path / "config.json").exists():
             raise CheckpointError(f"{path} is not a model checkpoint: it has no config.json")
         return path
-    if not _HUB_ID.match(str(path_or_id)):
-        raise CheckpointError(
-            f"model {str(path_or_id)!r} not found: not a directory, a built-in "
-            "preset (see jaxlora.PRESETS) or a hub id like 'org/name'"
-        )
     from huggingface_hub import snapshot_download
 
-    try:
-        return Path(
-            snapshot_download(
-                str(path_or_id),
-                allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja"],
-            )
-        )
-    except Exception as e:  # the hub client raises many types; keep the first line
-        raise CheckpointError(
-            f"could not download {path_or_id!r} from the hub: {str(e).splitlines()[0]}"
-        ) from None
+    return hub_fetch(
+        str(path_or_id),
+        lambda **kw: snapshot_download(
+            str(path_or_id),
+            allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja"],
+            **kw,
+        ),
+    )

@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from jaxlora.models import convert
 from jaxlora.models.config import ConfigError, ModelConfig
 from jaxlora.models.layers import LoRAConst, LoRAWeight
-from jaxlora.models.presets import PRESETS
+from jaxlora.models.presets import PRESETS, shape_preset_for
 from jaxlora.models.tokenizer import train_tokenizer
 from jaxlora.models.transformer import LoRAPlacement, Remat, Transformer
 from jaxlora.sharding import variable_sharding
@@ -148,13 +148,18 @@ def model_config(path_or_id: str | os.PathLike) -> ModelConfig:
         return ModelConfig.from_file(convert.resolve_model_dir(path) / "config.json")
     from huggingface_hub import hf_hub_download
 
-    try:
-        return ModelConfig.from_file(hf_hub_download(str(path_or_id), "config.json"))
-    except Exception as e:  # the hub client raises many types; keep the first line
-        raise convert.CheckpointError(
-            f"model {str(path_or_id)!r}: no local directory, preset or "
-            f"readable hub config ({str(e).splitlines()[0]})"
-        ) from None
+    # `jaxlora plan` needs the architecture only: a `*-shape` preset has it, without the hub.
+    repo_id = str(path_or_id)
+    preset = shape_preset_for(repo_id)
+    if preset:
+        hint = f"to plan without it, --set model.path={preset} (the same architecture)"
+    else:
+        shapes = ", ".join(p for p in PRESETS if p.endswith("-shape"))
+        hint = f"to plan without it, --set model.path=<a *-shape preset: {shapes}>"
+    config_file = convert.hub_fetch(
+        repo_id, lambda **kw: hf_hub_download(repo_id, "config.json", **kw), hint
+    )
+    return ModelConfig.from_file(config_file)
 
 
 def load_pretrained(

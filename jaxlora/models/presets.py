@@ -160,3 +160,12 @@ PRESETS: dict[str, Preset] = {
         description="Qwen3-8B architecture, random weights",
     ),
 }
+
+
+def shape_preset_for(model_id: str) -> str | None:
+    """The `*-shape` preset with a hub model's architecture, matched on the model's name
+    ('meta-llama/Llama-3.1-8B-Instruct' -> 'llama-3.1-8b-shape'), or None."""
+    name = model_id.rstrip("/").rsplit("/", 1)[-1].lower().removeprefix("meta-")
+    bases = [p.removesuffix("-shape") for p in PRESETS if p.endswith("-shape")]
+    found = [b for b in bases if name == b or name.startswith(b + "-")]
+    return max(found, key=len) + "-shape" if found else None
