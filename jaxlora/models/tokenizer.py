@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import functools
 import itertools
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
+
+if TYPE_CHECKING:  # imported where used: `jaxlora.cli` configures transformers' logging first
+    from transformers import PreTrainedTokenizerFast
 
 TokenizerStyle = Literal["llama", "qwen"]
 
@@ -208,6 +210,8 @@ def train_tokenizer(
 
     Training runs once per (style, size) and process; every call returns a fresh wrapper, so
     callers may change theirs (padding side, added tokens) without affecting others."""
+    from transformers import PreTrainedTokenizerFast
+
     if style not in ("llama", "qwen"):
         raise ValueError(f"unknown tokenizer style {style!r}: use 'llama' or 'qwen'")
     tok = Tokenizer.from_str(_trained(style, vocab_size))
