@@ -1,4 +1,5 @@
-"""Greedy decoding with an explicit KV cache, for one model or a stack of adapters.
+"""Decoding with an explicit KV cache, for one model or a stack of adapters: greedy, or
+sampled with a temperature, top-k and top-p, each row with its own settings and random key.
 
 One prefill over the (left-padded) prompts fills the cache; then a `lax.while_loop` feeds one
 token per step until every row has produced an end-of-sequence token or `max_new_tokens` is
@@ -6,6 +7,12 @@ reached. The loop runs *outside* any vmap over adapters: the step function is wh
 vmapped, so the loop counter and the cache's write slot stay unbatched scalars and the cache
 update stays an in-place slice write. Rows that finished emit `pad_id`, as transformers'
 `generate` does.
+
+Sampling (`Sampling`) follows transformers' warpers: logits / temperature, then the top_k most
+likely tokens, then the smallest set of them whose probability reaches top_p; a row with
+temperature 0 takes the argmax. Row r's draw at step t uses `fold_in(key_r, t)` of its own key,
+so a row's output never depends on the other rows of its batch: a batch equals its rows decoded
+one at a time with the same keys.
 """
 
 from __future__ import annotations
@@ -13,11 +20,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlora.errors import JaxloraError
 from jaxlora.models.transformer import KVCache
 
 Array = jax.Array
@@ -39,25 +48,115 @@ class DecodeSpec:
     pad_id: int
 
 
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How one row picks its next token. temperature 0 is greedy (whatever top_k and top_p);
+    top_k 0 and top_p 1.0 keep every token."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    def __post_init__(self) -> None:
+        if not (np.isfinite(self.temperature) and self.temperature >= 0):
+            raise JaxloraError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not (0 < self.top_p <= 1):
+            raise JaxloraError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not (isinstance(self.top_k, int | np.integer) and self.top_k >= 0):
+            raise JaxloraError(f"top_k must be an integer >= 0 (0: no limit), got {self.top_k}")
+
+
+class Sampler(NamedTuple):
+    """Per-row sampling settings as arrays of the batch shape [...]: what `decode` takes."""
+
+    keys: Array  # typed PRNG keys
+    temperature: Array  # float32
+    top_p: Array  # float32
+    top_k: Array  # int32, 0: no limit
+
+
+def make_sampler(
+    sampling: Sampling | Sequence[Sampling], seed: int | Sequence[int], shape: tuple[int, ...]
+) -> Sampler:
+    """A Sampler for rows of `shape`: one Sampling for all or one per row (row-major), and a
+    seed for all (row r's key is fold_in(key(seed), r)) or one per row (key(seed_r))."""
+    n = int(np.prod(shape))
+    rows = [sampling] * n if isinstance(sampling, Sampling) else list(sampling)
+    if len(rows) != n:
+        raise JaxloraError(
+            f"got {len(rows)} sampling settings for {n} rows: give one or one per row"
+        )
+    if isinstance(seed, int | np.integer):
+        keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.key(int(seed)), r))(jnp.arange(n))
+    else:
+        seeds = np.asarray(seed).reshape(-1)
+        if seeds.size != n:
+            raise JaxloraError(f"got {seeds.size} seeds for {n} rows: give one or one per row")
+        keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
+
+    def column(name: str, dtype) -> Array:
+        return jnp.asarray([getattr(r, name) for r in rows], dtype).reshape(shape)
+
+    return Sampler(
+        keys.reshape(shape),
+        column("temperature", jnp.float32),
+        column("top_p", jnp.float32),
+        column("top_k", jnp.int32),
+    )
+
+
+def sample_next(logits: Array, sampler: Sampler, step: Array) -> Array:
+    """Next tokens [...] from logits [..., V]: a draw from the tempered, top-k and top-p
+    filtered softmax, or the argmax where a row's temperature is 0."""
+    logits = logits.astype(jnp.float32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    V = logits.shape[-1]
+    scaled = logits / jnp.where(sampler.temperature > 0, sampler.temperature, 1.0)[..., None]
+    desc = -jnp.sort(-scaled, axis=-1)
+    # top-k: keep logits >= the k-th largest (ties with it stay, as in transformers).
+    k = jnp.where(sampler.top_k > 0, jnp.minimum(sampler.top_k, V), V)
+    kth = jnp.take_along_axis(desc, (k - 1)[..., None], axis=-1)
+    desc = jnp.where(desc >= kth, desc, -jnp.inf)
+    # top-p over what top-k kept: the most likely tokens until their mass reaches top_p (the
+    # first token always stays).
+    probs = jax.nn.softmax(desc, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs
+    kept = jnp.where((before < sampler.top_p[..., None]) & (desc > -jnp.inf), desc, jnp.inf)
+    threshold = jnp.min(kept, axis=-1, keepdims=True)
+    filtered = jnp.where(scaled >= threshold, scaled, -jnp.inf)
+
+    def draw(key, row):
+        return jax.random.categorical(jax.random.fold_in(key, step), row)
+
+    flat = jax.vmap(draw)(sampler.keys.reshape(-1), filtered.reshape(-1, V))
+    drawn = flat.reshape(greedy.shape).astype(jnp.int32)
+    return jnp.where(sampler.temperature > 0, drawn, greedy)
+
+
 def decode(
     forward: Forward,
     init_cache: Callable[[int], KVCache],
     tokens: Array,
     mask: Array,
     spec: DecodeSpec,
+    sampler: Sampler | None = None,
 ) -> Array:
-    """Greedy continuation [..., B, max_new_tokens] of left-padded prompts [..., B, T]."""
+    """Continuation [..., B, max_new_tokens] of left-padded prompts [..., B, T]: greedy, or
+    sampled by each row's `sampler` settings."""
     T = tokens.shape[-1]
     cache = init_cache(T + spec.max_new_tokens)
     logits, cache = forward(tokens, mask, cache)
     eos = jnp.asarray(spec.eos_ids if spec.eos_ids else (-1,), jnp.int32)
 
-    def pick(logits_last, done):
-        token = jnp.argmax(logits_last, axis=-1).astype(jnp.int32)
+    def pick(logits_last, done, step):
+        if sampler is None:
+            token = jnp.argmax(logits_last, axis=-1).astype(jnp.int32)
+        else:
+            token = sample_next(logits_last, sampler, step)
         token = jnp.where(done, spec.pad_id, token)
         return token, done | jnp.isin(token, eos)
 
-    first, done = pick(logits[..., -1, :], jnp.zeros(tokens.shape[:-1], bool))
+    first, done = pick(logits[..., -1, :], jnp.zeros(tokens.shape[:-1], bool), jnp.int32(0))
     out = jnp.full((*tokens.shape[:-1], spec.max_new_tokens), spec.pad_id, jnp.int32)
     out = out.at[..., 0].set(first)
 
@@ -68,7 +167,7 @@ def decode(
     def body(carry):
         step, token, cache, done, out = carry
         logits, cache = forward(token[..., None], jnp.ones_like(token, bool)[..., None], cache)
-        token, done = pick(logits[..., 0, :], done)
+        token, done = pick(logits[..., 0, :], done, step)
         return step + 1, token, cache, done, out.at[..., step].set(token)
 
     *_, out = jax.lax.while_loop(cond, body, (jnp.int32(1), first, cache, done, out))
@@ -93,7 +192,7 @@ def eos_and_pad(
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "spec"))
-def _generate_base(graphdef, base, tokens, mask, spec: DecodeSpec):
+def _generate_base(graphdef, base, tokens, mask, spec: DecodeSpec, sampler: Sampler | None):
     from flax import nnx
 
     module = nnx.merge(graphdef, nnx.State({}), nnx.State({}), base)
@@ -103,7 +202,7 @@ def _generate_base(graphdef, base, tokens, mask, spec: DecodeSpec):
         return module(t, m, cache=cache, last_only=True)
 
     return decode(
-        forward, lambda n: KVCache.init(cfg, tokens.shape[0], n, dtype), tokens, mask, spec
+        forward, lambda n: KVCache.init(cfg, tokens.shape[0], n, dtype), tokens, mask, spec, sampler
     )
 
 
@@ -112,8 +211,18 @@ _CACHE_AXES = KVCache(k=0, v=0, valid=0, end=None, next_pos=0)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "spec"))
-def decode_stack(graphdef, base, weights, consts, tokens_ABT, mask_ABT, spec: DecodeSpec):
-    """Jitted greedy decoding of left-padded prompts [A, B, T] by a stack of A adapters."""
+def decode_stack(
+    graphdef,
+    base,
+    weights,
+    consts,
+    tokens_ABT,
+    mask_ABT,
+    spec: DecodeSpec,
+    sampler: Sampler | None = None,
+):
+    """Jitted decoding of left-padded prompts [A, B, T] by a stack of A adapters (greedy, or
+    sampled by a Sampler of shape [A, B])."""
     from flax import nnx
 
     def one(w, c, t, m, cache):
@@ -144,7 +253,7 @@ def decode_stack(graphdef, base, weights, consts, tokens_ABT, mask_ABT, spec: De
             next_pos=stacked(one.next_pos),
         )
 
-    return decode(forward, init_cache, tokens_ABT, mask_ABT, spec)
+    return decode(forward, init_cache, tokens_ABT, mask_ABT, spec, sampler)
 
 
 def generate_stack(
@@ -155,8 +264,13 @@ def generate_stack(
     *,
     max_new_tokens: int = 50,
     eos_token_ids: Sequence[int] | None = None,
+    sampling: Sampling | Sequence[Sampling] | None = None,
+    seed: int | Sequence[int] = 0,
 ) -> np.ndarray:
-    """Greedy continuations [A, B, max_new_tokens]: adapter a continues its own prompts [B, T]."""
+    """Continuations [A, B, max_new_tokens]: adapter a continues its own prompts [B, T].
+
+    Greedy without `sampling`; with it, one Sampling for every row or one per row (row-major
+    over [A, B]), and `seed` one seed or one per row (see `make_sampler`)."""
     ids = np.asarray(input_ids_ABT)
     mask = (
         np.ones(ids.shape, bool) if attention_mask_ABT is None else np.asarray(attention_mask_ABT)
@@ -171,6 +285,7 @@ def generate_stack(
         jnp.asarray(tokens, jnp.int32),
         jnp.asarray(mask),
         DecodeSpec(max_new_tokens, eos, pad),
+        None if sampling is None else make_sampler(sampling, seed, tokens.shape[:2]),
     )
     return np.asarray(out)
 
@@ -184,8 +299,11 @@ def generate_routed(
     *,
     max_new_tokens: int = 50,
     eos_token_ids: Sequence[int] | None = None,
+    sampling: Sampling | Sequence[Sampling] | None = None,
+    seed: int | Sequence[int] = 0,
 ) -> np.ndarray:
-    """Per-example mode: row b continues with adapter `adapter_ids[b]` -> [B, max_new_tokens]."""
+    """Per-example mode: row b continues with adapter `adapter_ids[b]` -> [B, max_new_tokens]
+    (greedy, or sampled as in `generate`)."""
     from jaxlora.lora import AdapterStack
 
     idx = np.asarray(adapter_ids)
@@ -198,7 +316,14 @@ def generate_routed(
     ids = np.asarray(input_ids_BT)
     mask = None if attention_mask_BT is None else np.asarray(attention_mask_BT)[:, None]
     out = generate_stack(
-        model, rows, ids[:, None], mask, max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids
+        model,
+        rows,
+        ids[:, None],
+        mask,
+        max_new_tokens=max_new_tokens,
+        eos_token_ids=eos_token_ids,
+        sampling=sampling,
+        seed=seed,
     )
     return out[:, 0]
 
@@ -210,14 +335,25 @@ def generate(
     *,
     max_new_tokens: int = 50,
     eos_token_ids: Sequence[int] | None = None,
+    sampling: Sampling | Sequence[Sampling] | None = None,
+    seed: int | Sequence[int] = 0,
 ) -> np.ndarray:
-    """Greedy continuations [B, max_new_tokens] of prompts [B, T] (any padding side)."""
+    """Continuations [B, max_new_tokens] of prompts [B, T] (any padding side).
+
+    Greedy without `sampling`; with it, one Sampling for every row or one per row, and `seed`
+    one seed (row b's key is fold_in(key(seed), b)) or one per row (key(seed_b))."""
     input_ids = np.asarray(input_ids)
     mask = np.ones(input_ids.shape, bool) if attention_mask is None else np.asarray(attention_mask)
     tokens, mask = left_align(input_ids, mask)
     eos, pad = eos_and_pad(model.tokenizer, model.config, eos_token_ids)
     spec = DecodeSpec(max_new_tokens, eos, pad)
+    sampler = None if sampling is None else make_sampler(sampling, seed, tokens.shape[:1])
     out = _generate_base(
-        model.graph(), model.params, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask), spec
+        model.graph(),
+        model.params,
+        jnp.asarray(tokens, jnp.int32),
+        jnp.asarray(mask),
+        spec,
+        sampler,
     )
     return np.asarray(out)
