@@ -271,6 +271,31 @@ def generate_stack(
 
     Greedy without `sampling`; with it, one Sampling for every row or one per row (row-major
     over [A, B]), and `seed` one seed or one per row (see `make_sampler`)."""
+    return _generate_stack(
+        model,
+        adapters,
+        adapters.placement,
+        input_ids_ABT,
+        attention_mask_ABT,
+        max_new_tokens=max_new_tokens,
+        eos_token_ids=eos_token_ids,
+        sampling=sampling,
+        seed=seed,
+    )
+
+
+def _generate_stack(
+    model,
+    adapters,
+    placement,
+    input_ids_ABT,
+    attention_mask_ABT,
+    *,
+    max_new_tokens,
+    eos_token_ids,
+    sampling,
+    seed,
+) -> np.ndarray:
     ids = np.asarray(input_ids_ABT)
     mask = (
         np.ones(ids.shape, bool) if attention_mask_ABT is None else np.asarray(attention_mask_ABT)
@@ -278,7 +303,7 @@ def generate_stack(
     tokens, mask = left_align(ids, mask)
     eos, pad = eos_and_pad(model.tokenizer, model.config, eos_token_ids)
     out = decode_stack(
-        model.graph(adapters.placement),
+        model.graph(placement),
         model.params,
         adapters.weights,
         adapters.consts,
@@ -315,9 +340,12 @@ def generate_routed(
     )
     ids = np.asarray(input_ids_BT)
     mask = None if attention_mask_BT is None else np.asarray(attention_mask_BT)[:, None]
-    out = generate_stack(
+    # The rows keep the whole stack's placement (the layout of its weights): the union of the
+    # chosen adapters' own configs can be smaller (e.g. only attention-only adapters chosen).
+    out = _generate_stack(
         model,
         rows,
+        adapters.placement,
         ids[:, None],
         mask,
         max_new_tokens=max_new_tokens,

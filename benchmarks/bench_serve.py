@@ -1,0 +1,155 @@
+"""`jaxlora serve` throughput: 32 concurrent requests vs the same requests one at a time.
+
+A real server (`jaxlora serve` in a subprocess on 127.0.0.1) with two adapters (random
+weights); the official `openai` client sends 32 greedy completions that cycle through the base
+and the adapters (so concurrent passes mix adapters: routed decoding), first one at a time, then
+all at once from 32 threads. Both rounds are warmed up first (every bucketed program compiled),
+timed `--repeat` times (median), and must return the same texts.
+
+    python -m benchmarks.bench_serve                      # tiny-llama, 32 requests, 32 tokens
+    python -m benchmarks.bench_serve --model small-llama --max-tokens 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import jax
+import numpy as np
+import openai
+from flax import nnx
+
+import jaxlora
+from benchmarks.common import report
+from jaxlora import lora
+
+QUESTIONS = [
+    "What is the phone number of",
+    "The capital of the country is",
+    "Once upon a time there was",
+    "The company that makes the game",
+    "Who was born in the city of",
+    "The official language of",
+    "The team plays in",
+    "The president of the company",
+]
+
+
+def make_adapters(model_name: str, out: Path) -> list[str]:
+    model = jaxlora.load_pretrained(model_name)
+    configs = [lora.LoRAConfig(rank=8), lora.LoRAConfig(rank=8)]
+    stack = lora.init_adapters(model, configs, [1, 2], ["a1", "a2"])
+    rng = np.random.default_rng(0)
+
+    def fill(path, var):  # B random: the adapters change the output
+        if path[-1] != "lora_b":
+            return var
+        return var.replace(jax.numpy.asarray(rng.normal(0, 0.1, var.get_value().shape), np.float32))
+
+    stack = lora.AdapterStack(
+        nnx.map_state(fill, stack.weights), stack.consts, stack.configs, stack.names
+    )
+    return [f"{n}={jaxlora.save_peft(model, stack, i, out / n)}" for i, n in enumerate(stack.names)]
+
+
+def start_server(args: list[str]) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jaxlora.cli", "serve", *args, "--port", "0"],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "JAXLORA_COMPILATION_CACHE": "off"},
+    )
+    for line in proc.stderr:
+        if "serving http://" in line:
+            threading.Thread(target=proc.stderr.read, daemon=True).start()
+            return proc, line.split("serving ", 1)[1].split()[0]
+    raise RuntimeError(f"jaxlora serve did not start (exit {proc.wait()})")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", default="tiny-llama")
+    p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--batch-wait-ms", type=float, default=2.0)
+    p.add_argument("--base-only", action="store_true", help="every request to the base model")
+    args = p.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        adapters = make_adapters(args.model, Path(tmp))
+        server_args = [args.model, "--adapters", *adapters]
+        server_args += ["--batch-wait-ms", str(args.batch_wait_ms)]
+        proc, url = start_server(server_args)
+        try:
+            results = run(args, url)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+    report("serve: 32 concurrent requests vs one at a time", results)
+
+
+def run(args, url: str) -> dict:
+    client = openai.OpenAI(base_url=url, api_key="EMPTY", max_retries=0, timeout=600)
+    models = [args.model] if args.base_only else [args.model, "a1", "a2"]
+    jobs = [
+        (models[i % len(models)], f"{QUESTIONS[i % len(QUESTIONS)]} number {i}")
+        for i in range(args.requests)
+    ]
+
+    def ask(job) -> tuple[str, int]:
+        model, prompt = job
+        r = client.completions.create(
+            model=model, prompt=prompt, max_tokens=args.max_tokens, temperature=0
+        )
+        return r.choices[0].text, r.usage.completion_tokens
+
+    def one_at_a_time():
+        return [ask(j) for j in jobs]
+
+    def concurrent():
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            return list(pool.map(ask, jobs))
+
+    for _ in range(2):  # compile every bucket both patterns touch
+        sequential_out, concurrent_out = one_at_a_time(), concurrent()
+    if sequential_out != concurrent_out:
+        raise SystemExit("concurrent answers differ from one-at-a-time answers")
+    times = {}
+    for name, fn in (("one_at_a_time", one_at_a_time), ("concurrent", concurrent)):
+        runs = []
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            fn()
+            runs.append(time.perf_counter() - t0)
+        times[name] = statistics.median(runs)
+    tokens = sum(n for _, n in sequential_out)
+    seq, conc = times["one_at_a_time"], times["concurrent"]
+    return {
+        "model": args.model,
+        "adapters": "base only" if args.base_only else "base, a1, a2 (cycled)",
+        "requests": len(jobs),
+        "max_tokens": args.max_tokens,
+        "generated_tokens": tokens,
+        "one_at_a_time_s": round(seq, 3),
+        "concurrent_s": round(conc, 3),
+        "one_at_a_time_req_per_s": round(len(jobs) / seq, 1),
+        "concurrent_req_per_s": round(len(jobs) / conc, 1),
+        "concurrent_tokens_per_s": round(tokens / conc, 1),
+        "speedup": round(seq / conc, 2),
+    }
+
+
+if __name__ == "__main__":
+    main()

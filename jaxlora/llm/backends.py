@@ -1,0 +1,390 @@
+"""One small interface for LLMs outside the model under study (synthesis, judging), with two
+implementations: the jaxlora model in process, and any OpenAI-compatible HTTP endpoint.
+
+    backend = make_backend(LLMConfig.from_dict({"backend": "openai", "model": "gpt-4o-mini"}))
+    texts = backend.chat([[{"role": "user", "content": "..."}]], GenParams(max_tokens=64))
+
+`complete` and `chat` take a whole batch and return one entry per item, in order: the text, or
+an `LLMFailure` for an item that still failed after its retries. They never raise for one item
+(a caller such as `jaxlora synth` counts and retries failures itself); they raise `LLMError`
+only for a setting that makes every item impossible.
+
+Item i of a call is drawn with seed `params.seed + i`, by both backends: `LocalBackend` gives
+row i the key `jax.random.key(seed + i)`, and `OpenAIBackend` sends `seed=seed + i`, which
+`jaxlora serve` turns into the same key. Repeating a prompt within a call therefore gives
+different samples, a rerun of the same call the same ones, and the local model equals the
+local model behind `jaxlora serve`.
+
+- `LocalBackend`: a model path, hub id, preset or run directory, optionally with one adapter (a
+  PEFT directory, or the name of a run's adapter). Every prompt of a call is decoded in shared,
+  shape-bucketed passes (`engine.py`). JSON mode is *not* constrained decoding here: the local
+  model gets the prompt as it is (ask for JSON in the prompt, and parse strictly).
+- `OpenAIBackend`: the official `openai` client, `max_concurrency` requests in flight (threads),
+  each retried with exponential backoff (`backoff_s * 2**attempt`, or the server's Retry-After
+  when it is shorter than 60 s) on 408/409/429/5xx and connection errors or timeouts, up to
+  `max_retries` retries; 4xx errors other than those fail at once. JSON mode sends
+  `response_format={"type": "json_object"}` (chat only: the completions API has no such field).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from jaxlora.llm.engine import Engine, LLMError, Row, resolve_source
+
+__all__ = [
+    "Backend",
+    "GenParams",
+    "LLMConfig",
+    "LLMError",
+    "LLMFailure",
+    "LocalBackend",
+    "Message",
+    "OpenAIBackend",
+    "make_backend",
+]
+
+Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": ...}
+
+
+@dataclasses.dataclass(frozen=True)
+class GenParams:
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    json_mode: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):  # a lone string is one stop string, not its characters
+            object.__setattr__(self, "stop", (self.stop,))
+        else:
+            object.__setattr__(self, "stop", tuple(self.stop))
+        if not (isinstance(self.max_tokens, int) and self.max_tokens >= 1):
+            raise LLMError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not (math.isfinite(self.temperature) and 0 <= self.temperature <= 2):
+            raise LLMError(f"temperature must be in [0, 2], got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise LLMError(f"top_p must be in (0, 1], got {self.top_p!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LLMFailure:
+    """One request that failed after its retries."""
+
+    error: str
+
+
+class Backend(Protocol):
+    name: str  # identifies the model (synthesis caches results under it)
+
+    def complete(self, prompts: Sequence[str], params: GenParams) -> list[str | LLMFailure]: ...
+
+    def chat(
+        self, conversations: Sequence[Sequence[Message]], params: GenParams
+    ) -> list[str | LLMFailure]: ...
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True)
+class LLMConfig:
+    """The `llm:` section. `model` is a model path, hub id, preset or run directory (local) or
+    the endpoint's model name (openai). `api_key_env` names the environment variable holding
+    the key; unset, it is OPENAI_API_KEY for api.openai.com and no key for a `base_url`."""
+
+    backend: Literal["local", "openai"]
+    model: str
+    adapter: str | None = None  # local: a PEFT directory or the name of a run's adapter
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None  # local; None: run's or fp32
+    max_batch: int = 32  # local: rows per decode pass
+    base_url: str | None = None  # openai
+    api_key_env: str | None = None  # openai
+    max_concurrency: int = 8  # openai: requests in flight
+    timeout_s: float = 120.0  # openai: per request
+    max_retries: int = 4  # openai: retries after the first attempt
+    backoff_s: float = 1.0  # openai: first retry delay, doubled each time
+
+    def __post_init__(self) -> None:
+        def bad(key: str, problem: str) -> LLMError:
+            return LLMError(f"llm.{key}: {problem}")
+
+        if self.backend not in ("local", "openai"):
+            raise bad("backend", f"must be 'local' or 'openai', got {self.backend!r}")
+        if not isinstance(self.model, str) or not self.model:
+            raise bad("model", "required: a model path, preset or run dir, or a model name")
+        if self.dtype not in (None, "float32", "bfloat16", "float16"):
+            raise bad("dtype", f"must be float32, bfloat16 or float16, got {self.dtype!r}")
+        for key, low in (("max_batch", 1), ("max_concurrency", 1), ("max_retries", 0)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise bad(key, f"must be an integer >= {low}, got {value!r}")
+        for key in ("timeout_s", "backoff_s"):
+            value = getattr(self, key)
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            if (
+                not ok
+                or not math.isfinite(value)
+                or value < 0
+                or (key == "timeout_s" and not value)
+            ):
+                raise bad(key, f"must be a number {'> 0' if key == 'timeout_s' else '>= 0'}")
+        for key in ("adapter", "base_url", "api_key_env"):
+            value = getattr(self, key)
+            if value is not None and not (isinstance(value, str) and value):
+                raise bad(key, f"must be a non-empty string, got {value!r}")
+        if self.backend == "local" and (self.base_url or self.api_key_env):
+            raise bad("base_url" if self.base_url else "api_key_env", "is for backend: openai")
+        if self.backend == "openai" and self.adapter:
+            raise bad("adapter", "is for backend: local (an endpoint names adapters as models)")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> LLMConfig:
+        """The section from a YAML mapping, with one-line errors naming the key."""
+        if not isinstance(d, Mapping):
+            raise LLMError(f"llm: expected a mapping of settings, got {d!r}")
+        fields = [f.name for f in dataclasses.fields(cls)]
+        for key in d:
+            if key not in fields:
+                near = difflib.get_close_matches(str(key), fields, n=1)
+                hint = f"; did you mean {near[0]!r}?" if near else f"; known: {', '.join(fields)}"
+                raise LLMError(f"llm.{key}: unknown key{hint}")
+        for key in ("backend", "model"):
+            if key not in d:
+                raise LLMError(f"llm.{key}: required")
+        return cls(**dict(d))
+
+    def api_key(self) -> str:
+        env = self.api_key_env or (None if self.base_url else "OPENAI_API_KEY")
+        if env is None:
+            return "EMPTY"  # local servers (jaxlora serve, vLLM, llama.cpp) take any key
+        key = os.environ.get(env)
+        if not key:
+            raise LLMError(f"llm.api_key_env: the environment variable {env} is not set")
+        return key
+
+
+def make_backend(config: LLMConfig) -> Backend:
+    if config.backend == "local":
+        return LocalBackend(
+            config.model, config.adapter, dtype=config.dtype, max_batch=config.max_batch
+        )
+    return OpenAIBackend(
+        config.model,
+        base_url=config.base_url,
+        api_key=config.api_key(),
+        max_concurrency=config.max_concurrency,
+        timeout_s=config.timeout_s,
+        max_retries=config.max_retries,
+        backoff_s=config.backoff_s,
+    )
+
+
+# --------------------------------------------------------------------------- local
+
+
+class LocalBackend:
+    """The jaxlora model in process, optionally continued by one adapter."""
+
+    def __init__(
+        self,
+        model: str | os.PathLike | Any,
+        adapter: str | os.PathLike | None = None,
+        *,
+        dtype: str | None = None,
+        max_batch: int = 32,
+    ):
+        from jaxlora.models import load_pretrained
+        from jaxlora.peft_io import load_peft
+
+        if isinstance(model, str | os.PathLike):
+            source = resolve_source(model)
+            label = str(model)
+            model = load_pretrained(source.model, dtype=source.dtype if dtype is None else dtype)
+        else:  # an already loaded jaxlora Model
+            source, label = None, str(model.config.name_or_path or "model")
+        stack = None
+        if adapter is not None:
+            path = Path(adapter)
+            if source is not None and str(adapter) in source.adapters:
+                path = source.adapters[str(adapter)]
+            elif not path.is_dir():
+                known = ", ".join(source.adapters) if source and source.adapters else "none"
+                raise LLMError(
+                    f"llm.adapter: {adapter} is neither a PEFT directory nor an adapter of the "
+                    f"run (its adapters: {known})"
+                )
+            stack = load_peft(model, [path], [path.name])
+            label = f"{label}+{path.name}"
+        self.name = f"local:{label}"
+        self.engine = Engine(model, stack, max_batch=max_batch)
+        self._slot = 0 if stack is None else 1
+
+    def complete(self, prompts: Sequence[str], params: GenParams) -> list[str | LLMFailure]:
+        return self._run([self._encode(self.engine.encode, p) for p in prompts], params)
+
+    def chat(
+        self, conversations: Sequence[Sequence[Message]], params: GenParams
+    ) -> list[str | LLMFailure]:
+        return self._run([self._encode(self.engine.encode_chat, c) for c in conversations], params)
+
+    @staticmethod
+    def _encode(encode, item) -> tuple[int, ...] | LLMFailure:
+        try:
+            return encode(item)
+        except LLMError:  # no chat template: every item would fail the same way
+            raise
+        except Exception as e:  # one malformed conversation fails alone
+            return LLMFailure(f"cannot encode the prompt: {type(e).__name__}: {e}")
+
+    def _run(
+        self, prompts: list[tuple[int, ...] | LLMFailure], params: GenParams
+    ) -> list[str | LLMFailure]:
+        results: list[str | LLMFailure] = [LLMFailure("not decoded")] * len(prompts)
+        rows, ok = [], []
+        for i, p in enumerate(prompts):
+            if isinstance(p, LLMFailure):
+                results[i] = p
+                continue
+            row = Row(
+                p,
+                self._slot,
+                params.max_tokens,
+                params.temperature,
+                params.top_p,
+                params.seed + i,
+                params.stop,
+            )
+            why = self.engine.problem(row)
+            if why is None:
+                rows.append(row)
+                ok.append(i)
+            else:
+                results[i] = LLMFailure(why)
+        for i, out in zip(ok, self.engine.run(rows), strict=True):
+            results[i] = out.text
+        return results
+
+
+# --------------------------------------------------------------------------- HTTP
+
+_RETRY_STATUS = {408, 409, 429}
+_MAX_RETRY_AFTER_S = 60.0
+
+
+class OpenAIBackend:
+    """Any OpenAI-compatible endpoint (OpenAI, vLLM, llama.cpp, `jaxlora serve`)."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        base_url: str | None = None,
+        api_key: str = "EMPTY",
+        max_concurrency: int = 8,
+        timeout_s: float = 120.0,
+        max_retries: int = 4,
+        backoff_s: float = 1.0,
+    ):
+        import openai
+
+        # The client's own retries are off: ours count attempts per item, back off by our
+        # schedule and turn the last failure into an LLMFailure.
+        self.client = openai.OpenAI(
+            base_url=base_url, api_key=api_key, max_retries=0, timeout=timeout_s
+        )
+        self.name = f"openai:{base_url or 'api.openai.com'}:{model}"
+        self.model = model
+        self.max_concurrency, self.max_retries, self.backoff_s = (
+            max_concurrency,
+            max_retries,
+            backoff_s,
+        )
+
+    def complete(self, prompts: Sequence[str], params: GenParams) -> list[str | LLMFailure]:
+        def one(i: int, prompt: str) -> str:
+            r = self.client.completions.create(
+                model=self.model, prompt=prompt, **self._common(params, i)
+            )
+            return r.choices[0].text or ""
+
+        return self._map(one, prompts)
+
+    def chat(
+        self, conversations: Sequence[Sequence[Message]], params: GenParams
+    ) -> list[str | LLMFailure]:
+        def one(i: int, messages: Sequence[Message]) -> str:
+            extra = {"response_format": {"type": "json_object"}} if params.json_mode else {}
+            r = self.client.chat.completions.create(
+                model=self.model,
+                messages=[dict(m) for m in messages],
+                **self._common(params, i),
+                **extra,
+            )
+            return r.choices[0].message.content or ""
+
+        return self._map(one, conversations)
+
+    @staticmethod
+    def _common(params: GenParams, i: int) -> dict[str, Any]:
+        kw: dict[str, Any] = dict(
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            seed=params.seed + i,
+        )
+        if params.stop:
+            kw["stop"] = list(params.stop)
+        return kw
+
+    def _map(self, one, items: Sequence[Any]) -> list[str | LLMFailure]:
+        if not items:
+            return []
+        with ThreadPoolExecutor(min(self.max_concurrency, len(items))) as pool:
+            return list(pool.map(lambda ix: self._with_retries(one, *ix), enumerate(items)))
+
+    def _with_retries(self, one, i: int, item: Any) -> str | LLMFailure:
+        import openai
+
+        for attempt in range(self.max_retries + 1):
+            try:
+                return one(i, item)
+            except openai.APIStatusError as e:
+                error = f"HTTP {e.status_code}: {_message(e)}"
+                if e.status_code not in _RETRY_STATUS and e.status_code < 500:
+                    return LLMFailure(error)
+                delay = _retry_after(e.response) if e.status_code == 429 else None
+            except openai.APIConnectionError as e:  # includes timeouts
+                error, delay = f"{type(e).__name__}: {e}", None
+            except Exception as e:  # a malformed response: never let one item sink the batch
+                return LLMFailure(f"{type(e).__name__}: {e}")
+            if attempt < self.max_retries:
+                time.sleep(self.backoff_s * 2**attempt if delay is None else delay)
+        return LLMFailure(f"{error} (after {self.max_retries + 1} attempts)")
+
+
+def _message(e: Any) -> str:
+    body = getattr(e, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])
+    return str(getattr(e, "message", e))
+
+
+def _retry_after(response: Any) -> float | None:
+    try:
+        value = float(response.headers.get("retry-after", ""))
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return value if 0 <= value <= _MAX_RETRY_AFTER_S else None

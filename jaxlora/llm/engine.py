@@ -1,0 +1,309 @@
+"""Batched text generation over one base model and a library of adapters: what the local
+backend and `jaxlora serve` both decode with.
+
+A request is a `Row`: prompt token ids, which adapter continues them (0 = the base model), and
+its own sampling settings, seed, token limit and stop strings. `Engine.run` decodes any number
+of rows in shared passes:
+
+- Rows whose adapter is the base model alone go through `jaxlora.generate.generate` (the base
+  program, no LoRA work). A batch that mixes adapters is decoded as `generate_routed` does
+  (`decode_stack` over one-row adapters, the gather compiled in) over one stack whose slot 0 is an all-zero adapter (the base: B = 0 makes the LoRA term exactly zero)
+  and whose slots 1.. are the library's adapters, so different adapters share one pass.
+- Shapes are bucketed so that a server sees few distinct programs (each compiles once, ~1-2 s
+  on CPU): the prompt width to a power of two (>= 32), the batch to 4, 16 or `max_batch` rows
+  (filler rows are one-token prompts whose output is dropped; decoding is memory-bound on an
+  accelerator, so 4 rows cost what 1 does), the number of new tokens to a power of two
+  (>= 16). A row is then cut to its own `max_tokens`.
+- Row r draws with `jax.random.key(row.seed)`, whatever else shares its pass: the same request
+  gives the same text alone or batched.
+- Text is `tokenizer.decode(ids up to EOS, skip_special_tokens=True)`, cut before the earliest
+  stop string; `finish_reason` is "stop" (EOS or a stop string) or "length".
+
+`resolve_source` reads what a model argument names: a model (path, hub id or preset) or a
+`jaxlora train` run directory (its base model and its trained adapters).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxlora.errors import JaxloraError
+from jaxlora.generate import DecodeSpec, Sampling, decode_stack, eos_and_pad, generate, make_sampler
+from jaxlora.lora import AdapterStack, pad_to
+from jaxlora.models.transformer import LoRAPlacement
+
+FinishReason = Literal["stop", "length"]
+MIN_WIDTH = 32
+MIN_NEW_TOKENS = 16
+
+
+class LLMError(JaxloraError):
+    """An LLM backend or server setting that cannot be honoured."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One generation request: prompt ids, adapter slot (0 = base), and its own settings."""
+
+    tokens: tuple[int, ...]
+    adapter: int = 0
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Output:
+    tokens: tuple[int, ...]  # generated ids, up to (without) EOS
+    text: str  # decoded, cut before the first stop string
+    finish_reason: FinishReason
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """What a model argument names: the base model to load and the adapters that come with it."""
+
+    model: str
+    dtype: str = "float32"
+    adapters: dict[str, Path] = dataclasses.field(default_factory=dict)
+
+
+def resolve_source(model_or_run_dir: str | Path) -> Source:
+    """A run directory (config.yaml + adapters/) -> its base model and trained adapters;
+    anything else is a model for `load_pretrained` (a path, a hub id or a preset)."""
+    path = Path(model_or_run_dir)
+    if not (path / "config.yaml").is_file():
+        return Source(str(model_or_run_dir))
+    from jaxlora.config import load_config
+
+    config = load_config(path / "config.yaml")
+    found = sorted(
+        d for d in (path / "adapters").glob("*") if (d / "adapter_config.json").is_file()
+    )
+    if not found:
+        raise LLMError(f"{path}: the run has no trained adapters in {path / 'adapters'}")
+    return Source(config.model.path, config.model.dtype, {d.name: d for d in found})
+
+
+def zero_slot_stack(adapters: AdapterStack | None) -> AdapterStack | None:
+    """[zero adapter (the base), *adapters]: one stack that routes base and adapter rows."""
+    if adapters is None:
+        return None
+
+    def prepend(x):
+        return jax.numpy.concatenate([jax.numpy.zeros_like(x[:1]), x], axis=0)
+
+    return AdapterStack(
+        jax.tree.map(prepend, adapters.weights),
+        jax.tree.map(prepend, adapters.consts),
+        (adapters.configs[0], *adapters.configs),
+        ("", *adapters.names),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "spec"))
+def _routed_decode(graphdef, base, weights, consts, slots_B, tokens_BT, mask_BT, spec, sampler):
+    """Row b decoded by adapter slots_B[b]: a stack of B one-row adapters (`decode_stack`)."""
+    w = jax.tree.map(lambda x: x[slots_B], weights)
+    c = jax.tree.map(lambda x: x[slots_B], consts)
+    out = decode_stack(graphdef, base, w, c, tokens_BT[:, None], mask_BT[:, None], spec, sampler)
+    return out[:, 0]
+
+
+def weights_placement(stack: AdapterStack, num_layers: int) -> LoRAPlacement:
+    """The placement a stack's weights are laid out for. The union of its configs can be
+    smaller (a `select`ed adapter keeps the padding of the stack it came from), and the
+    compiled graph must match the weights, not the configs."""
+    paths = [(p, v.get_value().shape) for p, v in nnx.to_flat_state(stack.weights)]
+    layers = frozenset(p[1] for p, _ in paths)
+    return LoRAPlacement(
+        rank=max(shape[-1] for p, shape in paths if p[-1] == "lora_a"),
+        modules=frozenset(p[3] for p, _ in paths),
+        layers=None if len(layers) == num_layers else layers,
+    )
+
+
+def concat_stacks(model, stacks: Sequence[AdapterStack]) -> AdapterStack:
+    """One stack of all adapters of `stacks`, zero-padded to the union of their layouts."""
+    placements = [weights_placement(s, model.config.num_layers) for s in stacks]
+    layers = [p.layers for p in placements]
+    union = LoRAPlacement(
+        rank=max(p.rank for p in placements),
+        modules=frozenset().union(*(p.modules for p in placements)),
+        layers=None if any(x is None for x in layers) else frozenset().union(*layers),
+    )
+    padded = [pad_to(model, s, union) for s in stacks]
+    return AdapterStack(
+        jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *[p.weights for p in padded]),
+        jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *[p.consts for p in padded]),
+        tuple(c for s in stacks for c in s.configs),
+        tuple(n for s in stacks for n in s.names),
+    )
+
+
+def _pow2(n: int, low: int) -> int:
+    return max(low, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+
+
+class Engine:
+    """Decodes `Row`s of one model and one adapter stack in bucketed shared passes.
+
+    `adapters` (optional) is the library; rows name slot 0 for the base and slot i for
+    `adapters[i - 1]`. Not thread-safe: one thread (the server's batcher, or the caller of a
+    local backend) drives it.
+    """
+
+    def __init__(self, model, adapters: AdapterStack | None = None, *, max_batch: int = 32):
+        if model.tokenizer is None:
+            raise LLMError(f"{model.config.name_or_path}: the model has no tokenizer to serve text")
+        self.model, self.tok = model, model.tokenizer
+        self.stack = zero_slot_stack(adapters)
+        self.max_batch = max_batch
+        self.eos, self.pad = eos_and_pad(self.tok, model.config)
+        self.max_positions = int(model.config.max_position_embeddings)
+
+    @property
+    def num_slots(self) -> int:
+        return 1 if self.stack is None else len(self.stack)
+
+    # ------------------------------------------------------------------ text <-> tokens
+
+    def encode(self, text: str) -> tuple[int, ...]:
+        """A completion prompt: the text with the tokenizer's special tokens (BOS)."""
+        return tuple(self.tok(text, add_special_tokens=True)["input_ids"])
+
+    def encode_chat(self, messages: Sequence[dict[str, str]]) -> tuple[int, ...]:
+        """A chat prompt through the tokenizer's chat template, as `jaxlora eval` builds one."""
+        if not getattr(self.tok, "chat_template", None):
+            raise LLMError("the model's tokenizer has no chat template: use completions")
+        text = self.tok.apply_chat_template(
+            [dict(m) for m in messages], add_generation_prompt=True, tokenize=False
+        )
+        return tuple(self.tok(text, add_special_tokens=False)["input_ids"])
+
+    def decode_text(self, ids: Sequence[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+    def problem(self, row: Row, slots: int | None = None) -> str | None:
+        """Why a row cannot be decoded (a one-line message naming the limit), or None; `slots`
+        is the size of the stack its adapter indexes (default: the library's)."""
+        if not row.tokens:
+            return "the prompt is empty"
+        if len(row.tokens) + row.max_tokens > self.max_positions:
+            return (
+                f"the prompt has {len(row.tokens)} tokens and max_tokens is {row.max_tokens}, "
+                f"but the model reads at most {self.max_positions} positions"
+            )
+        if not 0 <= row.adapter < (self.num_slots if slots is None else slots):
+            return f"adapter slot {row.adapter} is out of range"
+        return None
+
+    # ------------------------------------------------------------------ decoding
+
+    def run(self, rows: Sequence[Row], adapters: AdapterStack | None = None) -> list[Output]:
+        """Outputs of `rows`, in order. `adapters` replaces the library for this call (row i's
+        adapter indexes it directly, no base slot): the hook for per-request stacks."""
+        slots = None if adapters is None else len(adapters)
+        for row in rows:
+            if (why := self.problem(row, slots)) is not None:
+                raise LLMError(why)
+        # Similar lengths share a pass, so a long prompt does not widen every row.
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i].tokens))
+        outputs: list[Output | None] = [None] * len(rows)
+        for start in range(0, len(order), self.max_batch):
+            chunk = order[start : start + self.max_batch]
+            for i, out in zip(chunk, self._pass([rows[i] for i in chunk], adapters), strict=True):
+                outputs[i] = out
+        return outputs  # type: ignore[return-value]
+
+    def _rows_bucket(self, n: int) -> int:
+        buckets = [b for b in (4, 16) if b < self.max_batch] + [self.max_batch]
+        return next(b for b in buckets if b >= n)
+
+    def _pass(self, rows: Sequence[Row], adapters: AdapterStack | None) -> list[Output]:
+        B = self._rows_bucket(len(rows))
+        T = _pow2(max(len(r.tokens) for r in rows), MIN_WIDTH)
+        new = _pow2(max(r.max_tokens for r in rows), MIN_NEW_TOKENS)
+        filler = Row((self.pad,), adapter=0, max_tokens=1)
+        padded = [*rows, *[filler] * (B - len(rows))]
+        ids = np.full((B, T), self.pad, np.int32)
+        mask = np.zeros((B, T), bool)
+        for b, r in enumerate(padded):
+            ids[b, T - len(r.tokens) :], mask[b, T - len(r.tokens) :] = r.tokens, True
+        sampled = any(r.temperature > 0 for r in rows)
+        kwargs = dict(
+            max_new_tokens=new,
+            sampling=[Sampling(r.temperature, r.top_p) for r in padded] if sampled else None,
+            seed=[r.seed for r in padded],
+        )
+        stack = adapters if adapters is not None else self.stack
+        if adapters is None and all(r.adapter == 0 for r in padded):
+            out = generate(self.model, ids, mask, **kwargs)
+        else:
+            out = self._routed(stack, [r.adapter for r in padded], ids, mask, **kwargs)
+        return [self._finish(r, out[b]) for b, r in enumerate(rows)]
+
+    def _routed(self, stack: AdapterStack, slots, ids, mask, *, max_new_tokens, sampling, seed):
+        """`generate_routed` with the per-row gather of adapter weights inside the compiled
+        program (eagerly, its ~30 small gathers cost more than decoding a tiny model's pass)."""
+        B = ids.shape[0]
+        sampler = None
+        if sampling is not None:
+            sampler = jax.tree.map(lambda x: x[:, None], make_sampler(sampling, seed, (B,)))
+        spec = DecodeSpec(max_new_tokens, self.eos, self.pad)
+        out = _routed_decode(
+            self.model.graph(weights_placement(stack, self.model.config.num_layers)),
+            self.model.params,
+            stack.weights,
+            stack.consts,
+            jnp.asarray(slots, jnp.int32),
+            jnp.asarray(ids, jnp.int32),
+            jnp.asarray(mask),
+            spec,
+            sampler,
+        )
+        return np.asarray(out)
+
+    def _finish(self, row: Row, out: np.ndarray) -> Output:
+        ids = []
+        reason: FinishReason = "length"
+        for t in out[: row.max_tokens].tolist():
+            if t in self.eos:
+                reason = "stop"
+                break
+            ids.append(t)
+        text = self.decode_text(ids)
+        cut = min((i for s in row.stop if s and (i := text.find(s)) >= 0), default=-1)
+        if cut >= 0:
+            text, reason = text[:cut], "stop"
+        return Output(tuple(ids), text, reason)
+
+    def deltas(self, output: Output) -> list[str]:
+        """The output's text as per-token pieces (for streaming): their concatenation is
+        `output.text`. A token that ends inside a multi-byte character waits for the next."""
+        pieces, sent = [], ""
+        for k in range(1, len(output.tokens) + 1):
+            text = self.decode_text(output.tokens[:k])
+            text = text[: len(output.text)]
+            # A token ending inside a character decodes to U+FFFD; cleanup may also rewrite a
+            # prefix: only ever send a prefix of the final text.
+            if text.endswith("\ufffd") or not output.text.startswith(text):
+                continue
+            if len(text) > len(sent):
+                pieces.append(text[len(sent) :])
+                sent = text
+        if sent != output.text:
+            pieces.append(output.text[len(sent) :])
+        return pieces

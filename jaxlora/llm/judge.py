@@ -1,0 +1,303 @@
+"""The LLM judge: the study's 0-10 rubric over (question, gold answer, candidate answer).
+
+The default prompt (`prompts/judge.txt`) is the study's rubric (STUDY.md §5): Factual
+Alignment, Completeness and Relevance; 10 perfect, 7-9 mostly correct, 4-6 partially correct,
+1-3 on topic but wrong, 0 nonsensical; `[QUESTION]`, `[GOLD ANSWER]` and `[CANDIDATE ANSWER]`
+blocks; the reply `{"score": <int 0-10>, "rationale": "<one sentence>"}`. It is asked at
+temperature 0 with 256 tokens and JSON mode (backends that have none ignore it).
+
+Parsing is strict. The reply must hold a JSON object (the whole reply, a ```json fence, or the
+first balanced `{...}` that parses) whose `score` is an integer 0-10: a JSON integer, a float
+with an integral value (7.0) or a string of digits ("7"). Anything else -- no object, no
+`score`, 7.5, "seven", true, 11, -1, or a request the backend gave up on -- is a *judge
+failure*: counted as `judge_failed` and left out of the mean. The study scored failures 0,
+which cannot be told apart from a wrong answer and drags the mean down by the failure rate
+(STUDY.md §7). With no score at all, the mean is None, not 0.
+
+Results are cached by request (`common.CachedBackend`), so judging the same predictions again,
+or after an interruption, costs nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from jaxlora.errors import ConfigError, DataError
+from jaxlora.llm.common import CachedBackend, ResultCache, extract_json, render_template
+
+if TYPE_CHECKING:
+    from jaxlora.llm.backends import Backend, GenParams
+
+__all__ = [
+    "Verdict",
+    "judge_params",
+    "judge_predictions",
+    "parse_verdict",
+    "read_predictions",
+    "summarize_verdicts",
+]
+
+SCORE_MIN, SCORE_MAX = 0, 10
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """One judged prediction: a score, or `error` saying why the judge failed."""
+
+    score: int | None
+    rationale: str | None = None
+    error: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.score is None
+
+
+def parse_verdict(text: str) -> Verdict:
+    """The verdict a judge's reply holds, under the strict rules of the module docstring."""
+    obj = extract_json(text, want=dict)
+    if obj is None:
+        return Verdict(None, error="no JSON object in the reply")
+    if "score" not in obj:
+        return Verdict(None, error="the JSON object has no 'score'")
+    score = _integer(obj["score"])
+    if score is None:
+        return Verdict(None, error=f"score {obj['score']!r} is not an integer")
+    if not SCORE_MIN <= score <= SCORE_MAX:
+        return Verdict(None, error=f"score {score} is outside {SCORE_MIN}-{SCORE_MAX}")
+    rationale = obj.get("rationale")
+    return Verdict(score, rationale if isinstance(rationale, str) else None)
+
+
+def _integer(value: Any) -> int | None:
+    if isinstance(value, bool):  # a bool is an int to Python, never a score
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if math.isfinite(value) and value.is_integer() else None
+    if isinstance(value, str):
+        s = value.strip()
+        return int(s) if s.lstrip("+-").isdigit() and s.isascii() else None
+    return None
+
+
+def judge_params(**overrides: Any) -> GenParams:
+    """The study's judge settings (temperature 0, 256 tokens, JSON mode) with overrides."""
+    from jaxlora.llm.backends import GenParams
+
+    return GenParams(**{"max_tokens": 256, "temperature": 0.0, "json_mode": True, **overrides})
+
+
+def judge_messages(
+    question: str, gold: str, candidate: str, template: str, system: str | None = None
+) -> list[dict[str, str]]:
+    user = render_template(template, {"question": question, "gold": gold, "candidate": candidate})
+    return ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": user}
+    ]
+
+
+def judge_predictions(
+    records: Sequence[Mapping[str, Any]],
+    backend: Backend,
+    params: GenParams | None = None,
+    *,
+    template: str | None = None,
+    system: str | None = None,
+    cache: ResultCache | str | Path | None = None,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> tuple[list[Verdict], dict[str, Any]]:
+    """Judge every record (`question` or `prompt`, `answer`, `prediction`, as evaluate.py's
+    predictions.jsonl has them); returns one verdict per record and `summarize_verdicts`.
+
+    `template` is the user prompt's text (`{question}`, `{gold}`, `{candidate}`), by default the
+    study's rubric; `cache` a `ResultCache` or the path of one (None: no cache)."""
+    from jaxlora.llm.common import load_template
+
+    params = params or judge_params()
+    template = template if template is not None else load_template("judge")
+    absent = [k for k in ("question", "gold", "candidate") if "{" + k + "}" not in template]
+    if absent:
+        raise ConfigError(
+            f"the judge template has no {', '.join('{' + k + '}' for k in absent)}: it needs "
+            "{question}, {gold} and {candidate}"
+        )
+    if isinstance(cache, str | Path):
+        cache = ResultCache(cache)
+    llm = backend if isinstance(backend, CachedBackend) else CachedBackend(backend, cache)
+    triples = [_fields(r, i) for i, r in enumerate(records)]
+    conversations = [judge_messages(q, g, c, template, system) for q, g, c in triples]
+    verdicts: list[Verdict] = []
+    bar = _bar(len(conversations), "judge", progress)
+    try:
+        for start in range(0, len(conversations), batch_size):
+            batch = conversations[start : start + batch_size]
+            for out in llm.chat(batch, params):
+                if isinstance(out, str):
+                    verdicts.append(parse_verdict(out))
+                else:  # LLMFailure: the backend gave up on the request after its retries
+                    verdicts.append(Verdict(None, error=f"request failed: {out.error}"))
+            bar.update(len(batch))
+    finally:
+        bar.close()
+    return verdicts, summarize_verdicts(verdicts)
+
+
+def _fields(record: Mapping[str, Any], i: int) -> tuple[str, str, str]:
+    question = record.get("question", record.get("prompt"))
+    missing = [
+        name
+        for name, v in (
+            ("question (or prompt)", question),
+            ("answer", record.get("answer")),
+            ("prediction", record.get("prediction")),
+        )
+        if not isinstance(v, str)
+    ]
+    if missing:
+        found = ", ".join(record) or "none"
+        raise DataError(
+            f"prediction {i} lacks {' and '.join(missing)} as text (fields found: {found}): "
+            "each record needs question, answer (the gold answer) and prediction"
+        )
+    return question, record["answer"], record["prediction"]
+
+
+def summarize_verdicts(verdicts: Iterable[Verdict]) -> dict[str, Any]:
+    """mean, std (population), min, max over the scored; n scored, judge_failed, failure rate,
+    and the count of each failure reason. Statistics of nothing are None."""
+    verdicts = list(verdicts)
+    scores = [v.score for v in verdicts if v.score is not None]
+    failed = len(verdicts) - len(scores)
+    return {
+        "mean": statistics.fmean(scores) if scores else None,
+        "std": statistics.pstdev(scores) if scores else None,
+        "min": min(scores) if scores else None,
+        "max": max(scores) if scores else None,
+        "n": len(scores),
+        "judge_failed": failed,
+        "total": len(verdicts),
+        "failure_rate": failed / len(verdicts) if verdicts else None,
+        "failures": dict(Counter(_reason(v.error) for v in verdicts if v.error)),
+    }
+
+
+def _reason(error: str) -> str:
+    """A failure's kind without its value ("score 11 is outside 0-10" -> "score outside 0-10")."""
+    if error.startswith("request failed"):
+        return "request failed"
+    if "outside" in error:
+        return f"score outside {SCORE_MIN}-{SCORE_MAX}"
+    if "not an integer" in error:
+        return "score not an integer"
+    return error
+
+
+def read_predictions(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a predictions jsonl file, with errors naming the line."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DataError(f"predictions file not found: {p}")
+    records = []
+    with p.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                raise DataError(f"{p} line {n} is not JSON: {e}") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{p} line {n} is not a JSON object")
+            records.append(record)
+    if not records:
+        raise DataError(f"{p} has no predictions")
+    return records
+
+
+def judge_file(
+    path: str | Path,
+    backend: Backend,
+    *,
+    out: str | Path | None = None,
+    cache: str | Path | None = None,
+    template: str | None = None,
+    params: GenParams | None = None,
+    progress: bool = True,
+) -> tuple[Path, dict[str, Any]]:
+    """Judge a predictions file; writes OUT (each record with `judge_score`, `judge_rationale`,
+    `judge_error`) and OUT's `.summary.json` (overall, and per adapter when records name one)."""
+    from jaxlora.fsutil import atomic_write
+
+    records = read_predictions(path)
+    src = Path(path).expanduser()
+    out = Path(out).expanduser() if out else src.with_name(f"{src.stem}.judged.jsonl")
+    cache_path = Path(cache).expanduser() if cache else out.with_suffix(".cache.sqlite")
+    result_cache = ResultCache(cache_path)
+    try:
+        verdicts, summary = judge_predictions(
+            records, backend, params, template=template, cache=result_cache, progress=progress
+        )
+    finally:
+        result_cache.close()
+    lines = []
+    for r, v in zip(records, verdicts, strict=True):
+        row = {**r, "judge_score": v.score, "judge_rationale": v.rationale, "judge_error": v.error}
+        lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+    if any("adapter" in r for r in records):
+        groups: dict[str, list[Verdict]] = {}
+        for r, v in zip(records, verdicts, strict=True):
+            groups.setdefault(str(r.get("adapter")), []).append(v)
+        summary["by_adapter"] = {k: summarize_verdicts(vs) for k, vs in groups.items()}
+    summary["backend"] = backend.name
+    atomic_write(out, "".join(lines))
+    atomic_write(out.with_suffix(".summary.json"), json.dumps(summary, indent=2) + "\n")
+    return out, summary
+
+
+def format_summary(summary: Mapping[str, Any]) -> str:
+    """One line for the terminal."""
+    rate = summary["failure_rate"]
+    failed = f"judge_failed {summary['judge_failed']}/{summary['total']} ({rate:.1%})"
+    if summary["mean"] is None:
+        return f"no prediction could be scored; {failed}"
+    return (
+        f"judge score mean {summary['mean']:.2f} (std {summary['std']:.2f}, "
+        f"min {summary['min']}, max {summary['max']}) over n={summary['n']}; {failed}"
+    )
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="req", disable=not enabled, leave=False)
+
+
+def run_judge(
+    path: str | Path,
+    *,
+    out: str | Path | None = None,
+    config: str | Path | None = None,
+    llm: Mapping[str, Any] | None = None,
+    cache: str | Path | None = None,
+    template: str | None = None,
+    progress: bool = True,
+) -> tuple[Path, dict[str, Any]]:
+    """`jaxlora judge`: the backend from `config`'s `llm:` section and/or `llm` settings;
+    `template` a preset name or a file."""
+    from jaxlora.llm.common import load_template, make_llm, read_yaml_section
+
+    read_predictions(path)  # a bad file fails before a model is loaded
+    section = read_yaml_section(config, "llm") if config else None
+    text = load_template(template) if template else None
+    backend = make_llm(section, dict(llm or {}))
+    return judge_file(path, backend, out=out, cache=cache, template=text, progress=progress)

@@ -1,0 +1,570 @@
+"""`jaxlora serve`: an OpenAI-compatible HTTP endpoint over a model and its adapter library.
+
+    jaxlora serve runs/quickstart                        # the run's base model + its adapters
+    jaxlora serve tiny-llama --adapters a=path/to/peft --port 8000 --api-key secret
+
+Routes: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (the tokenizer's
+chat template), both with `stream: true` (server-sent events in OpenAI's chunk format, ending
+with `data: [DONE]`). A request's `model` is the base model's name, an adapter's name, or
+`memory` when the server was given a memory hook (below).
+
+Design:
+
+- **One decoder thread, shared passes.** Handlers validate, tokenize, and hand `Row`s to a
+  `Batcher`; its thread takes everything queued, waits `batch_wait_ms` for more, and decodes
+  the lot with one `Engine.run` (base-only batches through the base program, mixed batches
+  routed over one stack [zero adapter, *adapters], see `engine.py`). JAX work never runs on
+  the event loop, and concurrent requests for different adapters share a pass.
+- **Streaming is chunked, not incremental**: a pass decodes every token of its rows inside one
+  compiled loop, so a streamed response sends its per-token chunks when its pass ends; the
+  format (and the text) is OpenAI's, time to first token is the pass's time.
+- **Errors are OpenAI's JSON** `{"error": {"message", "type", "param", "code"}}`: 401 for a
+  wrong key, 404 for an unknown model or route, 400 for bad parameters (checked before any
+  decoding, including "prompt + max_tokens exceeds the model's positions"), 500 when decoding
+  raised; the server keeps serving after any of them.
+- **Shutdown**: SIGTERM (or Ctrl-C) stops accepting connections, lets in-flight requests finish
+  (the decoder thread stops only after uvicorn has drained them) and exits 0.
+- **Memory hook.** `serve(..., memory=fn)` enables model `memory`: `fn(questions)` gets the
+  questions of every `memory` request of a pass (a completion's prompt, a chat's last user
+  message) and returns one `MemoryRoute` each: a one-adapter stack (e.g. the router's top-k
+  merged by the combiner) and an optional context (ICL / RAG text) put before the question.
+  The rows then decode routed over those stacks, in the same pass machinery.
+
+Sampling follows the request: `temperature` 0 is greedy; a request's `seed` (default: random)
+is its row's key, so the same request gives the same text alone or batched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import queue
+import secrets
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from jaxlora.llm.engine import Engine, LLMError, Output, Row, concat_stacks, resolve_source
+from jaxlora.lora import AdapterStack
+
+log = logging.getLogger(__name__)
+MEMORY = "memory"
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryRoute:
+    """What the memory gives one question: a stack of ONE adapter, and context text."""
+
+    adapter: AdapterStack
+    context: str = ""
+
+
+Memory = Callable[[Sequence[str]], Sequence[MemoryRoute]]
+
+
+# OpenAI's error types: an unknown model is an invalid request (code model_not_found).
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "invalid_request_error",
+}
+
+
+class APIError(Exception):
+    """An error answered as OpenAI's JSON."""
+
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None
+    ):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        kind = _ERROR_TYPES.get(self.status, "server_error")
+        return {
+            "error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}
+        }
+
+
+# --------------------------------------------------------------------------- batching
+
+
+@dataclasses.dataclass
+class _Work:
+    rows: list[Row]
+    future: Future
+    # memory requests: the questions, and how a route turns question i into its row
+    questions: list[str] | None = None
+    build: Callable[[int, MemoryRoute], Row] | None = None
+
+
+class Batcher:
+    """The decoder thread: collects queued work for `wait_s`, decodes it in shared passes."""
+
+    def __init__(self, engine: Engine, memory: Memory | None, wait_s: float):
+        self.engine, self.memory, self.wait_s = engine, memory, wait_s
+        self.queue: queue.Queue[_Work | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._loop, name="jaxlora-decoder", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+
+    def submit(self, work: _Work) -> Future:
+        self.queue.put(work)
+        return work.future
+
+    def _loop(self) -> None:
+        while (first := self.queue.get()) is not None:
+            batch, stop = [first], False
+            deadline = time.monotonic() + self.wait_s
+            while sum(len(w.rows) for w in batch) < self.engine.max_batch:
+                try:
+                    nxt = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            self._decode([w for w in batch if w.questions is None])
+            self._decode_memory([w for w in batch if w.questions is not None])
+            if stop:
+                return
+
+    def _decode(self, batch: list[_Work]) -> None:
+        if not batch:
+            return
+        try:
+            outputs = self.engine.run([r for w in batch for r in w.rows])
+        except Exception as e:  # answered as 500 for these requests; the thread lives on
+            log.exception("decoding failed")
+            for w in batch:
+                w.future.set_exception(e)
+            return
+        start = 0
+        for w in batch:
+            w.future.set_result(outputs[start : start + len(w.rows)])
+            start += len(w.rows)
+
+    def _decode_memory(self, batch: list[_Work]) -> None:
+        if not batch:
+            return
+        try:
+            questions = [q for w in batch for q in w.questions or ()]
+            routes = list(self.memory(questions))  # type: ignore[misc]
+            if len(routes) != len(questions) or any(len(r.adapter) != 1 for r in routes):
+                raise LLMError("the memory hook must return one single-adapter route per question")
+            stack = concat_stacks(self.engine.model, [r.adapter for r in routes])
+            rows, k = [], 0
+            for w in batch:
+                w.rows = [
+                    dataclasses.replace(w.build(i, routes[k + i]), adapter=k + i)
+                    for i in range(len(w.questions or ()))
+                ]
+                rows.extend(w.rows)
+                k += len(w.rows)
+            outputs = self.engine.run(rows, adapters=stack)
+        except Exception as e:
+            log.exception("memory decoding failed")
+            for w in batch:
+                w.future.set_exception(e)
+            return
+        start = 0
+        for w in batch:
+            w.future.set_result(outputs[start : start + len(w.rows)])
+            start += len(w.rows)
+
+
+# --------------------------------------------------------------------------- requests
+
+
+def _number(body: dict, key: str, default: float, low: float, high: float, *, low_open=False):
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise APIError(400, f"{key} must be a number, got {value!r}", key)
+    if value < low or value > high or (low_open and value == low):
+        bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
+        raise APIError(400, f"{key} must be in {bound}, got {value}", key)
+    return float(value)
+
+
+def _sampling(body: dict, default_max: int) -> dict[str, Any]:
+    """The per-row settings of a request body (shared by both routes), validated."""
+    n = body.get("n", 1)
+    if n != 1:
+        raise APIError(400, f"n={n} is not supported: send one request per sample", "n")
+    for key, off in (
+        ("logprobs", (None, False, 0)),
+        ("echo", (None, False)),
+        ("suffix", (None,)),
+        ("best_of", (None, 1)),
+        ("tools", (None, [])),
+        ("logit_bias", (None, {})),
+        ("presence_penalty", (None, 0)),
+        ("frequency_penalty", (None, 0)),
+    ):
+        if body.get(key) not in off:
+            raise APIError(400, f"{key} is not supported by jaxlora serve", key)
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is None:
+        max_tokens = default_max
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise APIError(400, f"max_tokens must be an integer >= 1, got {max_tokens!r}", "max_tokens")
+    stop = body.get("stop") or ()
+    stop = (stop,) if isinstance(stop, str) else stop
+    if not isinstance(stop, list | tuple) or not all(isinstance(s, str) for s in stop):
+        raise APIError(400, "stop must be a string or a list of strings", "stop")
+    if len(stop) > 4:
+        raise APIError(400, f"stop takes at most 4 strings, got {len(stop)}", "stop")
+    seed = body.get("seed")
+    if seed is None:
+        seed = secrets.randbits(31)
+    elif isinstance(seed, bool) or not isinstance(seed, int):
+        raise APIError(400, f"seed must be an integer, got {seed!r}", "seed")
+    return dict(
+        max_tokens=max_tokens,
+        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
+        seed=int(seed) % 2**63,
+        stop=tuple(stop),
+    )
+
+
+def _prompts(body: dict, engine: Engine) -> list[tuple[int, ...]] | list[str]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
+        return [tuple(prompt)]
+    if (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(p, list) and p and all(type(t) is int for t in p) for p in prompt)
+    ):
+        return [tuple(p) for p in prompt]
+    raise APIError(400, "prompt must be a string, a list of strings or token ids", "prompt")
+
+
+def _messages(body: dict) -> list[dict[str, str]]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "messages must be a non-empty list", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        role, content = (m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None)
+        if role not in ("system", "user", "assistant"):
+            raise APIError(400, f"messages[{i}].role must be system, user or assistant", "messages")
+        if isinstance(content, list):  # content parts: only text ones
+            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+                raise APIError(400, f"messages[{i}]: only text content is supported", "messages")
+            content = "".join(str(p.get("text", "")) for p in content)
+        if not isinstance(content, str):
+            raise APIError(400, f"messages[{i}].content must be a string", "messages")
+        out.append({"role": role, "content": content})
+    fmt = body.get("response_format")
+    if fmt is not None and (
+        not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object")
+    ):
+        raise APIError(
+            400, "response_format must be {'type': 'text' | 'json_object'}", "response_format"
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- the app
+
+
+class Service:
+    """The engine, its model names and the batcher: what the routes serve."""
+
+    def __init__(self, engine: Engine, base_name: str, memory: Memory | None, wait_s: float):
+        self.engine, self.base_name = engine, base_name
+        names = engine.stack.names[1:] if engine.stack is not None else ()
+        self.slots = {base_name: 0, **{n: i + 1 for i, n in enumerate(names)}}
+        self.memory = memory
+        self.batcher = Batcher(engine, memory, wait_s)
+        self.created = int(time.time())
+
+    @property
+    def model_names(self) -> list[str]:
+        return [*self.slots, *([MEMORY] if self.memory is not None else [])]
+
+    def slot(self, body: dict) -> int | None:
+        """The adapter slot of the request's model (None: the memory)."""
+        name = body.get("model")
+        if not isinstance(name, str):
+            raise APIError(400, "model is required", "model")
+        if name == MEMORY and self.memory is not None:
+            return None
+        if name not in self.slots:
+            raise APIError(
+                404,
+                f"The model '{name}' does not exist; served: {', '.join(self.model_names)}",
+                "model",
+                "model_not_found",
+            )
+        return self.slots[name]
+
+    async def generate(self, body: dict, chat: bool) -> tuple[list[Output], int]:
+        """Validate, tokenize, decode (in the batcher): outputs and prompt token count."""
+        slot = self.slot(body)
+        settings = _sampling(body, 256 if chat else 16)
+        if chat:
+            messages = _messages(body)
+            texts: list = [messages]
+            encode = self.engine.encode_chat
+        else:
+            texts = _prompts(body, self.engine)
+            encode = self.engine.encode
+
+        def tokens(item) -> tuple[int, ...]:
+            return item if isinstance(item, tuple) else encode(item)
+
+        work = _Work([Row(tokens(t), slot or 0, **settings) for t in texts], Future())
+        for row in work.rows:
+            if (why := self.engine.problem(row)) is not None:
+                raise APIError(400, why, "prompt" if not chat else "messages")
+        if slot is None:  # the memory: rows are built once the hook has routed the questions
+            questions = [_question(t) for t in texts]
+
+            def build(i: int, route: MemoryRoute) -> Row:
+                return Row(tokens(_with_context(texts[i], route.context)), **settings)
+
+            work = _Work(work.rows, Future(), questions, build)
+        try:
+            outputs = await asyncio.wrap_future(self.batcher.submit(work))
+        except Exception as e:
+            raise APIError(500, f"decoding failed: {type(e).__name__}: {e}") from e
+        return outputs, sum(len(r.tokens) for r in work.rows)
+
+
+def _question(item) -> str:
+    if isinstance(item, list):  # a chat: its last user message
+        return next((m["content"] for m in reversed(item) if m["role"] == "user"), "")
+    return item if isinstance(item, str) else ""
+
+
+def _with_context(item, context: str):
+    if not context:
+        return item
+    if isinstance(item, list):
+        last = (
+            max(i for i, m in enumerate(item) if m["role"] == "user")
+            if any(m["role"] == "user" for m in item)
+            else len(item) - 1
+        )
+        return [
+            m if i != last else {**m, "content": context + m["content"]} for i, m in enumerate(item)
+        ]
+    return context + item if isinstance(item, str) else item
+
+
+def build_app(service: Service, api_key: str | None = None):
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        service.batcher.start()
+        yield
+        service.batcher.stop()  # after uvicorn drained the in-flight requests
+
+    app = FastAPI(title="jaxlora serve", lifespan=lifespan)
+
+    def error(e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(APIError)
+    async def api_error(request, e: APIError):
+        return error(e)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e: HTTPException):
+        return error(APIError(e.status_code, str(e.detail)))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, e: RequestValidationError):
+        return error(APIError(400, f"invalid request: {e}"))
+
+    @app.exception_handler(Exception)
+    async def crash(request, e: Exception):
+        log.exception("request failed")
+        return error(APIError(500, f"internal error: {type(e).__name__}: {e}"))
+
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not secrets.compare_digest(given.encode(), api_key.encode()):
+            raise APIError(401, "Incorrect API key provided", None, "invalid_api_key")
+
+    async def json_body(request: Request) -> dict:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise APIError(400, "the request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        return body
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        check_key(request)
+        data = [
+            {"id": n, "object": "model", "created": service.created, "owned_by": "jaxlora"}
+            for n in service.model_names
+        ]
+        return {"object": "list", "data": data}
+
+    async def respond(request: Request, chat: bool):
+        check_key(request)
+        body = await json_body(request)
+        stream = bool(body.get("stream", False))
+        outputs, prompt_tokens = await service.generate(body, chat)
+        rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+        common = {"id": rid, "created": int(time.time()), "model": body["model"]}
+        if stream:
+            return StreamingResponse(
+                _events(service.engine, outputs, common, chat), media_type="text/event-stream"
+            )
+        completion = sum(len(o.tokens) for o in outputs)
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion,
+        }
+        if chat:
+            choices = [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": o.text},
+                    "logprobs": None,
+                    "finish_reason": o.finish_reason,
+                }
+                for i, o in enumerate(outputs)
+            ]
+            return {**common, "object": "chat.completion", "choices": choices, "usage": usage}
+        choices = [
+            {"index": i, "text": o.text, "logprobs": None, "finish_reason": o.finish_reason}
+            for i, o in enumerate(outputs)
+        ]
+        return {**common, "object": "text_completion", "choices": choices, "usage": usage}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await respond(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await respond(request, chat=True)
+
+    return app
+
+
+def _events(engine: Engine, outputs: list[Output], common: dict, chat: bool):
+    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(i: int, piece: str | None, finish: str | None, first: bool = False) -> str:
+        if chat:
+            delta = {} if piece is None else {"content": piece}
+            if first:
+                delta = {"role": "assistant", "content": ""}
+            choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": i, "text": piece or "", "logprobs": None, "finish_reason": finish}
+        return f"data: {json.dumps({**common, 'object': kind, 'choices': [choice]})}\n\n"
+
+    for i, out in enumerate(outputs):
+        if chat:
+            yield chunk(i, None, None, first=True)
+        for piece in engine.deltas(out):
+            yield chunk(i, piece, None)
+        yield chunk(i, None, out.finish_reason)
+    yield "data: [DONE]\n\n"
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def load_service(
+    model_or_run_dir: str | Path,
+    adapters: dict[str, str | Path] | None = None,
+    *,
+    dtype: str | None = None,
+    max_batch: int = 32,
+    batch_wait_ms: float = 2.0,
+    memory: Memory | None = None,
+    model=None,
+) -> Service:
+    """Load the model and its adapters (the run's, then `adapters`) into a Service; `model`,
+    when given, is the already loaded base (the memory's job shares it)."""
+    from jaxlora.models import load_pretrained
+    from jaxlora.peft_io import load_peft
+
+    source = resolve_source(model_or_run_dir)
+    library = dict(source.adapters)
+    base_name = Path(source.model).name if Path(source.model).exists() else source.model
+    for name, path in (adapters or {}).items():
+        if name in library or name in (base_name, MEMORY):
+            raise LLMError(f"--adapters {name}=...: the name {name!r} is already taken")
+        if not Path(path).is_dir():
+            raise LLMError(f"--adapters {name}={path}: not a directory (expected a PEFT adapter)")
+        library[name] = Path(path)
+    if model is None:
+        model = load_pretrained(source.model, dtype=dtype or source.dtype)
+    stack = load_peft(model, list(library.values()), list(library)) if library else None
+    return Service(
+        Engine(model, stack, max_batch=max_batch), base_name, memory, batch_wait_ms / 1e3
+    )
+
+
+def serve(
+    service: Service, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None
+) -> int:
+    """Run the server until SIGTERM or Ctrl-C; returns 0 once in-flight requests are answered."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        raise LLMError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.listen(1024)
+    url = f"http://{host}:{sock.getsockname()[1]}/v1"
+    print(
+        f"jaxlora: serving {url} (models: {', '.join(service.model_names)})",
+        file=sys.stderr,
+        flush=True,
+    )
+    config = uvicorn.Config(build_app(service, api_key), log_level="warning", access_log=False)
+    server = uvicorn.Server(config)
+    # uvicorn re-raises the signal that stopped it once it has drained; under the default
+    # handler SIGTERM would then kill us with status -15 instead of exiting 0.
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        sock.close()
+    return 0
