@@ -187,6 +187,18 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _memory(args: argparse.Namespace) -> int:
+    from jaxlora.memory.evaluate import run_memory
+
+    rows = run_memory(args.run_dir, args.set or (), progress=not args.no_progress)
+    run_dir = Path(args.run_dir)
+    print(
+        f"evaluated {len(rows)} memory methods -> {run_dir / 'memory_results.csv'}; "
+        f"report: {run_dir / 'memory_report.md'}"
+    )
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from jaxlora.report import write_report
 
@@ -227,6 +239,112 @@ def _convert(args: argparse.Namespace) -> int:
         convert.save_orbax(tmp, source, model.config, model.params, model.tokenizer)
     print(f"wrote {model.num_params:,} parameters ({args.dtype}) to {out}")
     return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from jaxlora.llm.serve import load_service, serve
+
+    adapters = {}
+    for spec in args.adapters or ():
+        name, sep, path = spec.partition("=")
+        if not (sep and name and path):
+            raise JaxloraError(f"--adapters {spec!r}: expected NAME=PEFT_DIR")
+        adapters[name] = path
+    memory, model = None, None
+    if args.memory is not None:
+        from jaxlora.config import load_config
+        from jaxlora.memory.service import MemoryHook
+        from jaxlora.sweep import Job
+
+        config_file = Path(args.model) / "config.yaml"
+        if not config_file.exists():
+            raise JaxloraError(
+                f"--memory needs a run directory trained with data.units: {args.model}"
+            )
+        job = Job(load_config(config_file, args.set or ()))
+        memory, model = MemoryHook(job, args.model, args.memory, args.memory_library), job.model
+    service = load_service(
+        args.model,
+        adapters,
+        dtype=args.dtype,
+        max_batch=args.max_batch,
+        batch_wait_ms=args.batch_wait_ms,
+        memory=memory,
+        model=model,
+    )
+    return serve(service, args.host, args.port, args.api_key)
+
+
+def _llm_settings(args: argparse.Namespace) -> dict:
+    return {
+        "backend": args.llm_backend,
+        "model": args.llm_model,
+        "base_url": args.base_url,
+        "api_key_env": args.api_key_env,
+    }
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from jaxlora.llm.synth import run_synth, summary_lines
+
+    out, report = run_synth(
+        args.source,
+        out=args.out,
+        formats=args.formats,
+        mixes=args.mix or (),
+        mix_total=args.mix_total,
+        counts=args.count or (),
+        templates=args.template or (),
+        overrides={
+            k: v
+            for k, v in (
+                ("temperature", args.temperature),
+                ("top_p", args.top_p),
+                ("max_tokens", args.max_tokens),
+            )
+            if v is not None
+        },
+        llm=_llm_settings(args),
+        seed=args.seed,
+        max_attempts=args.max_attempts,
+        batch_size=args.batch_size,
+        cache=args.cache,
+        progress=not args.no_progress,
+    )
+    for line in summary_lines(report):
+        print(line)
+    cache = report["cache"]
+    print(
+        f"wrote {out} (report: {out / 'synth_report.json'}; "
+        f"{cache['hits']} cached, {cache['misses']} generated)"
+    )
+    return 0
+
+
+def _judge(args: argparse.Namespace) -> int:
+    from jaxlora.llm.judge import format_summary, run_judge
+
+    out, summary = run_judge(
+        args.predictions,
+        out=args.out,
+        config=args.config,
+        llm=_llm_settings(args),
+        cache=args.cache,
+        template=args.template,
+        progress=not args.no_progress,
+    )
+    print(f"{format_summary(summary)} -> {out}")
+    return 0
+
+
+def _add_llm_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("LLM (or a config's llm: section)")
+    g.add_argument("--llm-backend", choices=["local", "openai"], help="in process or HTTP")
+    g.add_argument("--llm-model", help="local: model path, preset or run dir; openai: model name")
+    g.add_argument("--base-url", help="openai: the endpoint, e.g. http://127.0.0.1:8000/v1")
+    g.add_argument("--api-key-env", help="openai: environment variable holding the API key")
+    g.add_argument("--cache", help="result cache file (SQLite)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -282,6 +400,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_distributed_args(p)
     p.set_defaults(func=_eval)
 
+    p = sub.add_parser(
+        "memory", help="evaluate a run's adapter library as a memory (routers, merges, ICL, RAG)"
+    )
+    p.add_argument("run_dir", help="a run directory trained with data.units")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a key of the run's config, e.g. --set 'memory.methods=[oracle,bm25@3/ties]'",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_memory)
+
     p = sub.add_parser("report", help="capacity tables and plots from a run's results.csv")
     p.add_argument("run_dir", help="a run directory with results.csv")
     p.add_argument("--metric", default="accuracy", help="the column to analyse (default: accuracy)")
@@ -335,6 +466,66 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing out_dir")
     p.set_defaults(func=_convert)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible endpoint over a model and its adapters")
+    p.add_argument(
+        "model", help="a run directory (its base + adapters), model dir, hub id or preset"
+    )
+    p.add_argument("--adapters", nargs="+", metavar="NAME=PEFT_DIR", help="more adapters to serve")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=_int_at_least(0), default=8000, help="0: any free port")
+    p.add_argument("--api-key", help="require this bearer key (default: none)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype")
+    p.add_argument("--max-batch", type=_int_at_least(1), default=32, help="rows per decode pass")
+    p.add_argument(
+        "--batch-wait-ms", type=float, default=2.0, help="how long a pass waits for more requests"
+    )
+    p.add_argument(
+        "--memory",
+        metavar="METHOD",
+        help="serve model `memory`: the run's library by a method, e.g. bm25 or bm25@3/ties+rag",
+    )
+    p.add_argument("--memory-library", help="which library of a run with several (its label)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a key of the run's config for --memory, e.g. --set memory.density=0.3",
+    )
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("synth", help="training formats (QA, summary, ...) of each unit by an LLM")
+    p.add_argument(
+        "source", help="units jsonl ({id, text} per line) or a YAML config with a synth: section"
+    )
+    p.add_argument("--out", help="output directory (one jsonl per format, synth_report.json)")
+    p.add_argument(
+        "--formats", help="comma-separated: qa, summary, rewrite, paraphrase, original, facts, ..."
+    )
+    p.add_argument(
+        "--mix", action="append", metavar="FMT=P,...", help="a mix, e.g. qa=0.5,summary=0.5"
+    )
+    p.add_argument("--mix-total", type=_int_at_least(1), default=20, help="items per unit of a mix")
+    p.add_argument("--count", action="append", metavar="FMT=N", help="items per unit of a format")
+    p.add_argument(
+        "--template", action="append", metavar="FMT=PATH", help="a format's prompt template"
+    )
+    p.add_argument("--temperature", type=float, help="sampling temperature (default 0.6)")
+    p.add_argument("--top-p", type=_fraction, help="nucleus sampling (default 0.9)")
+    p.add_argument("--max-tokens", type=_int_at_least(1), help="tokens per generation")
+    p.add_argument("--seed", type=_int_at_least(0), help="base seed (default 0)")
+    p.add_argument("--max-attempts", type=_int_at_least(1), help="rounds of requests (default 3)")
+    p.add_argument("--batch-size", type=_int_at_least(1), help="requests per backend call")
+    _add_llm_args(p)
+    p.set_defaults(func=_synth)
+
+    p = sub.add_parser("judge", help="score predictions against gold answers with an LLM (0-10)")
+    p.add_argument("predictions", help="jsonl with question (or prompt), answer, prediction")
+    p.add_argument("--out", help="judged jsonl (default: PREDICTIONS.judged.jsonl)")
+    p.add_argument("--config", help="YAML with an llm: section")
+    p.add_argument("--template", help="judge prompt file ({question}, {gold}, {candidate})")
+    _add_llm_args(p)
+    p.set_defaults(func=_judge)
     return parser
 
 

@@ -56,6 +56,12 @@ LossMask = Literal["full", "completion_only"]
 Schedule = Literal["cosine", "linear", "constant"]
 Layout = Literal["groups", "padded"]
 EvalPrompt = Literal["continuation", "question"]
+UnitKind = Literal["none", "sectors", "documents", "chunks", "files"]
+Truncate = Literal["head", "tail"]
+Scope = Literal["global", "document"]
+Pooling = Literal["mean", "last"]
+MergeWeights = Literal["study", "mean", "ones"]
+SignMethod = Literal["total", "frequency"]
 
 # The same names as jaxlora.models.transformer.LINEAR_MODULES and jaxlora.lora.TARGET_GROUPS
 # (a test keeps them equal), repeated here so that reading a config never imports JAX.
@@ -146,6 +152,7 @@ class _Range:
 POSITIVE = _Range(lo=0, lo_open=True)
 NON_NEGATIVE = _Range(lo=0)
 UNIT = _Range(lo=0, hi=1)  # [0, 1)
+FRACTION = _Range(lo=0, hi=1, lo_open=True, hi_open=False)  # (0, 1]
 
 
 def _non_empty(value: Any, path: str) -> None:
@@ -361,6 +368,9 @@ class LoRASection(_Section):
     init: InitKind = "kaiming"
 
 
+_UNITS = "all adapters of a job are units of one corpus (data.unit is the unit axis)"
+
+
 @dataclasses.dataclass(frozen=True)
 class DataSection(_Section):
     """The knowledge an adapter memorises. The budget is either `size_tokens` (tokens of the
@@ -378,8 +388,20 @@ class DataSection(_Section):
     text_field: str = field(default="text", metadata=_rule(check=_non_empty))
     question_field: str = field(default="question", metadata=_rule(check=_non_empty))
     answer_field: str = field(default="answer", metadata=_rule(check=_non_empty))
+    # The column naming each row's document (units of documents and chunks are cut within it).
+    document_field: str | None = field(default=None, metadata=_rule(check=_non_empty, fixed=_UNITS))
+    # One adapter per unit of the corpus (jaxlora/data/units.py); the budget cuts the corpus.
+    units: UnitKind = field(default="none", metadata=_rule(fixed=_UNITS))
+    unit_count: int | None = field(default=None, metadata=_rule(check=POSITIVE, fixed=_UNITS))
+    unit_tokens: int | None = field(default=None, metadata=_rule(check=POSITIVE, fixed=_UNITS))
+    unit_overlap: int = field(default=0, metadata=_rule(check=NON_NEGATIVE, fixed=_UNITS))
+    # A csv/json/jsonl file of `unit` and `key` columns: the text routers search (summaries).
+    unit_keys: str | None = field(default=None, metadata=_rule(check=_non_empty, fixed=_UNITS))
+    # The unit this adapter learns; the job sets it for every unit when it is null.
+    unit: str | None = field(default=None, metadata=_rule(check=_non_empty))
 
     def _check(self) -> None:
+        self._check_units()
         if self.size_tokens is not None and self.size_rows is not None:
             raise _FieldError(
                 "size_rows",
@@ -390,6 +412,27 @@ class DataSection(_Section):
             raise _FieldError(
                 "path", f"dataset {self.dataset} needs a path (only phonebook is generated)"
             )
+
+    def _check_units(self) -> None:
+        if self.units == "none":
+            if self.unit is not None:
+                raise _FieldError("unit", "selects a unit, but data.units is none")
+            return
+        if self.units == "sectors" and (self.unit_count is None) == (self.unit_tokens is None):
+            raise _FieldError(
+                "unit_count", "sectors need either unit_count (how many) or unit_tokens (how big)"
+            )
+        if self.units == "chunks":
+            if self.unit_tokens is None:
+                raise _FieldError("unit_tokens", "chunks need a size in tokens (e.g. 2048)")
+            if self.unit_overlap >= self.unit_tokens:
+                raise _FieldError(
+                    "unit_overlap",
+                    f"must be smaller than unit_tokens ({self.unit_tokens}), got "
+                    f"{self.unit_overlap}",
+                )
+        if self.units == "files" and self.path is None:
+            raise _FieldError("path", "data.units: files needs a glob in data.path")
 
 
 _STEP_LOOP = "all adapters of a job share one step loop"
@@ -469,6 +512,58 @@ class EvalSection(_Section):
     path: str | None = field(default=None, metadata=_rule(check=_non_empty))
 
 
+def _check_methods(value: tuple[str, ...], path: str) -> None:
+    from jaxlora.memory.compose import MethodError, parse_method
+
+    for i, text in enumerate(value):
+        try:
+            parse_method(text)
+        except MethodError as e:
+            raise _FieldError(f"{path}[{i}]", str(e)) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class MemorySection(_Section):
+    """The adapter library as a memory, evaluated after training (or by `jaxlora memory`):
+    every method (jaxlora/memory/compose.py) on every question, in batched passes."""
+
+    _fixed: ClassVar[str] = "the memory is evaluated once, over the whole library"
+
+    methods: tuple[str, ...] = field(
+        default=("base", "oracle", "bm25", "bm25@3/ties", "base+icl", "base+rag@3"),
+        metadata=_rule(check=_check_methods),
+    )
+    # A csv/json/jsonl of questions (data.question_field / answer_field, and `unit` and/or
+    # data.document_field columns); null: every unit's own questions.
+    questions: str | None = field(default=None, metadata=_rule(check=_non_empty))
+    # How a question is asked: as trained (a row's text up to its answer) or as a new user turn.
+    prompt: EvalPrompt = "continuation"
+    # A preset (phonebook, counterfact, paperqa, narrativeqa, quality) or a template with
+    # {context} and {question}; auto: the preset of data.dataset (paperqa for qa/text).
+    template: str = field(default="auto", metadata=_rule(check=_non_empty))
+    unit_format: str = field(default="{text}", metadata=_rule(check=_non_empty))
+    context_tokens: int = field(default=24576, metadata=_rule(check=POSITIVE))
+    truncate: Truncate | None = None
+    rag_router: Literal["bm25", "embedding"] = "bm25"
+    scope: Scope = "global"
+    # BM25 terms: words and runs of up to this many words. Pairs keep full names together: on
+    # the study's 16 x 385-row PhoneBook sectors top-1 routing is 0.34 with words, 0.997 with
+    # pairs (tests/test_routers.py).
+    bm25_ngrams: int = field(default=2, metadata=_rule(check=_Range(lo=1, hi=2, hi_open=False)))
+    # The embedding router: a Llama/Qwen checkpoint (null: the run's base model).
+    encoder: str | None = field(default=None, metadata=_rule(check=_non_empty))
+    pooling: Pooling = "mean"
+    query_instruction: str | None = field(default=None, metadata=_rule(check=_non_empty))
+    encoder_max_length: int = field(default=512, metadata=_rule(check=POSITIVE))
+    # Merge weights per source: the study's (1/k for linear and delta_sum, 1 otherwise), 1/k, 1.
+    merge_weights: MergeWeights = "study"
+    density: float = field(default=0.5, metadata=_rule(check=FRACTION))
+    majority_sign_method: SignMethod = "total"
+    seed: int = 0
+    max_new_tokens: int = field(default=50, metadata=_rule(check=POSITIVE))
+    batch_size: int = field(default=64, metadata=_rule(check=POSITIVE))
+
+
 SECTIONS: dict[str, type[_Section]] = {
     "model": ModelSection,
     "lora": LoRASection,
@@ -477,7 +572,9 @@ SECTIONS: dict[str, type[_Section]] = {
     "mesh": MeshSection,
     "checkpoint": CheckpointSection,
     "eval": EvalSection,
+    "memory": MemorySection,
 }
+OPTIONAL_SECTIONS = ("eval", "memory")  # absent: that step does not run
 
 
 def config_keys(*, sweepable: bool | None = None) -> tuple[str, ...]:
@@ -573,13 +670,14 @@ class Config:
     mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
     eval: EvalSection | None = None
+    memory: MemorySection | None = None
     sweep: tuple[tuple[str, tuple], ...] = ()
     source: str = dataclasses.field(default="<config>", compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for name, cls in SECTIONS.items():
             value = getattr(self, name)
-            if not isinstance(value, cls) and not (name == "eval" and value is None):
+            if not isinstance(value, cls) and not (name in OPTIONAL_SECTIONS and value is None):
                 raise _error(self.source, f"{name}: expected a {cls.__name__}, got {value!r}")
         items = self.sweep.items() if isinstance(self.sweep, Mapping) else self.sweep
         try:
@@ -752,7 +850,7 @@ def parse_config(raw: Mapping | None, source: str = "<config>") -> Config:
                 raws[section] = {**(raws[section] or {}), leaf: values[0]}
         sections: dict[str, Any] = {
             name: None
-            if name == "eval" and raws[name] is None
+            if name in OPTIONAL_SECTIONS and raws[name] is None
             else _build_section(cls, raws[name], name)
             for name, cls in SECTIONS.items()
         }

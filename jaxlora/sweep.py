@@ -63,6 +63,7 @@ RESUME_NEUTRAL = (
     "checkpoint",
     "mesh",
     "eval",
+    "memory",
     "training.log_every",
     "training.adapters_per_pass",
 )
@@ -137,6 +138,37 @@ def plan_cells(config: Config, model_config: ModelConfig) -> list[CellPlan]:
     return plans
 
 
+def expand_units(config: Config, tokenizer) -> tuple[Config, list[kdata.Unit]]:
+    """`data.units` as the last (fastest) sweep axis `data.unit`: one adapter per unit for every
+    other cell. Returns the expanded config and the units (none when `data.units` is none).
+
+    A config that already names its unit(s) (`data.unit`, or `data.unit` in the sweep) is
+    returned as it is, so expanding twice changes nothing."""
+    d = config.data
+    if d.units == "none":
+        return config, []
+    if tokenizer is None:
+        raise ConfigError("data.units needs a tokenizer: add tokenizer files to model.path")
+    per_data: dict[str, list[kdata.Unit]] = {}
+    for cell in config.cells():
+        data = dataclasses.replace(cell.config.data, unit=None)
+        key = json.dumps(dataclasses.asdict(data), sort_keys=True)
+        if key not in per_data:
+            per_data[key] = kdata.load_units(data, tokenizer)
+    unit_lists = list(per_data.values())
+    ids = [u.id for u in unit_lists[0]]
+    if any([u.id for u in other] != ids for other in unit_lists[1:]):
+        raise ConfigError(
+            f"{config.source}: the sweep changes the corpus's units (data.units: {d.units}); "
+            "sweep only keys that keep the same units, or run one job per corpus"
+        )
+    if d.unit is not None or any(key == "data.unit" for key, _ in config.sweep):
+        chosen = {d.unit} if d.unit is not None else set()
+        chosen |= {v for key, values in config.sweep if key == "data.unit" for v in values}
+        return config, [u for u in unit_lists[0] if u.id in chosen]
+    return config.with_value("sweep.data.unit", ids), unit_lists[0]
+
+
 # ---------------------------------------------------------------------------------------------
 # data
 
@@ -159,11 +191,21 @@ class JobData:
         self.plans, self.tokenizer, self.batch_size = plans, tokenizer, batch_size
         self.vocab_size = vocab_size  # the model's embedding rows: every token id must fit
         self._records: dict[Any, list] = {}
+        self._units: dict[str, dict[str, kdata.Unit]] = {}
         self._encoded: dict[int, kdata.Encoded] = {}
         self.width = 0
 
     def records(self, plan: CellPlan) -> list:
-        key = json.dumps(dataclasses.asdict(plan.cell.config.data), sort_keys=True)
+        data = plan.cell.config.data
+        if data.unit is not None:  # every unit of a corpus comes from one split of it
+            corpus = dataclasses.replace(data, unit=None)
+            key = json.dumps(dataclasses.asdict(corpus), sort_keys=True)
+            if key not in self._units:
+                self._units[key] = {u.id: u for u in kdata.load_units(corpus, self.tokenizer)}
+            if data.unit not in self._units[key]:
+                return kdata.load_records(data, self.tokenizer)  # raises, naming the units
+            return list(self._units[key][data.unit].records)
+        key = json.dumps(dataclasses.asdict(data), sort_keys=True)
         if key not in self._records:
             self._records[key] = kdata.load_records(plan.cell.config.data, self.tokenizer)
         return self._records[key]
@@ -304,7 +346,8 @@ class Job:
             param_dtype=config.model.param_dtype,
             mesh=self.mesh,
         )
-        self.plans = plan_cells(config, self.model.config)
+        self.config, self.units = expand_units(config, self.model.tokenizer)
+        self.plans = plan_cells(self.config, self.model.config)
         self.groups = build_groups(self.plans, config.training.layout, self.mesh.shape["adapter"])
         self.data = JobData(
             self.plans,
@@ -376,6 +419,8 @@ class SweepJob(Job):
         else:
             check_new_dir(self.run_dir, overwrite=overwrite, flag="--overwrite (or --resume)")
         super().__init__(config, devices)
+        if resume:
+            self._check_same_results(self.config)  # units expanded
         self.data.prepare(sorted({i for g in self.local for i in g}))
 
     def _check_resumable(self) -> None:
@@ -384,11 +429,18 @@ class SweepJob(Job):
             raise JaxloraError(
                 f"{self.run_dir} has no checkpoint to resume; start a new run without --resume"
             )
+        # Before the model loads: every key but the unit axis, which needs the tokenizer.
+        self._check_same_results(self.config, ignore=("sweep.data.unit",))
+
+    def _check_same_results(self, config: Config, ignore: Sequence[str] = ()) -> None:
+        """The resumed config must give the adapters the run was giving."""
         from jaxlora.config import load_config
 
-        saved = result_fingerprint(load_config(saved_file))
-        now = result_fingerprint(self.config)
-        changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+        saved = result_fingerprint(load_config(self.run_dir / "config.yaml"))
+        now = result_fingerprint(config)
+        changed = sorted(
+            k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k) and k not in ignore
+        )
         if changed:
             raise JaxloraError(
                 f"cannot resume {self.run_dir}: the config differs in {', '.join(changed)}, which "
@@ -587,7 +639,26 @@ class SweepJob(Job):
                 for g, gs in zip(self.groups, state.groups, strict=True)
             ]
             results = evaluate_run(self, stacks, self.run_dir, self.config.eval)
-        return {"summary": summary, "results": results, "compile_seconds": compile_s}
+        memory = None
+        if self.config.memory is not None:
+            memory = self._evaluate_memory()
+        return {
+            "summary": summary,
+            "results": results,
+            "memory": memory,
+            "compile_seconds": compile_s,
+        }
+
+    def _evaluate_memory(self) -> list[dict[str, Any]] | None:
+        if jax.process_count() > 1:
+            log.warning(
+                "the memory is evaluated in one process: run `jaxlora memory %s` on one host",
+                self.run_dir,
+            )
+            return None
+        from jaxlora.memory.evaluate import evaluate_memory
+
+        return evaluate_memory(self, self.run_dir, self.config.memory, self.progress)
 
     # -- logging -----------------------------------------------------------------------------
 
@@ -663,6 +734,8 @@ class SweepJob(Job):
         rows.sort(key=lambda r: r["index"])
         if jax.process_index() == 0:
             self._write_summary(rows)
+            if self.units:
+                self._write_units()
         multihost_utils.sync_global_devices("jaxlora-finish")
         return rows
 
@@ -721,6 +794,19 @@ class SweepJob(Job):
             "status": "diverged" if diverged_at >= 0 else "ok",
             "diverged_at_step": diverged_at if diverged_at >= 0 else "",
         }
+
+    def _write_units(self) -> None:
+        """units.jsonl: per adapter, its unit, document, key text and own questions -- all that
+        routers and the memory evaluator need besides the adapters."""
+        units = {u.id: u for u in self.units}
+        lines = []
+        for plan in self.plans:
+            u = units[plan.cell.config.data.unit]
+            questions = [{"question": r.question, "answer": r.answer} for r in u.questions]
+            row = {"adapter": plan.name, "unit": u.id, "document": u.document, "key": u.key}
+            row["text"] = u.text
+            lines.append(json.dumps({**row, "questions": questions}, ensure_ascii=False))
+        atomic_write(self.run_dir / "units.jsonl", "\n".join(lines) + "\n")
 
     def _write_summary(self, rows: list[dict[str, Any]]) -> None:
         buf = io.StringIO()

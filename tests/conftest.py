@@ -82,3 +82,36 @@ def evaluated_run(tmp_path_factory):
     config = load_config(tmp / "run.yaml")
     SweepJob(config, tmp / "run", progress=False, devices=jax.devices()[:1]).run()
     return config, tmp / "run"
+
+
+# A 4-sector PhoneBook library trained briefly (adapters that differ) with its memory evaluated
+# after training: shared by the memory and notebook tests.
+MEMORY_RUN = {
+    "model": {"path": "tiny-llama"},
+    "lora": {"rank": 8, "dropout": 0.0},
+    "data": {
+        "dataset": "phonebook",
+        "size_tokens": 250,
+        "units": "sectors",
+        "unit_count": 4,
+        "loss_mask": "completion_only",
+        "max_length": 64,
+    },
+    "training": {"steps": 60, "batch_size": 8, "lr": 1.0e-2, "weight_decay": 0.0, "log_every": 30},
+    "mesh": {"adapter": 1},
+    "checkpoint": {"every_steps": 1000},
+    "memory": {"methods": ["base", "bm25", "bm25@2/ties"], "max_new_tokens": 12},
+}
+
+
+@pytest.fixture(scope="session")
+def memory_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("memoryrun")
+    from jaxlora.config import load_config
+    from jaxlora.sweep import SweepJob
+
+    (tmp / "run.yaml").write_text(yaml.safe_dump(MEMORY_RUN, sort_keys=False))
+    SweepJob(
+        load_config(tmp / "run.yaml"), tmp / "run", progress=False, devices=jax.devices()[:1]
+    ).run()
+    return tmp / "run"

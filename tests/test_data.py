@@ -328,6 +328,9 @@ def test_load_records(tmp_path, llama):
             text_field="text",
             question_field="question",
             answer_field="answer",
+            document_field=None,
+            units="none",
+            unit=None,
         )
         return SimpleNamespace(**{**base, **kw})
 

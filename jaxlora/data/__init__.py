@@ -24,6 +24,7 @@ from jaxlora.data.phonebook import (
 from jaxlora.data.readers import DATASET_KINDS, read_records
 from jaxlora.data.records import RECORD_KINDS, Record, RecordKind, row_record
 from jaxlora.data.stream import EpochStream, gather
+from jaxlora.data.units import UNIT_KINDS, Unit
 from jaxlora.errors import DataError
 
 __all__ = [
@@ -31,17 +32,20 @@ __all__ = [
     "LOSS_MASKS",
     "PHONE_PATTERN",
     "RECORD_KINDS",
+    "UNIT_KINDS",
     "Encoded",
     "EpochStream",
     "LossMask",
     "Record",
     "RecordKind",
+    "Unit",
     "check_vocab",
     "count_tokens",
     "encode",
     "gather",
     "generate_phonebook",
     "load_records",
+    "load_units",
     "phonebook_record",
     "phonebook_records",
     "read_records",
@@ -51,12 +55,36 @@ __all__ = [
 
 
 def load_records(data, tokenizer) -> list[Record]:
-    """The budgeted records of a config's data section.
+    """The budgeted records of a config's data section (one unit's, when `data.unit` is set).
 
-    `data` is anything with the attributes `dataset, path, size_tokens, size_rows, seed,
-    text_field, question_field, answer_field`. A PhoneBook without a path is generated from
-    `seed`; every other dataset needs `path`.
+    `data` is a `DataSection` or anything with its attributes. A PhoneBook without a path is
+    generated from `seed`; every other dataset needs `path`.
     """
+    if data.units != "none" and data.unit is not None:
+        units = {u.id: u for u in load_units(data, tokenizer)}
+        if data.unit not in units:
+            raise DataError(
+                f"data.unit={data.unit!r} is not a unit of this corpus; its units are "
+                f"{_listing(list(units))}"
+            )
+        return list(units[data.unit].records)
+    return _corpus(data, tokenizer, data.document_field)
+
+
+def load_units(data, tokenizer) -> list[Unit]:
+    """Every unit of a data section with `data.units` set (see `jaxlora/data/units.py`)."""
+    from jaxlora.data import units
+
+    def read(path, document_field):
+        return _read(data, path, document_field)
+
+    if data.units == "files" or data.path is not None:
+        return units.load_units(data, tokenizer, read)
+    # A generated phonebook: budgeted at generation, then split.
+    return units.split(_corpus(data, tokenizer, None), data, tokenizer)
+
+
+def _corpus(data, tokenizer, document_field) -> list[Record]:
     kind = data.dataset
     if kind not in DATASET_KINDS:
         raise DataError(f"unknown data.dataset {kind!r}: use one of {', '.join(DATASET_KINDS)}")
@@ -68,11 +96,21 @@ def load_records(data, tokenizer) -> list[Record]:
         return phonebook_records(
             tokenizer, size_tokens=data.size_tokens, size_rows=data.size_rows, seed=seed
         )
-    records = read_records(
-        kind,
-        data.path,
+    records = _read(data, data.path, document_field)
+    return take_budget(records, tokenizer, size_tokens=data.size_tokens, size_rows=data.size_rows)
+
+
+def _read(data, path, document_field) -> list[Record]:
+    return read_records(
+        data.dataset,
+        path,
         text_field=data.text_field,
         question_field=data.question_field,
         answer_field=data.answer_field,
+        document_field=document_field,
     )
-    return take_budget(records, tokenizer, size_tokens=data.size_tokens, size_rows=data.size_rows)
+
+
+def _listing(items: list[str], limit: int = 8) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")

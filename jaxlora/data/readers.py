@@ -25,6 +25,7 @@ Errors name the file, the row index and the columns found, with the config key t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
 from collections.abc import Iterator
@@ -45,7 +46,7 @@ _PB_ROW = re.compile(
 _PB_QUESTION = re.compile(r"(?:Question:\s*)?What is the phone number of (?P<name>.+?)\s*\??")
 _PB_FORMAT = "'Question: What is the phone number of NAME? Answer: PHONE'"
 
-__all__ = ["DATASET_KINDS", "read_records"]
+__all__ = ["DATASET_KINDS", "read_records", "read_table"]
 
 
 def read_records(
@@ -55,24 +56,38 @@ def read_records(
     text_field: str = "text",
     question_field: str = "question",
     answer_field: str = "answer",
+    document_field: str | None = None,
 ) -> list[Record]:
-    """Read every record of `path` as `dataset` (one of `DATASET_KINDS`), in file order."""
+    """Read every record of `path` as `dataset` (one of `DATASET_KINDS`), in file order.
+
+    With `document_field`, every record carries its row's value of that column as `document`
+    (the column must exist)."""
     if dataset not in DATASET_KINDS:
         raise DataError(f"unknown data.dataset {dataset!r}: use one of {', '.join(DATASET_KINDS)}")
     table = _Table.load(path)
     fields = {"text": text_field, "question": question_field, "answer": answer_field}
     if dataset == "phonebook":
-        return _phonebook(table, fields)
-    if dataset == "counterfact":
-        return _counterfact(table, fields)
-    if dataset == "text":
+        records = _phonebook(table, fields)
+    elif dataset == "counterfact":
+        records = _counterfact(table, fields)
+    elif dataset == "text":
         texts = table.strings(text_field, "data.text_field")
-        return [Record(kind="text", text=t) for t in texts]
-    questions = table.strings(question_field, "data.question_field")
-    answers = table.strings(answer_field, "data.answer_field")
-    return [
-        Record(kind="qa", question=q, answer=a) for q, a in zip(questions, answers, strict=True)
-    ]
+        records = [Record(kind="text", text=t) for t in texts]
+    else:
+        questions = table.strings(question_field, "data.question_field")
+        answers = table.strings(answer_field, "data.answer_field")
+        records = [
+            Record(kind="qa", question=q, answer=a) for q, a in zip(questions, answers, strict=True)
+        ]
+    if document_field is None:
+        return records
+    documents = table.strings(document_field, "data.document_field")
+    return [dataclasses.replace(r, document=d) for r, d in zip(records, documents, strict=True)]
+
+
+def read_table(path: str | Path) -> _Table:
+    """The columns of a csv/json/jsonl file (or hub dataset), with row-pointing errors."""
+    return _Table.load(path)
 
 
 class _Table:

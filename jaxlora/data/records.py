@@ -8,6 +8,9 @@ budgeting, encoding and evaluation never branch on the source file format, only 
   text (CounterFact edit CSVs) give rows whose split is unknown (`question = answer = None`).
 - `qa`: a question/answer pair trained as a dialogue turn; `text` stays empty.
 - `text`: a document or chunk with no designated answer.
+
+`document` names the document a record belongs to (a paper, a book, an article), when the
+source says so; units of a memory are cut within documents (`jaxlora/data/units.py`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class Record:
     answer: str | None = None
     target_true: str | None = None
     subject: str | None = None
+    document: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in RECORD_KINDS:

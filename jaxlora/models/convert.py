@@ -115,6 +115,10 @@ def load_hf_params(
     flat = []
     for path, var in nnx.to_flat_state(abstract):
         name, transpose = hf_name(path)
+        # A bare decoder saved without its LM head (AutoModel, embedding checkpoints such as
+        # Qwen3-Embedding) names its tensors without the "model." prefix.
+        if name not in files and name.removeprefix("model.") in files:
+            name = name.removeprefix("model.")
         if name not in files:
             raise CheckpointError(
                 f"{model_dir}: tensor {name} is missing from the checkpoint "

@@ -1,0 +1,224 @@
+"""Units of a memory: a corpus cut into pieces, one adapter per piece.
+
+The study's memory experiments train one adapter per *unit* of knowledge: a contiguous sector
+of a phonebook, a paper, a chunk of a book. A unit is a cell like any other (DESIGN.md §2), so
+`expand_units` turns `data.units` into one more sweep axis, `data.unit`, varying fastest:
+units x ranks is one grid, trained in one job.
+
+The budget (`data.size_tokens` / `size_rows`) cuts the *corpus*; units split what it kept.
+Kinds (`data.units`):
+
+- `sectors`: contiguous runs of records, either `unit_count` sectors of about equal token
+  counts (PhoneBook 128K -> 16 x ~8K) or sectors of at most `unit_tokens` tokens each.
+- `documents`: one unit per document (`data.document_field`, or each row of a `text` dataset).
+- `chunks`: windows of `unit_tokens` tokens overlapping by `unit_overlap`, in the model's
+  tokens, within each document; every token is covered and a document shorter than a window is
+  one chunk.
+- `files`: `data.path` is a glob, one unit per file (the study's `_sector_XX.csv`).
+
+Each unit has a *key*: the text routers search. By default its content; `data.unit_keys` names
+a file of `{unit, key}` rows (summaries, as the study used for NarrativeQA and QuALITY).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import itertools
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from jaxlora.data.budget import count_tokens, take_budget
+from jaxlora.data.records import Record
+from jaxlora.errors import DataError
+
+UNIT_KINDS: tuple[str, ...] = ("none", "sectors", "documents", "chunks", "files")
+SECTORS_DOCUMENT = "corpus"  # sectors cut one running corpus: they share one document
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """One unit: its id (file-name safe), its document, its training records and its key."""
+
+    id: str
+    document: str
+    records: tuple[Record, ...]
+    key: str
+
+    @property
+    def text(self) -> str:
+        """The unit's content: what ICL and RAG put in context."""
+        return content(self.records)
+
+    @property
+    def questions(self) -> list[Record]:
+        """The unit's own records that can be asked (a known answer)."""
+        return [r for r in self.records if r.kind != "text" and r.answer]
+
+
+def content(records: Sequence[Record]) -> str:
+    return "\n".join(r.knowledge_text for r in records)
+
+
+def windows(n: int, size: int, overlap: int) -> list[tuple[int, int]]:
+    """[start, end) token windows of `size` over n tokens, consecutive ones sharing exactly
+    `overlap` tokens; the last window ends at n, so every token is covered."""
+    if size <= 0 or not 0 <= overlap < size:
+        raise DataError(
+            f"chunks need data.unit_tokens > data.unit_overlap >= 0; got {size} and {overlap}"
+        )
+    starts = [0]
+    while starts[-1] + size < n:
+        starts.append(starts[-1] + size - overlap)
+    return [(s, min(s + size, n)) for s in starts]
+
+
+def sectors(
+    records: Sequence[Record], tokenizer, *, count: int | None, tokens: int | None
+) -> list[Unit]:
+    """Contiguous sectors: `count` of about equal tokens, or greedy runs of <= `tokens`."""
+    sizes = count_tokens(records, tokenizer)
+    total = np.cumsum(sizes)
+    if count is not None:
+        if count > len(records):
+            raise DataError(
+                f"data.unit_count={count} sectors but the corpus has only {len(records)} "
+                "records: lower data.unit_count or raise the data budget"
+            )
+        # Cut where the running token count reaches k/count of the total, keeping at least one
+        # record in every sector.
+        bounds, n = [0], len(records)
+        for k in range(1, count):
+            cut = int(np.searchsorted(total, total[-1] * k / count, side="left")) + 1
+            bounds.append(min(max(cut, bounds[-1] + 1), n - (count - k)))
+        bounds.append(n)
+    else:
+        assert tokens is not None
+        if int(sizes.max()) > tokens:
+            raise DataError(
+                f"a record has {int(sizes.max())} tokens, more than data.unit_tokens={tokens}: "
+                "raise data.unit_tokens"
+            )
+        bounds, used = [0], 0
+        for i, n in enumerate(sizes.tolist()):
+            if used + n > tokens:
+                bounds.append(i)
+                used = 0
+            used += n
+        bounds.append(len(records))
+    width = len(str(len(bounds) - 2))
+    return [
+        _unit(f"{k:0{width}d}", SECTORS_DOCUMENT, records[a:b])
+        for k, (a, b) in enumerate(itertools.pairwise(bounds))
+    ]
+
+
+def documents(records: Sequence[Record]) -> list[Unit]:
+    """One unit per document, in order of first appearance."""
+    return [_unit(_safe(doc), doc, rows) for doc, rows in _by_document(records).items()]
+
+
+def chunks(records: Sequence[Record], tokenizer, *, size: int, overlap: int) -> list[Unit]:
+    """Token windows within each document; a chunk is a `text` record of its window."""
+    units = []
+    for doc, rows in _by_document(records).items():
+        text = "\n\n".join(r.knowledge_text for r in rows)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        spans = enc["offset_mapping"]
+        if not spans:
+            raise DataError(f"document {doc!r} has no tokens: remove it or fill it in")
+        cut = windows(len(spans), size, overlap)
+        width = len(str(len(cut) - 1))
+        for j, (a, b) in enumerate(cut):
+            piece = text[spans[a][0] : spans[b - 1][1]]
+            units.append(_unit(f"{_safe(doc)}.{j:0{width}d}", doc, [Record("text", piece)]))
+    return units
+
+
+def split(records: Sequence[Record], data, tokenizer) -> list[Unit]:
+    """The units of a budgeted corpus under a config's data section."""
+    if data.units == "sectors":
+        units = sectors(records, tokenizer, count=data.unit_count, tokens=data.unit_tokens)
+    elif data.units in ("documents", "files"):
+        units = documents(records)
+    elif data.units == "chunks":
+        units = chunks(records, tokenizer, size=data.unit_tokens, overlap=data.unit_overlap)
+    else:
+        raise DataError(f"unknown data.units {data.units!r}: use one of {', '.join(UNIT_KINDS)}")
+    if data.unit_keys:
+        units = with_keys(units, data.unit_keys)
+    return units
+
+
+def load_units(data, tokenizer, read) -> list[Unit]:
+    """All units of a data section; `read(path, document_field)` reads one file's records."""
+    if data.units == "files":
+        files = sorted(glob.glob(str(Path(data.path).expanduser())))
+        if not files:
+            raise DataError(
+                f"data.path {data.path!r} matches no file: with data.units: files it is a glob "
+                "such as data/phonebook_sector_*.csv"
+            )
+        stems = [Path(f).stem for f in files]
+        records = [
+            dataclasses.replace(r, document=stem)
+            for f, stem in zip(files, stems, strict=True)
+            for r in read(f, None)
+        ]
+    else:
+        records = read(data.path, data.document_field)
+        if data.units in ("documents", "chunks") and data.document_field is None:
+            if any(r.kind != "text" for r in records):
+                raise DataError(
+                    f"data.units: {data.units} needs data.document_field (the column naming "
+                    "each row's document), or a text dataset whose rows are the documents"
+                )
+            records = [dataclasses.replace(r, document=str(i)) for i, r in enumerate(records)]
+    records = take_budget(
+        records, tokenizer, size_tokens=data.size_tokens, size_rows=data.size_rows
+    )
+    return split(records, data, tokenizer)
+
+
+def with_keys(units: Sequence[Unit], path: str | Path) -> list[Unit]:
+    """Units whose keys are read from a json/jsonl/csv file of `unit` and `key` columns."""
+    from jaxlora.data.readers import read_table
+
+    table = read_table(path)
+    ids, keys = table.strings("unit", "data.unit_keys"), table.strings("key", "data.unit_keys")
+    given = dict(zip(ids, keys, strict=True))
+    missing = [u.id for u in units if u.id not in given]
+    if missing:
+        raise DataError(
+            f"data.unit_keys {path} has no key for unit {missing[0]!r} "
+            f"({len(missing)} of {len(units)} missing): add a row for every unit"
+        )
+    extra = sorted(set(given) - {u.id for u in units})
+    if extra:
+        raise DataError(
+            f"data.unit_keys {path} names unit {extra[0]!r}, which the corpus does not have: "
+            "unit ids are listed in the run's units.jsonl"
+        )
+    return [dataclasses.replace(u, key=given[u.id]) for u in units]
+
+
+def _by_document(records: Sequence[Record]) -> dict[str, list[Record]]:
+    groups: dict[str, list[Record]] = {}
+    for r in records:
+        if r.document is None:
+            raise DataError("a record has no document: set data.document_field")
+        groups.setdefault(r.document, []).append(r)
+    return groups
+
+
+def _unit(uid: str, document: str, records: Sequence[Record]) -> Unit:
+    records = tuple(records)
+    return Unit(uid, document, records, content(records))
+
+
+def _safe(name: str) -> str:
+    """A document name as a unit id: file-name safe, still readable."""
+    out = "".join(c if c.isalnum() or c in "._-" else "_" for c in str(name).strip())
+    return out or "_"

@@ -1,0 +1,247 @@
+"""Composition: a method is (router, k, combiner, context), written as one short string.
+
+DESIGN.md §2: composition is data, not code paths. Every method of the study's grid -- the
+base model alone, the oracle adapter, routed top-k merges, ICL, RAG and their hybrids -- is a
+point of one grammar, and `jaxlora/memory/evaluate.py` evaluates any list of them in batch:
+
+    METHOD   := ADAPTERS ["+" CONTEXT]
+    ADAPTERS := "base" | ROUTER ["@" K] ["/" COMBINER]
+    CONTEXT  := "icl" | "icl_doc" | "rag" ["@" K]
+
+    base            the base model, no adapter, no context
+    oracle          each question's own unit's adapter
+    bm25@3/ties     BM25's top 3 adapters merged with TIES (any PEFT combination type)
+    bm25@3/mixture  the top 3 adapters decoding together, next-token distributions averaged
+    base+icl        the base model with every unit's text in context (icl_doc: its document's)
+    base+rag@3      the base model with the top 3 units' text (by `memory.rag_router`)
+    oracle+rag      a hybrid: the oracle adapter with RAG context
+
+A hybrid with a routed adapter and `rag` reuses the adapter's route for its context (the
+study's QuALITY hybrids); `rag@K` with another K routes again. `one` is the only combiner of a
+single adapter and the default for k = 1; k > 1 needs a combiner.
+
+Contexts are rendered by a prompt template with `{context}` and `{question}`; the study's
+templates are named presets. A context longer than the token budget is an error unless
+`truncate` says which end to keep, and every truncation is counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlora.errors import JaxloraError
+from jaxlora.generate import DecodeSpec, decode
+from jaxlora.models.transformer import KVCache
+
+ROUTER_KINDS = ("oracle", "bm25", "embedding")
+MERGE_TYPES = (
+    "linear",
+    "cat",
+    "svd",
+    "ties",
+    "ties_svd",
+    "dare_linear",
+    "dare_ties",
+    "dare_linear_svd",
+    "dare_ties_svd",
+    "magnitude_prune",
+    "magnitude_prune_svd",
+    "delta_sum",
+)
+COMBINERS = ("one", "mixture", *MERGE_TYPES)
+CONTEXTS = ("none", "icl", "icl_doc", "rag")
+
+# The study's prompt templates (STUDY.md §3). The question slot receives what the question
+# record asks: for PhoneBook rows the trained prefix "Question: ... Answer:" itself.
+TEMPLATES: dict[str, str] = {
+    "phonebook": "Based on the context below, answer the question.\n\nContext:\n{context}\n\n"
+    "{question}",
+    "counterfact": "Context:\n{context}\n\n{question}",
+    "paperqa": "Context: {context}\n\nQuestion: {question}\nAnswer:",
+    "narrativeqa": "{context}\n\nAnswer the following question. Give only the answer, and no "
+    "extra commentary, formatting, or chattiness.\n\nQuestion: {question}",
+    "quality": "--------------BEGIN CONTEXT--------------\n{context}\n"
+    "--------------END CONTEXT--------------\n\n{question}",
+}
+
+_METHOD = re.compile(
+    r"(?P<adapters>base|(?P<router>[a-z][a-z0-9_]*)(?:@(?P<k>\d+))?(?:/(?P<combiner>[a-z_]+))?)"
+    r"(?:\+(?P<context>[a-z_]+)(?:@(?P<ctx_k>\d+))?)?"
+)
+
+
+class MethodError(JaxloraError):
+    """A memory method that cannot be parsed or evaluated as written."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One point of the grid. `router` is None for the base model; `rag_k` is the number of
+    units whose text a `rag` context holds."""
+
+    name: str
+    router: str | None
+    k: int
+    combiner: str | None
+    context: str = "none"
+    rag_k: int = 0
+
+    @property
+    def uses_adapters(self) -> bool:
+        return self.router is not None
+
+    @property
+    def rag_shares_route(self) -> bool:
+        """A routed hybrid whose RAG context is its own top-k units."""
+        return self.context == "rag" and self.router is not None and self.rag_k == self.k
+
+
+def parse_method(text: str, *, default_rag_k: int = 3) -> Method:
+    """A `Method` from its string (see the module docstring), with one-line errors."""
+    spec = text.strip()
+    m = _METHOD.fullmatch(spec)
+    if m is None:
+        raise MethodError(
+            f"memory method {text!r} is not ROUTER[@K][/COMBINER][+CONTEXT] or base[+CONTEXT] "
+            "(e.g. oracle, bm25@3/ties, base+rag@3, oracle+icl)"
+        )
+    context = m["context"] or "none"
+    if context not in CONTEXTS[1:] and m["context"] is not None:
+        raise MethodError(
+            f"memory method {text!r}: unknown context {context!r}; use icl, icl_doc or rag"
+        )
+    if m["ctx_k"] is not None and context != "rag":
+        raise MethodError(f"memory method {text!r}: only rag takes a number of units (rag@K)")
+    if m["adapters"] == "base":
+        rag_k = int(m["ctx_k"] or default_rag_k) if context == "rag" else 0
+        return Method(spec, None, 0, None, context, rag_k)
+    router = m["router"]
+    if router not in ROUTER_KINDS:
+        raise MethodError(
+            f"memory method {text!r}: unknown router {router!r}; use base or one of "
+            f"{', '.join(ROUTER_KINDS)}"
+        )
+    k = int(m["k"] or 1)
+    if k < 1:
+        raise MethodError(f"memory method {text!r}: k must be at least 1")
+    combiner = m["combiner"] or ("one" if k == 1 else None)
+    if combiner is None:
+        raise MethodError(
+            f"memory method {text!r}: top-{k} needs a combiner, e.g. {spec}/ties, "
+            f"{spec}/linear, {spec}/cat or {spec}/mixture"
+        )
+    if combiner not in COMBINERS:
+        raise MethodError(
+            f"memory method {text!r}: unknown combiner {combiner!r}; use one of "
+            f"{', '.join(COMBINERS)}"
+        )
+    if combiner == "one" and k != 1:
+        raise MethodError(f"memory method {text!r}: 'one' uses a single adapter; use @1")
+    if router == "oracle" and k != 1:
+        raise MethodError(
+            f"memory method {text!r}: the oracle knows only each question's own unit; use oracle@1"
+        )
+    rag_k = 0
+    if context == "rag":
+        rag_k = int(m["ctx_k"]) if m["ctx_k"] is not None else k
+    return Method(spec, router, k, combiner, context, rag_k)
+
+
+def template_text(template: str) -> str:
+    """A preset's text, or a user template, which must hold {context} and {question}."""
+    text = TEMPLATES.get(template, template)
+    missing = [slot for slot in ("{context}", "{question}") if slot not in text]
+    if missing:
+        raise MethodError(
+            f"memory.template {template!r} is neither a preset ({', '.join(TEMPLATES)}) nor a "
+            f"template with {{context}} and {{question}} (missing {', '.join(missing)})"
+        )
+    return text
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """At most `tokens` context tokens; `truncate` keeps the `head` or the `tail` of a longer
+    context, or None: a longer context is an error."""
+
+    tokens: int
+    truncate: str | None = None
+
+    def fit(self, context: str, tokenizer, where: str) -> tuple[str, bool]:
+        """The context within budget, and whether it was cut."""
+        enc = tokenizer(context, add_special_tokens=False, return_offsets_mapping=True)
+        spans = enc["offset_mapping"]
+        if len(spans) <= self.tokens:
+            return context, False
+        if self.truncate is None:
+            raise MethodError(
+                f"{where}: the context has {len(spans):,} tokens, over memory.context_tokens="
+                f"{self.tokens:,}; raise the budget or set memory.truncate: head or tail"
+            )
+        if self.truncate == "head":
+            return context[: spans[self.tokens - 1][1]], True
+        return context[spans[len(spans) - self.tokens][0] :], True
+
+
+def join_units(texts: Sequence[str], ids: Sequence[str], unit_format: str) -> str:
+    """Units' texts as one context, each rendered by `unit_format` ({text}, {unit})."""
+    return "\n\n".join(unit_format.format(text=t, unit=u) for t, u in zip(texts, ids, strict=True))
+
+
+# --------------------------------------------------------------------------- mixture decoding
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "k"))
+def decode_mixture(graphdef, base, weights, consts, tokens_QT, mask_QT, spec: DecodeSpec, k: int):
+    """Greedy continuations [Q, N] where question q decodes with adapters q*k .. q*k+k-1 of the
+    stack together: at each step the next-token distribution is the mean of their softmaxes.
+
+    Each adapter keeps its own KV cache (its own activations); the k members of a question
+    always agree on the token, since they pick it from the same mixed distribution."""
+    from flax import nnx
+
+    Q = tokens_QT.shape[0]
+    tokens = jnp.repeat(tokens_QT, k, axis=0)[:, None]  # [Q*k, 1, T]
+    mask = jnp.repeat(mask_QT, k, axis=0)[:, None]
+    cache_axes = KVCache(k=0, v=0, valid=0, end=None, next_pos=0)
+
+    def one(w, c, t, m, cache):
+        return nnx.merge(graphdef, w, c, base)(t, m, cache=cache, last_only=True)
+
+    def forward(t, m, cache):
+        logits, cache = jax.vmap(one, in_axes=(0, 0, 0, 0, cache_axes), out_axes=(0, cache_axes))(
+            weights, consts, t, m, cache
+        )
+        logp = jax.nn.log_softmax(logits, axis=-1).reshape(Q, k, *logits.shape[1:])
+        mixed = jax.nn.logsumexp(logp, axis=1) - jnp.log(k)
+        return jnp.repeat(mixed, k, axis=0), cache
+
+    probe = nnx.merge(
+        graphdef, jax.tree.map(lambda x: x[0], weights), jax.tree.map(lambda x: x[0], consts), base
+    )
+
+    def init_cache(n):
+        one_cache = KVCache.init(probe.config, 1, n, probe.dtype)
+        stacked = lambda x: jnp.broadcast_to(x, (Q * k, *x.shape))  # noqa: E731
+        return KVCache(
+            k=tuple(map(stacked, one_cache.k)),
+            v=tuple(map(stacked, one_cache.v)),
+            valid=stacked(one_cache.valid),
+            end=one_cache.end,
+            next_pos=stacked(one_cache.next_pos),
+        )
+
+    out = decode(forward, init_cache, tokens, mask, spec)  # [Q*k, 1, N]
+    return out[::k, 0]
+
+
+def route_indices(route_QK: np.ndarray, k: int) -> np.ndarray:
+    """The first k columns of a route, as a contiguous int array."""
+    return np.ascontiguousarray(np.asarray(route_QK)[:, :k], dtype=np.int32)

@@ -1,0 +1,541 @@
+"""The memory evaluator: every method of a `memory:` section on every question, in batch.
+
+A trained run whose data was cut into units (`data.units`) is an adapter *library*: one
+adapter per unit, plus `units.jsonl` (each unit's key, text, document and questions). When the
+grid has other axes (units x ranks), each combination of them is its own library, evaluated
+separately and labelled in the `library` column.
+
+For each library the evaluator
+1. builds the questions (every unit's own, or `memory.questions`) and knows each one's unit;
+2. fits every router the methods name once on the keys and routes all questions at once,
+   to the largest k any method asks of it (a top-k route is a prefix of a top-k' route);
+3. per method, builds each question's context (none, ICL, RAG; budgeted, truncation counted)
+   and its prompt, then decodes `memory.batch_size` questions per pass: the base model alone,
+   a per-question stack of routed adapters (vmap over questions, KV cache), a stack of
+   per-question merges (`jaxlora.memory.merge`, one vmapped op per batch) or a mixture;
+4. scores the outputs with the dataset's metrics and routing accuracy against the oracle.
+
+Outputs: `memory_results.csv` (one row per library x method), `memory_predictions.jsonl`,
+`memory_report.md` and plots (`jaxlora/memory/report.py`).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import itertools
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxlora import data as kdata
+from jaxlora.config import Config, MemorySection
+from jaxlora.errors import DataError
+from jaxlora.evaluate import build_questions, load_stacks, score
+from jaxlora.fsutil import RunLock, atomic_write
+from jaxlora.generate import DecodeSpec, _generate_base, decode_stack, eos_and_pad
+from jaxlora.lora import AdapterStack, concatenate
+from jaxlora.memory import compose
+from jaxlora.memory.compose import Budget, Method, MethodError, parse_method
+from jaxlora.memory.merging import merge
+from jaxlora.memory.routers import Route, make_router, routing_accuracy
+
+log = logging.getLogger(__name__)
+
+_DATASET_TEMPLATE = {"phonebook": "phonebook", "counterfact": "counterfact"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Library:
+    """One library: adapters in unit order (a stack) and their units' ids, documents, keys and
+    texts. `label` names the other sweep values it was trained with ("" when there are none)."""
+
+    label: str
+    stack: AdapterStack
+    units: tuple[str, ...]
+    documents: tuple[str, ...]
+    keys: tuple[str, ...]
+    texts: tuple[str, ...]
+    questions: tuple[tuple[kdata.Record, ...], ...]  # each unit's own questions
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryQuestion:
+    record: kdata.Record  # what is asked (its question) and the answer
+    unit: int | None  # index of its own unit in the library; None when unknown
+    document: str | None
+
+
+def load_libraries(job, run_dir: Path) -> list[Library]:
+    """The libraries of a finished run with units (see the module docstring)."""
+    path = run_dir / "units.jsonl"
+    if not path.exists():
+        raise DataError(
+            f"{run_dir} has no units.jsonl: memory evaluation needs a run trained with "
+            "data.units (sectors, documents, chunks or files)"
+        )
+    rows = {r["adapter"]: r for r in map(json.loads, path.read_text().splitlines()) if r}
+    stacks = load_stacks(job, run_dir)
+    by_name = {}
+    for g, stack in zip(job.groups, stacks, strict=True):
+        for slot, i in g.real:
+            by_name[job.plans[i].name] = (stack, slot)
+    groups: dict[str, list] = {}
+    for plan in job.plans:
+        others = [(k, v) for k, v in plan.cell.values if k != "data.unit"]
+        label = "-".join(f"{k.rpartition('.')[2]}{_plain(v)}" for k, v in others)
+        groups.setdefault(label, []).append(plan)
+    libraries = []
+    for label, plans in groups.items():
+        missing = [p.name for p in plans if p.name not in rows]
+        if missing:
+            raise DataError(f"{path} has no row for adapter {missing[0]}: retrain the run")
+        parts = [by_name[p.name][0].select([by_name[p.name][1]]) for p in plans]
+        meta = [rows[p.name] for p in plans]
+        libraries.append(
+            Library(
+                label=label,
+                stack=concatenate(job.model, parts),
+                units=tuple(m["unit"] for m in meta),
+                documents=tuple(m["document"] for m in meta),
+                keys=tuple(m["key"] for m in meta),
+                texts=tuple(m["text"] for m in meta),
+                questions=tuple(
+                    tuple(
+                        kdata.Record("qa", question=q["question"], answer=q["answer"])
+                        for q in m["questions"]
+                    )
+                    for m in meta
+                ),
+            )
+        )
+    return libraries
+
+
+def _plain(v: Any) -> str:
+    return "+".join(map(str, v)) if isinstance(v, list | tuple) else str(v)
+
+
+class MemoryEvaluator:
+    """Evaluates methods on one library of a job (see the module docstring)."""
+
+    def __init__(self, job, section: MemorySection, library: Library, run_dir: Path):
+        self.job, self.m, self.lib, self.run_dir = job, section, library, run_dir
+        self.model, self.tok = job.model, job.model.tokenizer
+        self.data = job.config.data
+        self.eos, self.pad = eos_and_pad(self.tok, self.model.config)
+        self.template = compose.template_text(
+            _DATASET_TEMPLATE.get(self.data.dataset, "paperqa")
+            if section.template == "auto"
+            else section.template
+        )
+        self.budget = Budget(section.context_tokens, section.truncate)
+        self.questions = self._questions()
+        self._routers: dict[str, Any] = {}
+        self._routes: dict[str, Route] = {}
+        self._ks: dict[str, list[int]] = {}  # every k asked of each router by the methods
+
+    # -- questions ------------------------------------------------------------------------
+
+    def _questions(self) -> list[MemoryQuestion]:
+        if self.m.questions is None:
+            out = [
+                MemoryQuestion(self._as_trained(r), u, self.lib.documents[u])
+                for u, records in enumerate(self.lib.questions)
+                for r in records
+            ]
+        else:
+            out = self._question_file(self.m.questions)
+        if not out:
+            raise DataError(
+                "the library's units hold no questions (text units): set memory.questions to a "
+                "question file with a unit or document column"
+            )
+        return out
+
+    def _as_trained(self, r: kdata.Record) -> kdata.Record:
+        """A unit's question in its training record kind (rows keep their continuation)."""
+        if self.data.dataset in ("phonebook", "counterfact"):
+            return kdata.row_record(r.question, r.answer)
+        return r
+
+    def _question_file(self, path: str) -> list[MemoryQuestion]:
+        table = kdata.read_table(path)
+        qs = table.strings(self.data.question_field, "data.question_field")
+        answers = table.strings(self.data.answer_field, "data.answer_field")
+        doc_field = self.data.document_field or "document"
+        docs = table.strings(doc_field, "data.document_field") if table.has(doc_field) else None
+        units = table.strings("unit", "memory.questions") if table.has("unit") else None
+        index = {u: i for i, u in enumerate(self.lib.units)}
+        if units is None and self.data.units == "documents" and docs is not None:
+            by_doc = {d: i for i, d in enumerate(self.lib.documents)}
+            units = [self.lib.units[by_doc[d]] if d in by_doc else "" for d in docs]
+        out = []
+        for i, (q, a) in enumerate(zip(qs, answers, strict=True)):
+            unit = None
+            if units is not None:
+                if units[i] not in index:
+                    raise DataError(
+                        f"{path} row {i}: unit {units[i]!r} is not in the library; unit ids are "
+                        "in the run's units.jsonl"
+                    )
+                unit = index[units[i]]
+            doc = docs[i] if docs is not None else None
+            out.append(
+                MemoryQuestion(
+                    self._as_trained(kdata.Record("qa", question=q, answer=a)), unit, doc
+                )
+            )
+        return out
+
+    # -- routing --------------------------------------------------------------------------
+
+    def route(self, router: str, k: int) -> Route:
+        """Top-k units of every question by `router` (fitted and routed once per library)."""
+        if router not in self._routes or self._routes[router].k < k:
+            r = self.router(router)
+            need = max(k, max(self._ks.get(router, [k])))
+            units = [q.unit for q in self.questions]
+            if router == "oracle" and any(u is None for u in units):
+                raise MethodError(
+                    "the oracle needs every question's unit: give memory.questions a unit column"
+                )
+            docs = [q.document for q in self.questions]
+            self._routes[router] = r.route(
+                [q.record.question for q in self.questions],
+                need,
+                question_units=units if router == "oracle" else None,
+                question_docs=docs if self.m.scope == "document" else None,
+            )
+        full = self._routes[router]
+        return Route(full.indices[:, :k], full.scores[:, :k])
+
+    def router(self, kind: str):
+        """The router of this kind, fitted on the library's keys once."""
+        if kind not in self._routers:
+            options: dict[str, Any] = {}
+            if kind in ("bm25", "embedding"):
+                options["scope"] = self.m.scope
+            if kind == "bm25":
+                options["ngrams"] = self.m.bm25_ngrams
+            if kind == "embedding":
+                options.update(
+                    encoder=self.m.encoder or self.model,
+                    pooling=self.m.pooling,
+                    max_length=self.m.encoder_max_length,
+                    instruction=self.m.query_instruction,
+                    cache_dir=self.run_dir / "memory",
+                )
+            self._routers[kind] = make_router(kind, **options).fit(
+                list(self.lib.keys), list(self.lib.documents)
+            )
+        return self._routers[kind]
+
+    def routing(self, method: Method) -> dict[str, float]:
+        """Routing accuracy of the method's adapters (or its RAG context) against the oracle."""
+        router, k = method.router, method.k
+        if router is None and method.context == "rag":
+            router, k = self.m.rag_router, method.rag_k
+        units = [q.unit for q in self.questions]
+        if router in (None, "oracle") or any(u is None for u in units):
+            return {}
+        acc = routing_accuracy(self.route(router, k), units)
+        return {"routing_top1": acc["top1"], "routing_recall": acc[f"recall@{k}"]}
+
+    # -- prompts --------------------------------------------------------------------------
+
+    def contexts(self, method: Method) -> tuple[list[str | None], int]:
+        """Each question's context (None: no context) and how many were truncated."""
+        if method.context == "none":
+            return [None] * len(self.questions), 0
+        fmt = self.m.unit_format
+        if method.context == "icl":
+            everything = compose.join_units(self.lib.texts, self.lib.units, fmt)
+            raw = [everything] * len(self.questions)
+        elif method.context == "icl_doc":
+            raw = []
+            for q in self.questions:
+                if q.document is None:
+                    raise MethodError(
+                        f"{method.name}: icl_doc needs each question's document; give "
+                        "memory.questions a document column"
+                    )
+                mine = [i for i, d in enumerate(self.lib.documents) if d == q.document]
+                raw.append(
+                    compose.join_units(
+                        [self.lib.texts[i] for i in mine], [self.lib.units[i] for i in mine], fmt
+                    )
+                )
+        else:
+            router = method.router if method.router is not None else self.m.rag_router
+            route = self.route(router, method.rag_k)
+            raw = [
+                compose.join_units(
+                    [self.lib.texts[i] for i in row], [self.lib.units[i] for i in row], fmt
+                )
+                for row in route.indices
+            ]
+        out, cut, cache = [], 0, {}
+        for text in raw:
+            if text not in cache:
+                cache[text] = self.budget.fit(text, self.tok, f"memory method {method.name}")
+            fitted, was_cut = cache[text]
+            out.append(fitted)
+            cut += was_cut
+        if cut:
+            log.warning("%s: %d of %d contexts truncated", method.name, cut, len(out))
+        return out, cut
+
+    def prompts(self, contexts: Sequence[str | None]) -> list[tuple[int, ...]]:
+        """Token ids of every question, its context (if any) rendered by the template."""
+        records = []
+        for q, ctx in zip(self.questions, contexts, strict=True):
+            r = q.record
+            if ctx is not None:
+                asked = self.template.format(context=ctx, question=r.question)
+                r = (
+                    kdata.row_record(asked, r.answer)
+                    if r.kind == "row"
+                    else dataclasses.replace(r, question=asked)
+                )
+            records.append(r)
+        data = SimpleNamespace(
+            chat_template=self.data.chat_template, max_length=1 << 30, dataset=self.data.dataset
+        )
+        ev = SimpleNamespace(prompt=self.m.prompt)
+        return [
+            q.prompt
+            for q in build_questions(records, self.tok, data, ev, self.model.config.vocab_size)
+        ]
+
+    # -- decoding -------------------------------------------------------------------------
+
+    def merge_weights(self, method: Method) -> list[float]:
+        """Per-source merge weights of a method (memory.merge_weights)."""
+        k, kind = method.k, self.m.merge_weights
+        if kind == "mean" or (kind == "study" and method.combiner in ("linear", "delta_sum")):
+            return [1.0 / k] * k
+        return [1.0] * k
+
+    def decode(self, method: Method, prompts: Sequence[tuple[int, ...]], bar) -> list[list[int]]:
+        """Greedy outputs (up to EOS) of every question under `method`."""
+        route = self.route(method.router, method.k) if method.uses_adapters else None
+        B, n = self.m.batch_size, len(prompts)
+        spec = DecodeSpec(self.m.max_new_tokens, self.eos, self.pad)
+        outputs: list[list[int]] = []
+        for start in range(0, n, B):
+            rows = list(range(start, min(start + B, n)))
+            rows += [rows[0]] * (B - len(rows))  # a full batch: one compile per prompt width
+            tokens, mask = self._pack([prompts[i] for i in rows])
+            if route is None:
+                out = _generate_base(
+                    self.model.graph(), self.model.params, tokens, mask, spec, None
+                )
+            else:
+                out = self._decode_adapters(method, route.indices[rows], tokens, mask, spec)
+            out = np.asarray(out)
+            real = min(B, n - start)
+            outputs.extend(_until_eos(out[j], self.eos) for j in range(real))
+            bar.update(real)
+        return outputs
+
+    def _decode_adapters(self, method: Method, idx_BK, tokens, mask, spec):
+        stack = self.lib.stack
+        if method.combiner == "mixture":
+            members = stack.select(idx_BK.reshape(-1).tolist())
+            # Selected rows keep the library's padded layout, whatever their own ranks.
+            return compose.decode_mixture(
+                self.model.graph(stack.placement),
+                self.model.params,
+                members.weights,
+                members.consts,
+                tokens,
+                mask,
+                spec,
+                method.k,
+            )
+        if method.combiner == "one":
+            chosen, placement = stack.select(idx_BK[:, 0].tolist()), stack.placement
+        else:
+            w = self.merge_weights(method)
+            chosen = merge(
+                self.model,
+                stack,
+                indices=idx_BK.tolist(),
+                weights=[w] * len(idx_BK),
+                combination_type=method.combiner,
+                density=self.m.density,
+                majority_sign_method=self.m.majority_sign_method,
+                seed=self.m.seed,
+            )
+            placement = chosen.placement
+        out = decode_stack(
+            self.model.graph(placement),
+            self.model.params,
+            chosen.weights,
+            chosen.consts,
+            tokens[:, None],
+            mask[:, None],
+            spec,
+        )
+        return out[:, 0]
+
+    def _pack(self, prompts: Sequence[tuple[int, ...]]):
+        """Left-padded [B, T], T rounded up to a power of two (few distinct compiles)."""
+        T = max(16, 1 << (max(len(p) for p in prompts) - 1).bit_length())
+        tokens = np.full((len(prompts), T), self.pad, np.int32)
+        mask = np.zeros((len(prompts), T), bool)
+        for j, p in enumerate(prompts):
+            tokens[j, T - len(p) :] = p
+            mask[j, T - len(p) :] = True
+        return jnp.asarray(tokens), jnp.asarray(mask)
+
+    # -- the grid -------------------------------------------------------------------------
+
+    def check(self, methods: Sequence[Method]) -> None:
+        """Fail before any decoding: route every question, build every context, and merge the
+        first question's adapters for every merging method (k too large, ranks a type cannot
+        merge, a context over budget all raise here)."""
+        self._plan_routes(methods)
+        for method in methods:
+            self.contexts(method)
+            if method.uses_adapters and method.combiner not in ("one", "mixture"):
+                idx = self.route(method.router, method.k).indices[:1]
+                merge(
+                    self.model,
+                    self.lib.stack,
+                    indices=idx.tolist(),
+                    weights=[self.merge_weights(method)],
+                    combination_type=method.combiner,
+                    density=self.m.density,
+                    majority_sign_method=self.m.majority_sign_method,
+                    seed=self.m.seed,
+                )
+
+    def _plan_routes(self, methods: Sequence[Method]) -> None:
+        for m in methods:
+            if m.uses_adapters:
+                self._ks.setdefault(m.router, []).append(m.k)
+                if m.context == "rag":
+                    self._ks[m.router].append(m.rag_k)
+            elif m.context == "rag":
+                self._ks.setdefault(self.m.rag_router, []).append(m.rag_k)
+
+    def run(
+        self, methods: Sequence[Method], progress: bool = True
+    ) -> tuple[list[dict], list[dict]]:
+        self._plan_routes(methods)
+        rows, predictions = [], []
+        total = len(methods) * len(self.questions)
+        desc = f"memory {self.lib.label}".strip()
+        with tqdm(total=total, desc=desc, unit="q", disable=not progress) as bar:
+            for method in methods:
+                t0 = time.perf_counter()
+                contexts, truncated = self.contexts(method)
+                prompts = self.prompts(contexts)
+                outputs = self.decode(method, prompts, bar)
+                seconds = time.perf_counter() - t0
+                scores = []
+                for q, out in zip(self.questions, outputs, strict=True):
+                    text = self.tok.decode(out, skip_special_tokens=True)
+                    s = score(self.data.dataset, text, q.record.answer)
+                    scores.append(s)
+                    predictions.append(
+                        {
+                            "library": self.lib.label,
+                            "method": method.name,
+                            "question": q.record.question,
+                            "unit": None if q.unit is None else self.lib.units[q.unit],
+                            "answer": q.record.answer,
+                            "prediction": text,
+                            **s,
+                        }
+                    )
+                rows.append(self._row(method, scores, truncated, seconds))
+        return rows, predictions
+
+    def _row(self, method: Method, scores, truncated: int, seconds: float) -> dict[str, Any]:
+        means = {
+            k: float(np.mean([s[k] for s in scores]))
+            for k in dict.fromkeys(k for s in scores for k in s)
+        }
+        return {
+            "library": self.lib.label,
+            "method": method.name,
+            "router": method.router or "",
+            "k": method.k,
+            "combiner": method.combiner or "",
+            "context": method.context if method.context != "rag" else f"rag@{method.rag_k}",
+            **means,
+            **self.routing(method),
+            "truncated": truncated,
+            "n_questions": len(self.questions),
+            "questions_per_s": round(len(self.questions) / max(seconds, 1e-9), 2),
+        }
+
+
+def _until_eos(ids: np.ndarray, eos: Sequence[int]) -> list[int]:
+    return list(itertools.takewhile(lambda t: t not in eos, ids.tolist()))
+
+
+def write_memory_results(run_dir: Path, rows: list[dict], predictions: list[dict]) -> None:
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(run_dir / "memory_results.csv", buf.getvalue())
+    lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
+    atomic_write(run_dir / "memory_predictions.jsonl", lines)
+
+
+def evaluate_memory(
+    job, run_dir: Path, section: MemorySection, progress: bool = True
+) -> list[dict]:
+    """Every method on every library of a job; writes the results, predictions and report."""
+    from jaxlora.memory.report import write_memory_report
+
+    methods = [parse_method(m) for m in section.methods]
+    libraries = load_libraries(job, run_dir)
+    evaluators = [MemoryEvaluator(job, section, lib, run_dir) for lib in libraries]
+    for ev in evaluators:
+        ev.check(methods)
+    rows, predictions = [], []
+    for ev in evaluators:
+        r, p = ev.run(methods, progress)
+        rows += r
+        predictions += p
+    write_memory_results(run_dir, rows, predictions)
+    write_memory_report(run_dir)
+    return rows
+
+
+def run_memory(
+    run_dir: str | Path, overrides: Sequence[str] = (), progress: bool = True
+) -> list[dict]:
+    """`jaxlora memory RUN_DIR`: evaluate the memory of a finished run."""
+    from jaxlora.config import load_config
+    from jaxlora.sweep import Job
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise DataError(f"{run_dir} is not a jaxlora run directory (no config.yaml)")
+    config: Config = load_config(run_dir / "config.yaml", overrides)
+    job = Job(config)
+    lock = RunLock(run_dir).acquire()
+    try:
+        return evaluate_memory(job, run_dir, config.memory or MemorySection(), progress)
+    finally:
+        lock.release()
