@@ -47,6 +47,13 @@ def _int_at_least(low: int):
     return parse
 
 
+def _port(text: str) -> int:
+    port = _int_at_least(0)(text)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"a port is at most 65535, got {port}")
+    return port
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -251,6 +258,10 @@ def _serve(args: argparse.Namespace) -> int:
             raise JaxloraError(f"--adapters {spec!r}: expected NAME=PEFT_DIR")
         adapters[name] = path
     memory, model = None, None
+    if args.memory is None and (args.set or args.memory_library):
+        raise JaxloraError("--set and --memory-library configure --memory; add --memory METHOD")
+    if args.memory is not None and args.dtype is not None:
+        raise JaxloraError("--dtype does not apply with --memory: the run's model.dtype is served")
     if args.memory is not None:
         from jaxlora.config import load_config
         from jaxlora.memory.service import MemoryHook
@@ -473,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--adapters", nargs="+", metavar="NAME=PEFT_DIR", help="more adapters to serve")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
-    p.add_argument("--port", type=_int_at_least(0), default=8000, help="0: any free port")
+    p.add_argument("--port", type=_port, default=8000, help="0: any free port")
     p.add_argument("--api-key", help="require this bearer key (default: none)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype")
     p.add_argument("--max-batch", type=_int_at_least(1), default=32, help="rows per decode pass")

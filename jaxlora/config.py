@@ -512,14 +512,22 @@ class EvalSection(_Section):
     path: str | None = field(default=None, metadata=_rule(check=_non_empty))
 
 
-def _check_methods(value: tuple[str, ...], path: str) -> None:
-    from jaxlora.memory.compose import MethodError, parse_method
+def _memory_rule(check: str):
+    """A check by jaxlora.memory.compose (imported when a memory section is read: the grammar of
+    methods and templates lives with the code that runs them)."""
 
-    for i, text in enumerate(value):
-        try:
-            parse_method(text)
-        except MethodError as e:
-            raise _FieldError(f"{path}[{i}]", str(e)) from None
+    def run(value: Any, path: str) -> None:
+        from jaxlora.memory import compose
+
+        values = value if isinstance(value, tuple) else (value,)
+        for i, v in enumerate(values):
+            try:
+                getattr(compose, check)(v)
+            except compose.MethodError as e:
+                where = f"{path}[{i}]" if isinstance(value, tuple) else path
+                raise _FieldError(where, str(e)) from None
+
+    return run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -531,7 +539,7 @@ class MemorySection(_Section):
 
     methods: tuple[str, ...] = field(
         default=("base", "oracle", "bm25", "bm25@3/ties", "base+icl", "base+rag@3"),
-        metadata=_rule(check=_check_methods),
+        metadata=_rule(check=_memory_rule("parse_method")),
     )
     # A csv/json/jsonl of questions (data.question_field / answer_field, and `unit` and/or
     # data.document_field columns); null: every unit's own questions.
@@ -540,8 +548,10 @@ class MemorySection(_Section):
     prompt: EvalPrompt = "continuation"
     # A preset (phonebook, counterfact, paperqa, narrativeqa, quality) or a template with
     # {context} and {question}; auto: the preset of data.dataset (paperqa for qa/text).
-    template: str = field(default="auto", metadata=_rule(check=_non_empty))
-    unit_format: str = field(default="{text}", metadata=_rule(check=_non_empty))
+    template: str = field(default="auto", metadata=_rule(check=_memory_rule("template_text")))
+    unit_format: str = field(
+        default="{text}", metadata=_rule(check=_memory_rule("check_unit_format"))
+    )
     context_tokens: int = field(default=24576, metadata=_rule(check=POSITIVE))
     truncate: Truncate | None = None
     rag_router: Literal["bm25", "embedding"] = "bm25"
@@ -555,6 +565,8 @@ class MemorySection(_Section):
     pooling: Pooling = "mean"
     query_instruction: str | None = field(default=None, metadata=_rule(check=_non_empty))
     encoder_max_length: int = field(default=512, metadata=_rule(check=POSITIVE))
+    # Embed only the first encoder_max_length tokens of a longer key (counted) instead of failing.
+    encoder_truncate: bool = False
     # Merge weights per source: the study's (1/k for linear and delta_sum, 1 otherwise), 1/k, 1.
     merge_weights: MergeWeights = "study"
     density: float = field(default=0.5, metadata=_rule(check=FRACTION))
@@ -562,6 +574,8 @@ class MemorySection(_Section):
     seed: int = 0
     max_new_tokens: int = field(default=50, metadata=_rule(check=POSITIVE))
     batch_size: int = field(default=64, metadata=_rule(check=POSITIVE))
+    # Tokens (prompt + new, over the rows) of one decoding pass: long ICL prompts take fewer rows.
+    max_batch_tokens: int = field(default=131072, metadata=_rule(check=POSITIVE))
 
 
 SECTIONS: dict[str, type[_Section]] = {
@@ -691,6 +705,12 @@ class Config:
             object.__setattr__(self, name, getattr(first, name))
         if sweep:
             self.cells()  # every combination must be a valid config; fail now, not mid-job
+        if self.memory is not None and self.data.units == "none":
+            raise _error(
+                self.source,
+                "memory: needs a library of units: set data.units (sectors, documents, chunks "
+                "or files), or remove the memory section",
+            )
 
     def _with_values(self, values: Sequence[tuple[str, Any]], where: str) -> Config:
         """A copy with already coerced values applied and no sweep; cross-field errors name

@@ -421,6 +421,10 @@ class SweepJob(Job):
         super().__init__(config, devices)
         if resume:
             self._check_same_results(self.config)  # units expanded
+        if self.config.memory is not None:
+            from jaxlora.memory.compose import check_library
+
+            check_library(self.config.memory.methods, len(self.units))
         self.data.prepare(sorted({i for g in self.local for i in g}))
 
     def _check_resumable(self) -> None:

@@ -72,7 +72,7 @@ def test_mixture_decodes_the_mean_of_the_members_distributions(library_run):
     model = job.model
     ev = _evaluator(library_run)
     prompts = ev.prompts([None] * len(ev.questions))[:3]
-    tokens, mask = ev._pack(prompts)
+    tokens, mask = ev._pack(prompts, 64)
     _, pad = eos_and_pad(model.tokenizer, model.config)
     members = [[0, 2], [1, 3], [3, 0]]
     spec = DecodeSpec(6, (), pad)  # no EOS: six steps each, all compared
@@ -185,9 +185,9 @@ def test_training_evaluates_the_memory_and_writes_its_report(memory_run):
     assert (memory_run / "memory_report.md").exists()
     for plot in ("memory_by_method", "memory_routing", "memory_vs_k"):
         assert (memory_run / "plots" / f"{plot}.png").exists()
-    # BM25 with word pairs finds each question's own sector (the full name is in its key).
+    # BM25 with word pairs (the default) finds each question's own sector: the full name is in
+    # its key.
     assert float(rows[1]["routing_top1"]) >= 0.95
-    assert MemorySection().bm25_ngrams == 2
 
 
 def test_evaluate_memory_again_with_other_methods(library_run, tmp_path):
@@ -227,7 +227,9 @@ def test_served_memory_answers_like_the_routed_adapter(library_run):
         assert server.stop() == 0
     route = ev.router("bm25").route([question], 2).indices
     merged = merge(job.model, library.stack, route.tolist(), [[1.0, 1.0]], "ties", density=0.5)
-    context = "\n\n".join(library.texts[i] for i in route[0]) + "\n\n"
+    template = compose.TEMPLATES["phonebook"]  # the dataset's preset, up to the question
+    units = "\n\n".join(library.texts[i] for i in route[0])
+    context = template[: template.index("{question}")].replace("{context}", units)
     ids = np.asarray([job.model.tokenizer(context + question)["input_ids"]])
     out = generate_stack(job.model, merged, ids[None], max_new_tokens=8)[0, 0].tolist()
     eos, _ = eos_and_pad(job.model.tokenizer, job.model.config)
@@ -258,3 +260,46 @@ def test_memory_quickstart_recalls_with_the_oracle_and_bm25_not_the_base(tmp_pat
     base, oracle, bm25 = (float(rows[m]["accuracy"]) for m in ("base", "oracle", "bm25"))
     assert oracle >= 0.8 and bm25 >= 0.8 and base <= 0.1, rows
     assert float(rows["bm25"]["routing_top1"]) >= 0.95
+
+
+def test_oracle_rag_with_more_units_takes_them_from_the_rag_router(library_run):
+    ev = _evaluator(library_run, rag_router="bm25")
+    contexts, _ = ev.contexts(parse_method("oracle+rag@2"))
+    route = ev.route("bm25", 2)
+    assert contexts[0] == "\n\n".join(ev.lib.texts[i] for i in route.indices[0])
+    own, _ = ev.contexts(parse_method("oracle+rag"))  # k = 1: the question's own unit
+    assert own[0] == ev.lib.texts[ev.questions[0].unit]
+
+
+@pytest.mark.parametrize(
+    ("memory", "message"),
+    [
+        ({"methods": ["bm25"]}, "memory: needs a library of units"),
+        ({"template": "Q: {question}"}, "missing {context}"),
+        ({"unit_format": "Paper {unit}"}, "has no {text}"),
+    ],
+)
+def test_bad_memory_sections_fail_when_the_config_is_read(memory, message):
+    from jaxlora.config import ConfigError, parse_config
+
+    data = {"units": "sectors", "unit_count": 2} if "methods" not in memory else {}
+    with pytest.raises(ConfigError) as e:
+        parse_config({"data": data, "memory": memory})
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_memory_larger_than_the_library_fails_before_training(tmp_path):
+    config = {
+        "data": {"size_tokens": 200, "units": "sectors", "unit_count": 2, "max_length": 64},
+        "training": {"steps": 2},
+        "mesh": {"adapter": 1},
+        "memory": {"methods": ["bm25@3/ties"]},
+    }
+    (tmp_path / "run.yaml").write_text(json.dumps(config))
+    proc = subprocess.run(
+        jaxlora_cmd("train", tmp_path / "run.yaml", "--out", tmp_path / "out"),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "k=3 is larger than the library (2 units)" in proc.stderr
+    assert not (tmp_path / "out").exists()

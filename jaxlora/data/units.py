@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import itertools
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,6 +34,8 @@ import numpy as np
 from jaxlora.data.budget import count_tokens, take_budget
 from jaxlora.data.records import Record
 from jaxlora.errors import DataError
+
+log = logging.getLogger(__name__)
 
 UNIT_KINDS: tuple[str, ...] = ("none", "sectors", "documents", "chunks", "files")
 SECTORS_DOCUMENT = "corpus"  # sectors cut one running corpus: they share one document
@@ -147,6 +150,14 @@ def split(records: Sequence[Record], data, tokenizer) -> list[Unit]:
         units = chunks(records, tokenizer, size=data.unit_tokens, overlap=data.unit_overlap)
     else:
         raise DataError(f"unknown data.units {data.units!r}: use one of {', '.join(UNIT_KINDS)}")
+    seen: dict[str, str] = {}
+    for u in units:
+        if u.id in seen:
+            raise DataError(
+                f"documents {seen[u.id]!r} and {u.document!r} both become unit {u.id!r}: "
+                "rename one (unit ids keep letters, digits, '.', '_' and '-')"
+            )
+        seen[u.id] = u.document
     if data.unit_keys:
         units = with_keys(units, data.unit_keys)
     return units
@@ -176,10 +187,19 @@ def load_units(data, tokenizer, read) -> list[Unit]:
                     "each row's document), or a text dataset whose rows are the documents"
                 )
             records = [dataclasses.replace(r, document=str(i)) for i, r in enumerate(records)]
-    records = take_budget(
-        records, tokenizer, size_tokens=data.size_tokens, size_rows=data.size_rows
-    )
-    return split(records, data, tokenizer)
+    kept = take_budget(records, tokenizer, size_tokens=data.size_tokens, size_rows=data.size_rows)
+    if len(kept) < len(records):  # never silent: a budget that drops documents says so
+        log.warning(
+            "the data budget (size_tokens=%s, size_rows=%s) keeps %d of %d records (%d of %d "
+            "documents); set data.size_tokens: null for the whole corpus",
+            data.size_tokens,
+            data.size_rows,
+            len(kept),
+            len(records),
+            len({r.document for r in kept}),
+            len({r.document for r in records}),
+        )
+    return split(kept, data, tokenizer)
 
 
 def with_keys(units: Sequence[Unit], path: str | Path) -> list[Unit]:

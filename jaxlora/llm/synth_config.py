@@ -310,7 +310,9 @@ def read_units(path: str | Path, *, id_field: str = "id", text_field: str = "tex
                 raise DataError(f"{p} line {n} is not JSON: {e}") from None
             if not isinstance(row, dict):
                 raise DataError(f"{p} line {n} is not a JSON object")
-            uid, text = row.get(id_field), row.get(text_field)
+            # A run's units.jsonl names its units `unit`: read it as it is.
+            uid = row.get(id_field, row.get("unit") if id_field == "id" else None)
+            text = row.get(text_field)
             if not isinstance(uid, str | int) or isinstance(uid, bool) or str(uid) == "":
                 raise DataError(f"{p} line {n}: no {id_field!r} (a string or an integer)")
             if not isinstance(text, str) or not text.strip():

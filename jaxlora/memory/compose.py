@@ -16,8 +16,9 @@ point of one grammar, and `jaxlora/memory/evaluate.py` evaluates any list of the
     base+rag@3      the base model with the top 3 units' text (by `memory.rag_router`)
     oracle+rag      a hybrid: the oracle adapter with RAG context
 
-A hybrid with a routed adapter and `rag` reuses the adapter's route for its context (the
-study's QuALITY hybrids); `rag@K` with another K routes again. `one` is the only combiner of a
+A hybrid with a routed adapter and `rag` takes its context from the adapter's router (the
+study's QuALITY hybrids: the same top-k units); `oracle+rag@K` with K > 1 and `base+rag` use
+`memory.rag_router`, since an oracle knows only one unit. `one` is the only combiner of a
 single adapter and the default for k = 1; k > 1 needs a combiner.
 
 Contexts are rendered by a prompt template with `{context}` and `{question}`; the study's
@@ -34,7 +35,6 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxlora.errors import JaxloraError
 from jaxlora.generate import DecodeSpec, decode
@@ -97,10 +97,13 @@ class Method:
     def uses_adapters(self) -> bool:
         return self.router is not None
 
-    @property
-    def rag_shares_route(self) -> bool:
-        """A routed hybrid whose RAG context is its own top-k units."""
-        return self.context == "rag" and self.router is not None and self.rag_k == self.k
+    def context_router(self, rag_router: str) -> str | None:
+        """The router whose top `rag_k` units form a `rag` context (None: no rag context)."""
+        if self.context != "rag":
+            return None
+        if self.router is None or (self.router == "oracle" and self.rag_k > 1):
+            return rag_router
+        return self.router
 
 
 def parse_method(text: str, *, default_rag_k: int = 3) -> Method:
@@ -154,8 +157,25 @@ def parse_method(text: str, *, default_rag_k: int = 3) -> Method:
     return Method(spec, router, k, combiner, context, rag_k)
 
 
+def check_library(methods: Sequence[str], num_units: int) -> None:
+    """Every method's k (and RAG's) fits a library of `num_units` units: checked before
+    training, so a memory that cannot be evaluated never costs a training run."""
+    for i, text in enumerate(methods):
+        m = parse_method(text)
+        need = max(m.k, m.rag_k)
+        if need > num_units:
+            raise MethodError(
+                f"memory.methods[{i}] {text}: k={need} is larger than the library "
+                f"({num_units} units)"
+            )
+
+
 def template_text(template: str) -> str:
-    """A preset's text, or a user template, which must hold {context} and {question}."""
+    """A preset's text, or a user template, which must hold {context} and {question} (other
+    braces are kept as written: slots are filled by `render`, not str.format). "auto" stands
+    for the dataset's preset and is resolved by the evaluator."""
+    if template == "auto":
+        return template
     text = TEMPLATES.get(template, template)
     missing = [slot for slot in ("{context}", "{question}") if slot not in text]
     if missing:
@@ -164,6 +184,21 @@ def template_text(template: str) -> str:
             f"template with {{context}} and {{question}} (missing {', '.join(missing)})"
         )
     return text
+
+
+def check_unit_format(unit_format: str) -> str:
+    if "{text}" not in unit_format:
+        raise MethodError(
+            f"memory.unit_format {unit_format!r} has no {{text}} (e.g. 'Paper {{unit}}: {{text}}')"
+        )
+    return unit_format
+
+
+def render(template: str, **slots: str) -> str:
+    """`template` with each {slot} replaced; a text's own braces are never interpreted."""
+    for name, value in slots.items():
+        template = template.replace("{" + name + "}", value)
+    return template
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,7 +227,7 @@ class Budget:
 
 def join_units(texts: Sequence[str], ids: Sequence[str], unit_format: str) -> str:
     """Units' texts as one context, each rendered by `unit_format` ({text}, {unit})."""
-    return "\n\n".join(unit_format.format(text=t, unit=u) for t, u in zip(texts, ids, strict=True))
+    return "\n\n".join(render(unit_format, text=t, unit=u) for t, u in zip(texts, ids, strict=True))
 
 
 # --------------------------------------------------------------------------- mixture decoding
@@ -240,8 +275,3 @@ def decode_mixture(graphdef, base, weights, consts, tokens_QT, mask_QT, spec: De
 
     out = decode(forward, init_cache, tokens, mask, spec)  # [Q*k, 1, N]
     return out[::k, 0]
-
-
-def route_indices(route_QK: np.ndarray, k: int) -> np.ndarray:
-    """The first k columns of a route, as a contiguous int array."""
-    return np.ascontiguousarray(np.asarray(route_QK)[:, :k], dtype=np.int32)

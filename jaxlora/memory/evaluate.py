@@ -131,7 +131,16 @@ def _plain(v: Any) -> str:
 class MemoryEvaluator:
     """Evaluates methods on one library of a job (see the module docstring)."""
 
-    def __init__(self, job, section: MemorySection, library: Library, run_dir: Path):
+    def __init__(
+        self,
+        job,
+        section: MemorySection,
+        library: Library,
+        run_dir: Path,
+        *,
+        with_questions: bool = True,
+    ):
+        """`with_questions=False` (serving) routes and composes for questions given later."""
         self.job, self.m, self.lib, self.run_dir = job, section, library, run_dir
         self.model, self.tok = job.model, job.model.tokenizer
         self.data = job.config.data
@@ -142,7 +151,7 @@ class MemoryEvaluator:
             else section.template
         )
         self.budget = Budget(section.context_tokens, section.truncate)
-        self.questions = self._questions()
+        self.questions = self._questions() if with_questions else []
         self._routers: dict[str, Any] = {}
         self._routes: dict[str, Route] = {}
         self._ks: dict[str, list[int]] = {}  # every k asked of each router by the methods
@@ -181,7 +190,13 @@ class MemoryEvaluator:
         index = {u: i for i, u in enumerate(self.lib.units)}
         if units is None and self.data.units == "documents" and docs is not None:
             by_doc = {d: i for i, d in enumerate(self.lib.documents)}
-            units = [self.lib.units[by_doc[d]] if d in by_doc else "" for d in docs]
+            missing = [d for d in docs if d not in by_doc]
+            if missing:
+                raise DataError(
+                    f"{path}: document {missing[0]!r} has no unit in the library; its documents "
+                    "are in the run's units.jsonl"
+                )
+            units = [self.lib.units[by_doc[d]] for d in docs]
         out = []
         for i, (q, a) in enumerate(zip(qs, answers, strict=True)):
             unit = None
@@ -236,6 +251,7 @@ class MemoryEvaluator:
                     pooling=self.m.pooling,
                     max_length=self.m.encoder_max_length,
                     instruction=self.m.query_instruction,
+                    truncate=self.m.encoder_truncate,
                     cache_dir=self.run_dir / "memory",
                 )
             self._routers[kind] = make_router(kind, **options).fit(
@@ -279,8 +295,7 @@ class MemoryEvaluator:
                     )
                 )
         else:
-            router = method.router if method.router is not None else self.m.rag_router
-            route = self.route(router, method.rag_k)
+            route = self.route(method.context_router(self.m.rag_router), method.rag_k)
             raw = [
                 compose.join_units(
                     [self.lib.texts[i] for i in row], [self.lib.units[i] for i in row], fmt
@@ -304,7 +319,7 @@ class MemoryEvaluator:
         for q, ctx in zip(self.questions, contexts, strict=True):
             r = q.record
             if ctx is not None:
-                asked = self.template.format(context=ctx, question=r.question)
+                asked = compose.render(self.template, context=ctx, question=r.question)
                 r = (
                     kdata.row_record(asked, r.answer)
                     if r.kind == "row"
@@ -315,10 +330,19 @@ class MemoryEvaluator:
             chat_template=self.data.chat_template, max_length=1 << 30, dataset=self.data.dataset
         )
         ev = SimpleNamespace(prompt=self.m.prompt)
-        return [
+        prompts = [
             q.prompt
             for q in build_questions(records, self.tok, data, ev, self.model.config.vocab_size)
         ]
+        longest = max((len(p) for p in prompts), default=0) + self.m.max_new_tokens
+        positions = self.model.config.max_position_embeddings
+        if longest > positions:
+            raise MethodError(
+                f"a prompt of {longest - self.m.max_new_tokens:,} tokens + "
+                f"memory.max_new_tokens={self.m.max_new_tokens} exceeds the model's "
+                f"{positions:,} positions; lower memory.context_tokens (with memory.truncate)"
+            )
+        return prompts
 
     # -- decoding -------------------------------------------------------------------------
 
@@ -332,13 +356,18 @@ class MemoryEvaluator:
     def decode(self, method: Method, prompts: Sequence[tuple[int, ...]], bar) -> list[list[int]]:
         """Greedy outputs (up to EOS) of every question under `method`."""
         route = self.route(method.router, method.k) if method.uses_adapters else None
-        B, n = self.m.batch_size, len(prompts)
+        n = len(prompts)
+        width = _width(max(len(p) for p in prompts))
+        # Rows per pass: memory.batch_size, fewer for long prompts (max_batch_tokens), a power of
+        # two so that the passes of all methods share a few compiled shapes.
+        fit = max(1, self.m.max_batch_tokens // (width + self.m.max_new_tokens))
+        B = 1 << (min(self.m.batch_size, fit).bit_length() - 1)
         spec = DecodeSpec(self.m.max_new_tokens, self.eos, self.pad)
         outputs: list[list[int]] = []
         for start in range(0, n, B):
             rows = list(range(start, min(start + B, n)))
             rows += [rows[0]] * (B - len(rows))  # a full batch: one compile per prompt width
-            tokens, mask = self._pack([prompts[i] for i in rows])
+            tokens, mask = self._pack([prompts[i] for i in rows], width)
             if route is None:
                 out = _generate_base(
                     self.model.graph(), self.model.params, tokens, mask, spec, None
@@ -392,9 +421,8 @@ class MemoryEvaluator:
         )
         return out[:, 0]
 
-    def _pack(self, prompts: Sequence[tuple[int, ...]]):
-        """Left-padded [B, T], T rounded up to a power of two (few distinct compiles)."""
-        T = max(16, 1 << (max(len(p) for p in prompts) - 1).bit_length())
+    def _pack(self, prompts: Sequence[tuple[int, ...]], T: int):
+        """Left-padded [B, T]."""
         tokens = np.full((len(prompts), T), self.pad, np.int32)
         mask = np.zeros((len(prompts), T), bool)
         for j, p in enumerate(prompts):
@@ -428,10 +456,8 @@ class MemoryEvaluator:
         for m in methods:
             if m.uses_adapters:
                 self._ks.setdefault(m.router, []).append(m.k)
-                if m.context == "rag":
-                    self._ks[m.router].append(m.rag_k)
-            elif m.context == "rag":
-                self._ks.setdefault(self.m.rag_router, []).append(m.rag_k)
+            if m.context == "rag":
+                self._ks.setdefault(m.context_router(self.m.rag_router), []).append(m.rag_k)
 
     def run(
         self, methods: Sequence[Method], progress: bool = True
@@ -484,6 +510,14 @@ class MemoryEvaluator:
             "n_questions": len(self.questions),
             "questions_per_s": round(len(self.questions) / max(seconds, 1e-9), 2),
         }
+
+
+def _width(longest: int) -> int:
+    """A prompt width of few distinct values: powers of two up to 1024, then multiples of 1024
+    (a power of two would nearly double a long ICL prompt)."""
+    if longest <= 1024:
+        return max(16, 1 << (longest - 1).bit_length())
+    return -(-longest // 1024) * 1024
 
 
 def _until_eos(ids: np.ndarray, eos: Sequence[int]) -> list[int]:

@@ -5,7 +5,8 @@ a decoding pass; this module builds that hook from a run's adapter library and o
 the evaluator's grammar (jaxlora/memory/compose.py), e.g. `bm25`, `bm25@3/ties` or
 `embedding+rag@2`. Per pass: the router routes every question at once, the combiner gives each
 question one adapter (its top-1, or the merge of its top k: one vmapped op for the whole pass),
-and a context method puts the units' text before the question. `mixture` needs k models per
+and a context method puts the units' text before the question, rendered by the memory's
+template up to its {question} (so the served prompt reads like the evaluated one). `mixture` needs k models per
 decoding step and is not served; a router needs no oracle, which a served question lacks.
 """
 
@@ -54,9 +55,22 @@ class MemoryHook:
             raise JaxloraError(f"--memory-library {library}: not one of {', '.join(labels)}")
         lib = libraries[labels.index(library) if library is not None else 0]
         self.job, self.section, self.lib = job, section, lib
-        self.evaluator = MemoryEvaluator(job, section, lib, Path(run_dir))
+        self.evaluator = MemoryEvaluator(job, section, lib, Path(run_dir), with_questions=False)
+        need = max(m.k, m.rag_k)
+        if need > len(lib):
+            raise JaxloraError(
+                f"--memory {method}: k={need} is larger than the library ({len(lib)} units)"
+            )
         self.router = self.evaluator.router(m.router)
-        self.evaluator.check([m])  # k within the library, ranks the merge can combine
+        template = self.evaluator.template
+        if not template.rstrip().endswith("{question}"):
+            raise JaxloraError(
+                f"memory.template must end with {{question}} to be served (the server puts the "
+                f"context before the question); got {template!r}"
+            )
+        self.prefix = template.rstrip()[: -len("{question}")]
+        if m.combiner != "one":  # ranks the merge cannot combine fail now, not per request
+            self._merge([list(range(m.k))])
 
     def __call__(self, questions: Sequence[str]) -> list:
         from jaxlora.llm.serve import MemoryRoute
@@ -67,21 +81,24 @@ class MemoryHook:
         if m.combiner == "one":
             adapters = [lib.stack.select([int(row[0])]) for row in idx]
         else:
-            merged = merge(
-                self.job.model,
-                lib.stack,
-                indices=idx[:, : m.k].tolist(),
-                weights=[self.evaluator.merge_weights(m)] * len(idx),
-                combination_type=m.combiner,
-                density=self.section.density,
-                majority_sign_method=self.section.majority_sign_method,
-                seed=self.section.seed,
-            )
+            merged = self._merge(idx[:, : m.k].tolist())
             adapters = [merged.select([q]) for q in range(len(idx))]
         return [
             MemoryRoute(adapter, self._context(row))
             for adapter, row in zip(adapters, idx, strict=True)
         ]
+
+    def _merge(self, indices: list[list[int]]):
+        return merge(
+            self.job.model,
+            self.lib.stack,
+            indices=indices,
+            weights=[self.evaluator.merge_weights(self.method)] * len(indices),
+            combination_type=self.method.combiner,
+            density=self.section.density,
+            majority_sign_method=self.section.majority_sign_method,
+            seed=self.section.seed,
+        )
 
     def _context(self, row) -> str:
         m, lib = self.method, self.lib
@@ -92,4 +109,4 @@ class MemoryHook:
             [lib.texts[i] for i in ids], [lib.units[i] for i in ids], self.section.unit_format
         )
         fitted, _ = self.evaluator.budget.fit(text, self.job.model.tokenizer, "the served memory")
-        return fitted + "\n\n"
+        return compose.render(self.prefix, context=fitted)
