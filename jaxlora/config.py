@@ -510,6 +510,8 @@ class EvalSection(_Section):
     # A separate question/answer file to evaluate on (csv/json/jsonl with the data section's
     # question and answer fields); null: each adapter is asked its own training knowledge.
     path: str | None = field(default=None, metadata=_rule(check=_non_empty))
+    # Score every answer with the LLM judge (the llm: section) beside the metrics.
+    judge: bool = False
 
 
 def _memory_rule(check: str):
@@ -574,8 +576,48 @@ class MemorySection(_Section):
     seed: int = 0
     max_new_tokens: int = field(default=50, metadata=_rule(check=POSITIVE))
     batch_size: int = field(default=64, metadata=_rule(check=POSITIVE))
+    # Score every answer with the LLM judge (the llm: section) beside the metrics.
+    judge: bool = False
     # Tokens (prompt + new, over the rows) of one decoding pass: long ICL prompts take fewer rows.
     max_batch_tokens: int = field(default=131072, metadata=_rule(check=POSITIVE))
+
+
+@dataclasses.dataclass(frozen=True)
+class LLMSection(_Section):
+    """An LLM beside the model under study, for the judge (and `jaxlora synth`): the jaxlora
+    model in process (`local`) or any OpenAI-compatible endpoint (`openai`); see
+    jaxlora/llm/backends.py. `model` is a path, hub id, preset or run dir (local), or the
+    endpoint's model name (openai)."""
+
+    _fixed: ClassVar[str] = "one LLM serves the whole job"
+
+    backend: Literal["local", "openai"] = "local"
+    model: str | None = field(default=None, metadata=_rule(check=_non_empty))
+    adapter: str | None = field(default=None, metadata=_rule(check=_non_empty))  # local
+    dtype: Dtype | None = None  # local; null: the checkpoint's own or float32
+    max_batch: int = field(default=32, metadata=_rule(check=POSITIVE))  # local: rows per pass
+    base_url: str | None = field(default=None, metadata=_rule(check=_non_empty))  # openai
+    # openai: the environment variable holding the key (null: OPENAI_API_KEY for
+    # api.openai.com, no key for a base_url)
+    api_key_env: str | None = field(default=None, metadata=_rule(check=_non_empty))
+    max_concurrency: int = field(default=8, metadata=_rule(check=POSITIVE))  # openai
+    timeout_s: float = field(default=120.0, metadata=_rule(check=POSITIVE))  # openai, per request
+    max_retries: int = field(default=4, metadata=_rule(check=NON_NEGATIVE))  # openai
+    backoff_s: float = field(default=1.0, metadata=_rule(check=NON_NEGATIVE))  # doubled per retry
+
+    def _check(self) -> None:
+        if self.model is None:
+            raise _FieldError(
+                "model", "required: a model path, preset or run dir, or the endpoint's model name"
+            )
+        if self.backend == "local" and (self.base_url or self.api_key_env):
+            raise _FieldError(
+                "base_url" if self.base_url else "api_key_env", "is for backend: openai"
+            )
+        if self.backend == "openai" and self.adapter:
+            raise _FieldError(
+                "adapter", "is for backend: local (an endpoint names its adapters as models)"
+            )
 
 
 SECTIONS: dict[str, type[_Section]] = {
@@ -587,8 +629,9 @@ SECTIONS: dict[str, type[_Section]] = {
     "checkpoint": CheckpointSection,
     "eval": EvalSection,
     "memory": MemorySection,
+    "llm": LLMSection,
 }
-OPTIONAL_SECTIONS = ("eval", "memory")  # absent: that step does not run
+OPTIONAL_SECTIONS = ("eval", "memory", "llm")  # absent: that step does not run
 
 
 def config_keys(*, sweepable: bool | None = None) -> tuple[str, ...]:
@@ -685,6 +728,7 @@ class Config:
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
     eval: EvalSection | None = None
     memory: MemorySection | None = None
+    llm: LLMSection | None = None
     sweep: tuple[tuple[str, tuple], ...] = ()
     source: str = dataclasses.field(default="<config>", compare=False, repr=False)
 
@@ -705,6 +749,12 @@ class Config:
             object.__setattr__(self, name, getattr(first, name))
         if sweep:
             self.cells()  # every combination must be a valid config; fail now, not mid-job
+        for name in ("eval", "memory"):
+            if getattr(getattr(self, name), "judge", False) and self.llm is None:
+                raise _error(
+                    self.source,
+                    f"{name}.judge: the judge needs an llm: section (backend, model, ...)",
+                )
         if self.memory is not None and self.data.units == "none":
             raise _error(
                 self.source,
@@ -813,6 +863,17 @@ def _load_yaml(text: str, source: str) -> Any:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(e, "problem", None) or str(e)
         raise _error(source, f"invalid YAML at {where}{problem}") from None
+
+
+def parse_section(name: str, raw: Any, cls: type[_Section] | None = None) -> _Section:
+    """One section from its YAML mapping (`cls`: a subclass of the section's class), with the
+    same one-line errors as a whole file: `llm.modle: unknown key (did you mean llm.model?)`."""
+    if raw is None:
+        raise ConfigError(f"{name}: expected a mapping of settings, got nothing")
+    try:
+        return _build_section(cls or SECTIONS[name], raw, name)
+    except _FieldError as e:
+        raise ConfigError(_one_line(str(e))) from None
 
 
 def _build_section(cls: type[_Section], raw: Any, name: str) -> _Section:

@@ -361,6 +361,17 @@ def evaluate_run(job, stacks: Sequence[AdapterStack], run_dir: Path, ev: EvalSec
 
     rows, predictions = Evaluator(job, ev).run(stacks)
     rows, predictions = gather_rows(rows), gather_rows(predictions)
+    if ev.judge and jax.process_index() == 0:
+        from jaxlora.llm.judge import judge_results
+
+        judge_results(
+            rows,
+            predictions,
+            lambda r: r["name"],
+            lambda p: p["adapter"],
+            job.config.llm,
+            run_dir / "judge_cache.sqlite",
+        )
     if jax.process_index() == 0:
         write_results(run_dir, rows, predictions)
         try:

@@ -60,6 +60,8 @@ RESULT_COLUMNS = frozenset(
         "bleu",
         "rouge_l",
         "judge",
+        "judge_failed",
+        "judge_failure_rate",
         "loss",
         "final_loss",
         "train_loss",

@@ -64,6 +64,7 @@ RESUME_NEUTRAL = (
     "mesh",
     "eval",
     "memory",
+    "llm",
     "training.log_every",
     "training.adapters_per_pass",
 )

@@ -190,3 +190,26 @@ def test_bad_inputs_are_one_line_errors(tmp_path, content, extra, needle):
     )
     assert_refused(code, err)
     assert needle in err
+
+
+def test_the_judge_as_an_eval_metric(evaluated_run, tmp_path):
+    """eval.judge: each adapter's row gains judge / judge_failed from its own predictions (here
+    all failures: the tiny judge writes no JSON), and no failure is scored."""
+    import csv
+    import shutil
+
+    import subprocess
+
+    from tests.runs import jaxlora_cmd
+
+    _, run_dir = evaluated_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    sets = ["eval.judge=true", "llm.backend=local", "llm.model=tiny-llama"]
+    cmd = jaxlora_cmd("eval", copy, *[a for s in sets for a in ("--set", s)])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader((copy / "results.csv").open()))
+    assert len(rows) == 4
+    for row in rows:
+        assert int(row["judge_failed"]) == int(row["n_facts"]) > 0 and row["judge"] == ""

@@ -303,3 +303,33 @@ def test_a_memory_larger_than_the_library_fails_before_training(tmp_path):
     )
     assert proc.returncode == 2 and "k=3 is larger than the library (2 units)" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_judge_as_a_memory_metric_counts_failures_and_never_scores_them(library_run, tmp_path):
+    """memory.judge with a local judge that cannot answer (the tiny model writes no JSON): every
+    answer is a judge failure, counted and excluded; nothing is scored 0."""
+    _, _, run_dir = library_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    proc = _memory_cli(
+        copy,
+        "memory.methods=[base]",
+        "memory.judge=true",
+        "llm.backend=local",
+        "llm.model=tiny-llama",
+    )
+    assert proc.returncode == 0, proc.stderr
+    (row,) = list(csv.DictReader((copy / "memory_results.csv").open()))
+    assert int(row["judge_failed"]) == int(row["n_questions"]) > 0
+    assert row["judge"] == "" and float(row["judge_failure_rate"]) == 1.0
+    predictions = [
+        json.loads(x) for x in (copy / "memory_predictions.jsonl").read_text().splitlines()
+    ]
+    assert all(p["judge"] is None for p in predictions)
+
+
+def test_the_judge_needs_an_llm_section():
+    from jaxlora.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match=r"eval\.judge: the judge needs an llm: section"):
+        parse_config({"eval": {"judge": True}})

@@ -29,15 +29,15 @@ local model behind `jaxlora serve`.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
+from jaxlora.config import ConfigError, LLMSection, parse_section
 from jaxlora.llm.engine import Engine, LLMError, Row, resolve_source
 
 __all__ = [
@@ -97,72 +97,17 @@ class Backend(Protocol):
 # --------------------------------------------------------------------------- config
 
 
-@dataclasses.dataclass(frozen=True)
-class LLMConfig:
-    """The `llm:` section. `model` is a model path, hub id, preset or run directory (local) or
-    the endpoint's model name (openai). `api_key_env` names the environment variable holding
-    the key; unset, it is OPENAI_API_KEY for api.openai.com and no key for a `base_url`."""
-
-    backend: Literal["local", "openai"]
-    model: str
-    adapter: str | None = None  # local: a PEFT directory or the name of a run's adapter
-    dtype: Literal["float32", "bfloat16", "float16"] | None = None  # local; None: run's or fp32
-    max_batch: int = 32  # local: rows per decode pass
-    base_url: str | None = None  # openai
-    api_key_env: str | None = None  # openai
-    max_concurrency: int = 8  # openai: requests in flight
-    timeout_s: float = 120.0  # openai: per request
-    max_retries: int = 4  # openai: retries after the first attempt
-    backoff_s: float = 1.0  # openai: first retry delay, doubled each time
-
-    def __post_init__(self) -> None:
-        def bad(key: str, problem: str) -> LLMError:
-            return LLMError(f"llm.{key}: {problem}")
-
-        if self.backend not in ("local", "openai"):
-            raise bad("backend", f"must be 'local' or 'openai', got {self.backend!r}")
-        if not isinstance(self.model, str) or not self.model:
-            raise bad("model", "required: a model path, preset or run dir, or a model name")
-        if self.dtype not in (None, "float32", "bfloat16", "float16"):
-            raise bad("dtype", f"must be float32, bfloat16 or float16, got {self.dtype!r}")
-        for key, low in (("max_batch", 1), ("max_concurrency", 1), ("max_retries", 0)):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise bad(key, f"must be an integer >= {low}, got {value!r}")
-        for key in ("timeout_s", "backoff_s"):
-            value = getattr(self, key)
-            ok = isinstance(value, int | float) and not isinstance(value, bool)
-            if (
-                not ok
-                or not math.isfinite(value)
-                or value < 0
-                or (key == "timeout_s" and not value)
-            ):
-                raise bad(key, f"must be a number {'> 0' if key == 'timeout_s' else '>= 0'}")
-        for key in ("adapter", "base_url", "api_key_env"):
-            value = getattr(self, key)
-            if value is not None and not (isinstance(value, str) and value):
-                raise bad(key, f"must be a non-empty string, got {value!r}")
-        if self.backend == "local" and (self.base_url or self.api_key_env):
-            raise bad("base_url" if self.base_url else "api_key_env", "is for backend: openai")
-        if self.backend == "openai" and self.adapter:
-            raise bad("adapter", "is for backend: local (an endpoint names adapters as models)")
+class LLMConfig(LLMSection):
+    """The `llm:` section (`jaxlora.config.LLMSection`: its keys, defaults and checks), read on
+    its own from a mapping, with the API key looked up when a backend is made."""
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> LLMConfig:
         """The section from a YAML mapping, with one-line errors naming the key."""
-        if not isinstance(d, Mapping):
-            raise LLMError(f"llm: expected a mapping of settings, got {d!r}")
-        fields = [f.name for f in dataclasses.fields(cls)]
-        for key in d:
-            if key not in fields:
-                near = difflib.get_close_matches(str(key), fields, n=1)
-                hint = f"; did you mean {near[0]!r}?" if near else f"; known: {', '.join(fields)}"
-                raise LLMError(f"llm.{key}: unknown key{hint}")
-        for key in ("backend", "model"):
-            if key not in d:
-                raise LLMError(f"llm.{key}: required")
-        return cls(**dict(d))
+        try:
+            return parse_section("llm", d, cls)
+        except ConfigError as e:
+            raise LLMError(str(e)) from None
 
     def api_key(self) -> str:
         env = self.api_key_env or (None if self.base_url else "OPENAI_API_KEY")

@@ -25,7 +25,7 @@ import json
 import math
 import statistics
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -150,6 +150,34 @@ def judge_predictions(
     finally:
         bar.close()
     return verdicts, summarize_verdicts(verdicts)
+
+
+def judge_results(
+    rows: Sequence[dict[str, Any]],
+    predictions: Sequence[dict[str, Any]],
+    key: Callable[[Mapping[str, Any]], Any],
+    prediction_key: Callable[[Mapping[str, Any]], Any],
+    llm: Any,
+    cache: str | Path | None = None,
+    progress: bool = False,
+) -> None:
+    """The judge as a metric of an evaluator: every prediction gains `judge` (its 0-10 score,
+    None when the judge failed) and every result row its predictions' `judge` mean (failures
+    excluded), `judge_failed` and `judge_failure_rate`. `llm` is the config's `llm:` section;
+    rows and predictions are matched by `key` and `prediction_key`."""
+    from jaxlora.llm.backends import LLMConfig, make_backend
+
+    backend = make_backend(LLMConfig.from_dict(llm.to_dict()))
+    verdicts, _ = judge_predictions(predictions, backend, cache=cache, progress=progress)
+    groups: dict[Any, list[Verdict]] = {}
+    for p, v in zip(predictions, verdicts, strict=True):
+        p["judge"] = v.score
+        groups.setdefault(prediction_key(p), []).append(v)
+    for row in rows:
+        summary = summarize_verdicts(groups.get(key(row), []))
+        row["judge"] = summary["mean"]
+        row["judge_failed"] = summary["judge_failed"]
+        row["judge_failure_rate"] = summary["failure_rate"]
 
 
 def _fields(record: Mapping[str, Any], i: int) -> tuple[str, str, str]:

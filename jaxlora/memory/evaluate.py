@@ -551,6 +551,14 @@ def evaluate_memory(
         r, p = ev.run(methods, progress)
         rows += r
         predictions += p
+    if section.judge:
+        from jaxlora.llm.judge import judge_results
+
+        def key(r):
+            return (r["library"], r["method"])
+
+        cache = run_dir / "memory" / "judge_cache.sqlite"
+        judge_results(rows, predictions, key, key, job.config.llm, cache, progress)
     write_memory_results(run_dir, rows, predictions)
     write_memory_report(run_dir)
     return rows
