@@ -179,3 +179,156 @@ def test_rouge_l_with_stemming_by_hand():
 
 def test_rouge_scorer_is_built_once():
     assert metrics._rouge_scorer() is metrics._rouge_scorer()
+
+
+# ----------------------------------------------------------------------------- ROUGE, references
+
+
+def test_rouge_multi_is_rouge_score_best_of_references():
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(list(metrics.ROUGE_TYPES), use_stemmer=True)
+    cases = [
+        ("the fox lived in a wood", ["In a wood.", "a small wood near the river"]),
+        ("He ran home.\nThen he slept.", ["he slept", "He ran to his home and then slept."]),
+        ("", ["anything"]),
+        ("Bob", ["bob", "BOB"]),
+    ]
+    for prediction, refs in cases:
+        got = metrics.rouge_multi(prediction, refs)
+        assert got == pytest.approx(
+            {k: s.fmeasure for k, s in scorer.score_multi(refs, prediction).items()}
+        )
+        # best over references, chosen per ROUGE type
+        for k in metrics.ROUGE_TYPES:
+            best = max(scorer.score(r, prediction)[k].fmeasure for r in refs)
+            assert got[k] == pytest.approx(best)
+
+
+def test_rouge_multi_by_hand_and_per_type_choice():
+    # rouge1 prefers the first reference, rouge2 the second: each type takes its own best.
+    pred = "cat dog bird"
+    got = metrics.rouge_multi(pred, ["bird dog cat", "cat dog fish fish fish"])
+    assert got["rouge1"] == pytest.approx(1.0)  # all three unigrams of the first
+    p, r = 1 / 2, 1 / 4  # bigram "cat dog" of the second: 1 of 2 predicted, 1 of 4 reference
+    assert got["rouge2"] == pytest.approx(2 * p * r / (p + r))
+    assert metrics.rouge_multi("runs", ["run"])["rouge1"] == 1.0  # stemmed by default
+    assert metrics.rouge_multi("runs", ["run"], use_stemmer=False)["rouge1"] == 0.0
+    with pytest.raises(DataError, match="list of reference answers"):
+        metrics.rouge_multi("x", "x")  # type: ignore[arg-type]
+
+
+def test_mean_per_document_weights_documents_equally():
+    scores = [{"rougeL": 1.0}, {"rougeL": 0.0}, {"rougeL": 0.0}, {"rougeL": 0.5}]
+    docs = ["a", "b", "b", "b"]
+    got = metrics.mean_per_document(scores, docs)
+    assert got["rougeL"] == pytest.approx((1.0 + 0.5 / 3) / 2)  # not the flat mean 0.375
+    assert (got["n"], got["n_documents"]) == (4, 2)
+    assert metrics.mean_by([1, 2, 3], ["x", "y", "x"]) == {"x": 2.0, "y": 2.0}
+    with pytest.raises(DataError, match="one per question"):
+        metrics.mean_per_document(scores, docs[:2])
+
+
+def test_per_level_breakdown():
+    scores = [
+        {"bleu": 10.0, "rouge_l": 0.2},
+        {"bleu": 30.0, "rouge_l": 0.4},
+        {"bleu": 5.0, "rouge_l": 0.0},
+    ]
+    table = metrics.per_level(scores, [1, 1, 3])
+    assert table["level_1"] == {"bleu": 20.0, "rouge_l": pytest.approx(0.3), "n": 2}
+    assert table["level_2"] == {"bleu": None, "rouge_l": None, "n": 0}
+    assert table["level_3"] == {"bleu": 5.0, "rouge_l": 0.0, "n": 1}
+    assert table["all"]["bleu"] == pytest.approx(15.0) and table["all"]["n"] == 3
+    with pytest.raises(DataError, match="level 0 is not one of 1, 2, 3"):
+        metrics.per_level(scores, [1, 0, 3])
+
+
+# ----------------------------------------------------------------------------- QuALITY
+
+
+@pytest.mark.parametrize(
+    "output, expected",
+    [
+        ("C", "C"),
+        ("C.", "C"),
+        (" (B)", "B"),
+        ("[D]", "D"),
+        ("A) The crew", "A"),
+        ("(C) The crew came back changed.", "C"),
+        ("D - Jupiter", "D"),
+        ("Answer: C", "C"),
+        ("answer: B", "B"),
+        ("The answer is: (D)", "D"),
+        ("The correct answer is C", "C"),
+        ("The correct answer is C because the crew changed.", "C"),
+        ("Certainly! The correct option is B.", "B"),
+        ("**B**", "B"),
+        ("Option D", "D"),
+        ("answer choice (A)", "A"),
+        ("\\boxed{C}", "C"),
+        ("Sure.\nC", "C"),
+        ("B\n\nOption A is wrong because...", "B"),  # a later mention is not an answer
+        ("A. Mars", "A"),
+        # nothing stated
+        ("Certainly", None),
+        ("The correct…", None),  # the study's parser read C here
+        ("The correct", None),
+        ("Cats can't fly.", None),
+        ("A man walked in.", None),  # an article, not an option
+        ("Answer: Certainly", None),
+        ("Bob", None),
+        ("I think it is B", None),  # no answer cue: strict
+        ("b", None),
+        ("E", None),  # not one of four options
+        ("C.S. Lewis", None),
+        ("The answer is not C", None),
+        ("", None),
+        # ambiguous
+        ("A or B", None),
+        ("(A) or (C)", None),
+        ("C/D", None),
+        ("A, B", None),
+        ("A. Actually, the answer is B.", None),
+    ],
+)
+def test_parse_choice(output, expected):
+    assert metrics.parse_choice(output) == expected
+
+
+def test_parse_choice_option_count():
+    assert metrics.parse_choice("E", n_options=5) == "E"
+    assert metrics.parse_choice("D", n_options=3) is None
+    with pytest.raises(DataError, match="n_options"):
+        metrics.parse_choice("A", n_options=1)
+
+
+def test_loglik_choice():
+    assert metrics.loglik_choice([-5.0, -1.5, -3.0, -9.0]) == 1
+    # Length-normalised: option 0 is longer but likelier per token.
+    assert metrics.loglik_choice([-6.0, -4.0], lengths=[6, 2]) == 0
+    assert metrics.loglik_choice([float("nan"), -3.0, -2.0, float("-inf")]) == 2
+    assert metrics.loglik_choice([-1.0, -1.0, -4.0]) is None  # an exact tie decides nothing
+    assert metrics.loglik_choice([float("nan"), float("-inf")]) is None
+    with pytest.raises(DataError, match="one score per option"):
+        metrics.loglik_choice([-1.0])
+    with pytest.raises(DataError, match="positive length"):
+        metrics.loglik_choice([-1.0, -2.0], lengths=[1, 0])
+
+
+def test_choice_accuracy_with_hard_subset_and_unanswered():
+    outputs = ["C", "Certainly", "The answer is A", "(B)", "A or B"]
+    predicted = [metrics.parse_choice(o) for o in outputs]
+    gold = [2, 1, "A", 3, 0]
+    hard = [True, True, False, True, False]
+    got = metrics.choice_accuracy(predicted, gold, hard)
+    assert got == {
+        "accuracy": pytest.approx(2 / 5),
+        "n": 5,
+        "unanswered": 2,
+        "hard_accuracy": pytest.approx(1 / 3),
+        "n_hard": 3,
+    }
+    assert metrics.choice_accuracy([1, 0], [1, 1]) == {"accuracy": 0.5, "n": 2, "unanswered": 0}
+    with pytest.raises(DataError, match="one entry per question"):
+        metrics.choice_accuracy([1], [1, 2])

@@ -113,25 +113,25 @@ class _Table:
                 raise DataError(f"data file {p} is empty: point data.path at a file with rows")
             kwargs = {"na_filter": False} if builder == "csv" else {}
             try:
-                with _quiet():
+                with quiet():
                     ds = datasets.load_dataset(builder, data_files=str(p), split="train", **kwargs)
             except Exception as e:
                 if "corresponds to no data" in str(e):  # a header or `[]` and nothing else
                     raise DataError(
                         f"data file {p} has no rows: point data.path at a file with rows"
                     ) from e
-                raise DataError(f"cannot read {p} as {builder}: {_first_line(e)}") from e
+                raise DataError(f"cannot read {p} as {builder}: {first_line(e)}") from e
             name, local = str(p), p
         elif p.exists():
             raise DataError(f"data.path {p} is a directory: point it at a .csv/.json/.jsonl file")
         elif _HUB_ID.fullmatch(str(path)) and p.suffix.lower() not in _BUILDERS:
             try:
-                with _quiet():
+                with quiet():
                     ds = datasets.load_dataset(str(path), split="train")
             except Exception as e:
                 raise DataError(
                     f"data.path {path!r} is not a local file and could not be loaded from the "
-                    f"hub: {_first_line(e)}"
+                    f"hub: {first_line(e)}"
                 ) from e
             name, local = str(path), None
         else:
@@ -260,7 +260,7 @@ def _sibling_eval_qa(path: Path | None) -> dict[str, tuple[str, str]]:
     sibling = path.with_name("counterfact_eval_qa.json") if path else None
     if sibling is None or not sibling.is_file():
         return {}
-    items = _read_json(sibling)
+    items = read_json(sibling)
     if not isinstance(items, list):
         raise DataError(f"{sibling} must be a JSON list of {{question, answer}} items")
     out = {}
@@ -276,7 +276,7 @@ def _sibling_subjects(path: Path | None, n_rows: int) -> list[str] | None:
     sibling = path.with_name(f"{path.stem}_meta.json") if path else None
     if sibling is None or not sibling.is_file():
         return None
-    meta = _read_json(sibling)
+    meta = read_json(sibling)
     subjects = meta.get("subjects") if isinstance(meta, dict) else None
     if subjects is None:
         return None
@@ -289,20 +289,20 @@ def _sibling_subjects(path: Path | None, n_rows: int) -> list[str] | None:
     return [str(s) for s in subjects]
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise DataError(f"cannot read {path} as JSON: {_first_line(e)}") from e
+        raise DataError(f"cannot read {path} as JSON: {first_line(e)}") from e
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     return (lines[0] if lines else type(e).__name__)[:300]
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet() -> Iterator[None]:
     """Silence `datasets` progress bars for small local files, restoring the user's setting."""
     import datasets
 
