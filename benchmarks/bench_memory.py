@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 import jaxlora
-from benchmarks.common import report, timed
+from benchmarks.common import peft_library, report, timed
 from jaxlora import data as kdata
 from jaxlora import lora
 from jaxlora.config import DataSection, EvalSection
@@ -122,18 +122,10 @@ def main() -> None:
 def _peft_loop(model, stack, routes, ids, mask, args) -> float:
     """PEFT add_weighted_adapter + generate + delete_adapter, one question at a time."""
     import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model.save_hf(tmp / "base")
-        for a in range(len(stack)):
-            jaxlora.save_peft(model, stack, a, tmp / f"a{a}")
-        hf = AutoModelForCausalLM.from_pretrained(tmp / "base", dtype=torch.float32).eval()
-        peft_model = PeftModel.from_pretrained(hf, tmp / "a0", adapter_name="a0")
-        for a in range(1, len(stack)):
-            peft_model.load_adapter(tmp / f"a{a}", adapter_name=f"a{a}")
+        peft_model = peft_library(model, stack, tmp)
         pad = model.tokenizer.pad_token_id
 
         def loop():

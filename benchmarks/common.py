@@ -10,6 +10,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -69,6 +70,25 @@ def matmul_ceiling(dtype: str = "float32", n: int | None = None) -> float:
     matmul = jax.jit(jnp.matmul)
     jax.block_until_ready(matmul(a, b))
     return 2 * n**3 / timed(lambda: jax.block_until_ready(matmul(a, b)), repeat=5)
+
+
+def peft_library(model, stack, tmp: Path):
+    """The jaxlora base and every adapter of `stack` as a PyTorch PEFT model (adapters named
+    a0, a1, ...), written through PEFT's own files: the study's side of a comparison."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import jaxlora
+
+    model.save_hf(tmp / "base")
+    for a in range(len(stack)):
+        jaxlora.save_peft(model, stack, a, tmp / f"a{a}")
+    hf = AutoModelForCausalLM.from_pretrained(tmp / "base", dtype=torch.float32).eval()
+    peft_model = PeftModel.from_pretrained(hf, tmp / "a0", adapter_name="a0")
+    for a in range(1, len(stack)):
+        peft_model.load_adapter(tmp / f"a{a}", adapter_name=f"a{a}")
+    return peft_model
 
 
 def report(name: str, results: dict[str, Any]) -> None:

@@ -207,7 +207,7 @@ def _generate_base(graphdef, base, tokens, mask, spec: DecodeSpec, sampler: Samp
 
 
 # vmap axes of a stacked cache: everything per adapter except the shared write slot.
-_CACHE_AXES = KVCache(k=0, v=0, valid=0, end=None, next_pos=0)
+CACHE_AXES = KVCache(k=0, v=0, valid=0, end=None, next_pos=0)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "spec"))
@@ -231,19 +231,27 @@ def decode_stack(
     def forward(t, m, cache):
         return jax.vmap(
             one,
-            in_axes=(0, 0, 0, 0, _CACHE_AXES),
-            out_axes=(0, _CACHE_AXES),
+            in_axes=(0, 0, 0, 0, CACHE_AXES),
+            out_axes=(0, CACHE_AXES),
             spmd_axis_name="adapter",
         )(weights, consts, t, m, cache)
 
     A, B = tokens_ABT.shape[:2]
+    init_cache = stacked_cache(graphdef, base, weights, consts, A, B)
+    return decode(forward, init_cache, tokens_ABT, mask_ABT, spec, sampler)
+
+
+def stacked_cache(graphdef, base, weights, consts, A: int, B: int) -> Callable[[int], KVCache]:
+    """n -> an empty KV cache per adapter of a stack of A ([A, B, n, ...] leaves; one shared
+    write slot), for the vmapped decoding of `decode_stack`."""
+    from flax import nnx
+
     probe = nnx.merge(
         graphdef, jax.tree.map(lambda x: x[0], weights), jax.tree.map(lambda x: x[0], consts), base
     )
-    cfg, dtype = probe.config, probe.dtype
 
     def init_cache(n):
-        one = KVCache.init(cfg, B, n, dtype)
+        one = KVCache.init(probe.config, B, n, probe.dtype)
         stacked = lambda x: jnp.broadcast_to(x, (A, *x.shape))  # noqa: E731
         return KVCache(
             k=tuple(map(stacked, one.k)),
@@ -253,7 +261,7 @@ def decode_stack(
             next_pos=stacked(one.next_pos),
         )
 
-    return decode(forward, init_cache, tokens_ABT, mask_ABT, spec, sampler)
+    return init_cache
 
 
 def generate_stack(

@@ -37,25 +37,11 @@ import jax
 import jax.numpy as jnp
 
 from jaxlora.errors import JaxloraError
-from jaxlora.generate import DecodeSpec, decode
-from jaxlora.models.transformer import KVCache
+from jaxlora.generate import CACHE_AXES, DecodeSpec, decode, stacked_cache
+from jaxlora.memory.merging import COMBINATION_TYPES
 
 ROUTER_KINDS = ("oracle", "bm25", "embedding")
-MERGE_TYPES = (
-    "linear",
-    "cat",
-    "svd",
-    "ties",
-    "ties_svd",
-    "dare_linear",
-    "dare_ties",
-    "dare_linear_svd",
-    "dare_ties_svd",
-    "magnitude_prune",
-    "magnitude_prune_svd",
-    "delta_sum",
-)
-COMBINERS = ("one", "mixture", *MERGE_TYPES)
+COMBINERS = ("one", "mixture", *COMBINATION_TYPES)
 CONTEXTS = ("none", "icl", "icl_doc", "rag")
 
 # The study's prompt templates (STUDY.md §3). The question slot receives what the question
@@ -245,33 +231,18 @@ def decode_mixture(graphdef, base, weights, consts, tokens_QT, mask_QT, spec: De
     Q = tokens_QT.shape[0]
     tokens = jnp.repeat(tokens_QT, k, axis=0)[:, None]  # [Q*k, 1, T]
     mask = jnp.repeat(mask_QT, k, axis=0)[:, None]
-    cache_axes = KVCache(k=0, v=0, valid=0, end=None, next_pos=0)
 
     def one(w, c, t, m, cache):
         return nnx.merge(graphdef, w, c, base)(t, m, cache=cache, last_only=True)
 
     def forward(t, m, cache):
-        logits, cache = jax.vmap(one, in_axes=(0, 0, 0, 0, cache_axes), out_axes=(0, cache_axes))(
+        logits, cache = jax.vmap(one, in_axes=(0, 0, 0, 0, CACHE_AXES), out_axes=(0, CACHE_AXES))(
             weights, consts, t, m, cache
         )
         logp = jax.nn.log_softmax(logits, axis=-1).reshape(Q, k, *logits.shape[1:])
         mixed = jax.nn.logsumexp(logp, axis=1) - jnp.log(k)
         return jnp.repeat(mixed, k, axis=0), cache
 
-    probe = nnx.merge(
-        graphdef, jax.tree.map(lambda x: x[0], weights), jax.tree.map(lambda x: x[0], consts), base
-    )
-
-    def init_cache(n):
-        one_cache = KVCache.init(probe.config, 1, n, probe.dtype)
-        stacked = lambda x: jnp.broadcast_to(x, (Q * k, *x.shape))  # noqa: E731
-        return KVCache(
-            k=tuple(map(stacked, one_cache.k)),
-            v=tuple(map(stacked, one_cache.v)),
-            valid=stacked(one_cache.valid),
-            end=one_cache.end,
-            next_pos=stacked(one_cache.next_pos),
-        )
-
+    init_cache = stacked_cache(graphdef, base, weights, consts, Q * k, 1)
     out = decode(forward, init_cache, tokens, mask, spec)  # [Q*k, 1, N]
     return out[::k, 0]
