@@ -51,7 +51,10 @@ from jaxlora.errors import ConfigError
 Dtype = Literal["float32", "bfloat16", "float16"]
 Remat = Literal["none", "block"]
 InitKind = Literal["kaiming", "gaussian"]
-DatasetKind = Literal["phonebook", "counterfact", "text", "qa"]
+DatasetKind = Literal["phonebook", "counterfact", "text", "qa", "paperqa", "narrativeqa", "quality"]
+DocFormat = Literal["text", "qa", "qa_user"]
+PaperHeader = Literal["bracket", "natural", "none"]
+Leakage = Literal["error", "drop"]
 LossMask = Literal["full", "completion_only"]
 Schedule = Literal["cosine", "linear", "constant"]
 Layout = Literal["groups", "padded"]
@@ -399,19 +402,56 @@ class DataSection(_Section):
     unit_keys: str | None = field(default=None, metadata=_rule(check=_non_empty, fixed=_UNITS))
     # The unit this adapter learns; the job sets it for every unit when it is null.
     unit: str | None = field(default=None, metadata=_rule(check=_non_empty))
+    # Document datasets (paperqa, narrativeqa, quality; jaxlora/data/docsets.py): what an
+    # adapter trains on, and the leakage guard between it and the evaluation questions.
+    format: DocFormat = "text"
+    paper_header: PaperHeader = "bracket"
+    question_prefix: PaperHeader = "none"
+    train_path: str | None = field(default=None, metadata=_rule(check=_non_empty))
+    split: str | None = field(default=None, metadata=_rule(check=_non_empty))
+    leakage: Leakage = "error"
 
     def _check(self) -> None:
         self._check_units()
+        self._check_documents()
         if self.size_tokens is not None and self.size_rows is not None:
             raise _FieldError(
                 "size_rows",
                 f"give either size_tokens ({self.size_tokens}) or size_rows "
                 f"({self.size_rows}), not both; set the other to null",
             )
-        if self.path is None and self.dataset != "phonebook":
+        if self.path is None and self.dataset not in ("phonebook", "paperqa"):
             raise _FieldError(
-                "path", f"dataset {self.dataset} needs a path (only phonebook is generated)"
+                "path",
+                f"dataset {self.dataset} needs a path (only phonebook and paperqa are generated)",
             )
+
+    def _check_documents(self) -> None:
+        documents = ("paperqa", "narrativeqa", "quality")
+        if self.dataset not in documents:
+            for key, default in (("format", "text"), ("train_path", None), ("split", None)):
+                if getattr(self, key) != default:
+                    raise _FieldError(
+                        key, "is for the document datasets paperqa, narrativeqa, quality"
+                    )
+            return
+        if self.units == "files":
+            raise _FieldError(
+                "units", f"dataset {self.dataset} has documents: use documents or chunks"
+            )
+        if self.dataset != "paperqa" and (self.format != "text" or self.train_path is not None):
+            raise _FieldError(
+                "format" if self.format != "text" else "train_path",
+                f"dataset {self.dataset} trains on its documents' text (format: text, no train_path)",
+            )
+        if self.format != "text" and self.train_path is None:
+            raise _FieldError(
+                "train_path",
+                f"format {self.format} needs the training QA (e.g. the study's paperqa_train "
+                "sets): the paperQA.json questions are the evaluation set",
+            )
+        if self.dataset == "paperqa" and self.split is not None:
+            raise _FieldError("split", "paperqa has one split (paperQA.json)")
 
     def _check_units(self) -> None:
         if self.units == "none":

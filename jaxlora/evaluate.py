@@ -38,7 +38,7 @@ from jax.experimental import multihost_utils
 from jaxlora import data as kdata
 from jaxlora.config import EvalSection
 from jaxlora.errors import DataError
-from jaxlora.eval import metrics
+from jaxlora.eval import metrics, scoring
 from jaxlora.fsutil import RunLock, atomic_write
 from jaxlora.generate import DecodeSpec, decode_stack, eos_and_pad
 from jaxlora.lora import AdapterStack, stack_forward
@@ -52,6 +52,7 @@ class Question:
     answer: str
     target_true: str | None = None
     efficacy_prompt: str | None = None  # CounterFact: the text the targets follow
+    source: Any = None  # the EvalQuestion of a document dataset (jaxlora/eval/scoring.py)
 
 
 def build_questions(
@@ -115,8 +116,11 @@ def _question_prompt(question: str, tokenizer, chat_template: bool) -> tuple[int
     return tuple(tokenizer(question, add_special_tokens=True)["input_ids"])
 
 
-def score(dataset: str, prediction: str, answer: str) -> dict[str, float]:
-    """Per-question metrics for a dataset kind."""
+def score(dataset: str, prediction: str, answer: str, source: Any = None) -> dict[str, Any]:
+    """Per-question metrics for a dataset kind; `source` is the `EvalQuestion` of a document
+    dataset (its references, options, level: `jaxlora/eval/scoring.py`)."""
+    if source is not None and dataset in scoring.DOCUMENT_METRICS:
+        return scoring.score_question(dataset, prediction, source)
     if dataset == "phonebook":
         return {"accuracy": float(metrics.phonebook_correct(prediction, answer))}
     if dataset == "counterfact":
@@ -159,6 +163,8 @@ class Evaluator:
 
     def questions(self, plan) -> list[Question]:
         data = plan.cell.config.data
+        if self.ev.path is None and kdata.is_document_dataset(data):
+            return self._document_questions(plan)
         if self.ev.path is not None:
             records = kdata.read_records(
                 "qa",
@@ -171,6 +177,20 @@ class Evaluator:
         return build_questions(
             records, self.tok, data, self.ev, vocab_size=self.job.model.config.vocab_size
         )
+
+    def _document_questions(self, plan) -> list[Question]:
+        """A document dataset's evaluation questions (never its training records): all of
+        them for an adapter of the whole corpus, its document's for an adapter of one unit."""
+        data = plan.cell.config.data
+        asked = kdata.load_questions(data)
+        if data.unit is not None:
+            document = {u.id: u.document for u in self.job.units}[data.unit]
+            asked = [q for q in asked if q.document == document]
+        records = [kdata.ask_record(q) for q in asked]
+        built = build_questions(
+            records, self.tok, data, self.ev, vocab_size=self.job.model.config.vocab_size
+        )
+        return [dataclasses.replace(b, source=q) for b, q in zip(built, asked, strict=True)]
 
     def run(self, stacks: Sequence[AdapterStack]) -> tuple[list[dict], list[dict]]:
         rows, predictions = [], []
@@ -187,7 +207,7 @@ class Evaluator:
                 scores = []
                 for k, (q, out) in enumerate(zip(asked[i], outputs[slot], strict=True)):
                     text = self.tok.decode(out, skip_special_tokens=True)
-                    s = score(plan.cell.config.data.dataset, text, q.answer)
+                    s = score(plan.cell.config.data.dataset, text, q.answer, q.source)
                     if efficacy.get(slot) is not None and efficacy[slot][k] is not None:
                         s["efficacy"] = float(efficacy[slot][k])
                     scores.append(s)
@@ -201,15 +221,14 @@ class Evaluator:
                             **s,
                         }
                     )
-                rows.append(self._row(plan, scores, len(asked[i]), seconds))
+                sources = [q.source for q in asked[i]]
+                rows.append(self._row(plan, scores, sources, seconds))
         return rows, predictions
 
-    def _row(self, plan, scores, n_facts, seconds) -> dict[str, Any]:
+    def _row(self, plan, scores, sources, seconds) -> dict[str, Any]:
         c = plan.cell.config
-        means = {
-            k: float(np.mean([s[k] for s in scores if k in s]))
-            for k in dict.fromkeys(k for s in scores for k in s)
-        }
+        means = scoring.aggregate(c.data.dataset, scores, sources)
+        n_facts = len(sources)
         return {
             "index": plan.index,
             "name": plan.name,

@@ -741,6 +741,7 @@ class SweepJob(Job):
             self._write_summary(rows)
             if self.units:
                 self._write_units()
+            self._write_documents()
         multihost_utils.sync_global_devices("jaxlora-finish")
         return rows
 
@@ -812,6 +813,24 @@ class SweepJob(Job):
             row["text"] = u.text
             lines.append(json.dumps({**row, "questions": questions}, ensure_ascii=False))
         atomic_write(self.run_dir / "units.jsonl", "\n".join(lines) + "\n")
+
+    def _write_documents(self) -> None:
+        """Document datasets: questions.jsonl (the evaluation questions, each with its document)
+        and leakage.json (per data variant of the grid: what the leakage guard found and
+        dropped), so a run says what it was asked and what it was not trained on."""
+        reports, questions = {}, None
+        for plan in self.plans:
+            data = dataclasses.replace(plan.cell.config.data, unit=None)
+            if not kdata.is_document_dataset(data):
+                return
+            docset = kdata.load_document_set(data)
+            questions = questions or docset.questions
+            reports.setdefault(json.dumps(docset.leakage_report(data)), None)
+        from jaxlora.data.documents import write_questions
+
+        write_questions(self.run_dir / "questions.jsonl", questions or ())
+        report = [json.loads(r) for r in reports]
+        atomic_write(self.run_dir / "leakage.json", json.dumps(report, indent=1) + "\n")
 
     def _write_summary(self, rows: list[dict[str, Any]]) -> None:
         buf = io.StringIO()

@@ -14,6 +14,14 @@ own dataset, budget and order, and a resumed job sees exactly the batches it wou
 from __future__ import annotations
 
 from jaxlora.data.budget import check_budget_args, count_tokens, take_budget
+from jaxlora.data.docsets import (
+    DOCUMENT_DATASETS,
+    DocumentSet,
+    ask_record,
+    is_document_dataset,
+    load_document_set,
+    load_questions,
+)
 from jaxlora.data.encode import LOSS_MASKS, Encoded, LossMask, check_vocab, encode
 from jaxlora.data.phonebook import (
     PHONE_PATTERN,
@@ -29,21 +37,27 @@ from jaxlora.errors import DataError
 
 __all__ = [
     "DATASET_KINDS",
+    "DOCUMENT_DATASETS",
     "LOSS_MASKS",
     "PHONE_PATTERN",
     "RECORD_KINDS",
     "UNIT_KINDS",
+    "DocumentSet",
     "Encoded",
     "EpochStream",
     "LossMask",
     "Record",
     "RecordKind",
     "Unit",
+    "ask_record",
     "check_vocab",
     "count_tokens",
     "encode",
     "gather",
     "generate_phonebook",
+    "is_document_dataset",
+    "load_document_set",
+    "load_questions",
     "load_records",
     "load_units",
     "phonebook_record",
@@ -86,9 +100,15 @@ def load_units(data, tokenizer) -> list[Unit]:
 
 def _corpus(data, tokenizer, document_field) -> list[Record]:
     kind = data.dataset
-    if kind not in DATASET_KINDS:
-        raise DataError(f"unknown data.dataset {kind!r}: use one of {', '.join(DATASET_KINDS)}")
+    if kind not in DATASET_KINDS + DOCUMENT_DATASETS:
+        kinds = DATASET_KINDS + DOCUMENT_DATASETS
+        raise DataError(f"unknown data.dataset {kind!r}: use one of {', '.join(kinds)}")
     check_budget_args(data.size_tokens, data.size_rows)
+    if kind == "paperqa" and data.path is None:  # generated (docsets.generate_paperqa)
+        records = list(load_document_set(data).records)
+        return take_budget(
+            records, tokenizer, size_tokens=data.size_tokens, size_rows=data.size_rows
+        )
     if data.path is None or str(data.path) == "":
         if kind != "phonebook":
             raise DataError(f"data.path is required for dataset '{kind}'")
@@ -101,6 +121,8 @@ def _corpus(data, tokenizer, document_field) -> list[Record]:
 
 
 def _read(data, path, document_field) -> list[Record]:
+    if is_document_dataset(data):  # the reader names each record's document itself
+        return list(load_document_set(data).records)
     return read_records(
         data.dataset,
         path,

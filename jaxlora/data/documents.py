@@ -82,6 +82,7 @@ __all__ = [
     "Corpus",
     "EvalQuestion",
     "load_split",
+    "paperqa_corpus",
     "read_narrativeqa",
     "read_paperqa",
     "read_paperqa_training",
@@ -182,7 +183,24 @@ def read_paperqa(
     p = Path(path).expanduser()
     if not p.is_file():
         raise DataError(f"PaperQA file not found: {p} (the study's paper_dataset/paperQA.json)")
-    items = read_json(p)
+    return paperqa_corpus(
+        read_json(p), p, header=header, question_prefix=question_prefix, papers=papers
+    )
+
+
+def paperqa_corpus(
+    items: Any,
+    p: str | Path,
+    *,
+    header: Header = "bracket",
+    question_prefix: Header = "bracket",
+    papers: Collection[str] | None = None,
+) -> Corpus:
+    """`read_paperqa` of papers already read (`items`: the paperQA.json list; `p` names them
+    in errors), e.g. the generated corpus of `jaxlora.data.docsets.generate_paperqa`."""
+    for key, value in (("header", header), ("question_prefix", question_prefix)):
+        if value not in ID_HEADERS:
+            raise DataError(f"unknown PaperQA {key} {value!r}: use one of {', '.join(ID_HEADERS)}")
     if not isinstance(items, list) or not items:
         raise DataError(f"{p} is not a paperQA.json list of papers {{id, introduction, QA}}")
     documents, questions, titles = [], [], {}

@@ -180,7 +180,8 @@ def load_units(data, tokenizer, read) -> list[Unit]:
         ]
     else:
         records = read(data.path, data.document_field)
-        if data.units in ("documents", "chunks") and data.document_field is None:
+        unnamed = any(r.document is None for r in records)  # document datasets name them
+        if data.units in ("documents", "chunks") and data.document_field is None and unnamed:
             if any(r.kind != "text" for r in records):
                 raise DataError(
                     f"data.units: {data.units} needs data.document_field (the column naming "

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from jaxlora import data as kdata
 from jaxlora.config import Config, MemorySection
 from jaxlora.errors import DataError
+from jaxlora.eval import scoring
 from jaxlora.evaluate import build_questions, load_stacks, score
 from jaxlora.fsutil import RunLock, atomic_write
 from jaxlora.generate import DecodeSpec, _generate_base, decode_stack, eos_and_pad
@@ -51,7 +52,9 @@ from jaxlora.memory.routers import Route, make_router, routing_accuracy
 
 log = logging.getLogger(__name__)
 
-_DATASET_TEMPLATE = {"phonebook": "phonebook", "counterfact": "counterfact"}
+_DATASET_TEMPLATE = {
+    name: name for name in ("phonebook", "counterfact", "paperqa", "narrativeqa", "quality")
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +79,12 @@ class MemoryQuestion:
     record: kdata.Record  # what is asked (its question) and the answer
     unit: int | None  # index of its own unit in the library; None when unknown
     document: str | None
+    source: Any = None  # the EvalQuestion of a document dataset (references, level, options)
+
+    @property
+    def query(self) -> str:
+        """What routers search with: the bare question (no paper ID, no options)."""
+        return self.source.query if self.source is not None else self.record.question
 
 
 def load_libraries(job, run_dir: Path) -> list[Library]:
@@ -159,7 +168,9 @@ class MemoryEvaluator:
     # -- questions ------------------------------------------------------------------------
 
     def _questions(self) -> list[MemoryQuestion]:
-        if self.m.questions is None:
+        if self.m.questions is None and kdata.is_document_dataset(self.data):
+            out = self._document_questions()
+        elif self.m.questions is None:
             out = [
                 MemoryQuestion(self._as_trained(r), u, self.lib.documents[u])
                 for u, records in enumerate(self.lib.questions)
@@ -173,6 +184,28 @@ class MemoryEvaluator:
                 "question file with a unit or document column"
             )
         return out
+
+    def _document_questions(self) -> list[MemoryQuestion]:
+        """The dataset's evaluation questions about the library's documents, each with its
+        document, and its unit when units are whole documents (the oracle's answer)."""
+        questions = kdata.load_questions(self.data)
+        mine = [q for q in questions if q.document in set(self.lib.documents)]
+        if len(mine) < len(questions):  # the data budget kept fewer documents: say so
+            log.warning(
+                "memory: %d of %d evaluation questions are about documents outside the library "
+                "(the data budget): not asked",
+                len(questions) - len(mine),
+                len(questions),
+            )
+        unit_of = (
+            {d: i for i, d in enumerate(self.lib.documents)}
+            if self.data.units == "documents"
+            else {}
+        )
+        return [
+            MemoryQuestion(kdata.ask_record(q), unit_of.get(q.document), q.document, q)
+            for q in mine
+        ]
 
     def _as_trained(self, r: kdata.Record) -> kdata.Record:
         """A unit's question in its training record kind (rows keep their continuation)."""
@@ -229,7 +262,7 @@ class MemoryEvaluator:
                 )
             docs = [q.document for q in self.questions]
             self._routes[router] = r.route(
-                [q.record.question for q in self.questions],
+                [q.query for q in self.questions],
                 need,
                 question_units=units if router == "oracle" else None,
                 question_docs=docs if self.m.scope == "document" else None,
@@ -476,7 +509,7 @@ class MemoryEvaluator:
                 scores = []
                 for q, out in zip(self.questions, outputs, strict=True):
                     text = self.tok.decode(out, skip_special_tokens=True)
-                    s = score(self.data.dataset, text, q.record.answer)
+                    s = score(self.data.dataset, text, q.record.answer, q.source)
                     scores.append(s)
                     predictions.append(
                         {
@@ -484,6 +517,8 @@ class MemoryEvaluator:
                             "method": method.name,
                             "question": q.record.question,
                             "unit": None if q.unit is None else self.lib.units[q.unit],
+                            "document": q.document,
+                            **_extras(q.source),
                             "answer": q.record.answer,
                             "prediction": text,
                             **s,
@@ -493,10 +528,8 @@ class MemoryEvaluator:
         return rows, predictions
 
     def _row(self, method: Method, scores, truncated: int, seconds: float) -> dict[str, Any]:
-        means = {
-            k: float(np.mean([s[k] for s in scores]))
-            for k in dict.fromkeys(k for s in scores for k in s)
-        }
+        sources = [q.source for q in self.questions]
+        means = scoring.aggregate(self.data.dataset, scores, sources)
         return {
             "library": self.lib.label,
             "method": method.name,
@@ -510,6 +543,18 @@ class MemoryEvaluator:
             "n_questions": len(self.questions),
             "questions_per_s": round(len(self.questions) / max(seconds, 1e-9), 2),
         }
+
+
+def _extras(source: Any) -> dict[str, Any]:
+    """A document question's id and its PaperQA level / QuALITY gold and hard flag."""
+    if source is None:
+        return {}
+    out: dict[str, Any] = {"id": source.id}
+    if source.level is not None:
+        out["level"] = source.level
+    if source.options:
+        out.update(gold=source.gold_letter, hard=source.hard)
+    return out
 
 
 def _width(longest: int) -> int:
@@ -559,6 +604,7 @@ def evaluate_memory(
 
         cache = run_dir / "memory" / "judge_cache.sqlite"
         judge_results(rows, predictions, key, key, job.config.llm, cache, progress)
+        scoring.judge_per_level(rows, predictions, key, key)
     write_memory_results(run_dir, rows, predictions)
     write_memory_report(run_dir)
     return rows

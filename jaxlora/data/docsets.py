@@ -1,0 +1,270 @@
+"""Document datasets in the pipeline: training records and evaluation questions from one reader,
+with the leakage guard between them.
+
+`data.dataset: paperqa | narrativeqa | quality` is read through `jaxlora/data/documents.py`
+into a `DocumentSet`: the training records (each carrying its document, so `data.units:
+documents` gives one adapter per paper and `chunks` cuts windows within each book or article)
+and the dataset's evaluation questions (each with its document). The evaluators ask those
+questions, never the training records, so what is trained and what is asked cannot be mixed up
+(STUDY §7: the releases trained on evaluation questions when a path was unset).
+
+Training formats (`data.format`):
+- `text`: the documents themselves. PaperQA introductions behind the study's ID header
+  (`data.paper_header`: bracket `[Paper ID: {id}]`, natural `This paper {id} discusses:`), or
+  the `{text}` rows of `data.train_path`; NarrativeQA stories (Gutenberg boilerplate removed)
+  and QuALITY articles whole, to be chunked.
+- `qa`: the QA rows of `data.train_path` (the study's `paperqa_train/*_qa_*` sets): question as
+  the user turn, answer as the assistant turn, EOS trained.
+- `qa_user`: the study's variant, question and answer together in the user turn.
+
+Leakage guard (`jaxlora/data/leakage.py`): every training record is checked against the
+evaluation questions before anything is trained. `data.leakage: error` (the default) stops the
+job with one line naming the record and the question; `drop` trains without the leaking records,
+logs how many, and the job writes them to `RUN/leakage.json` (12 of the study's 600 PaperQA
+training QA restate evaluation questions). The run's questions go to `RUN/questions.jsonl`.
+
+`data.path: null` with `paperqa` generates a small corpus in the paperQA.json layout
+(`generate_paperqa`, seeded by `data.seed`): fictional papers whose introductions state the
+answers to their 2 questions per level, so the tiny twins run in CI with nothing downloaded.
+
+Reading is cached per data section (minus the unit and budget), so a job's many cells, the
+evaluators and the run-directory writer share one read and one guard pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import random
+from typing import Any
+
+from jaxlora.data import documents as docs
+from jaxlora.data.documents import EvalQuestion
+from jaxlora.data.leakage import LeakageHit, guard
+from jaxlora.data.records import Record
+from jaxlora.errors import DataError
+
+log = logging.getLogger(__name__)
+
+DOCUMENT_DATASETS: tuple[str, ...] = ("paperqa", "narrativeqa", "quality")
+FORMATS: tuple[str, ...] = ("text", "qa", "qa_user")
+DEFAULT_SPLITS = {"narrativeqa": "test", "quality": "validation"}
+GENERATED_PAPERS = 6
+QUALITY_INSTRUCTION = "Answer with the letter of the correct option:"
+
+__all__ = [
+    "DOCUMENT_DATASETS",
+    "FORMATS",
+    "DocumentSet",
+    "ask_record",
+    "generate_paperqa",
+    "is_document_dataset",
+    "load_document_set",
+    "load_questions",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class DocumentSet:
+    """Training records (after the leakage guard) and the evaluation questions of a dataset."""
+
+    name: str
+    records: tuple[Record, ...]
+    questions: tuple[EvalQuestion, ...]
+    checked: int  # training records the guard saw
+    hits: tuple[LeakageHit, ...]  # what it found (dropped with data.leakage: drop)
+    dropped: int
+
+    def leakage_report(self, data: Any) -> dict[str, Any]:
+        """What `RUN/leakage.json` says about this set: the policy, the counts and every hit."""
+        return {
+            "dataset": self.name,
+            "format": data.format,
+            "train_path": data.train_path,
+            "policy": data.leakage,
+            "records": self.checked,
+            "dropped": self.dropped,
+            "hits": [dataclasses.asdict(h) for h in self.hits],
+        }
+
+
+def is_document_dataset(data: Any) -> bool:
+    return data.dataset in DOCUMENT_DATASETS
+
+
+def load_document_set(data: Any) -> DocumentSet:
+    """The `DocumentSet` of a data section (cached; see the module docstring)."""
+    if not is_document_dataset(data):
+        raise DataError(f"data.dataset {data.dataset!r} is not one of {DOCUMENT_DATASETS}")
+    return _load(
+        data.dataset,
+        None if data.path is None else str(data.path),
+        data.format,
+        data.paper_header,
+        data.question_prefix,
+        data.train_path,
+        data.split,
+        data.leakage,
+        int(data.seed or 0),
+    )
+
+
+def load_questions(data: Any) -> list[EvalQuestion]:
+    """The evaluation questions of a document dataset (each with its document)."""
+    return list(load_document_set(data).questions)
+
+
+def ask_record(q: EvalQuestion) -> Record:
+    """How a question is asked: a `qa` record of its document. A multiple-choice question
+    lists its options and asks for the letter, as the study's QuALITY prompt does."""
+    text = q.question
+    if q.options:
+        letters = docs.OPTION_LETTERS
+        options = "\n".join(f"{letters[i]}: {o}" for i, o in enumerate(q.options))
+        text = f"{q.question}\n{options}\n\n{QUALITY_INSTRUCTION}"
+    return Record("qa", question=text, answer=q.answer, document=q.document)
+
+
+@functools.lru_cache(maxsize=16)
+def _load(
+    dataset: str,
+    path: str | None,
+    fmt: str,
+    header: str,
+    prefix: str,
+    train_path: str | None,
+    split: str | None,
+    policy: str,
+    seed: int,
+) -> DocumentSet:
+    if dataset == "paperqa":
+        if path is None:
+            corpus = docs.paperqa_corpus(
+                generate_paperqa(seed=seed),
+                f"the generated PaperQA corpus (seed {seed})",
+                header=header,  # type: ignore[arg-type]
+                question_prefix=prefix,  # type: ignore[arg-type]
+            )
+        else:
+            corpus = docs.read_paperqa(path, header=header, question_prefix=prefix)  # type: ignore[arg-type]
+    elif path is None:
+        raise DataError(f"data.path is required for dataset '{dataset}' (a file, dir or hub id)")
+    elif dataset == "narrativeqa":
+        corpus = docs.read_narrativeqa(path, split=split or DEFAULT_SPLITS[dataset])
+    else:
+        corpus = docs.read_quality(path, split=split or DEFAULT_SPLITS[dataset])
+    records = _training_records(corpus, fmt, train_path)
+    result = guard(records, corpus.questions, policy=policy)  # type: ignore[arg-type]
+    if result.dropped:
+        log.warning(
+            "leakage guard: dropped %d of %d training records that restate an evaluation "
+            "question (data.leakage: drop; listed in the run's leakage.json)",
+            result.dropped,
+            len(records),
+        )
+    if not result.records:
+        raise DataError("the leakage guard dropped every training record: check data.train_path")
+    return DocumentSet(
+        corpus.name,
+        tuple(result.records),
+        corpus.questions,
+        len(records),
+        tuple(result.hits),
+        result.dropped,
+    )
+
+
+def _training_records(corpus: docs.Corpus, fmt: str, train_path: str | None) -> list[Record]:
+    if train_path is None:
+        if fmt != "text":
+            raise DataError(f"data.format: {fmt} needs data.train_path (the training QA)")
+        return list(corpus.documents)
+    rows = docs.read_paperqa_training(
+        train_path, qa_turns="user" if fmt == "qa_user" else "assistant"
+    )
+    kind = {"text": "text", "qa": "qa", "qa_user": "row"}[fmt]
+    records = [r for r in rows if r.kind == kind]
+    if not records:
+        found = sorted({r.kind for r in rows})
+        raise DataError(
+            f"data.train_path {train_path} has no {fmt} rows (found {', '.join(found)}): "
+            "set data.format to match the file"
+        )
+    known = {d.document for d in corpus.documents}
+    strays = [r.document for r in records if r.document not in known]
+    if strays:
+        raise DataError(
+            f"data.train_path {train_path} trains paper {strays[0]!r}, which data.path does not "
+            f"have (papers: {', '.join(sorted(known))})"
+        )
+    return records
+
+
+# ----------------------------------------------------------------------------- generated PaperQA
+
+_SYLLABLES = ("bra", "ke", "lo", "mi", "nu", "qua", "ri", "sto", "tel", "vex", "zor", "dan")
+_TASKS = (
+    "protein folding",
+    "weather forecasting",
+    "code repair",
+    "robot grasping",
+    "speech translation",
+    "graph matching",
+    "music tagging",
+    "crop mapping",
+)
+_METRICS = ("error", "latency", "memory use", "training cost", "variance", "energy use")
+_MECHANISMS = (
+    "sparse attention",
+    "contrastive pretraining",
+    "learned routing",
+    "curriculum sampling",
+    "spectral pruning",
+    "tree search",
+    "low-rank updates",
+    "energy matching",
+)
+_BENCHMARKS = ("Orion", "Tundra", "Marlin", "Cobalt", "Juniper", "Sable", "Quartz", "Heron")
+
+
+def generate_paperqa(n_papers: int = GENERATED_PAPERS, seed: int = 0) -> list[dict[str, Any]]:
+    """A small corpus in the paperQA.json layout: `n_papers` fictional papers, each a short
+    introduction and 6 questions (2 per level: recall, comprehension, logical structure) whose
+    answers the introduction states. Deterministic in `seed`; names differ between papers."""
+    if not 1 <= n_papers <= len(_TASKS):
+        raise DataError(f"the generated PaperQA corpus has 1-{len(_TASKS)} papers; got {n_papers}")
+    rng = random.Random(seed)
+    tasks, mechs, benches = (rng.sample(xs, n_papers) for xs in (_TASKS, _MECHANISMS, _BENCHMARKS))
+    names: list[str] = []
+    while len(names) < n_papers:
+        name = "".join(rng.sample(_SYLLABLES, 3)).capitalize()
+        if name not in names:
+            names.append(name)
+    papers = []
+    for i in range(n_papers):
+        m, task, mech, bench = names[i], tasks[i], mechs[i], benches[i]
+        metric, pct = rng.choice(_METRICS), rng.randrange(12, 61)
+        intro = (
+            f"We introduce {m}, a method for {task}. {m} lowers {metric} by {pct} percent on "
+            f"the {bench} benchmark. Unlike earlier systems, {m} is built on {mech}. Our "
+            f"analysis shows that {mech} is what makes {task} reliable."
+        )
+        qa = [
+            (1, f"Which task is {m} designed for?", f"{m} is designed for {task}."),
+            (1, f"On which benchmark was {m} evaluated?", f"On the {bench} benchmark."),
+            (2, f"How much does {m} lower {metric}?", f"By {pct} percent."),
+            (2, f"What is {m} built on?", f"{m} is built on {mech}."),
+            (3, f"How does {m} differ from earlier systems?", f"It is built on {mech}."),
+            (3, f"Why is {task} reliable with {m}?", f"Because of {mech}."),
+        ]
+        papers.append(
+            {
+                "id": i,
+                "title": f"{m}: {mech} for {task}",
+                "conference": "generated",
+                "introduction": intro,
+                "QA": [{"level": lv, "question": q, "answer": a} for lv, q, a in qa],
+            }
+        )
+    return papers
