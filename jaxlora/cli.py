@@ -223,7 +223,7 @@ def _plan(args: argparse.Namespace) -> int:
         memory = args.device_memory * 2**30
     if args.peak_tflops is not None:
         peak = args.peak_tflops * 1e12
-    plan = make_plan(config, args.devices, memory / 2**30, peak / 1e12, args.mfu)
+    plan = make_plan(config, args.devices, memory / 2**30, peak / 1e12, args.mfu, args.context)
     print(plan.render())
     if not plan.fits:
         raise PlanError(
@@ -461,6 +461,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_fraction,
         default=0.4,
         help="assumed model-FLOPs utilisation for the step time (default: 0.4)",
+    )
+    p.add_argument(
+        "--context",
+        type=_int_at_least(1),
+        default=0,
+        help="also report the memory of a prefill of this many tokens (e.g. 32768)",
     )
     p.set_defaults(func=_plan)
 

@@ -502,6 +502,10 @@ class TrainingSection(_Section):
     adapters_per_pass: int | None = field(
         default=None, metadata=_rule(check=POSITIVE, fixed=_STEP_LOOP)
     )
+    # Rows of a step laid end to end in one sequence (segment ids; jaxlora/data/stream.py):
+    # the same batch and loss without the padding. auto: when it saves >= 25% of positions and
+    # no adapter has LoRA dropout (see jaxlora.data.stream.choose_packing).
+    packing: bool | Literal["auto"] = field(default="auto", metadata=_rule(fixed=_STEP_LOOP))
     log_every: int = field(default=10, metadata=_rule(check=POSITIVE, fixed=_STEP_LOOP))
 
 

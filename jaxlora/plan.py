@@ -88,6 +88,43 @@ def activation_bytes(
     return layers + 2 * tokens * V * 4
 
 
+def prefill_rows(
+    c: ModelConfig, context: int, dtype_bytes: int, sizes: Mapping[str, int], base_bytes: float
+) -> tuple[list[tuple[str, float]], float]:
+    """Per-device memory of one long-context prefill, and the bytes full attention would add (batch 1, `context` tokens into a KV cache
+    of that length, logits of the last position only), as `jaxlora generate` runs it.
+
+    KV cache: 2 x L x K x H x context in the model dtype (split over `tensor` with the kv heads).
+    Working set of one layer at a time (the previous layer's are freed): the hidden states and
+    their norm, residual and attention output (4D), q, k, v (NH + 2KH) and the MLP's gate, up
+    and product (3F), per token. Attention: the blocked kernel (or cuDNN's flash attention on
+    GPU) holds [N, context, KEY_BLOCK] float32 logits and probabilities and an [N, context, H]
+    float32 accumulator -- linear in the context; the full kernel would hold [N, context,
+    context] logits and probabilities, shown for comparison and not counted."""
+    from jaxlora.models.transformer import KEY_BLOCK
+
+    D, F, N, K, H, L = (
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_heads,
+        c.num_kv_heads,
+        c.head_dim,
+        c.num_layers,
+    )
+    t = sizes["tensor"]
+    cache = 2 * L * (K // t if K % t == 0 else K) * H * context * dtype_bytes
+    per_token = (4 * D + N * H + 2 * K * H + 3 * F) * dtype_bytes
+    attention = N * context * (2 * min(KEY_BLOCK, context) + H) * 4
+    full = 2 * N * context * context * 4
+    return [
+        ("base weights", base_bytes),
+        (f"KV cache ({context:,} tokens)", cache),
+        ("one layer's activations", context * per_token),
+        (f"attention ({KEY_BLOCK}-key blocks)", attention),
+        ("logits of the last position", c.vocab_size * 4),
+    ], full
+
+
 def flops_per_token(c: ModelConfig, lora_params: float) -> float:
     """4 x (non-embedding base parameters + lm_head) + 6 x LoRA parameters."""
     *_, base = abstract_module(c)
@@ -111,6 +148,9 @@ class Plan:
     flops_per_step: float
     peak_flops: float
     mfu: float
+    prefill: list[tuple[str, float]] | None = None  # rows of a long-context prefill
+    prefill_full_attention: float = 0.0  # bytes the full kernel's logits would add
+    context: int = 0
 
     @property
     def total(self) -> float:
@@ -147,12 +187,32 @@ class Plan:
             f"{self.mfu:.0%}",
             f"  => {self.step_seconds:.3f} s/step, {hours:.2f} h for {t.steps} steps",
         ]
+        if self.prefill:
+            total = self.prefill_total
+            verdict = "fits" if total <= self.device_memory else "does NOT fit"
+            lines.append(f"prefill of {self.context:,} tokens (batch 1, no adapter), per device:")
+            lines += [f"  {label:<34}{b / GIB:>10.2f} GiB" for label, b in self.prefill]
+            lines.append(f"  {'total':<34}{total / GIB:>10.2f} GiB  ({verdict})")
+            lines.append(
+                f"  (full [T, S] attention logits would add {self.prefill_full_attention / GIB:.2f} "
+                "GiB)"
+            )
         return "\n".join(lines)
+
+    @property
+    def prefill_total(self) -> float:
+        return sum(b for _, b in self.prefill or [])
 
 
 def make_plan(
-    config: Config, devices: int, device_memory_gib: float, peak_tflops: float, mfu: float
+    config: Config,
+    devices: int,
+    device_memory_gib: float,
+    peak_tflops: float,
+    mfu: float,
+    context: int = 0,
 ) -> Plan:
+    """The job's plan; with `context` > 0 also the memory of a prefill of that many tokens."""
     if devices <= 0:
         raise PlanError(f"--devices must be positive, got {devices}")
     c = model_config(config.model.path)
@@ -188,6 +248,9 @@ def make_plan(
     ]
     tokens = len(plans) * B * T
     flops = flops_per_token(c, 0) * tokens + lora_flops
+    prefill, full = (None, 0.0)
+    if context > 0:
+        prefill, full = prefill_rows(c, context, dtype_bytes, sizes, base_b)
     return Plan(
         config,
         devices,
@@ -201,4 +264,7 @@ def make_plan(
         flops,
         peak_tflops * 1e12,
         mfu,
+        prefill,
+        full,
+        context,
     )

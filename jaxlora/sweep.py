@@ -47,11 +47,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxlora import data as kdata
 from jaxlora.checkpoint import RunCheckpoints
 from jaxlora.config import Cell, Config
+from jaxlora.data.stream import choose_packing, pack, packed_length
 from jaxlora.errors import ConfigError, JaxloraError
 from jaxlora.fsutil import RunLock, atomic_write, check_new_dir
 from jaxlora.lora import AdapterStack, LoRAConfig, init_adapters, layout_groups, union_placement
 from jaxlora.models.config import ModelConfig
 from jaxlora.models.model import load_pretrained
+from jaxlora.models.transformer import PACK_CHUNK
 from jaxlora.peft_io import save_peft
 from jaxlora.sharding import logical_spec, make_mesh
 from jaxlora.train import GroupState, Hyper, StepConfig, TrainState, compile_step, init_opt_state
@@ -195,6 +197,8 @@ class JobData:
         self._units: dict[str, dict[str, kdata.Unit]] = {}
         self._encoded: dict[int, kdata.Encoded] = {}
         self.width = 0
+        self.longest = 0  # the longest row of any cell: how far packed attention looks back
+        self.packed_length = 0  # positions of a packed step (0: not computed)
 
     def records(self, plan: CellPlan) -> list:
         data = plan.cell.config.data
@@ -225,9 +229,22 @@ class JobData:
         return self._encoded[plan.index]
 
     def prepare(self, indices: Sequence[int]) -> None:
-        """Encode the given cells and agree on one sequence width across processes."""
-        local = max((self.encoded(self.plans[i]).tokens.shape[1] for i in indices), default=0)
-        self.width = int(np.max(multihost_utils.process_allgather(np.int32(local))))
+        """Encode the given cells and agree across processes on one sequence width, the longest
+        row, and the length of a packed step (the B longest rows of any cell together)."""
+        encoded = [self.encoded(self.plans[i]) for i in indices]
+        local = np.asarray(
+            [
+                max((e.tokens.shape[1] for e in encoded), default=0),
+                max((int(e.lengths.max()) for e in encoded), default=0),
+                max(
+                    (packed_length(e.lengths, self.batch_size, PACK_CHUNK) for e in encoded),
+                    default=0,
+                ),
+            ],
+            np.int32,
+        )
+        agreed = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, 3).max(0)
+        self.width, self.longest, self.packed_length = (int(x) for x in agreed)
 
     def stream(self, plan: CellPlan) -> kdata.EpochStream:
         return kdata.EpochStream(len(self.encoded(plan).tokens), self.batch_size, plan.data_seed)
@@ -240,6 +257,11 @@ class JobData:
             tokens = np.pad(tokens, ((0, 0), (0, pad)), constant_values=encoded.pad_id)
             valid, loss = (np.pad(x, ((0, 0), (0, pad))) for x in (valid, loss))
         return tokens, valid, loss
+
+    def packed_batch(self, plan: CellPlan, step: int) -> tuple[np.ndarray, ...]:
+        """The rows of `batch` laid end to end: (tokens, valid, loss, segment ids) [1, L]."""
+        pad_id = self.encoded(plan).pad_id
+        return pack(*self.batch(plan, step), self.packed_length, pad_id)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,6 +449,20 @@ class SweepJob(Job):
 
             check_library(self.config.memory.methods, len(self.units))
         self.data.prepare(sorted({i for g in self.local for i in g}))
+        self.packed, why = choose_packing(
+            self.config.training.packing,
+            width=self.data.width,
+            batch_size=self.config.training.batch_size,
+            length=self.data.packed_length,
+            fsdp=self.mesh.shape["fsdp"],
+            dropout=any(p.lora.dropout > 0 for p in self.plans),
+        )
+        log.info(
+            "training.packing=%s: %s (%s)",
+            self.config.training.packing,
+            "packed rows" if self.packed else "rows as they are",
+            why,
+        )
 
     def _check_resumable(self) -> None:
         saved_file = self.run_dir / "config.yaml"
@@ -516,6 +552,7 @@ class SweepJob(Job):
             use_dropout=any(p.lora.dropout > 0 for p in self.plans),
             spmd_axis_name="adapter",
             passes=tuple(self._passes(g) for g in self.groups),
+            segment_window=self.data.longest if self.packed else 0,
         )
 
     def _passes(self, g: Group) -> int:
@@ -529,18 +566,21 @@ class SweepJob(Job):
 
     def batches(self, step: int) -> tuple[tuple, int]:
         """Per group, the global (tokens, valid, loss mask) [slots, B, T] arrays of `step`, and
-        the number of real (non-padding) tokens this process loaded."""
+        the number of real (non-padding) tokens this process loaded. Packed (`self.packed`):
+        (tokens, valid, loss mask, segment ids) [slots, 1, L], the same rows end to end."""
         out, n_tokens = [], 0
+        batch = self.data.packed_batch if self.packed else self.data.batch
         for g, local in zip(self.groups, self.local, strict=True):
             n, B, T = len(g.slots), self.config.training.batch_size, self.data.width
-            host = [
-                np.zeros((n, B, T), np.int32),
-                np.zeros((n, B, T), bool),
-                np.zeros((n, B, T), bool),
-            ]
+            if self.packed:
+                B, T = 1, self.data.packed_length
+            host = [np.zeros((n, B, T), np.int32), np.zeros((n, B, T), bool)]
+            host.append(np.zeros((n, B, T), bool))
+            if self.packed:
+                host.append(np.zeros((n, B, T), np.int32))  # segment ids
             for i in local:
                 slot = g.slots.index(i)
-                for h, x in zip(host, self.data.batch(self.plans[i], step), strict=True):
+                for h, x in zip(host, batch(self.plans[i], step), strict=True):
                     h[slot] = x
                 n_tokens += int(host[1][slot].sum())
             out.append(tuple(self.global_array(h) for h in host))

@@ -115,6 +115,8 @@ class StepConfig:
     spmd_axis_name: str | None = None
     # Per group: sequential passes over its adapters (None or 1: all adapters in one vmap).
     passes: tuple[int, ...] | None = None
+    # Packed batches: the longest row (how far back attention looks); 0: rows as they are.
+    segment_window: int = 0
 
 
 def init_opt_state(weights: nnx.State, hyper: Hyper, cfg_schedule: Schedule, total_steps: int):
@@ -134,15 +136,38 @@ def token_mean_ce(logits_BTV: Array, tokens_BT: Array, loss_BT: Array) -> Array:
     return jnp.sum((logz - picked) * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def _group_losses(graphdef, base, weights, consts, tokens, valid, loss_mask, rngs, spmd_axis_name):
-    logits = stack_forward(
-        graphdef, base, weights, consts, tokens, valid, rng_A=rngs, spmd_axis_name=spmd_axis_name
-    )
+def _group_losses(graphdef, base, weights, consts, batch, rngs, spmd_axis_name, window):
+    """Per-adapter mean target loss [A] of a batch (tokens, valid, loss mask[, segments]).
+
+    Packed (segment ids present) or not, `token_mean_ce` is the same sum over the same
+    targets divided by their number: the first token of each packed row is never a target,
+    so the logit at the end of one row predicts nothing in the next."""
+    tokens, valid, loss_mask, *packed = batch
+    if not packed:
+        logits = stack_forward(
+            graphdef,
+            base,
+            weights,
+            consts,
+            tokens,
+            valid,
+            rng_A=rngs,
+            spmd_axis_name=spmd_axis_name,
+        )
+    else:
+
+        def one(w, c, t, m, seg, rng):
+            module = nnx.merge(graphdef, w, c, base)
+            return module(t, m, rng=rng, segment_ids_BT=seg, segment_window=window)[0]
+
+        logits = jax.vmap(
+            one, in_axes=(0, 0, 0, 0, 0, None if rngs is None else 0), spmd_axis_name=spmd_axis_name
+        )(weights, consts, tokens, valid, packed[0], rngs)
     return jax.vmap(token_mean_ce)(logits, tokens, loss_mask)
 
 
 def _losses_and_grads(
-    graphdef, base, g: GroupState, batch, rngs, passes: int, spmd_axis_name
+    graphdef, base, g: GroupState, batch, rngs, passes: int, spmd_axis_name, window: int = 0
 ) -> tuple[Array, nnx.State]:
     """Per-adapter losses [A] and LoRA gradients of one group.
 
@@ -151,17 +176,15 @@ def _losses_and_grads(
     pass. Each adapter's numbers are the same either way; fewer adapters at once means less
     activation memory and, on CPUs, activations that stay in cache."""
 
-    def chunk(weights, consts, tokens, valid, loss_mask, rngs, live):
+    def chunk(weights, consts, batch, rngs, live):
         def total(w):
-            per = _group_losses(
-                graphdef, base, w, consts, tokens, valid, loss_mask, rngs, spmd_axis_name
-            )
+            per = _group_losses(graphdef, base, w, consts, batch, rngs, spmd_axis_name, window)
             return jnp.sum(jnp.where(live, per, 0.0)), per
 
         (_, per), grads = jax.value_and_grad(total, has_aux=True)(weights)
         return per, grads
 
-    args = (g.weights, g.consts, *batch, rngs, g.live)
+    args = (g.weights, g.consts, tuple(batch), rngs, g.live)
     if passes == 1:
         return chunk(*args)
 
@@ -196,9 +219,12 @@ def train_step(
     cfg: StepConfig,
     base: nnx.State,
     state: TrainState,
-    batches: tuple[tuple[Array, Array, Array], ...],
+    batches: tuple[tuple[Array, ...], ...],
 ) -> tuple[TrainState, tuple[Array, ...]]:
-    """One optimizer step of every adapter. Returns the new state and each group's losses [A_g]."""
+    """One optimizer step of every adapter. Returns the new state and each group's losses [A_g].
+
+    Each group's batch is (tokens, valid, loss mask) [A, B, T], or with packing (tokens,
+    valid, loss mask, segment ids) [A, 1, L] (`cfg.segment_window` > 0)."""
     new_groups, losses = [], []
     passes = cfg.passes or (1,) * len(cfg.graphdefs)
     for graphdef, g, batch, n in zip(cfg.graphdefs, state.groups, batches, passes, strict=True):
@@ -207,7 +233,7 @@ def train_step(
             keys = jax.random.wrap_key_data(g.dropout_keys)
             rngs = jax.vmap(jax.random.fold_in, (0, None))(keys, state.step)
         per_adapter, grads = _losses_and_grads(
-            graphdef, base, g, batch, rngs, n, cfg.spmd_axis_name
+            graphdef, base, g, batch, rngs, n, cfg.spmd_axis_name, cfg.segment_window
         )
 
         def update(gr, opt, w, h):
