@@ -163,6 +163,11 @@ def _non_empty(value: Any, path: str) -> None:
         raise _FieldError(path, "must not be empty")
 
 
+def _positive_or_auto(value: int | str, path: str) -> None:
+    if value != "auto":
+        POSITIVE(value, path)
+
+
 def _mesh_axis(value: int, path: str) -> None:
     if value != -1 and value <= 0:
         raise _FieldError(path, f"must be > 0, or -1 for all remaining devices; got {value}")
@@ -498,9 +503,10 @@ class TrainingSection(_Section):
     seed: int = 42
     layout: Layout = field(default="groups", metadata=_rule(fixed=_STACKING))
     # Adapters of a group trained at once on each device; the rest of the group follows in
-    # sequential passes of the same compiled step. None: all at once.
-    adapters_per_pass: int | None = field(
-        default=None, metadata=_rule(check=POSITIVE, fixed=_STEP_LOOP)
+    # sequential passes of the same compiled step. None: all at once. auto: 1 on CPUs (cache-
+    # sized activations, the fastest CPU setting measured), all at once on GPUs and TPUs.
+    adapters_per_pass: int | Literal["auto"] | None = field(
+        default="auto", metadata=_rule(check=_positive_or_auto, fixed=_STEP_LOOP)
     )
     # Rows of a step laid end to end in one sequence (segment ids; jaxlora/data/stream.py):
     # the same batch and loss without the padding. auto: when it saves >= 25% of positions and

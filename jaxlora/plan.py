@@ -26,7 +26,7 @@ from jaxlora.lora import union_placement
 from jaxlora.models.config import ModelConfig
 from jaxlora.models.model import abstract_module, model_config, parse_dtype
 from jaxlora.sharding import logical_spec, mesh_sizes
-from jaxlora.sweep import build_groups, plan_cells
+from jaxlora.sweep import build_groups, plan_cells, resolve_per_pass
 
 GIB = 1024**3
 
@@ -233,8 +233,11 @@ def make_plan(
         _, weights, _, _ = abstract_module(c, placement)
         adapter_b += shard_bytes(weights, sizes, leading=(("adapter", len(g.slots)),))
         slots_local = math.ceil(len(g.slots) / sizes["adapter"])
-        if config.training.adapters_per_pass is not None:  # activations live one pass at a time
-            slots_local = min(slots_local, config.training.adapters_per_pass)
+        # Activations live one pass at a time; a plan is for accelerators, where auto trains a
+        # group's adapters all at once.
+        per_pass = resolve_per_pass(config.training.adapters_per_pass, "gpu")
+        if per_pass is not None:
+            slots_local = min(slots_local, per_pass)
         act_b += slots_local * activation_bytes(
             c, B * T // sizes["fsdp"], T, dtype_bytes, config.model.remat, placement.rank
         )

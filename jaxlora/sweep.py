@@ -141,6 +141,16 @@ def plan_cells(config: Config, model_config: ModelConfig) -> list[CellPlan]:
     return plans
 
 
+def resolve_per_pass(setting: int | str | None, platform: str) -> int | None:
+    """`training.adapters_per_pass` for a backend: `auto` is 1 on CPU, where one adapter's
+    activations stay in cache and a pass per adapter was the fastest setting measured
+    (benchmarks/README.md), and all at once (None) on GPU/TPU, where one adapter's batch leaves
+    most of the chip idle."""
+    if setting == "auto":
+        return 1 if platform == "cpu" else None
+    return setting
+
+
 def expand_units(config: Config, tokenizer) -> tuple[Config, list[kdata.Unit]]:
     """`data.units` as the last (fastest) sweep axis `data.unit`: one adapter per unit for every
     other cell. Returns the expanded config and the units (none when `data.units` is none).
@@ -449,6 +459,17 @@ class SweepJob(Job):
 
             check_library(self.config.memory.methods, len(self.units))
         self.data.prepare(sorted({i for g in self.local for i in g}))
+        setting, platform = (
+            self.config.training.adapters_per_pass,
+            self.mesh.devices.flat[0].platform,
+        )
+        self.per_pass = resolve_per_pass(setting, platform)
+        log.info(
+            "training.adapters_per_pass=%s: %s on %s",
+            setting,
+            "all at once" if self.per_pass is None else f"{self.per_pass} per pass",
+            platform,
+        )
         self.packed, why = choose_packing(
             self.config.training.packing,
             width=self.data.width,
@@ -558,7 +579,7 @@ class SweepJob(Job):
     def _passes(self, g: Group) -> int:
         """Sequential passes over a group: the fewest that keep each device's share of a pass
         within `training.adapters_per_pass` and divide the device's adapters evenly."""
-        per_pass = self.config.training.adapters_per_pass
+        per_pass = self.per_pass
         local = len(g.slots) // self.mesh.shape["adapter"]
         if per_pass is None or per_pass >= local:
             return 1
