@@ -425,10 +425,13 @@ class DataSection(_Section):
                 f"give either size_tokens ({self.size_tokens}) or size_rows "
                 f"({self.size_rows}), not both; set the other to null",
             )
-        if self.path is None and self.dataset not in ("phonebook", "paperqa"):
+        # phonebook and the document datasets are generated when path is null (tiny corpora for
+        # tests and the CI twins); counterfact, text and qa are always read.
+        if self.path is None and self.dataset in ("counterfact", "text", "qa"):
             raise _FieldError(
                 "path",
-                f"dataset {self.dataset} needs a path (only phonebook and paperqa are generated)",
+                f"dataset {self.dataset} needs a path (phonebook, paperqa, narrativeqa and "
+                "quality are generated without one)",
             )
 
     def _check_documents(self) -> None:
@@ -628,6 +631,9 @@ class MemorySection(_Section):
     batch_size: int = field(default=64, metadata=_rule(check=POSITIVE))
     # Score every answer with the LLM judge (the llm: section) beside the metrics.
     judge: bool = False
+    # QuALITY: also score each question by the log-likelihood of every option's text after the
+    # prompt (one teacher-forced forward per option; loglik_accuracy, loglik_hard_accuracy).
+    loglik: bool = True
     # Tokens (prompt + new, over the rows) of one decoding pass: long ICL prompts take fewer rows.
     max_batch_tokens: int = field(default=131072, metadata=_rule(check=POSITIVE))
 

@@ -104,7 +104,7 @@ def _corpus(data, tokenizer, document_field) -> list[Record]:
         kinds = DATASET_KINDS + DOCUMENT_DATASETS
         raise DataError(f"unknown data.dataset {kind!r}: use one of {', '.join(kinds)}")
     check_budget_args(data.size_tokens, data.size_rows)
-    if kind == "paperqa" and data.path is None:  # generated (docsets.generate_paperqa)
+    if kind in DOCUMENT_DATASETS and data.path is None:  # generated (jaxlora.data.docsets)
         records = list(load_document_set(data).records)
         return take_budget(
             records, tokenizer, size_tokens=data.size_tokens, size_rows=data.size_rows

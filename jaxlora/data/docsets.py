@@ -26,6 +26,10 @@ training QA restate evaluation questions). The run's questions go to `RUN/questi
 `data.path: null` with `paperqa` generates a small corpus in the paperQA.json layout
 (`generate_paperqa`, seeded by `data.seed`): fictional papers whose introductions state the
 answers to their 2 questions per level, so the tiny twins run in CI with nothing downloaded.
+`generate_narrativeqa` and `generate_quality` do the same in the hub schemas of
+`deepmind/narrativeqa` and `emozilla/quality` (fictional stories and articles, read by the same
+readers); a null `data.path` reads them (the tiny twins), and `write_generated` writes them as
+jsonl files for a look or an edit.
 
 Reading is cached per data section (minus the unit and budget), so a job's many cells, the
 evaluators and the run-directory writer share one read and one guard pass.
@@ -35,8 +39,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import random
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from jaxlora.data import documents as docs
@@ -58,10 +65,13 @@ __all__ = [
     "FORMATS",
     "DocumentSet",
     "ask_record",
+    "generate_narrativeqa",
     "generate_paperqa",
+    "generate_quality",
     "is_document_dataset",
     "load_document_set",
     "load_questions",
+    "write_generated",
 ]
 
 
@@ -148,12 +158,15 @@ def _load(
             )
         else:
             corpus = docs.read_paperqa(path, header=header, question_prefix=prefix)  # type: ignore[arg-type]
-    elif path is None:
-        raise DataError(f"data.path is required for dataset '{dataset}' (a file, dir or hub id)")
-    elif dataset == "narrativeqa":
-        corpus = docs.read_narrativeqa(path, split=split or DEFAULT_SPLITS[dataset])
+    elif path is None:  # the generated set, through the hub-schema reader like any file
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = write_generated(dataset, Path(tmp) / f"{dataset}.jsonl", seed=seed)
+            corpus = dataclasses.replace(
+                _read(dataset, str(rows), split),
+                name=f"the generated {dataset} set (seed {seed})",
+            )
     else:
-        corpus = docs.read_quality(path, split=split or DEFAULT_SPLITS[dataset])
+        corpus = _read(dataset, path, split)
     records = _training_records(corpus, fmt, train_path)
     result = guard(records, corpus.questions, policy=policy)  # type: ignore[arg-type]
     if result.dropped:
@@ -173,6 +186,13 @@ def _load(
         tuple(result.hits),
         result.dropped,
     )
+
+
+def _read(dataset: str, path: str, split: str | None) -> docs.Corpus:
+    split = split or DEFAULT_SPLITS[dataset]
+    if dataset == "narrativeqa":
+        return docs.read_narrativeqa(path, split=split)
+    return docs.read_quality(path, split=split)
 
 
 def _training_records(corpus: docs.Corpus, fmt: str, train_path: str | None) -> list[Record]:
@@ -268,3 +288,111 @@ def generate_paperqa(n_papers: int = GENERATED_PAPERS, seed: int = 0) -> list[di
             }
         )
     return papers
+
+
+# ----------------------------------------------------------------------------- generated stories
+
+_NAMES = ("Tolo", "Mera", "Ansel", "Brisa", "Corin", "Dalia", "Evander", "Fenna", "Galen", "Hesper")
+_PLACES = ("the salt marsh", "the glass tower", "the river mill", "the northern islands",
+           "the copper mine", "the orchard", "the lighthouse", "the mountain pass")  # fmt: skip
+_THINGS = ("a brass key", "a blue lantern", "a map of the coast", "a sack of rye",
+           "a silver bell", "a wooden flute", "a jar of honey", "a broken compass")  # fmt: skip
+_ANIMALS = ("a grey fox", "an old heron", "a lame horse", "a black cat", "a young goat")
+_COUNTS = ("three", "four", "five", "seven", "nine", "twelve")
+
+
+def _story(rng: random.Random, i: int) -> tuple[str, str, list[tuple[str, str, list[str]]]]:
+    """A fictional story (a title, paragraphs of plain prose) and its facts as (question,
+    short answer, distractors): what both generated datasets ask."""
+    hero, friend = rng.sample(_NAMES, 2)
+    home, goal = rng.sample(_PLACES, 2)
+    thing, gift = rng.sample(_THINGS, 2)
+    animal, count = rng.choice(_ANIMALS), rng.choice(_COUNTS)
+    title = f"The Tale of {hero} {i}"
+    text = "\n\n".join(
+        [
+            f"{hero} lived at {home} with {animal}. Every morning {hero} walked along the water "
+            f"and counted the boats, and every evening {hero} wrote the count in a book.",
+            f"One winter {friend} arrived from {goal} carrying {thing}. {friend} said that the "
+            f"road to {goal} was closed by snow and that {count} travellers were lost on it.",
+            f"{hero} and {friend} set out together. They walked for {count} days, sheltered in "
+            f"a barn, and shared {gift} with a shepherd who showed them the hidden path.",
+            f"At {goal} they found the travellers alive. {hero} gave {thing} to the oldest of "
+            f"them, and {friend} stayed at {goal} to rebuild the road when spring came.",
+        ]
+    )
+    others = [x for x in _NAMES if x not in (hero, friend)]
+    facts = [
+        (f"Where did {hero} live?", home, [p for p in _PLACES if p not in (home, goal)]),
+        (f"What did {friend} carry from {goal}?", thing, [t for t in _THINGS if t != thing]),
+        (f"How many days did {hero} and {friend} walk?", count, [c for c in _COUNTS if c != count]),
+        (f"Who stayed at {goal} to rebuild the road?", friend, others),
+        (f"What did {hero} share with the shepherd?", gift, [t for t in _THINGS if t != gift]),
+    ]
+    return title, text, facts
+
+
+def generate_narrativeqa(n_books: int = 3, seed: int = 0) -> list[dict[str, Any]]:
+    """Rows in the `deepmind/narrativeqa` schema: `n_books` fictional Gutenberg-kind stories
+    (~170 words each) and 5 questions per story with two reference answers each (the short
+    answer and a sentence). Deterministic in `seed`."""
+    if not 1 <= n_books <= 8:
+        raise DataError(f"the generated NarrativeQA set has 1-8 books; got {n_books}")
+    rng = random.Random(seed)
+    rows = []
+    for b in range(n_books):
+        title, text, facts = _story(rng, b)
+        doc = {
+            "id": f"gen{b}", "kind": "gutenberg", "url": f"generated://{b}",
+            "file_size": len(text), "word_count": len(text.split()), "start": "", "end": "",
+            "summary": {"text": "", "tokens": [], "url": "", "title": title},
+            "text": text,
+        }  # fmt: skip
+        for q, a, _ in facts:
+            refs = [a, f"It was {a}."]
+            rows.append(
+                {
+                    "document": doc,
+                    "question": {"text": q, "tokens": q.split()},
+                    "answers": [{"text": r, "tokens": r.split()} for r in refs],
+                }
+            )
+    return rows
+
+
+def generate_quality(n_articles: int = 3, seed: int = 0) -> list[dict[str, Any]]:
+    """Rows in the `emozilla/quality` schema: `n_articles` fictional stories and 5
+    four-option questions each (0-based `answer` at a random position; every other
+    question `hard`). Deterministic in `seed`."""
+    if not 1 <= n_articles <= 8:
+        raise DataError(f"the generated QuALITY set has 1-8 articles; got {n_articles}")
+    rng = random.Random(seed)
+    rows = []
+    for a in range(n_articles):
+        _, text, facts = _story(rng, a)
+        for j, (q, answer, distractors) in enumerate(facts):
+            options = rng.sample(distractors, 3)
+            gold = rng.randrange(4)
+            options.insert(gold, answer)
+            rows.append(
+                {
+                    "article": text,
+                    "question": q,
+                    "options": options,
+                    "answer": gold,
+                    "hard": j % 2 == 1,
+                }
+            )
+    return rows
+
+
+def write_generated(dataset: str, path: str | Path, seed: int = 0) -> Path:
+    """Write the generated NarrativeQA or QuALITY rows as jsonl (the readers take it as a
+    local file in the hub schema); returns the path."""
+    generators = {"narrativeqa": generate_narrativeqa, "quality": generate_quality}
+    if dataset not in generators:
+        raise DataError(f"no generated set for {dataset!r}: use narrativeqa or quality")
+    path = Path(path)
+    rows = generators[dataset](seed=seed)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path

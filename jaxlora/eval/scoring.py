@@ -10,7 +10,9 @@ counts:
   each document and then over documents (`n_documents`).
 - `quality`: the strictly parsed option letter (`choice`; no letter inside a word) against the
   gold one: `accuracy`, `hard_accuracy` on the `hard` questions (`n_hard`), and `unanswered`
-  (outputs stating no letter, or several; they count as wrong).
+  (outputs stating no letter, or several; they count as wrong). When the evaluator also scored
+  every option by its log-likelihood (`loglik_score`), `loglik_accuracy` and
+  `loglik_hard_accuracy` from the most likely option (no parsing; an exact tie is wrong).
 - anything else: the mean of each per-question metric (the evaluators' rule before).
 
 `questions` are `EvalQuestion`s (`jaxlora/data/documents.py`); None for a question that has
@@ -46,6 +48,23 @@ def score_question(dataset: str, prediction: str, question: Any) -> dict[str, An
     raise DataError(f"no document metrics for dataset {dataset!r}: use one of {DOCUMENT_METRICS}")
 
 
+def loglik_score(logprobs: Sequence[float], question: Any) -> dict[str, Any]:
+    """A multiple-choice question scored by log-likelihood: `logprobs` holds each option's
+    summed log-probability as the answer; `loglik_choice` is the most likely option's letter
+    (None on an exact tie or when no option is finite)."""
+    if len(logprobs) != len(question.options):
+        raise DataError(
+            f"question {question.id}: {len(logprobs)} option scores for "
+            f"{len(question.options)} options"
+        )
+    best = metrics.loglik_choice(logprobs)
+    choice = None if best is None else metrics.OPTION_LETTERS[best]
+    return {
+        "loglik_accuracy": float(choice is not None and choice == question.gold_letter),
+        "loglik_choice": choice,
+    }
+
+
 def aggregate(
     dataset: str, scores: Sequence[dict[str, Any]], questions: Sequence[Any] | None = None
 ) -> dict[str, Any]:
@@ -58,12 +77,13 @@ def aggregate(
             out.pop("n")
             return out
         if dataset == "quality":
-            out = metrics.choice_accuracy(
-                [s["choice"] for s in scores],
-                [q.gold for q in questions],
-                [q.hard for q in questions],
-            )
+            gold, hard = [q.gold for q in questions], [q.hard for q in questions]
+            out = metrics.choice_accuracy([s["choice"] for s in scores], gold, hard)
             out.pop("n")
+            if scores and all("loglik_choice" in s for s in scores):
+                ll = metrics.choice_accuracy([s["loglik_choice"] for s in scores], gold, hard)
+                out["loglik_accuracy"] = ll["accuracy"]
+                out["loglik_hard_accuracy"] = ll["hard_accuracy"]
             return out
         return _paperqa(scores, [q.level for q in questions])
     return _means(scores)

@@ -7,6 +7,10 @@ speed) and three figures, each drawn on its own `matplotlib.figure.Figure` (no p
 - `memory_vs_k`: the metric against k for each (router, combiner, context) evaluated at
   several k (only when some are);
 - `memory_routing`: routing top-1 and recall@k of the routed methods against the oracle.
+
+A document dataset (PaperQA, NarrativeQA, QuALITY) adds the study's tables and plots
+(`jaxlora/memory/docreport.py`): method x metric, per level (PaperQA, `memory_per_level`) and
+training format x metric when the libraries differ in training data (`memory_by_format`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from matplotlib.figure import Figure
 
 from jaxlora.errors import DataError
 from jaxlora.fsutil import atomic_write
+from jaxlora.memory import docreport
 from jaxlora.report import read_results, save_figure
 
 # The first present leads: the judge, then ROUGE-L (question answering: exact match is too strict
@@ -55,9 +60,13 @@ def _value(row: Mapping[str, Any], column: str) -> float | None:
 
 
 def render_markdown(
-    rows: Sequence[Mapping[str, Any]], metric: str, plots: Sequence[tuple[str, str]] = ()
+    rows: Sequence[Mapping[str, Any]],
+    metric: str,
+    plots: Sequence[tuple[str, str]] = (),
+    extra: str = "",
 ) -> str:
-    """The report; `plots` are (file stem, title) of the figures written beside it."""
+    """The report; `plots` are (file stem, title) of the figures written beside it, `extra`
+    markdown sections after the libraries' tables (a document dataset's study tables)."""
     columns = [c for c in rows[0] if c not in ("library",)]
     lines = ["# Memory report", ""]
     lines.append(
@@ -71,6 +80,8 @@ def render_markdown(
         lines.append("|" + "---|" * len(columns))
         for r in mine:
             lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |")
+    if extra:
+        lines.append(extra.rstrip("\n"))
     for stem, title in plots:
         lines += ["", f"![{title}](plots/{stem}.png)"]
     return "\n".join(lines) + "\n"
@@ -175,6 +186,12 @@ def write_memory_report(run_dir: str | Path) -> Path:
         ("memory_by_method", f"{metric} by method", plot_by_method(rows, metric)),
         ("memory_routing", "routing accuracy", plot_routing(rows)),
         ("memory_vs_k", f"{metric} vs k", plot_vs_k(rows, metric)),
+        ("memory_per_level", "PaperQA per level", docreport.plot_per_level(rows)),
+        (
+            "memory_by_format",
+            f"{metric} by training format",
+            docreport.plot_by_format(rows, metric),
+        ),
     ]
     written = []
     for stem, title, fig in figures:
@@ -182,5 +199,5 @@ def write_memory_report(run_dir: str | Path) -> Path:
             save_figure(fig, plots / stem)
             written.append((stem, title))
     out = run_dir / "memory_report.md"
-    atomic_write(out, render_markdown(rows, metric, written))
+    atomic_write(out, render_markdown(rows, metric, written, docreport.markdown(rows)))
     return out
