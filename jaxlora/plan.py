@@ -91,8 +91,10 @@ def activation_bytes(
 def prefill_rows(
     c: ModelConfig, context: int, dtype_bytes: int, sizes: Mapping[str, int], base_bytes: float
 ) -> tuple[list[tuple[str, float]], float]:
-    """Per-device memory of one long-context prefill, and the bytes full attention would add (batch 1, `context` tokens into a KV cache
-    of that length, logits of the last position only), as `jaxlora generate` runs it.
+    """Per-device memory of one long-context prefill, and the bytes full attention would add
+    (batch 1, `context` tokens into a KV cache of that length, logits of the last position
+    only), as the decoders run it (jaxlora/generate.py: an ICL prompt of the memory, a served
+    request).
 
     KV cache: 2 x L x K x H x context in the model dtype (split over `tensor` with the kv heads).
     Working set of one layer at a time (the previous layer's are freed): the hidden states and

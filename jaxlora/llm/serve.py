@@ -112,6 +112,14 @@ class _Work:
     build: Callable[[int, MemoryRoute], Row] | None = None
 
 
+def _deliver(batch: list[_Work], outputs: list) -> None:
+    """Each request's share of a pass's outputs (its rows, in order)."""
+    start = 0
+    for w in batch:
+        w.future.set_result(outputs[start : start + len(w.rows)])
+        start += len(w.rows)
+
+
 class Batcher:
     """The decoder thread: collects queued work for `wait_s`, decodes it in shared passes."""
 
@@ -159,10 +167,7 @@ class Batcher:
             for w in batch:
                 w.future.set_exception(e)
             return
-        start = 0
-        for w in batch:
-            w.future.set_result(outputs[start : start + len(w.rows)])
-            start += len(w.rows)
+        _deliver(batch, outputs)
 
     def _decode_memory(self, batch: list[_Work]) -> None:
         if not batch:
@@ -187,10 +192,7 @@ class Batcher:
             for w in batch:
                 w.future.set_exception(e)
             return
-        start = 0
-        for w in batch:
-            w.future.set_result(outputs[start : start + len(w.rows)])
-            start += len(w.rows)
+        _deliver(batch, outputs)
 
 
 # --------------------------------------------------------------------------- requests
