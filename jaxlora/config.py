@@ -52,7 +52,6 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 Remat = Literal["none", "block"]
 InitKind = Literal["kaiming", "gaussian"]
 DatasetKind = Literal["phonebook", "counterfact", "text", "qa", "paperqa", "narrativeqa", "quality"]
-DocFormat = Literal["text", "qa", "qa_user"]
 PaperHeader = Literal["bracket", "natural", "none"]
 Leakage = Literal["error", "drop"]
 LossMask = Literal["full", "completion_only"]
@@ -161,6 +160,19 @@ FRACTION = _Range(lo=0, hi=1, lo_open=True, hi_open=False)  # (0, 1]
 def _non_empty(value: Any, path: str) -> None:
     if value in ("", ()):
         raise _FieldError(path, "must not be empty")
+
+
+# data.format: text, qa, qa_user, or a format or mix of a `jaxlora synth` directory (its file stem).
+_DOC_FORMAT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def _check_doc_format(value: Any, path: str) -> None:
+    if not _DOC_FORMAT.fullmatch(value):
+        raise _FieldError(
+            path,
+            "must be text, qa, qa_user or a format of a jaxlora synth directory (letters, "
+            f"digits, '_', '.', '-'), got {_show(value)}",
+        )
 
 
 def _positive_or_auto(value: int | str, path: str) -> None:
@@ -409,7 +421,7 @@ class DataSection(_Section):
     unit: str | None = field(default=None, metadata=_rule(check=_non_empty))
     # Document datasets (paperqa, narrativeqa, quality; jaxlora/data/docsets.py): what an
     # adapter trains on, and the leakage guard between it and the evaluation questions.
-    format: DocFormat = "text"
+    format: str = field(default="text", metadata=_rule(check=_check_doc_format))
     paper_header: PaperHeader = "bracket"
     question_prefix: PaperHeader = "none"
     train_path: str | None = field(default=None, metadata=_rule(check=_non_empty))
@@ -447,16 +459,21 @@ class DataSection(_Section):
             raise _FieldError(
                 "units", f"dataset {self.dataset} has documents: use documents or chunks"
             )
-        if self.dataset != "paperqa" and (self.format != "text" or self.train_path is not None):
-            raise _FieldError(
-                "format" if self.format != "text" else "train_path",
-                f"dataset {self.dataset} trains on its documents' text (format: text, no train_path)",
-            )
+        # `text` is the documents (paperqa: or the {text} rows of a study train_path); any other
+        # format is read from train_path, which a non-paperqa dataset only takes as a jaxlora
+        # synth directory (checked when read: config parsing never touches the filesystem).
         if self.format != "text" and self.train_path is None:
+            if self.dataset != "paperqa":
+                raise _FieldError(
+                    "format",
+                    f"dataset {self.dataset} trains on its documents' text (format: text), or "
+                    f"on format {self.format} of a jaxlora synth directory in data.train_path",
+                )
             raise _FieldError(
                 "train_path",
                 f"format {self.format} needs the training QA (e.g. the study's paperqa_train "
-                "sets): the paperQA.json questions are the evaluation set",
+                "sets) or a jaxlora synth directory: the paperQA.json questions are the "
+                "evaluation set",
             )
         if self.dataset == "paperqa" and self.split is not None:
             raise _FieldError("split", "paperqa has one split (paperQA.json)")

@@ -16,6 +16,13 @@ Training formats (`data.format`):
 - `qa`: the QA rows of `data.train_path` (the study's `paperqa_train/*_qa_*` sets): question as
   the user turn, answer as the assistant turn, EOS trained.
 - `qa_user`: the study's variant, question and answer together in the user turn.
+- with `data.train_path` a `jaxlora synth` output directory (it has `synth_report.json` and one
+  `{format}.jsonl` per format and mix; `jaxlora/llm/synth.py`): any format or mix written there
+  (`qa`, `summary`, `rewrite`, `paraphrase`, `facts`, a mix name, ...). Each record trains for
+  the document its `unit_id` names (a unit_id that is no document of the corpus is an error):
+  records with `question`/`answer` as dialogue turns (EOS trained; `qa_user` reads `qa.jsonl`
+  with both in the user turn), the others as text. `text` still means the documents themselves,
+  so one directory serves a whole `sweep: {data.format: [text, qa, summary]}`.
 
 Leakage guard (`jaxlora/data/leakage.py`): every training record is checked against the
 evaluation questions before anything is trained. `data.leakage: error` (the default) stops the
@@ -49,7 +56,8 @@ from typing import Any
 from jaxlora.data import documents as docs
 from jaxlora.data.documents import EvalQuestion
 from jaxlora.data.leakage import LeakageHit, guard
-from jaxlora.data.records import Record
+from jaxlora.data.readers import first_line
+from jaxlora.data.records import Record, row_record
 from jaxlora.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -57,6 +65,7 @@ log = logging.getLogger(__name__)
 DOCUMENT_DATASETS: tuple[str, ...] = ("paperqa", "narrativeqa", "quality")
 FORMATS: tuple[str, ...] = ("text", "qa", "qa_user")
 DEFAULT_SPLITS = {"narrativeqa": "test", "quality": "validation"}
+SYNTH_REPORT = "synth_report.json"  # what marks a `jaxlora synth` output directory
 GENERATED_PAPERS = 6
 QUALITY_INSTRUCTION = "Answer with the letter of the correct option:"
 
@@ -69,6 +78,7 @@ __all__ = [
     "generate_paperqa",
     "generate_quality",
     "is_document_dataset",
+    "is_synth_dir",
     "load_document_set",
     "load_questions",
     "write_generated",
@@ -167,7 +177,15 @@ def _load(
             )
     else:
         corpus = _read(dataset, path, split)
-    records = _training_records(corpus, fmt, train_path)
+    if train_path is not None and is_synth_dir(train_path):
+        records = _synth_records(corpus, fmt, train_path)
+    elif train_path is not None and dataset != "paperqa":
+        raise DataError(
+            f"data.train_path {train_path} is not a jaxlora synth output directory (no "
+            f"{SYNTH_REPORT}): {dataset} trains on its documents or on jaxlora synth formats"
+        )
+    else:
+        records = _training_records(corpus, fmt, train_path)
     result = guard(records, corpus.questions, policy=policy)  # type: ignore[arg-type]
     if result.dropped:
         log.warning(
@@ -195,7 +213,69 @@ def _read(dataset: str, path: str, split: str | None) -> docs.Corpus:
     return docs.read_quality(path, split=split)
 
 
+def is_synth_dir(path: str | Path) -> bool:
+    """Whether `path` is a `jaxlora synth` output directory (it holds synth_report.json)."""
+    return (Path(path).expanduser() / SYNTH_REPORT).is_file()
+
+
+def _synth_records(corpus: docs.Corpus, fmt: str, train_path: str) -> list[Record]:
+    """The records of one format or mix of a `jaxlora synth` directory, each for the document
+    its `unit_id` names; `text` is the documents themselves (see the module docstring)."""
+    if fmt == "text":
+        return list(corpus.documents)
+    root = Path(train_path).expanduser()
+    path = root / f"{'qa' if fmt == 'qa_user' else fmt}.jsonl"
+    if not path.is_file():
+        have = ", ".join(sorted(p.stem for p in root.glob("*.jsonl"))) or "none"
+        raise DataError(
+            f"data.format: {fmt}: {root} has no {path.name} (jaxlora synth wrote: {have}); "
+            "use one of those or text"
+        )
+    known = {d.document for d in corpus.documents}
+    records: list[Record] = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        if not line.strip():
+            continue
+        where = f"{path} line {i + 1}"
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise DataError(f"{where} is not JSON: {first_line(e)}") from e
+        uid = row.get("unit_id") if isinstance(row, dict) else None
+        if isinstance(uid, int) and not isinstance(uid, bool):
+            uid = str(uid)
+        if not isinstance(uid, str) or not uid:
+            raise DataError(f"{where} has no unit_id: expected a jaxlora synth record")
+        if uid not in known:
+            raise DataError(
+                f"{where}: unit_id {uid!r} is not a document of {corpus.name} (documents: "
+                f"{_listing(sorted(known))}): synthesize from this corpus's documents"
+            )
+        q, a = row.get("question"), row.get("answer")
+        if isinstance(q, str) and isinstance(a, str):
+            if fmt == "qa_user":
+                records.append(dataclasses.replace(row_record(q, a), document=uid))
+            else:
+                records.append(Record("qa", question=q, answer=a, document=uid))
+        elif isinstance(row.get("text"), str) and row["text"].strip():
+            records.append(Record("text", row["text"].strip(), document=uid))
+        else:
+            raise DataError(f"{where} has neither question/answer nor text")
+    if not records:
+        raise DataError(f"{path} has no records: rerun jaxlora synth or pick another format")
+    return records
+
+
+def _listing(items: list[str], limit: int = 8) -> str:
+    return ", ".join(items[:limit]) + (f", ... ({len(items)} in all)" if len(items) > limit else "")
+
+
 def _training_records(corpus: docs.Corpus, fmt: str, train_path: str | None) -> list[Record]:
+    if fmt not in FORMATS:
+        raise DataError(
+            f"data.format: {fmt} is a jaxlora synth format, but data.train_path "
+            f"{train_path} is not a synth output directory (no {SYNTH_REPORT})"
+        )
     if train_path is None:
         if fmt != "text":
             raise DataError(f"data.format: {fmt} needs data.train_path (the training QA)")

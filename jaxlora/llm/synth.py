@@ -36,7 +36,9 @@ Outputs (one jsonl per format and per mix, in the layouts `jaxlora train` reads)
   question as user, answer as assistant) or as `text` ("Question: q\\nAnswer: a");
 - a mix `{name: {total, parts: {format: proportion}}}` takes, per unit, `total` items split by
   proportion (largest remainder) from the first items of each part's pool; its records all
-  have `text` (QA items also keep question/answer), so it is read as `text`.
+  have `text` (QA items also keep question/answer), so `data.dataset: text` reads it; as a
+  document dataset's `data.train_path` (a synth directory), each record trains by its own kind
+  (QA items as turns, the rest as text).
 
 Every record carries `unit_id` (and the unit's `title` / `document` when given), so units stay
 separable: `data.document_field: unit_id` with `data.units: documents` trains one adapter per
