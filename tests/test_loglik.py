@@ -151,3 +151,42 @@ def test_results_have_loglik_columns_and_predictions_their_scores(quality_run):
     base = [p for p in preds if p["method"] == "base"]
     right = np.mean([p["loglik_choice"] == p["gold"] for p in base])
     assert float(rows["base"]["loglik_accuracy"]) == pytest.approx(right)
+
+
+def test_option_logprobs_equal_transformers_and_peft(quality_run, tmp_path):
+    """The acceptance check against PyTorch: the base model's option scores equal transformers'
+    on the same checkpoint, and a routed adapter's equal PEFT's, summed over each option's
+    tokens after the same prompt ids."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import jaxlora
+
+    ev = _evaluator(quality_run)
+    ev.model.save_hf(tmp_path / "base")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32).eval()
+    options = ev.option_ids()
+    for method in ("base", "bm25"):
+        m = parse_method(method)
+        ev._plan_routes([m])
+        prompts = ev.prompts(ev.contexts(m)[0])
+        ours = ev.option_logprobs(m, prompts)
+        for q, prompt in enumerate(prompts):
+            torch_model = hf
+            if m.uses_adapters:
+                unit = int(ev.route(m.router, 1).indices[q, 0])
+                path = jaxlora.save_peft(ev.model, ev.lib.stack, unit, tmp_path / f"a{q}")
+                torch_model = PeftModel.from_pretrained(hf, path).eval()
+            want = []
+            for opt in options[q]:
+                ids = torch.tensor([list(prompt) + list(opt)])
+                with torch.no_grad():
+                    logp = torch.log_softmax(torch_model(input_ids=ids).logits[0], -1).numpy()
+                at = np.arange(len(prompt) - 1, len(prompt) - 1 + len(opt))
+                want.append(float(logp[at, list(opt)].sum()))
+            if m.uses_adapters:
+                torch_model.unload()  # the base back as it was for the next question
+            # float32 on both sides, differing in reduction order over ~100-token prompts of a
+            # 2-layer model: ~1e-5 per token; a wrong position or token id moves a sum by > 0.1.
+            np.testing.assert_allclose(ours[q], want, rtol=1e-4, atol=1e-3)
