@@ -197,7 +197,6 @@ def test_the_judge_as_an_eval_metric(evaluated_run, tmp_path):
     all failures: the tiny judge writes no JSON), and no failure is scored."""
     import csv
     import shutil
-
     import subprocess
 
     from tests.runs import jaxlora_cmd
