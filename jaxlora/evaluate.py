@@ -273,7 +273,7 @@ class Evaluator:
             out = np.asarray(multihost_utils.process_allgather(out, tiled=True))
             for slot, i in g.real:
                 for k in range(len(asked.get(i, [])[r * Q : (r + 1) * Q])):
-                    outputs[slot].append(_until_eos(out[slot, k], self.eos))
+                    outputs[slot].append(until_eos(out[slot, k], self.eos))
         return outputs
 
     def _efficacy(self, g, stack: AdapterStack, asked) -> dict[int, list[bool | None]]:
@@ -329,7 +329,8 @@ class Evaluator:
         return result
 
 
-def _until_eos(ids: np.ndarray, eos: Sequence[int]) -> list[int]:
+def until_eos(ids: np.ndarray, eos: Sequence[int]) -> list[int]:
+    """The generated ids before the first end-of-sequence id."""
     out = []
     for t in ids.tolist():
         if t in eos:

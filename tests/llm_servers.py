@@ -1,5 +1,6 @@
-"""Helpers for the LLM tests: two tiny PEFT adapters with random non-zero weights, and a real
-`jaxlora serve` subprocess on a free port of 127.0.0.1."""
+"""Helpers for the LLM tests: two tiny PEFT adapters with random non-zero weights, a backend
+that counts the requests it forwards, and a real `jaxlora serve` subprocess on a free port of
+127.0.0.1."""
 
 from __future__ import annotations
 
@@ -41,6 +42,21 @@ def make_adapters(model, out: Path) -> dict[str, Path]:
     for i, name in enumerate(stack.names):
         dirs[name] = jaxlora.save_peft(model, stack, i, out / name)
     return dirs
+
+
+class Counting:
+    """Forwards every call to a real backend and counts the requests (not a mock)."""
+
+    def __init__(self, backend):
+        self.backend, self.name, self.requests = backend, backend.name, 0
+
+    def chat(self, conversations, params):
+        self.requests += len(conversations)
+        return self.backend.chat(conversations, params)
+
+    def complete(self, prompts, params):
+        self.requests += len(prompts)
+        return self.backend.complete(prompts, params)
 
 
 class Server:

@@ -13,6 +13,7 @@ import pytest
 
 from jaxlora.cli import main
 from jaxlora.llm.judge import Verdict, judge_predictions, parse_verdict, summarize_verdicts
+from tests.llm_servers import Counting
 
 GOOD = [
     ('{"score": 8, "rationale": "Mostly correct."}', 8),
@@ -68,21 +69,6 @@ def test_failures_are_excluded_from_the_statistics_never_scored_0():
 
 
 # ------------------------------------------------------------------------- end to end
-
-
-class Counting:
-    """Forwards every call to a real backend and counts the requests (not a mock)."""
-
-    def __init__(self, backend):
-        self.backend, self.name, self.requests = backend, backend.name, 0
-
-    def chat(self, conversations, params):
-        self.requests += len(conversations)
-        return self.backend.chat(conversations, params)
-
-    def complete(self, prompts, params):
-        self.requests += len(prompts)
-        return self.backend.complete(prompts, params)
 
 
 @pytest.fixture(scope="module")

@@ -38,6 +38,7 @@ from jaxlora.llm.synth import (
     write_outputs,
 )
 from jaxlora.llm.synth_config import PRESETS, MixSpec, parse_mix
+from tests.llm_servers import Counting
 
 ROOT = Path(__file__).resolve().parents[1]
 UNITS = [
@@ -54,21 +55,6 @@ SECTION = {
     "max_tokens": 12,
     "max_attempts": 2,
 }
-
-
-class Counting:
-    """Forwards every call to a real backend and counts the requests (not a mock)."""
-
-    def __init__(self, backend):
-        self.backend, self.name, self.requests = backend, backend.name, 0
-
-    def chat(self, conversations, params):
-        self.requests += len(conversations)
-        return self.backend.chat(conversations, params)
-
-    def complete(self, prompts, params):
-        self.requests += len(prompts)
-        return self.backend.complete(prompts, params)
 
 
 @pytest.fixture(scope="module")

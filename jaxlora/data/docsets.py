@@ -56,7 +56,7 @@ from typing import Any
 from jaxlora.data import documents as docs
 from jaxlora.data.documents import EvalQuestion
 from jaxlora.data.leakage import LeakageHit, guard
-from jaxlora.data.readers import first_line
+from jaxlora.data.readers import jsonl_objects
 from jaxlora.data.records import Record, row_record
 from jaxlora.errors import DataError
 
@@ -233,15 +233,9 @@ def _synth_records(corpus: docs.Corpus, fmt: str, train_path: str) -> list[Recor
         )
     known = {d.document for d in corpus.documents}
     records: list[Record] = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-        if not line.strip():
-            continue
-        where = f"{path} line {i + 1}"
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise DataError(f"{where} is not JSON: {first_line(e)}") from e
-        uid = row.get("unit_id") if isinstance(row, dict) else None
+    for n, row in jsonl_objects(path):
+        where = f"{path} line {n}"
+        uid = row.get("unit_id")
         if isinstance(uid, int) and not isinstance(uid, bool):
             uid = str(uid)
         if not isinstance(uid, str) or not uid:

@@ -48,7 +48,7 @@ from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from jaxlora.data.readers import first_line, quiet, read_json
+from jaxlora.data.readers import first_line, jsonl_objects, quiet, read_json
 from jaxlora.data.records import Record, row_record
 from jaxlora.errors import DataError
 
@@ -276,20 +276,14 @@ def read_paperqa_training(path: str | Path, *, qa_turns: QATurns = "assistant") 
     for f in files:
         m = _PAPER_FILE.match(f.name)
         file_paper = m["id"] if m else None
-        for i, line in enumerate(f.read_text(encoding="utf-8").splitlines()):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise DataError(f"{f} line {i + 1} is not JSON: {first_line(e)}") from e
-            records.extend(_training_row(f, i, row, file_paper, qa_turns))
+        for n, row in jsonl_objects(f):
+            records.extend(_training_row(f, n, row, file_paper, qa_turns))
     return records
 
 
-def _training_row(f: Path, i: int, row: Any, paper: str | None, qa_turns: str) -> list[Record]:
-    where = f"{f} line {i + 1}"
-    if isinstance(row, dict) and isinstance(row.get("question"), str) and "answer" in row:
+def _training_row(f: Path, n: int, row: dict, paper: str | None, qa_turns: str) -> list[Record]:
+    where = f"{f} line {n}"
+    if isinstance(row.get("question"), str) and "answer" in row:
         q, a = row["question"].strip(), str(row["answer"]).strip()
         m = _PREFIX_RE.match(q)
         doc = paper or (m and (m["b"] or m["n"]).strip())
@@ -300,7 +294,7 @@ def _training_row(f: Path, i: int, row: Any, paper: str | None, qa_turns: str) -
         if qa_turns == "user":
             return [dataclasses.replace(row_record(q, a), document=doc)]
         return [Record("qa", question=q, answer=a, document=doc)]
-    if isinstance(row, dict) and isinstance(row.get("text"), str):
+    if isinstance(row.get("text"), str):
         text = row["text"]
         heads = list(_HEADER_RE.finditer(text))
         if not heads:
@@ -316,7 +310,7 @@ def _training_row(f: Path, i: int, row: Any, paper: str | None, qa_turns: str) -
             Record("text", text[h.start() : e].strip(), document=(h["b"] or h["n"]).strip())
             for h, e in zip(heads, ends, strict=True)
         ]
-    keys = ", ".join(row) if isinstance(row, dict) else type(row).__name__
+    keys = ", ".join(row)
     raise DataError(f"{where} has {keys}: expected {{question, answer}} or {{text}} rows")
 
 

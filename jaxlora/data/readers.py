@@ -46,7 +46,7 @@ _PB_ROW = re.compile(
 _PB_QUESTION = re.compile(r"(?:Question:\s*)?What is the phone number of (?P<name>.+?)\s*\??")
 _PB_FORMAT = "'Question: What is the phone number of NAME? Answer: PHONE'"
 
-__all__ = ["DATASET_KINDS", "read_records", "read_table"]
+__all__ = ["DATASET_KINDS", "jsonl_objects", "read_records", "read_table"]
 
 
 def read_records(
@@ -287,6 +287,23 @@ def _sibling_subjects(path: Path | None, n_rows: int) -> list[str] | None:
             "fix or remove the metadata file"
         )
     return [str(s) for s in subjects]
+
+
+def jsonl_objects(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) of every non-blank line of a jsonl file; a line that is not a
+    JSON object is an error naming the file and the line."""
+    p = Path(path)
+    with p.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise DataError(f"{p} line {n} is not JSON: {first_line(e)}") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{p} line {n} is not a JSON object")
+            yield n, row
 
 
 def read_json(path: Path) -> Any:

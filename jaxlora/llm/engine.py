@@ -38,6 +38,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlora.errors import JaxloraError
+from jaxlora.evaluate import until_eos
 from jaxlora.generate import DecodeSpec, Sampling, decode_stack, eos_and_pad, generate, make_sampler
 from jaxlora.lora import AdapterStack, pad_to
 from jaxlora.models.transformer import LoRAPlacement
@@ -277,13 +278,9 @@ class Engine:
         return np.asarray(out)
 
     def _finish(self, row: Row, out: np.ndarray) -> Output:
-        ids = []
-        reason: FinishReason = "length"
-        for t in out[: row.max_tokens].tolist():
-            if t in self.eos:
-                reason = "stop"
-                break
-            ids.append(t)
+        generated = out[: row.max_tokens]
+        ids = until_eos(generated, self.eos)
+        reason: FinishReason = "stop" if len(ids) < len(generated) else "length"
         text = self.decode_text(ids)
         cut = min((i for s in row.stop if s and (i := text.find(s)) >= 0), default=-1)
         if cut >= 0:

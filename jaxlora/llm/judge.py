@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from jaxlora.data.readers import jsonl_objects
 from jaxlora.errors import ConfigError, DataError
 from jaxlora.llm.common import CachedBackend, ResultCache, extract_json, render_template
 
@@ -235,18 +236,7 @@ def read_predictions(path: str | Path) -> list[dict[str, Any]]:
     p = Path(path).expanduser()
     if not p.is_file():
         raise DataError(f"predictions file not found: {p}")
-    records = []
-    with p.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as e:
-                raise DataError(f"{p} line {n} is not JSON: {e}") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{p} line {n} is not a JSON object")
-            records.append(record)
+    records = [record for _, record in jsonl_objects(p)]
     if not records:
         raise DataError(f"{p} has no predictions")
     return records

@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from jaxlora.data.readers import jsonl_objects
 from jaxlora.errors import ConfigError, DataError
 from jaxlora.llm.common import load_template, template_presets
 
@@ -300,32 +300,23 @@ def read_units(path: str | Path, *, id_field: str = "id", text_field: str = "tex
     if not p.is_file():
         raise DataError(f"units file not found: {p}")
     units = []
-    with p.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise DataError(f"{p} line {n} is not JSON: {e}") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{p} line {n} is not a JSON object")
-            # A run's units.jsonl names its units `unit`: read it as it is.
-            uid = row.get(id_field, row.get("unit") if id_field == "id" else None)
-            text = row.get(text_field)
-            if not isinstance(uid, str | int) or isinstance(uid, bool) or str(uid) == "":
-                raise DataError(f"{p} line {n}: no {id_field!r} (a string or an integer)")
-            if not isinstance(text, str) or not text.strip():
-                raise DataError(f"{p} line {n}: no {text_field!r} text")
-            title, document = row.get("title"), row.get("document")
-            units.append(
-                Unit(
-                    str(uid),
-                    text,
-                    title if isinstance(title, str) and title.strip() else None,
-                    document if isinstance(document, str) and document.strip() else None,
-                )
+    for n, row in jsonl_objects(p):
+        # A run's units.jsonl names its units `unit`: read it as it is.
+        uid = row.get(id_field, row.get("unit") if id_field == "id" else None)
+        text = row.get(text_field)
+        if not isinstance(uid, str | int) or isinstance(uid, bool) or str(uid) == "":
+            raise DataError(f"{p} line {n}: no {id_field!r} (a string or an integer)")
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{p} line {n}: no {text_field!r} text")
+        title, document = row.get("title"), row.get("document")
+        units.append(
+            Unit(
+                str(uid),
+                text,
+                title if isinstance(title, str) and title.strip() else None,
+                document if isinstance(document, str) and document.strip() else None,
             )
+        )
     if not units:
         raise DataError(f"{p} has no units")
     check_units(units)

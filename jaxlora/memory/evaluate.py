@@ -27,7 +27,6 @@ import csv
 import dataclasses
 import functools
 import io
-import itertools
 import json
 import logging
 import time
@@ -46,7 +45,7 @@ from jaxlora import data as kdata
 from jaxlora.config import Config, MemorySection
 from jaxlora.errors import DataError
 from jaxlora.eval import scoring
-from jaxlora.evaluate import build_questions, load_stacks, score
+from jaxlora.evaluate import build_questions, load_stacks, score, until_eos
 from jaxlora.fsutil import RunLock, atomic_write
 from jaxlora.generate import DecodeSpec, _generate_base, decode_stack, eos_and_pad
 from jaxlora.lora import AdapterStack, concatenate
@@ -418,7 +417,7 @@ class MemoryEvaluator:
                 out = self._decode_adapters(method, route.indices[rows], tokens, mask, spec)
             out = np.asarray(out)
             real = min(B, n - start)
-            outputs.extend(_until_eos(out[j], self.eos) for j in range(real))
+            outputs.extend(until_eos(out[j], self.eos) for j in range(real))
             bar.update(real)
         return outputs
 
@@ -707,10 +706,6 @@ def _width(longest: int) -> int:
     if longest <= 1024:
         return max(16, 1 << (longest - 1).bit_length())
     return -(-longest // 1024) * 1024
-
-
-def _until_eos(ids: np.ndarray, eos: Sequence[int]) -> list[int]:
-    return list(itertools.takewhile(lambda t: t not in eos, ids.tolist()))
 
 
 def write_memory_results(run_dir: Path, rows: list[dict], predictions: list[dict]) -> None:
