@@ -69,6 +69,31 @@ def test_logits_match_transformers(hf_checkpoint, family, kw, padding):
     assert np.abs(ref[valid]).max() > 1.0  # the comparison is not between near-zero logits
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_hidden_states_match_transformers(hf_checkpoint, family):
+    """`hidden_layers` follows transformers' output_hidden_states: 0 the embeddings, i layer
+    i's output, the last the final-norm output."""
+    path = hf_checkpoint(family, num_heads=4, num_kv_heads=2)
+    model = jaxlora.load_pretrained(path, dtype="float32")
+    ids, mask = padded_batch("right")
+    layers = tuple(range(model.config.num_layers + 1))
+    module = nnx.merge(model.graph(), model.params)
+    logits, _, hidden = module(jnp.asarray(ids), jnp.asarray(mask, bool), hidden_layers=layers)
+    with torch.no_grad():
+        out = load_hf_model(path)(
+            input_ids=torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            output_hidden_states=True,
+        )
+    valid = mask.astype(bool)
+    assert hidden.shape == (len(layers), *ids.shape, model.config.hidden_size)
+    for i in layers:
+        ref = out.hidden_states[i].numpy()[valid]
+        # float32, as the logits above: activations of size ~1 agree to ~1e-6.
+        assert np.abs(np.asarray(hidden[i])[valid] - ref).max() < 1e-4, i
+    assert np.abs(np.asarray(logits)[valid] - out.logits.numpy()[valid]).max() < 1e-4
+
+
 def test_llama3_rope_scaling_is_applied(hf_checkpoint):
     """Dropping the llama3 scaling must change the logits (so the parity above tests it)."""
     path = hf_checkpoint("llama", num_heads=4, num_kv_heads=2)

@@ -477,7 +477,8 @@ class Transformer(nnx.Module):
         last_only: bool = False,
         segment_ids_BT: Array | None = None,
         segment_window: int = 0,
-    ) -> tuple[Array, KVCache | None]:
+        hidden_layers: tuple[int, ...] = (),
+    ) -> tuple[Array, KVCache | None] | tuple[Array, KVCache | None, Array]:
         """Run the decoder.
 
         mask_BT marks real tokens (1) and padding (0). Without positions, each row's
@@ -490,6 +491,10 @@ class Transformer(nnx.Module):
         padding); a token attends only within its row and positions restart at each row.
         `segment_window` (static) bounds a row's length, so attention looks only that far back
         (`_local`); it is required with segment ids, and packing takes no KV cache.
+
+        `hidden_layers` (static) adds a third output, the hidden states [len, B, T, D] at those
+        indices of transformers' `output_hidden_states`: 0 the embeddings, i the output of layer
+        i, num_layers the final-norm output.
         """
         B, T = tokens_BT.shape
         mask_BT = jnp.ones((B, T), bool) if mask_BT is None else mask_BT.astype(bool)
@@ -536,7 +541,7 @@ class Transformer(nnx.Module):
         layer_rngs = (
             [None] * len(self.layers) if rng is None else jax.random.split(rng, len(self.layers))
         )
-        new_k, new_v = [], []
+        new_k, new_v, states = [], [], [x]
         for i, block in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i], cache.end)
             with jax.named_scope(f"layer_{i}"):
@@ -544,7 +549,9 @@ class Transformer(nnx.Module):
                 x, (k_BKSH, v_BKSH) = call(x, sin, cos, mask, kv, layer_rngs[i])
             new_k.append(k_BKSH)
             new_v.append(v_BKSH)
+            states.append(x)
         x = self.norm(x)
+        states[-1] = x
 
         if cache is not None:
             cache = KVCache(
@@ -556,10 +563,13 @@ class Transformer(nnx.Module):
             )
         if return_hidden:
             return x, cache
+        hidden = jnp.stack([states[i] for i in hidden_layers]) if hidden_layers else None
         if last_only:
             x = x[:, -1:]
         if self.lm_head is None:
             logits = jnp.einsum("BTD,VD->BTV", x, self.embed_tokens[...].astype(self.dtype))
         else:
             logits = self.lm_head(x)
+        if hidden is not None:
+            return logits.astype(jnp.float32), cache, hidden
         return logits.astype(jnp.float32), cache
