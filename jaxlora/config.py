@@ -391,6 +391,15 @@ class LoRASection(_Section):
 _UNITS = "all adapters of a job are units of one corpus (data.unit is the unit axis)"
 
 
+def _check_token_range(value: tuple[int | None, ...], path: str) -> None:
+    for i, v in enumerate(value):
+        if v is not None:
+            NON_NEGATIVE(v, f"{path}[{i}]")
+    low, high = value
+    if low is not None and high is not None and low > high:
+        raise _FieldError(path, f"MIN {low} is larger than MAX {high}")
+
+
 @dataclasses.dataclass(frozen=True)
 class DataSection(_Section):
     """The knowledge an adapter memorises. The budget is either `size_tokens` (tokens of the
@@ -427,6 +436,21 @@ class DataSection(_Section):
     train_path: str | None = field(default=None, metadata=_rule(check=_non_empty))
     split: str | None = field(default=None, metadata=_rule(check=_non_empty))
     leakage: Leakage = "error"
+    # [MIN, MAX] tokens (the run's tokenizer, bounds inclusive, either null): the documents
+    # kept, before the budget takes its first ones (the study's 35 books of 10-19K tokens).
+    document_tokens: tuple[int | None, ...] | None = field(
+        default=None, metadata=_rule(check=_check_token_range)
+    )
+
+    def __post_init__(self) -> None:
+        # The shape first: the field's type names its elements, not the pair.
+        value = self.document_tokens
+        if value is not None and not (isinstance(value, list | tuple) and len(value) == 2):
+            raise _FieldError(
+                "document_tokens",
+                f"must be [MIN, MAX] token counts (either may be null), got {_show(value)}",
+            )
+        super().__post_init__()
 
     def _check(self) -> None:
         self._check_units()
@@ -449,7 +473,8 @@ class DataSection(_Section):
     def _check_documents(self) -> None:
         documents = ("paperqa", "narrativeqa", "quality")
         if self.dataset not in documents:
-            for key, default in (("format", "text"), ("train_path", None), ("split", None)):
+            keys = (("format", "text"), ("train_path", None), ("split", None))
+            for key, default in (*keys, ("document_tokens", None)):
                 if getattr(self, key) != default:
                     raise _FieldError(
                         key, "is for the document datasets paperqa, narrativeqa, quality"

@@ -8,6 +8,7 @@ study's PaperQA release skip when ../shared/data is absent.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -356,3 +357,42 @@ def test_written_questions_are_a_question_file(tmp_path):
     assert table.strings("document", "k") == ["d", "d"]
     rows = [json.loads(x) for x in (tmp_path / "q.jsonl").read_text().splitlines()]
     assert rows[0]["answers"] == ["A1", "A1b"] and rows[1]["gold"] == 0
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def test_documents_are_selected_by_length_before_the_budget(tmp_path, caplog):
+    """data.document_tokens keeps the documents of MIN..MAX tokens (the run's tokenizer, bounds
+    inclusive, either null) before size_rows takes the first ones, on every read path."""
+    from jaxlora.config import parse_config
+    from jaxlora.data import count_tokens, load_document_set, load_records, load_units
+    from jaxlora.data.docsets import write_generated
+    from jaxlora.models.tokenizer import train_tokenizer
+
+    path = write_generated("narrativeqa", tmp_path / "nqa.jsonl")
+    tok = train_tokenizer("llama", 512)
+    base = {"dataset": "narrativeqa", "path": str(path), "size_tokens": None}
+    docs = load_document_set(parse_config({"data": base}).data).documents
+    tokens = dict(zip([d.document for d in docs], count_tokens(docs, tok).tolist(), strict=True))
+    short, mid, long = sorted(tokens, key=tokens.get)
+    assert tokens[short] < tokens[mid] < tokens[long]
+
+    def data(**kw):
+        return parse_config({"data": {**base, **kw}}).data
+
+    with caplog.at_level(logging.WARNING, logger="jaxlora"):
+        kept = load_records(data(document_tokens=[tokens[mid], None], size_rows=1), tok)
+    first = next(d.document for d in docs if d.document in (mid, long))
+    assert [r.document for r in kept] == [first]
+    said = f"[{tokens[mid]}, null] keeps 2 of 3 documents of narrativeqa (dropped 1 shorter"
+    assert said in caplog.text
+    # One adapter per kept document; the generated set (data.path: null) is the same stories.
+    units = load_units(data(document_tokens=[None, tokens[mid]], units="documents"), tok)
+    assert [u.id for u in units] == [d.document for d in docs if d.document in (short, mid)]
+    generated = data(path=None, document_tokens=[tokens[long], tokens[long]], units="documents")
+    assert [u.id for u in load_units(generated, tok)] == [long]
+    lengths = ", ".join(str(tokens[d]) for d in (short, mid, long))
+    with pytest.raises(DataError, match=rf"data.document_tokens \[0, 10\] keeps no document of "
+                       rf"narrativeqa: its 3 documents have {lengths} tokens"):  # fmt: skip
+        load_records(data(document_tokens=[0, 10]), tok)

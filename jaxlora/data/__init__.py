@@ -21,6 +21,7 @@ from jaxlora.data.docsets import (
     is_document_dataset,
     load_document_set,
     load_questions,
+    select_documents,
 )
 from jaxlora.data.encode import LOSS_MASKS, Encoded, LossMask, check_vocab, encode
 from jaxlora.data.phonebook import (
@@ -105,7 +106,7 @@ def _corpus(data, tokenizer, document_field) -> list[Record]:
         raise DataError(f"unknown data.dataset {kind!r}: use one of {', '.join(kinds)}")
     check_budget_args(data.size_tokens, data.size_rows)
     if kind in DOCUMENT_DATASETS and data.path is None:  # generated (jaxlora.data.docsets)
-        records = list(load_document_set(data).records)
+        records = select_documents(list(load_document_set(data).records), data, tokenizer)
         return take_budget(
             records, tokenizer, size_tokens=data.size_tokens, size_rows=data.size_rows
         )
@@ -116,7 +117,7 @@ def _corpus(data, tokenizer, document_field) -> list[Record]:
         return phonebook_records(
             tokenizer, size_tokens=data.size_tokens, size_rows=data.size_rows, seed=seed
         )
-    records = _read(data, data.path, document_field)
+    records = select_documents(_read(data, data.path, document_field), data, tokenizer)
     return take_budget(records, tokenizer, size_tokens=data.size_tokens, size_rows=data.size_rows)
 
 

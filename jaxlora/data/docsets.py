@@ -19,10 +19,13 @@ Training formats (`data.format`):
 - with `data.train_path` a `jaxlora synth` output directory (it has `synth_report.json` and one
   `{format}.jsonl` per format and mix; `jaxlora/llm/synth.py`): any format or mix written there
   (`qa`, `summary`, `rewrite`, `paraphrase`, `facts`, a mix name, ...). Each record trains for
-  the document its `unit_id` names (a unit_id that is no document of the corpus is an error):
-  records with `question`/`answer` as dialogue turns (EOS trained; `qa_user` reads `qa.jsonl`
-  with both in the user turn), the others as text. `text` still means the documents themselves,
-  so one directory serves a whole `sweep: {data.format: [text, qa, summary]}`.
+  the unit its `unit_id` names: a document, or a chunk of one (`DOC.N`, as `data.units: chunks`
+  names it; a `UnitRecord` that `units.synth_chunks` gives to that chunk's adapter alone, and to
+  its document's under `units: documents` or `none`). A unit_id that is neither is an error.
+  Records with `question`/`answer` are dialogue turns (EOS trained; `qa_user` reads `qa.jsonl`
+  with both in the user turn), the others text, which for PaperQA carries the introductions' ID
+  header (`data.paper_header`; `none`: no header). `text` still means the documents
+  themselves, so one directory serves a whole `sweep: {data.format: [text, qa, summary]}`.
 
 Leakage guard (`jaxlora/data/leakage.py`): every training record is checked against the
 evaluation questions before anything is trained. `data.leakage: error` (the default) stops the
@@ -38,8 +41,13 @@ answers to their 2 questions per level, so the tiny twins run in CI with nothing
 readers); a null `data.path` reads them (the tiny twins), and `write_generated` writes them as
 jsonl files for a look or an edit.
 
-Reading is cached per data section (minus the unit and budget), so a job's many cells, the
-evaluators and the run-directory writer share one read and one guard pass.
+Selection by length (`data.document_tokens: [MIN, MAX]`, bounds inclusive, either null): the
+documents whose text has MIN..MAX tokens under the run's tokenizer (`select_documents`, applied
+before the budget, so `size_rows: 35` then keeps the first 35 of them: the study's 35 books of
+10-19K tokens). The log says how many were kept; keeping none is an error naming the lengths.
+
+Reading is cached per data section (minus the unit, budget and selection), so a job's many
+cells, the evaluators and the run-directory writer share one read and one guard pass.
 """
 
 from __future__ import annotations
@@ -54,10 +62,12 @@ from pathlib import Path
 from typing import Any
 
 from jaxlora.data import documents as docs
+from jaxlora.data.budget import count_tokens
 from jaxlora.data.documents import EvalQuestion
 from jaxlora.data.leakage import LeakageHit, guard
-from jaxlora.data.readers import jsonl_objects
+from jaxlora.data.readers import jsonl_objects, read_json
 from jaxlora.data.records import Record, row_record
+from jaxlora.data.units import UnitRecord, unit_name
 from jaxlora.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -81,6 +91,8 @@ __all__ = [
     "is_synth_dir",
     "load_document_set",
     "load_questions",
+    "select_documents",
+    "synth_source",
     "write_generated",
 ]
 
@@ -95,6 +107,8 @@ class DocumentSet:
     checked: int  # training records the guard saw
     hits: tuple[LeakageHit, ...]  # what it found (dropped with data.leakage: drop)
     dropped: int
+    documents: tuple[Record, ...] = ()  # the documents themselves (what chunks are cut from)
+    titles: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def leakage_report(self, data: Any) -> dict[str, Any]:
         """What `RUN/leakage.json` says about this set: the policy, the counts and every hit."""
@@ -115,9 +129,13 @@ def is_document_dataset(data: Any) -> bool:
 
 def load_document_set(data: Any) -> DocumentSet:
     """The `DocumentSet` of a data section (cached; see the module docstring)."""
+    return _load(*_key(data))
+
+
+def _key(data: Any) -> tuple:
     if not is_document_dataset(data):
         raise DataError(f"data.dataset {data.dataset!r} is not one of {DOCUMENT_DATASETS}")
-    return _load(
+    return (
         data.dataset,
         None if data.path is None else str(data.path),
         data.format,
@@ -128,6 +146,53 @@ def load_document_set(data: Any) -> DocumentSet:
         data.leakage,
         int(data.seed or 0),
     )
+
+
+def select_documents(records: list[Record], data: Any, tokenizer) -> list[Record]:
+    """The records of the documents `data.document_tokens` keeps (all when it is null or the
+    dataset has no documents): those whose text has MIN..MAX tokens, bounds inclusive."""
+    if getattr(data, "document_tokens", None) is None or not is_document_dataset(data):
+        return list(records)
+    low, high = data.document_tokens
+    kept = _selection(_key(data), low, high, tokenizer)
+    return [r for r in records if r.document in kept]
+
+
+@functools.lru_cache(maxsize=8)
+def _selection(key: tuple, low: int | None, high: int | None, tokenizer) -> frozenset[str]:
+    """The documents within [low, high] tokens (computed, and logged, once per corpus)."""
+    docset = _load(*key)
+    # One document at a time: a whole split of books at once is millions of ids in memory.
+    lengths = [int(count_tokens([d], tokenizer)[0]) for d in docset.documents]
+    within = [(low is None or n >= low) and (high is None or n <= high) for n in lengths]
+    span = f"data.document_tokens [{_bound(low)}, {_bound(high)}]"
+    if not any(within):
+        raise DataError(
+            f"{span} keeps no document of {docset.name}: its {len(lengths)} documents have "
+            f"{_lengths(lengths)} tokens; widen the range"
+        )
+    shorter = sum(low is not None and n < low for n in lengths)
+    log.warning(
+        "%s keeps %d of %d documents of %s (dropped %d shorter, %d longer)",
+        span,
+        sum(within),
+        len(lengths),
+        docset.name,
+        shorter,
+        len(lengths) - sum(within) - shorter,
+    )
+    return frozenset(d.document for d, ok in zip(docset.documents, within, strict=True) if ok)
+
+
+def _bound(n: int | None) -> str:
+    return "null" if n is None else str(n)
+
+
+def _lengths(lengths: list[int]) -> str:
+    xs = sorted(lengths)
+    if len(xs) <= 8:
+        return ", ".join(map(str, xs))
+    return f"{xs[0]} to {xs[-1]} (median {xs[len(xs) // 2]})"
 
 
 def load_questions(data: Any) -> list[EvalQuestion]:
@@ -178,7 +243,9 @@ def _load(
     else:
         corpus = _read(dataset, path, split)
     if train_path is not None and is_synth_dir(train_path):
-        records = _synth_records(corpus, fmt, train_path)
+        records = _synth_records(
+            corpus, fmt, train_path, header if dataset == "paperqa" else "none"
+        )
     elif train_path is not None and dataset != "paperqa":
         raise DataError(
             f"data.train_path {train_path} is not a jaxlora synth output directory (no "
@@ -203,6 +270,8 @@ def _load(
         len(records),
         tuple(result.hits),
         result.dropped,
+        corpus.documents,
+        corpus.titles,
     )
 
 
@@ -218,9 +287,20 @@ def is_synth_dir(path: str | Path) -> bool:
     return (Path(path).expanduser() / SYNTH_REPORT).is_file()
 
 
-def _synth_records(corpus: docs.Corpus, fmt: str, train_path: str) -> list[Record]:
-    """The records of one format or mix of a `jaxlora synth` directory, each for the document
-    its `unit_id` names; `text` is the documents themselves (see the module docstring)."""
+def synth_source(train_path: str | Path | None) -> dict[str, Any]:
+    """What a synth directory's units were (`units_from` of its synth_report.json: the run
+    config, model, unit kind and chunk settings they were cut with); {} when it does not say."""
+    if train_path is None or not is_synth_dir(train_path):
+        return {}
+    report = read_json(Path(train_path).expanduser() / SYNTH_REPORT)
+    source = report.get("units_from") if isinstance(report, dict) else None
+    return source if isinstance(source, dict) else {}
+
+
+def _synth_records(corpus: docs.Corpus, fmt: str, train_path: str, header: str) -> list[Record]:
+    """The records of one format or mix of a `jaxlora synth` directory, each for the unit its
+    `unit_id` names (a document, or a chunk as a `UnitRecord`); text records of PaperQA behind
+    the ID `header`. `text` is the documents themselves (see the module docstring)."""
     if fmt == "text":
         return list(corpus.documents)
     root = Path(train_path).expanduser()
@@ -231,7 +311,8 @@ def _synth_records(corpus: docs.Corpus, fmt: str, train_path: str) -> list[Recor
             f"data.format: {fmt}: {root} has no {path.name} (jaxlora synth wrote: {have}); "
             "use one of those or text"
         )
-    known = {d.document for d in corpus.documents}
+    known = [d.document for d in corpus.documents]
+    named = {unit_name(d): d for d in known} | {d: d for d in known}  # unit id -> document
     records: list[Record] = []
     for n, row in jsonl_objects(path):
         where = f"{path} line {n}"
@@ -240,24 +321,44 @@ def _synth_records(corpus: docs.Corpus, fmt: str, train_path: str) -> list[Recor
             uid = str(uid)
         if not isinstance(uid, str) or not uid:
             raise DataError(f"{where} has no unit_id: expected a jaxlora synth record")
-        if uid not in known:
+        stem, dot, j = uid.rpartition(".")
+        chunk = uid not in named and bool(dot) and j.isdigit() and stem in named
+        if uid not in named and not chunk:
             raise DataError(
-                f"{where}: unit_id {uid!r} is not a document of {corpus.name} (documents: "
-                f"{_listing(sorted(known))}): synthesize from this corpus's documents"
+                f"{where}: unit_id {uid!r} is neither a document of {corpus.name} nor a chunk "
+                f"of one (DOCUMENT.N; documents: {_listing(sorted(known))}): synthesize from "
+                "this corpus's documents or chunks"
             )
+        doc = named[stem if chunk else uid]
         q, a = row.get("question"), row.get("answer")
         if isinstance(q, str) and isinstance(a, str):
             if fmt == "qa_user":
-                records.append(dataclasses.replace(row_record(q, a), document=uid))
+                record = dataclasses.replace(row_record(q, a), document=doc)
             else:
-                records.append(Record("qa", question=q, answer=a, document=uid))
+                record = Record("qa", question=q, answer=a, document=doc)
         elif isinstance(row.get("text"), str) and row["text"].strip():
-            records.append(Record("text", row["text"].strip(), document=uid))
+            record = Record("text", _headed(row["text"].strip(), doc, header), document=doc)
         else:
             raise DataError(f"{where} has neither question/answer nor text")
+        if chunk:
+            digest = row.get("unit_hash")
+            record = UnitRecord(
+                **dataclasses.asdict(record),
+                unit=uid,
+                unit_hash=digest if isinstance(digest, str) else None,
+            )
+        records.append(record)
     if not records:
         raise DataError(f"{path} has no records: rerun jaxlora synth or pick another format")
     return records
+
+
+def _headed(text: str, paper: str, header: str) -> str:
+    """PaperQA text behind its ID header, as the introductions are trained (once: a synth
+    `original` of a headed introduction already has it)."""
+    if header == "none" or docs.has_id_header(text):
+        return text
+    return docs.ID_HEADERS[header].format(id=paper, text=text)
 
 
 def _listing(items: list[str], limit: int = 8) -> str:

@@ -81,6 +81,7 @@ __all__ = [
     "QUESTION_PREFIXES",
     "Corpus",
     "EvalQuestion",
+    "has_id_header",
     "load_split",
     "paperqa_corpus",
     "read_narrativeqa",
@@ -251,6 +252,11 @@ def paperqa_corpus(
         tuple(questions),
         {k: v for k, v in titles.items() if k in kept},
     )
+
+
+def has_id_header(text: str) -> bool:
+    """Whether `text` starts with one of the study's ID headers (bracket or natural)."""
+    return _HEADER_RE.match(text) is not None
 
 
 def read_paperqa_training(path: str | Path, *, qa_turns: QATurns = "assistant") -> list[Record]:

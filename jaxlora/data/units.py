@@ -13,7 +13,10 @@ Kinds (`data.units`):
 - `documents`: one unit per document (`data.document_field`, or each row of a `text` dataset).
 - `chunks`: windows of `unit_tokens` tokens overlapping by `unit_overlap`, in the model's
   tokens, within each document; every token is covered and a document shorter than a window is
-  one chunk.
+  one chunk. Chunk `j` of document `DOC` is unit `DOC.j` (zero-padded to the document's chunk
+  count). Records `jaxlora synth` wrote per chunk (`UnitRecord`s: their `unit_id` names a
+  chunk) are not cut: the windows are cut from the documents and each chunk trains on its own
+  records only (`synth_chunks`), its passage being its key and its text.
 - `files`: `data.path` is a glob, one unit per file (the study's `_sector_XX.csv`).
 
 Each unit has a *key*: the text routers search. By default its content; `data.unit_keys` names
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import itertools
 import logging
 from collections.abc import Sequence
@@ -43,17 +47,19 @@ SECTORS_DOCUMENT = "corpus"  # sectors cut one running corpus: they share one do
 
 @dataclasses.dataclass(frozen=True)
 class Unit:
-    """One unit: its id (file-name safe), its document, its training records and its key."""
+    """One unit: its id (file-name safe), its document, its training records and its key;
+    `source` the text its records were synthesised from (a chunk's passage), when they were."""
 
     id: str
     document: str
     records: tuple[Record, ...]
     key: str
+    source: str = ""
 
     @property
     def text(self) -> str:
         """The unit's content: what ICL and RAG put in context."""
-        return content(self.records)
+        return self.source or content(self.records)
 
     @property
     def questions(self) -> list[Record]:
@@ -61,8 +67,24 @@ class Unit:
         return [r for r in self.records if r.kind != "text" and r.answer]
 
 
+@dataclasses.dataclass(frozen=True)
+class UnitRecord(Record):
+    """A record written for one chunk of its document (a `jaxlora synth` record whose unit_id
+    names the chunk): `unit` is that id, `unit_hash` the `text_hash` of the chunk text it was
+    written from (None when the record does not say)."""
+
+    unit: str = ""
+    unit_hash: str | None = None
+
+
 def content(records: Sequence[Record]) -> str:
     return "\n".join(r.knowledge_text for r in records)
+
+
+def text_hash(text: str) -> str:
+    """A unit text's fingerprint: synth records carry it, so that a chunk cut otherwise (other
+    unit_tokens, unit_overlap or tokenizer) is told apart from the one they were written from."""
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
 
 
 def windows(n: int, size: int, overlap: int) -> list[tuple[int, int]]:
@@ -120,7 +142,7 @@ def sectors(
 
 def documents(records: Sequence[Record]) -> list[Unit]:
     """One unit per document, in order of first appearance."""
-    return [_unit(_safe(doc), doc, rows) for doc, rows in _by_document(records).items()]
+    return [_unit(unit_name(doc), doc, rows) for doc, rows in _by_document(records).items()]
 
 
 def chunks(records: Sequence[Record], tokenizer, *, size: int, overlap: int) -> list[Unit]:
@@ -136,7 +158,74 @@ def chunks(records: Sequence[Record], tokenizer, *, size: int, overlap: int) -> 
         width = len(str(len(cut) - 1))
         for j, (a, b) in enumerate(cut):
             piece = text[spans[a][0] : spans[b - 1][1]]
-            units.append(_unit(f"{_safe(doc)}.{j:0{width}d}", doc, [Record("text", piece)]))
+            units.append(_unit(f"{unit_name(doc)}.{j:0{width}d}", doc, [Record("text", piece)]))
+    return units
+
+
+def synth_chunks(records: Sequence[Record], data, tokenizer) -> list[Unit]:
+    """Chunks of the documents of `records`, each with the records `jaxlora synth` wrote for
+    it (`UnitRecord`s from `data.train_path`). A record of a whole document, a unit id that is
+    no chunk of this cut, a chunk settings mismatch with the synth run (its report, or the text
+    a record was written from) and a chunk without records are errors, never a misassignment."""
+    from jaxlora.data.docsets import load_document_set, synth_source
+
+    where = f"data.train_path {data.train_path} ({data.format})"
+    size, overlap = data.unit_tokens, data.unit_overlap
+    mine = [r for r in records if isinstance(r, UnitRecord)]
+    whole = [r.document for r in records if not isinstance(r, UnitRecord)]
+    if whole:
+        raise DataError(
+            f"{where} has records of a whole document ({whole[0]!r}; {len(whole)} in all), but "
+            "data.units: chunks trains one adapter per chunk: synthesize over this run's chunks "
+            "(jaxlora synth with this run config as its units), or use data.units: documents"
+        )
+    source = synth_source(data.train_path)
+    made = ""
+    if source.get("units") == "chunks":
+        made = (
+            f"; jaxlora synth cut unit_tokens={source.get('unit_tokens')}, unit_overlap="
+            f"{source.get('unit_overlap')} with {source.get('model')} ({source.get('config')})"
+        )
+        if (source.get("unit_tokens"), source.get("unit_overlap")) != (size, overlap):
+            raise DataError(
+                f"{where} was synthesized over other chunks than this run cuts (data.unit_tokens="
+                f"{size}, data.unit_overlap={overlap}{made}): use the same chunk settings, or "
+                "rerun jaxlora synth with this run's config"
+            )
+    own: dict[str, list[UnitRecord]] = {}
+    for r in mine:
+        own.setdefault(r.unit, []).append(r)
+    present = dict.fromkeys(r.document for r in mine)
+    documents = [d for d in load_document_set(data).documents if d.document in present]
+    cut = chunks(documents, tokenizer, size=size, overlap=overlap)
+    ids = {u.id for u in cut}
+    for uid, rows in own.items():
+        if uid not in ids:
+            its = [u.id for u in cut if u.document == rows[0].document]
+            raise DataError(
+                f"{where}: unit_id {uid!r} is not a chunk of document {rows[0].document!r} cut by "
+                f"data.unit_tokens={size}, data.unit_overlap={overlap} (its chunks: {its[0]} to "
+                f"{its[-1]}{made}): rerun jaxlora synth with this run's config"
+            )
+    units, missing = [], []
+    for u in cut:
+        rows = own.get(u.id)
+        if not rows:
+            missing.append(u.id)
+            continue
+        if any(r.unit_hash not in (None, text_hash(u.text)) for r in rows):
+            raise DataError(
+                f"{where}: the records of unit {u.id!r} were written from other text than this "
+                f"run's chunk {u.id} (another unit_tokens, unit_overlap, tokenizer or document "
+                f"text{made}): rerun jaxlora synth with this run's config"
+            )
+        units.append(Unit(u.id, u.document, tuple(rows), u.text, source=u.text))
+    if missing:
+        raise DataError(
+            f"{where}: {len(missing)} of {len(cut)} chunks have no records (first: "
+            f"{missing[0]!r}; synth_report.json says what came short, a data budget cuts records "
+            "and the leakage guard may drop them): rerun jaxlora synth or keep the budget null"
+        )
     return units
 
 
@@ -146,6 +235,8 @@ def split(records: Sequence[Record], data, tokenizer) -> list[Unit]:
         units = sectors(records, tokenizer, count=data.unit_count, tokens=data.unit_tokens)
     elif data.units in ("documents", "files"):
         units = documents(records)
+    elif data.units == "chunks" and any(isinstance(r, UnitRecord) for r in records):
+        units = synth_chunks(records, data, tokenizer)
     elif data.units == "chunks":
         units = chunks(records, tokenizer, size=data.unit_tokens, overlap=data.unit_overlap)
     else:
@@ -188,6 +279,9 @@ def load_units(data, tokenizer, read) -> list[Unit]:
                     "each row's document), or a text dataset whose rows are the documents"
                 )
             records = [dataclasses.replace(r, document=str(i)) for i, r in enumerate(records)]
+    from jaxlora.data.docsets import select_documents
+
+    records = select_documents(records, data, tokenizer)  # data.document_tokens, then the budget
     kept = take_budget(records, tokenizer, size_tokens=data.size_tokens, size_rows=data.size_rows)
     if len(kept) < len(records):  # never silent: a budget that drops documents says so
         log.warning(
@@ -239,7 +333,7 @@ def _unit(uid: str, document: str, records: Sequence[Record]) -> Unit:
     return Unit(uid, document, records, content(records))
 
 
-def _safe(name: str) -> str:
+def unit_name(name: str) -> str:
     """A document name as a unit id: file-name safe, still readable."""
     out = "".join(c if c.isalnum() or c in "._-" else "_" for c in str(name).strip())
     return out or "_"

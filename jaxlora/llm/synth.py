@@ -40,9 +40,15 @@ Outputs (one jsonl per format and per mix, in the layouts `jaxlora train` reads)
   document dataset's `data.train_path` (a synth directory), each record trains by its own kind
   (QA items as turns, the rest as text).
 
-Every record carries `unit_id` (and the unit's `title` / `document` when given), so units stay
-separable: `data.document_field: unit_id` with `data.units: documents` trains one adapter per
-unit.
+Every record carries `unit_id` and `unit_hash` (`jaxlora.data.units.text_hash` of the text it
+was written from; and the unit's `title` / `document` when given), so units stay separable:
+`data.document_field: unit_id` with `data.units: documents` trains one adapter per unit.
+
+Units are a jsonl file, or a run config (`synth_config.config_units`): the documents or chunks
+that config trains, with the ids training gives them, and `units_from` in the report (the
+config, its model and chunk settings). That config with `data.train_path` this directory then
+trains each document's or chunk's adapter on its own records (the study's per-chunk summaries
+and QA for NarrativeQA and QuALITY), and a directory cut with other chunk settings is refused.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from jaxlora.data.units import text_hash
 from jaxlora.errors import ConfigError, DataError
 from jaxlora.llm.common import (
     CachedBackend,
@@ -72,6 +79,7 @@ from jaxlora.llm.synth_config import (
     SynthConfig,
     Unit,
     check_units,
+    config_units,
     read_units,
 )
 
@@ -299,7 +307,8 @@ def _records(units, config: SynthConfig, pools) -> dict[str, list[dict[str, Any]
 
 def _record(u: Unit, f: FormatSpec, index: int, item: Any) -> dict[str, Any]:
     extra = {k: v for k, v in (("title", u.title), ("document", u.document)) if v}
-    meta = {"unit_id": u.id, "format": f.name, "index": index, **extra}
+    meta = {"unit_id": u.id, "unit_hash": text_hash(u.text), "format": f.name, "index": index}
+    meta.update(extra)
     if f.kind == "qa":
         question, answer = item
         question = fill(f.question_prefix, {"unit_id": u.id, "title": u.title or ""}) + question
@@ -385,10 +394,11 @@ def run_synth(
     cache: str | Path | None = None,
     progress: bool = True,
 ) -> tuple[Path, dict[str, Any]]:
-    """`jaxlora synth`: SOURCE is a units jsonl or a YAML config with `llm:` and `synth:`
-    sections; flags (`formats`, `mixes` as `qa=0.5,summary=0.5`, `counts` and `templates` as
-    FORMAT=VALUE, sampling `overrides`, `llm` settings) win over the config. Returns the output
-    directory and the report."""
+    """`jaxlora synth`: SOURCE is a units jsonl, a run config (its units), or a YAML config with
+    `llm:` and `synth:` sections (`synth.units`: either of the first two); flags (`formats`,
+    `mixes` as `qa=0.5,summary=0.5`, `counts` and `templates` as FORMAT=VALUE, sampling
+    `overrides`, `llm` settings) win over the config. Returns the output directory and the
+    report."""
     from jaxlora.llm.common import make_llm
     from jaxlora.llm.synth_config import parse_mix
 
@@ -397,7 +407,9 @@ def run_synth(
     if src.suffix.lower() in (".yaml", ".yml"):
         llm_section, section = _read_config(src)
         if not section.get("units"):
-            raise ConfigError(f"{src}: synth.units is required (the units jsonl file)")
+            raise ConfigError(
+                f"{src}: synth.units is required (the units jsonl file, or a run config)"
+            )
         units_path = Path(section["units"])
     else:
         units_path = src
@@ -437,7 +449,10 @@ def run_synth(
     cache_path = Path(cache or section.get("cache") or out_dir / "cache.sqlite").expanduser()
     section = {k: v for k, v in section.items() if k not in ("units", "out", "cache")}
     config = SynthConfig.from_dict(section, overrides=overrides)
-    units = read_units(units_path)
+    if units_path.suffix.lower() in (".yaml", ".yml"):
+        units, units_from = config_units(units_path)
+    else:
+        units, units_from = read_units(units_path), {"file": str(units_path)}
     backend = make_llm(llm_section, dict(llm or {}))
     result_cache = ResultCache(cache_path)
     try:
@@ -445,6 +460,7 @@ def run_synth(
     finally:
         result_cache.close()
     result.report["cache"]["path"] = str(cache_path)
+    result.report["units_from"] = units_from
     write_outputs(result, out_dir)
     return out_dir, result.report
 
@@ -453,8 +469,10 @@ def _read_config(path: Path) -> tuple[dict | None, dict]:
     from jaxlora.llm.common import read_yaml_section
 
     section = read_yaml_section(path, "synth")
+    if section is None and read_yaml_section(path, "data") is not None:
+        return None, {"units": str(path)}  # a run config: its units (its llm: is the judge's)
     if section is None:
-        raise ConfigError(f"{path}: no synth: section (a mapping of settings)")
+        raise ConfigError(f"{path}: no synth: section (a mapping of settings), nor a run config")
     return read_yaml_section(path, "llm"), section
 
 

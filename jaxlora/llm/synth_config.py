@@ -2,7 +2,8 @@
 formats are). Parsed into frozen dataclasses with one-line errors that name the key.
 
     synth:
-      units: data/units.jsonl        # {id, text[, title, document]} per line
+      units: data/units.jsonl        # {id, text[, title, document]} per line, or a run config:
+      # units: configs/narrativeqa_memory_llama3_8b.yaml   # the units that run trains
       out: synth/                    # one jsonl per format and mix, synth_report.json
       formats: [qa, summary]         # preset names, or a mapping name -> options:
       # formats:
@@ -19,6 +20,11 @@ formats are). Parsed into frozen dataclasses with one-line errors that name the 
 Precedence, lowest first: the preset, the section's defaults, the format's own options, then
 command-line flags (`overrides`). Paths (units, out, cache, templates) are relative to the
 working directory, as `data.path` is in run configs.
+
+Units from a run config (`config_units`): its data section read and cut as `jaxlora train`
+cuts it (document selection, budget, `data.units`, its model's tokenizer), one unit per chunk
+with `data.units: chunks`, else one per document, named as training names them, so that config
+with `data.train_path` the synth directory gives every record to its own unit's adapter.
 """
 
 from __future__ import annotations
@@ -292,6 +298,59 @@ def _check_keys(d: Mapping[str, Any], known, where: str) -> None:
                 f"; did you mean {near[0]!r}?" if near else f"; known: {', '.join(sorted(known))}"
             )
             raise ConfigError(f"{where}.{key}: unknown key{hint}")
+
+
+def config_units(path: str | Path) -> tuple[list[Unit], dict[str, Any]]:
+    """The units a run config trains (module docstring) and what they were cut with (the
+    report's `units_from`: config, model, dataset, unit kind and chunk settings)."""
+    from jaxlora import data as kdata
+    from jaxlora.config import load_config
+
+    config = load_config(Path(path).expanduser())
+    data = config.data
+    data = dataclasses.replace(
+        data,
+        units="documents" if data.units == "none" else data.units,
+        unit=None,
+        format="text",  # the documents themselves, whatever the run trains on
+        train_path=None,
+    )
+    tokenizer = _tokenizer(config.model.path)
+    found = kdata.load_units(data, tokenizer)
+    titles = kdata.load_document_set(data).titles if kdata.is_document_dataset(data) else {}
+    units = [Unit(u.id, u.text, titles.get(u.document) or None, u.document) for u in found]
+    source = {
+        "config": str(path),
+        "model": config.model.path,
+        "dataset": data.dataset,
+        "units": data.units,
+        "unit_tokens": data.unit_tokens,
+        "unit_overlap": data.unit_overlap,
+    }
+    return units, source
+
+
+def _tokenizer(model: str):
+    """The tokenizer a run of `model.path` cuts its units with, without its weights."""
+    from jaxlora.models.presets import PRESETS
+
+    p = Path(model).expanduser()
+    if model in PRESETS and not p.exists():
+        from jaxlora.models.tokenizer import train_tokenizer
+
+        preset = PRESETS[model]
+        return train_tokenizer(preset.tokenizer_style, preset.tokenizer_vocab)
+    from transformers import AutoTokenizer
+
+    from jaxlora.data.readers import first_line, quiet
+
+    try:
+        with quiet():
+            return AutoTokenizer.from_pretrained(str(p) if p.exists() else model)
+    except Exception as e:
+        raise ConfigError(
+            f"model.path {model}: no tokenizer to cut the units with ({first_line(e)})"
+        ) from e
 
 
 def read_units(path: str | Path, *, id_field: str = "id", text_field: str = "text") -> list[Unit]:
