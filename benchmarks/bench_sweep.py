@@ -34,11 +34,12 @@ from pathlib import Path
 import jax
 
 from benchmarks.common import matmul_ceiling, report
+from jaxlora.cells import CellPlan, JobData
 from jaxlora.config import Config, parse_config
 from jaxlora.lora import LoRAConfig
 from jaxlora.models.model import model_config
 from jaxlora.plan import flops_per_token
-from jaxlora.sweep import CellPlan, JobData, SweepJob
+from jaxlora.sweep import SweepJob
 
 STUDY_STEPS = 1500
 

@@ -64,6 +64,9 @@ Scope = Literal["global", "document"]
 Pooling = Literal["mean", "last"]
 MergeWeights = Literal["study", "mean", "ones"]
 SignMethod = Literal["total", "frequency"]
+Objective = Literal["ntp", "distill"]
+DistillPreset = Literal["release_a", "release_b", "knowledge_modules"]
+L1Norm = Literal["layer_mean", "sum_ratio"]
 
 # The same names as jaxlora.models.transformer.LINEAR_MODULES and jaxlora.lora.TARGET_GROUPS
 # (a test keeps them equal), repeated here so that reading a config never imports JAX.
@@ -228,6 +231,10 @@ def _check_layers(value: tuple[int, ...] | None, path: str) -> None:
 
 def _sorted_unique(value: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(sorted(set(value)))
+
+
+def _sorted_unique_or_name(value: str | tuple[int, ...]) -> str | tuple[int, ...]:
+    return _sorted_unique(value) if isinstance(value, tuple) else value
 
 
 def _rule(
@@ -557,7 +564,67 @@ class TrainingSection(_Section):
     # the same batch and loss without the padding. auto: when it saves >= 25% of positions and
     # no adapter has LoRA dropout (see jaxlora.data.stream.choose_packing).
     packing: bool | Literal["auto"] = field(default="auto", metadata=_rule(fixed=_STEP_LOOP))
+    # What an adapter learns: next-token prediction of its data, or to make the base model
+    # without its unit's text behave like the base with it in context (the distill: section).
+    objective: Objective = "ntp"
     log_every: int = field(default=10, metadata=_rule(check=POSITIVE, fixed=_STEP_LOOP))
+
+
+def _check_hidden_layers(value: str | tuple[int, ...], path: str) -> None:
+    if value == ():
+        raise _FieldError(path, "empty list; give hidden-state indices, all or last")
+    if isinstance(value, tuple):
+        NON_NEGATIVE(value, path)
+
+
+_TEACHER = "one job computes its teacher one way"
+# The study's two released variants and the Knowledge Modules paper's recipe (STUDY.md §6).
+DISTILL_PRESETS: dict[str, dict[str, Any]] = {
+    # (a): KL per response token, no T^2; L1 the mean over every hidden state of mean|s-t|/mean|t|.
+    "release_a": dict(layers="all", l1_norm="layer_mean", t_squared=False, response_only=True),
+    # (b): KL x T^2, L1 on the last layer as sum|s-t| / sum|t|, over every token of the sample.
+    "release_b": dict(layers="last", l1_norm="sum_ratio", t_squared=True, response_only=False),
+    # Caccia et al. 2025 (deep context distillation): the layer-mean L1 and KL over the sample.
+    "knowledge_modules": dict(
+        layers="all", l1_norm="layer_mean", t_squared=False, response_only=False
+    ),
+}
+_DISTILL_COMMON = dict(temperature=2.0, kl_weight=1.0, l1_weight=0.1)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillSection(_Section):
+    """The distillation objective (`training.objective: distill`; jaxlora/objectives.py). A key
+    left null takes the preset's value; the preset itself fills keys and is not swept."""
+
+    preset: DistillPreset = field(
+        default="release_a", metadata=_rule(fixed="a preset fills the other keys; sweep those")
+    )
+    temperature: float | None = field(default=None, metadata=_rule(check=POSITIVE))
+    kl_weight: float | None = field(default=None, metadata=_rule(check=NON_NEGATIVE))
+    l1_weight: float | None = field(default=None, metadata=_rule(check=NON_NEGATIVE))
+    # Hidden states in the L1 term: all (embeddings, every layer), last (the final-norm
+    # output), or indices of transformers' hidden_states (0 embeddings ... num_layers).
+    layers: Literal["all", "last"] | tuple[int, ...] | None = field(
+        default=None, metadata=_rule(check=_check_hidden_layers, normalize=_sorted_unique_or_name)
+    )
+    l1_norm: L1Norm | None = None
+    t_squared: bool | None = None
+    # Distil on the loss mask's targets (the response) only, or on every token of the sample.
+    response_only: bool | None = None
+    # The teacher's outputs: computed in every step, or once per sample before training and
+    # read back (host memory); auto caches when the cache fits `cache_gb` (logged).
+    teacher: Literal["auto", "step", "cache"] = field(
+        default="auto", metadata=_rule(fixed=_TEACHER)
+    )
+    cache_gb: float = field(default=2.0, metadata=_rule(check=POSITIVE, fixed=_TEACHER))
+
+    def _check(self) -> None:
+        for key, value in {**_DISTILL_COMMON, **DISTILL_PRESETS[self.preset]}.items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)
+        if self.kl_weight == 0 and self.l1_weight == 0:
+            raise _FieldError("l1_weight", "kl_weight and l1_weight are both 0: nothing to learn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -728,8 +795,9 @@ SECTIONS: dict[str, type[_Section]] = {
     "eval": EvalSection,
     "memory": MemorySection,
     "llm": LLMSection,
+    "distill": DistillSection,
 }
-OPTIONAL_SECTIONS = ("eval", "memory", "llm")  # absent: that step does not run
+OPTIONAL_SECTIONS = ("eval", "memory", "llm", "distill")  # absent: that step does not run
 
 
 def config_keys(*, sweepable: bool | None = None) -> tuple[str, ...]:
@@ -827,6 +895,7 @@ class Config:
     eval: EvalSection | None = None
     memory: MemorySection | None = None
     llm: LLMSection | None = None
+    distill: DistillSection | None = None
     sweep: tuple[tuple[str, tuple], ...] = ()
     source: str = dataclasses.field(default="<config>", compare=False, repr=False)
 
@@ -853,11 +922,27 @@ class Config:
                     self.source,
                     f"{name}.judge: the judge needs an llm: section (backend, model, ...)",
                 )
+        self._check_objective()
         if self.memory is not None and self.data.units == "none":
             raise _error(
                 self.source,
                 "memory: needs a library of units: set data.units (sectors, documents, chunks "
                 "or files), or remove the memory section",
+            )
+
+    def _check_objective(self) -> None:
+        distilled = self.training.objective == "distill"
+        if distilled and self.data.units == "none":
+            raise _error(
+                self.source,
+                "training.objective: distill: the teacher reads each adapter's unit as its "
+                "context; set data.units (documents, chunks, sectors or files)",
+            )
+        if distilled and self.training.packing is True:
+            raise _error(
+                self.source,
+                "training.packing: true with training.objective: distill: the teacher's context "
+                "goes before each row; set training.packing: auto or false",
             )
 
     def _with_values(self, values: Sequence[tuple[str, Any]], where: str) -> Config:
@@ -1035,7 +1120,16 @@ def parse_config(raw: Mapping | None, source: str = "<config>") -> Config:
         }
     except _FieldError as e:
         raise _error(source, e) from None
-    return Config(**sections, sweep=tuple(entries), source=source)
+    config = Config(**sections, sweep=tuple(entries), source=source)
+    if config.distill is not None and all(
+        c.config.training.objective != "distill" for c in config.cells()
+    ):
+        raise _error(
+            source,
+            "distill: no adapter has training.objective: distill; set it (or sweep "
+            "training.objective: [ntp, distill]), or remove the distill section",
+        )
+    return config
 
 
 def _resolve_budget(data: Any, swept: set[str]) -> Any:

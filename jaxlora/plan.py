@@ -20,13 +20,13 @@ import jax
 import numpy as np
 from flax import nnx
 
+from jaxlora.cells import build_groups, plan_cells, resolve_per_pass
 from jaxlora.config import Config
 from jaxlora.errors import JaxloraError
 from jaxlora.lora import union_placement
 from jaxlora.models.config import ModelConfig
 from jaxlora.models.model import abstract_module, model_config, parse_dtype
 from jaxlora.sharding import logical_spec, mesh_sizes
-from jaxlora.sweep import build_groups, plan_cells, resolve_per_pass
 
 GIB = 1024**3
 

@@ -6,11 +6,7 @@ writes nothing); stack the adapters in rank groups (or one padded group), each p
 multiple of the mesh's `adapter` axis with inert slots; run the compiled step; checkpoint with
 Orbax; export every adapter in PEFT format with a summary table.
 
-Independence of cells: an adapter's initial weights derive from (training.seed, its `lora`
-settings), its data order from (training.seed, its `data` settings) and its dropout masks
-from both, never from its position in the grid. A one-cell config with the same values
-therefore reproduces that cell of a grid job, and cells that share settings share random
-numbers (a rank sweep sees identical batches in identical order).
+Independence of cells: see `jaxlora.cells`, which plans them and their data.
 
 Multi-host: every process runs the same program; batches are global arrays built with
 `make_array_from_callback`, so each process tokenizes and feeds only the adapters whose shards
@@ -22,7 +18,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
-import hashlib
 import io
 import json
 import logging
@@ -45,15 +40,24 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxlora import data as kdata
+from jaxlora.cells import (
+    CellPlan,
+    Group,
+    JobData,
+    build_groups,
+    expand_units,
+    plan_cells,
+    resolve_per_pass,
+    seed_key,
+)
 from jaxlora.checkpoint import RunCheckpoints
-from jaxlora.config import Cell, Config
-from jaxlora.data.stream import choose_packing, pack, packed_length
-from jaxlora.errors import ConfigError, JaxloraError
+from jaxlora.config import Config, DistillSection
+from jaxlora.data.stream import choose_packing
+from jaxlora.errors import JaxloraError
 from jaxlora.fsutil import RunLock, atomic_write, check_new_dir
-from jaxlora.lora import AdapterStack, LoRAConfig, init_adapters, layout_groups, union_placement
-from jaxlora.models.config import ModelConfig
+from jaxlora.lora import AdapterStack, init_adapters, union_placement
 from jaxlora.models.model import load_pretrained
-from jaxlora.models.transformer import PACK_CHUNK
+from jaxlora.objectives import teacher_outputs
 from jaxlora.peft_io import save_peft
 from jaxlora.sharding import logical_spec, make_mesh
 from jaxlora.train import GroupState, Hyper, StepConfig, TrainState, compile_step, init_opt_state
@@ -73,228 +77,7 @@ RESUME_NEUTRAL = (
 
 
 # ---------------------------------------------------------------------------------------------
-# cells
-
-
-def stable_seed(*parts: Any) -> int:
-    """A 62-bit seed from JSON-serialisable parts, identical on every machine and process."""
-    blob = json.dumps(parts, sort_keys=True, default=str).encode()
-    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "big") >> 2
-
-
-def seed_key(seed: int) -> jax.Array:
-    return jax.random.fold_in(jax.random.key(seed & 0x7FFFFFFF), (seed >> 31) & 0x7FFFFFFF)
-
-
-@dataclasses.dataclass(frozen=True)
-class CellPlan:
-    """One adapter of the job: its cell, LoRA config, optimizer numbers and seeds."""
-
-    index: int
-    cell: Cell
-    lora: LoRAConfig
-    hyper: dict[str, float]
-    init_seed: int
-    data_seed: int
-    dropout_seed: int
-
-    @property
-    def name(self) -> str:
-        return self.cell.name
-
-
-def plan_cells(config: Config, model_config: ModelConfig) -> list[CellPlan]:
-    plans = []
-    for i, cell in enumerate(config.cells()):
-        c = cell.config
-        lora = LoRAConfig(
-            rank=c.lora.rank,
-            alpha=c.lora.alpha,
-            targets=c.lora.targets if isinstance(c.lora.targets, str) else tuple(c.lora.targets),
-            layers=None if c.lora.layers is None else tuple(c.lora.layers),
-            dropout=c.lora.dropout,
-            use_rslora=c.lora.use_rslora,
-            init=c.lora.init,
-        ).validate(model_config)
-        t = c.training
-        hyper = dict(
-            lr=t.lr,
-            warmup_ratio=t.warmup_ratio,
-            weight_decay=t.weight_decay,
-            clip_norm=math.inf if t.clip_norm is None else t.clip_norm,
-            b1=t.adam_b1,
-            b2=t.adam_b2,
-            eps=t.adam_eps,
-        )
-        lora_d, data_d = dataclasses.asdict(c.lora), dataclasses.asdict(c.data)
-        plans.append(
-            CellPlan(
-                index=i,
-                cell=cell,
-                lora=lora,
-                hyper=hyper,
-                init_seed=stable_seed(t.seed, "init", lora_d),
-                data_seed=stable_seed(t.seed, "data-order", data_d),
-                dropout_seed=stable_seed(t.seed, "dropout", lora_d, data_d),
-            )
-        )
-    return plans
-
-
-def resolve_per_pass(setting: int | str | None, platform: str) -> int | None:
-    """`training.adapters_per_pass` for a backend: `auto` is 1 on CPU, where one adapter's
-    activations stay in cache and a pass per adapter was the fastest setting measured
-    (benchmarks/README.md), and all at once (None) on GPU/TPU, where one adapter's batch leaves
-    most of the chip idle."""
-    if setting == "auto":
-        return 1 if platform == "cpu" else None
-    return setting
-
-
-def expand_units(config: Config, tokenizer) -> tuple[Config, list[kdata.Unit]]:
-    """`data.units` as the last (fastest) sweep axis `data.unit`: one adapter per unit for every
-    other cell. Returns the expanded config and the units (none when `data.units` is none).
-
-    A config that already names its unit(s) (`data.unit`, or `data.unit` in the sweep) is
-    returned as it is, so expanding twice changes nothing."""
-    d = config.data
-    if d.units == "none":
-        return config, []
-    if tokenizer is None:
-        raise ConfigError("data.units needs a tokenizer: add tokenizer files to model.path")
-    per_data: dict[str, list[kdata.Unit]] = {}
-    for cell in config.cells():
-        data = dataclasses.replace(cell.config.data, unit=None)
-        key = json.dumps(dataclasses.asdict(data), sort_keys=True)
-        if key not in per_data:
-            per_data[key] = kdata.load_units(data, tokenizer)
-    unit_lists = list(per_data.values())
-    ids = [u.id for u in unit_lists[0]]
-    if any([u.id for u in other] != ids for other in unit_lists[1:]):
-        raise ConfigError(
-            f"{config.source}: the sweep changes the corpus's units (data.units: {d.units}); "
-            "sweep only keys that keep the same units, or run one job per corpus"
-        )
-    if d.unit is not None or any(key == "data.unit" for key, _ in config.sweep):
-        chosen = {d.unit} if d.unit is not None else set()
-        chosen |= {v for key, values in config.sweep if key == "data.unit" for v in values}
-        return config, [u for u in unit_lists[0] if u.id in chosen]
-    return config.with_value("sweep.data.unit", ids), unit_lists[0]
-
-
-# ---------------------------------------------------------------------------------------------
-# data
-
-
-class JobData:
-    """Records and encodings of each cell, built lazily (a process encodes only its adapters)."""
-
-    def __init__(
-        self,
-        plans: Sequence[CellPlan],
-        tokenizer,
-        batch_size: int,
-        vocab_size: int | None = None,
-    ):
-        if tokenizer is None:
-            raise ConfigError(
-                "model.path has no tokenizer; training needs one "
-                "(add tokenizer files to the model directory)"
-            )
-        self.plans, self.tokenizer, self.batch_size = plans, tokenizer, batch_size
-        self.vocab_size = vocab_size  # the model's embedding rows: every token id must fit
-        self._records: dict[Any, list] = {}
-        self._units: dict[str, dict[str, kdata.Unit]] = {}
-        self._encoded: dict[int, kdata.Encoded] = {}
-        self.width = 0
-        self.longest = 0  # the longest row of any cell: how far packed attention looks back
-        self.packed_length = 0  # positions of a packed step (0: not computed)
-
-    def records(self, plan: CellPlan) -> list:
-        data = plan.cell.config.data
-        if data.unit is not None:  # every unit of a corpus comes from one split of it
-            corpus = dataclasses.replace(data, unit=None)
-            key = json.dumps(dataclasses.asdict(corpus), sort_keys=True)
-            if key not in self._units:
-                self._units[key] = {u.id: u for u in kdata.load_units(corpus, self.tokenizer)}
-            if data.unit not in self._units[key]:
-                return kdata.load_records(data, self.tokenizer)  # raises, naming the units
-            return list(self._units[key][data.unit].records)
-        key = json.dumps(dataclasses.asdict(data), sort_keys=True)
-        if key not in self._records:
-            self._records[key] = kdata.load_records(plan.cell.config.data, self.tokenizer)
-        return self._records[key]
-
-    def encoded(self, plan: CellPlan) -> kdata.Encoded:
-        if plan.index not in self._encoded:
-            d = plan.cell.config.data
-            self._encoded[plan.index] = kdata.encode(
-                self.records(plan),
-                self.tokenizer,
-                chat_template=d.chat_template,
-                loss_mask=d.loss_mask,
-                max_length=d.max_length,
-                vocab_size=self.vocab_size,
-            )
-        return self._encoded[plan.index]
-
-    def prepare(self, indices: Sequence[int]) -> None:
-        """Encode the given cells and agree across processes on one sequence width, the longest
-        row, and the length of a packed step (the B longest rows of any cell together)."""
-        encoded = [self.encoded(self.plans[i]) for i in indices]
-        local = np.asarray(
-            [
-                max((e.tokens.shape[1] for e in encoded), default=0),
-                max((int(e.lengths.max()) for e in encoded), default=0),
-                max(
-                    (packed_length(e.lengths, self.batch_size, PACK_CHUNK) for e in encoded),
-                    default=0,
-                ),
-            ],
-            np.int32,
-        )
-        agreed = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, 3).max(0)
-        self.width, self.longest, self.packed_length = (int(x) for x in agreed)
-
-    def stream(self, plan: CellPlan) -> kdata.EpochStream:
-        return kdata.EpochStream(len(self.encoded(plan).tokens), self.batch_size, plan.data_seed)
-
-    def batch(self, plan: CellPlan, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        encoded = self.encoded(plan)
-        tokens, valid, loss = kdata.gather(encoded, self.stream(plan).indices(step))
-        pad = self.width - tokens.shape[1]
-        if pad:
-            tokens = np.pad(tokens, ((0, 0), (0, pad)), constant_values=encoded.pad_id)
-            valid, loss = (np.pad(x, ((0, 0), (0, pad))) for x in (valid, loss))
-        return tokens, valid, loss
-
-    def packed_batch(self, plan: CellPlan, step: int) -> tuple[np.ndarray, ...]:
-        """The rows of `batch` laid end to end: (tokens, valid, loss, segment ids) [1, L]."""
-        pad_id = self.encoded(plan).pad_id
-        return pack(*self.batch(plan, step), self.packed_length, pad_id)
-
-
-# ---------------------------------------------------------------------------------------------
 # the job
-
-
-@dataclasses.dataclass
-class Group:
-    """Slots of one stack: plan indices, None for inert padding slots."""
-
-    slots: list[int | None]
-
-    @property
-    def real(self) -> list[tuple[int, int]]:
-        return [(slot, i) for slot, i in enumerate(self.slots) if i is not None]
-
-
-def build_groups(plans: Sequence[CellPlan], layout: str, adapter_devices: int) -> list[Group]:
-    groups = []
-    for members in layout_groups([p.lora for p in plans], layout):
-        pad = -len(members) % adapter_devices
-        groups.append(Group(list(members) + [None] * pad))
-    return groups
 
 
 def result_fingerprint(config: Config) -> dict[str, Any]:
@@ -477,6 +260,7 @@ class SweepJob(Job):
             length=self.data.packed_length,
             fsdp=self.mesh.shape["fsdp"],
             dropout=any(p.lora.dropout > 0 for p in self.plans),
+            distill=any(p.objective is not None for p in self.plans),
         )
         log.info(
             "training.packing=%s: %s (%s)",
@@ -484,6 +268,48 @@ class SweepJob(Job):
             "packed rows" if self.packed else "rows as they are",
             why,
         )
+        self.teacher_cached = self._choose_teacher()
+
+    def _choose_teacher(self) -> bool:
+        """Distillation: cache the teacher's outputs per sample (`distill.teacher`), and if so
+        compute them now for this process's distilling cells."""
+        distilling = [i for g in self.local for i in g if self.plans[i].objective is not None]
+        if not any(p.objective is not None for p in self.plans):
+            return False
+        section = self.config.distill or DistillSection()
+        c = self.model.config
+        per_row = self.data.width * (c.vocab_size + len(self._layers()) * c.hidden_size) * 4
+        rows = sum(len(self.data.encoded(self.plans[i])) for i in distilling)
+        local = np.asarray([rows * per_row], np.int64)
+        need = int(np.asarray(multihost_utils.process_allgather(local)).max())
+        cached = section.teacher == "cache" or (
+            section.teacher == "auto" and need <= section.cache_gb * 2**30
+        )
+        log.info(
+            "distill.teacher=%s: %s (the cache takes %.2f GiB of host memory per process; "
+            "distill.cache_gb=%s)",
+            section.teacher,
+            "outputs cached per sample" if cached else "computed in every step",
+            need / 2**30,
+            section.cache_gb,
+        )
+        if cached:
+            compute = jax.jit(teacher_outputs, static_argnums=(0, 2, 7))
+            graphdef, offset = self.model.graph(), self.data.context_offset
+            for i in distilling:
+                d = self.plans[i].objective
+                self.data.cache_teacher(
+                    self.plans[i],
+                    lambda t, v, c, cv, d=d: compute(
+                        graphdef, self.model.params, d, c, cv, t, v, offset
+                    ),
+                )
+        return cached
+
+    def _layers(self) -> tuple[int, ...]:
+        """The hidden states any distilling group's L1 term reads (the cache keeps these)."""
+        layers = {i for p in self.plans if p.objective is not None for i in p.objective.layers}
+        return tuple(sorted(layers))
 
     def _check_resumable(self) -> None:
         saved_file = self.run_dir / "config.yaml"
@@ -574,6 +400,10 @@ class SweepJob(Job):
             spmd_axis_name="adapter",
             passes=tuple(self._passes(g) for g in self.groups),
             segment_window=self.data.longest if self.packed else 0,
+            objectives=tuple(self.plans[g.slots[0]].objective for g in self.groups),
+            teacher_cached=self.teacher_cached,
+            teacher_graphdef=self.model.graph(remat=self.config.model.remat),
+            context_offset=self.data.context_offset,
         )
 
     def _passes(self, g: Group) -> int:
@@ -588,7 +418,8 @@ class SweepJob(Job):
     def batches(self, step: int) -> tuple[tuple, int]:
         """Per group, the global (tokens, valid, loss mask) [slots, B, T] arrays of `step`, and
         the number of real (non-padding) tokens this process loaded. Packed (`self.packed`):
-        (tokens, valid, loss mask, segment ids) [slots, 1, L], the same rows end to end."""
+        (tokens, valid, loss mask, segment ids) [slots, 1, L], the same rows end to end. A
+        distilling group adds each adapter's teacher context and its mask [slots, C]."""
         out, n_tokens = [], 0
         batch = self.data.packed_batch if self.packed else self.data.batch
         for g, local in zip(self.groups, self.local, strict=True):
@@ -604,8 +435,30 @@ class SweepJob(Job):
                 for h, x in zip(host, batch(self.plans[i], step), strict=True):
                     h[slot] = x
                 n_tokens += int(host[1][slot].sum())
+            if self.plans[g.slots[0]].objective is not None:
+                host += self._teacher_inputs(g, local, step)
             out.append(tuple(self.global_array(h) for h in host))
         return tuple(out), n_tokens
+
+    def _teacher_inputs(self, g: Group, local: list[int], step: int) -> list[np.ndarray]:
+        """A distilling group's teacher inputs of `step`: the cached outputs of its rows
+        ([slots, B, T, V] logits, [slots, B, K, T, D] hidden states with an L1 term), or each
+        adapter's context and its mask [slots, C]."""
+        n, B, T = len(g.slots), self.config.training.batch_size, self.data.width
+        if self.teacher_cached:
+            c, layers = self.model.config, self.plans[g.slots[0]].objective.layers
+            out = [np.zeros((n, B, T, c.vocab_size), np.float32)]
+            if layers:
+                out.append(np.zeros((n, B, len(layers), T, c.hidden_size), np.float32))
+            get = self.data.teacher_batch
+        else:
+            C = self.data.context_width
+            out = [np.zeros((n, C), np.int32), np.zeros((n, C), bool)]
+            get = lambda plan, step: self.data.context_batch(plan)  # noqa: E731
+        for i in local:
+            for h, x in zip(out, get(self.plans[i], step), strict=True):
+                h[g.slots.index(i)] = x
+        return out
 
     # -- run --------------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ import optax
 from flax import nnx
 
 from jaxlora.lora import stack_forward
+from jaxlora.objectives import Distill, student_loss, teacher_outputs, token_mean_ce
 
 Array = jax.Array
 Schedule = Literal["cosine", "linear", "constant"]
@@ -117,6 +118,13 @@ class StepConfig:
     passes: tuple[int, ...] | None = None
     # Packed batches: the longest row (how far back attention looks); 0: rows as they are.
     segment_window: int = 0
+    # Per group: None (next-token prediction) or its distillation settings, whose batches
+    # carry each adapter's teacher context (jaxlora/objectives.py).
+    objectives: tuple[Distill | None, ...] | None = None
+    # Distilling groups' batches carry the teacher's cached outputs instead of its context.
+    teacher_cached: bool = False
+    teacher_graphdef: Any = None  # the base model's graph (no LoRA), for distilling groups
+    context_offset: int = 0  # 1 when samples begin with BOS (the context's BOS replaces it)
 
 
 def init_opt_state(weights: nnx.State, hyper: Hyper, cfg_schedule: Schedule, total_steps: int):
@@ -126,23 +134,35 @@ def init_opt_state(weights: nnx.State, hyper: Hyper, cfg_schedule: Schedule, tot
     )
 
 
-def token_mean_ce(logits_BTV: Array, tokens_BT: Array, loss_BT: Array) -> Array:
-    """Next-token cross-entropy averaged over the target tokens (loss mask of the *targets*)."""
-    logits = logits_BTV[:, :-1].astype(jnp.float32)
-    targets = tokens_BT[:, 1:]
-    weights = loss_BT[:, 1:].astype(jnp.float32)
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jnp.sum((logz - picked) * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-
-
-def _group_losses(graphdef, base, weights, consts, batch, rngs, spmd_axis_name, window):
-    """Per-adapter mean target loss [A] of a batch (tokens, valid, loss mask[, segments]).
+def _group_losses(
+    graphdef,
+    base,
+    weights,
+    consts,
+    batch,
+    rngs,
+    spmd_axis_name,
+    window,
+    objective: Distill | None = None,
+    teacher=None,
+):
+    """Per-adapter loss [A] of a batch (tokens, valid, loss mask[, segments]): the mean target
+    cross-entropy, or with `objective` the distillation loss against `teacher` (its outputs).
 
     Packed (segment ids present) or not, `token_mean_ce` is the same sum over the same
     targets divided by their number: the first token of each packed row is never a target,
     so the logit at the end of one row predicts nothing in the next."""
     tokens, valid, loss_mask, *packed = batch
+    if objective is not None:
+
+        def distilled(w, c, t, m, loss, teach, rng):
+            module = nnx.merge(graphdef, w, c, base)
+            return student_loss(objective, module, t, m, loss, teach, rng)
+
+        rng_axis = None if rngs is None else 0
+        return jax.vmap(
+            distilled, in_axes=(0, 0, 0, 0, 0, 0, rng_axis), spmd_axis_name=spmd_axis_name
+        )(weights, consts, tokens, valid, loss_mask, teacher, rngs)
     if not packed:
         logits = stack_forward(
             graphdef,
@@ -167,7 +187,18 @@ def _group_losses(graphdef, base, weights, consts, batch, rngs, spmd_axis_name, 
 
 
 def _losses_and_grads(
-    graphdef, base, g: GroupState, batch, rngs, passes: int, spmd_axis_name, window: int = 0
+    graphdef,
+    base,
+    g: GroupState,
+    batch,
+    rngs,
+    passes: int,
+    spmd_axis_name,
+    window: int = 0,
+    objective: Distill | None = None,
+    teacher_graphdef=None,
+    offset: int = 0,
+    cached: bool = False,
 ) -> tuple[Array, nnx.State]:
     """Per-adapter losses [A] and LoRA gradients of one group.
 
@@ -177,8 +208,21 @@ def _losses_and_grads(
     activation memory and, on CPUs, activations that stay in cache."""
 
     def chunk(weights, consts, batch, rngs, live):
+        teacher = None
+        if objective is not None and cached:  # logits [A, B, T, V], hidden [A, B, K, T, D]
+            teacher = (batch[3], jnp.swapaxes(batch[4], 1, 2) if len(batch) > 4 else None)
+        elif objective is not None:  # outside the gradient: the frozen base with the context
+            tokens, valid, _, context, context_valid = batch
+            teacher = jax.vmap(
+                functools.partial(teacher_outputs, teacher_graphdef, base, objective),
+                in_axes=(0, 0, 0, 0, None),
+                spmd_axis_name=spmd_axis_name,
+            )(context, context_valid, tokens, valid, offset)
+
         def total(w):
-            per = _group_losses(graphdef, base, w, consts, batch, rngs, spmd_axis_name, window)
+            per = _group_losses(
+                graphdef, base, w, consts, batch, rngs, spmd_axis_name, window, objective, teacher
+            )
             return jnp.sum(jnp.where(live, per, 0.0)), per
 
         (_, per), grads = jax.value_and_grad(total, has_aux=True)(weights)
@@ -224,16 +268,33 @@ def train_step(
     """One optimizer step of every adapter. Returns the new state and each group's losses [A_g].
 
     Each group's batch is (tokens, valid, loss mask) [A, B, T], or with packing (tokens,
-    valid, loss mask, segment ids) [A, 1, L] (`cfg.segment_window` > 0)."""
+    valid, loss mask, segment ids) [A, 1, L] (`cfg.segment_window` > 0), or for a distilling
+    group (tokens, valid, loss mask, context [A, C], context valid [A, C]), or with
+    `cfg.teacher_cached` (tokens, valid, loss mask, teacher logits [A, B, T, V][, teacher
+    hidden states [A, B, K, T, D]])."""
     new_groups, losses = [], []
     passes = cfg.passes or (1,) * len(cfg.graphdefs)
-    for graphdef, g, batch, n in zip(cfg.graphdefs, state.groups, batches, passes, strict=True):
+    objectives = cfg.objectives or (None,) * len(cfg.graphdefs)
+    for graphdef, g, batch, n, objective in zip(
+        cfg.graphdefs, state.groups, batches, passes, objectives, strict=True
+    ):
         rngs = None
         if cfg.use_dropout:
             keys = jax.random.wrap_key_data(g.dropout_keys)
             rngs = jax.vmap(jax.random.fold_in, (0, None))(keys, state.step)
         per_adapter, grads = _losses_and_grads(
-            graphdef, base, g, batch, rngs, n, cfg.spmd_axis_name, cfg.segment_window
+            graphdef,
+            base,
+            g,
+            batch,
+            rngs,
+            n,
+            cfg.spmd_axis_name,
+            cfg.segment_window,
+            objective,
+            cfg.teacher_graphdef,
+            cfg.context_offset,
+            cfg.teacher_cached,
         )
 
         def update(gr, opt, w, h):

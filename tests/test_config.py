@@ -273,8 +273,11 @@ def test_every_key_is_covered_by_the_sweepable_split():
     # One corpus per job: how it is cut into units is shared (data.unit is the unit axis).
     corpus = ["units", "unit_count", "unit_tokens", "unit_overlap", "document_field", "unit_keys"]
     expected |= {f"data.{k}" for k in SECTIONS["data"].yaml_fields() if k not in corpus}
-    per_adapter = "lr warmup_ratio weight_decay clip_norm adam_b1 adam_b2 adam_eps seed"
+    per_adapter = "lr warmup_ratio weight_decay clip_norm adam_b1 adam_b2 adam_eps seed objective"
     expected |= {f"training.{k}" for k in per_adapter.split()}
+    # The objective's numbers are per group of adapters; the preset and the teacher's mode not.
+    job_wide = ["preset", "teacher", "cache_gb"]
+    expected |= {f"distill.{k}" for k in SECTIONS["distill"].yaml_fields() if k not in job_wide}
     assert sweepable == expected
 
 

@@ -20,9 +20,10 @@ import torch
 from safetensors.numpy import load_file
 
 import jaxlora
+from jaxlora.cells import JobData, plan_cells
 from jaxlora.cli import main as cli
 from jaxlora.config import load_config, parse_config
-from jaxlora.sweep import JobData, SweepJob, plan_cells
+from jaxlora.sweep import SweepJob
 from tests.runs import (
     BASE,
     GRID,
@@ -169,7 +170,7 @@ def test_config_errors_are_one_line(tmp_path, capsys, override, needle):
 
 def test_block_remat_gives_the_same_gradients_and_really_rematerialises():
     from jaxlora import lora
-    from jaxlora.train import token_mean_ce
+    from jaxlora.objectives import token_mean_ce
 
     model = jaxlora.load_pretrained("tiny-llama")
     stack = lora.init_adapters(model, [lora.LoRAConfig(rank=4)] * 2, [1, 2])

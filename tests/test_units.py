@@ -12,12 +12,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from jaxlora.cells import expand_units
 from jaxlora.config import parse_config
 from jaxlora.data import Record, count_tokens, load_units, phonebook_records, row_record
 from jaxlora.data import units as kunits
 from jaxlora.errors import ConfigError, DataError
 from jaxlora.models.tokenizer import train_tokenizer
-from jaxlora.sweep import expand_units
 
 
 @pytest.fixture(scope="module")

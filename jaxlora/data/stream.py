@@ -108,6 +108,7 @@ def choose_packing(
     length: int,
     fsdp: int,
     dropout: bool = False,
+    distill: bool = False,
 ) -> tuple[bool, str]:
     """(pack?, why) for `training.packing`. `auto` packs when it saves at least a quarter of
     the positions of the [B, width] layout: below that, the band attention of packed rows
@@ -117,7 +118,10 @@ def choose_packing(
 
     With LoRA dropout (`dropout`), the masks are drawn for the layout's shape, and a packed
     step's length depends on every cell of the job: an adapter would then differ from the same
-    adapter trained alone (the one-job invariant). Auto keeps rows; `true` is an error."""
+    adapter trained alone (the one-job invariant). Auto keeps rows; `true` is an error.
+    Distillation (`distill`) puts each row behind its teacher context: rows as they are."""
+    if distill:
+        return False, "training.objective: distill puts each row behind its teacher context"
     saved = 1 - length / (batch_size * width)
     why = f"{length} packed positions vs {batch_size} x {width} rows ({saved:.0%} saved)"
     if dropout:

@@ -7,9 +7,10 @@ PaperQA by `bleu_level1`, NarrativeQA by `rougeLsum`, QuALITY by `hard_accuracy`
   the library's sweep values are its first columns);
 - **per level** (PaperQA): BLEU-4, ROUGE-L and the judge (when present) for levels 1-3
   (recall, comprehension, logical structure), with a grouped bar plot `memory_per_level`;
-- **format x metric**: when the libraries differ in training data (`data.*` sweep axes such as
-  `data.format`, `data.train_path`, `data.paper_header`), per method one row per format, and a
-  bar plot `memory_by_format` of the headline metric.
+- **format x metric**: when the libraries differ in how they were trained (`data.*` sweep axes
+  such as `data.format`, `data.train_path`, `data.paper_header`, and the objective:
+  `training.objective`, `distill.*`), per method one row per format, and a bar plot
+  `memory_by_format` of the headline metric. NTP against distillation is such a table.
 
 Each table is markdown; `write_memory_report` (`jaxlora/memory/report.py`) appends them.
 """
@@ -61,16 +62,17 @@ def axis_columns(rows: Rows) -> list[str]:
 
 
 def format_axes(rows: Rows) -> list[str]:
-    """The `data.*` axes whose values differ between libraries: the training formats."""
+    """The axes of training data and objective whose values differ between libraries."""
     return [
         c
         for c in axis_columns(rows)
-        if c.startswith("data.") and len({str(r.get(c)) for r in rows}) > 1
+        if c.startswith(("data.", "distill.", "training.objective"))
+        and len({str(r.get(c)) for r in rows}) > 1
     ]
 
 
 def format_label(row: Mapping[str, Any], axes: Sequence[str]) -> str:
-    """A library's training format: its `data.*` values (a path by its file name)."""
+    """A library's training format: its data and objective values (a path by its file name)."""
     parts = []
     for a in axes:
         v = str(row.get(a, ""))
