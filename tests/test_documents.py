@@ -362,6 +362,24 @@ def test_written_questions_are_a_question_file(tmp_path):
 # ----------------------------------------------------------------------------- selection
 
 
+def test_size_rows_counts_documents_of_document_datasets():
+    """Three papers of two QA records each: size_rows 2 keeps both records of the first two
+    papers (a QA format keeps the documents `text` keeps), and asks no more than exist."""
+    from types import SimpleNamespace
+
+    from jaxlora.data.docsets import budgeted
+    from jaxlora.data.records import Record
+
+    records = [Record("qa", question=f"q{d}{i}", answer="a", document=f"p{d}") for d in "abc"
+               for i in range(2)]  # fmt: skip
+    data = SimpleNamespace(dataset="paperqa", size_rows=2, size_tokens=None, document_tokens=None)
+    kept = budgeted(records, data, tokenizer=None)
+    assert [r.question for r in kept] == ["qa0", "qa1", "qb0", "qb1"]
+    data.size_rows = 4
+    with pytest.raises(DataError, match="has only 3 documents"):
+        budgeted(records, data, tokenizer=None)
+
+
 def test_documents_are_selected_by_length_before_the_budget(tmp_path, caplog):
     """data.document_tokens keeps the documents of MIN..MAX tokens (the run's tokenizer, bounds
     inclusive, either null) before size_rows takes the first ones, on every read path."""

@@ -18,10 +18,10 @@ from jaxlora.data.docsets import (
     DOCUMENT_DATASETS,
     DocumentSet,
     ask_record,
+    budgeted,
     is_document_dataset,
     load_document_set,
     load_questions,
-    select_documents,
 )
 from jaxlora.data.encode import LOSS_MASKS, Encoded, LossMask, check_vocab, encode
 from jaxlora.data.phonebook import (
@@ -106,10 +106,7 @@ def _corpus(data, tokenizer, document_field) -> list[Record]:
         raise DataError(f"unknown data.dataset {kind!r}: use one of {', '.join(kinds)}")
     check_budget_args(data.size_tokens, data.size_rows)
     if kind in DOCUMENT_DATASETS and data.path is None:  # generated (jaxlora.data.docsets)
-        records = select_documents(list(load_document_set(data).records), data, tokenizer)
-        return take_budget(
-            records, tokenizer, size_tokens=data.size_tokens, size_rows=data.size_rows
-        )
+        return budgeted(list(load_document_set(data).records), data, tokenizer)
     if data.path is None or str(data.path) == "":
         if kind != "phonebook":
             raise DataError(f"data.path is required for dataset '{kind}'")
@@ -117,8 +114,7 @@ def _corpus(data, tokenizer, document_field) -> list[Record]:
         return phonebook_records(
             tokenizer, size_tokens=data.size_tokens, size_rows=data.size_rows, seed=seed
         )
-    records = select_documents(_read(data, data.path, document_field), data, tokenizer)
-    return take_budget(records, tokenizer, size_tokens=data.size_tokens, size_rows=data.size_rows)
+    return budgeted(_read(data, data.path, document_field), data, tokenizer)
 
 
 def _read(data, path, document_field) -> list[Record]:

@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxlora.data import documents as docs
-from jaxlora.data.budget import count_tokens
+from jaxlora.data.budget import count_tokens, take_budget
 from jaxlora.data.documents import EvalQuestion
 from jaxlora.data.leakage import LeakageHit, guard
 from jaxlora.data.readers import jsonl_objects, read_json
@@ -84,6 +84,7 @@ __all__ = [
     "FORMATS",
     "DocumentSet",
     "ask_record",
+    "budgeted",
     "generate_narrativeqa",
     "generate_paperqa",
     "generate_quality",
@@ -156,6 +157,25 @@ def select_documents(records: list[Record], data: Any, tokenizer) -> list[Record
     low, high = data.document_tokens
     kept = _selection(_key(data), low, high, tokenizer)
     return [r for r in records if r.document in kept]
+
+
+def budgeted(records: list[Record], data: Any, tokenizer) -> list[Record]:
+    """`data.document_tokens`, then the budget. For document datasets `size_rows` counts
+    documents (the records of the first N), so that a format with many records per document
+    (QA, synthesised formats) keeps the same documents as `text` does."""
+    records = select_documents(records, data, tokenizer)
+    if data.size_rows is None or not is_document_dataset(data):
+        return take_budget(
+            records, tokenizer, size_tokens=data.size_tokens, size_rows=data.size_rows
+        )
+    order = list(dict.fromkeys(r.document for r in records))
+    if data.size_rows > len(order):
+        raise DataError(
+            f"data.size_rows={data.size_rows} but {data.dataset} has only {len(order)} documents "
+            "(size_rows counts documents for document datasets): lower data.size_rows"
+        )
+    keep = set(order[: data.size_rows])
+    return [r for r in records if r.document in keep]
 
 
 @functools.lru_cache(maxsize=8)

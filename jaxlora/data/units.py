@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxlora.data.budget import count_tokens, take_budget
+from jaxlora.data.budget import count_tokens
 from jaxlora.data.records import Record
 from jaxlora.errors import DataError
 
@@ -279,10 +279,9 @@ def load_units(data, tokenizer, read) -> list[Unit]:
                     "each row's document), or a text dataset whose rows are the documents"
                 )
             records = [dataclasses.replace(r, document=str(i)) for i, r in enumerate(records)]
-    from jaxlora.data.docsets import select_documents
+    from jaxlora.data.docsets import budgeted
 
-    records = select_documents(records, data, tokenizer)  # data.document_tokens, then the budget
-    kept = take_budget(records, tokenizer, size_tokens=data.size_tokens, size_rows=data.size_rows)
+    kept = budgeted(records, data, tokenizer)  # data.document_tokens, then the budget
     if len(kept) < len(records):  # never silent: a budget that drops documents says so
         log.warning(
             "the data budget (size_tokens=%s, size_rows=%s) keeps %d of %d records (%d of %d "
