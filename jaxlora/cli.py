@@ -513,7 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="training formats (QA, summary, ...) of each unit by an LLM")
     p.add_argument(
-        "source", help="units jsonl ({id, text} per line) or a YAML config with a synth: section"
+        "source",
+        help="units jsonl ({id, text} per line), a YAML config with a synth: section, or a "
+        "training config (its units, cut as jaxlora train cuts them)",
     )
     p.add_argument("--out", help="output directory (one jsonl per format, synth_report.json)")
     p.add_argument(
