@@ -60,6 +60,19 @@ def shard_bytes(
     return total
 
 
+def _dims(c: ModelConfig) -> tuple[int, ...]:
+    """(D, F, N, K, H, L, V) of a model, in the dimension letters of the docstrings."""
+    return (
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_heads,
+        c.num_kv_heads,
+        c.head_dim,
+        c.num_layers,
+        c.vocab_size,
+    )
+
+
 def activation_bytes(
     c: ModelConfig, tokens: int, seq: int, dtype_bytes: int, remat: str, lora_rank: int = 0
 ) -> int:
@@ -73,15 +86,7 @@ def activation_bytes(
     is kept, plus one block's full activations during its recomputation. Logits and their
     gradient are float32 [tokens, V] each.
     """
-    D, F, N, K, H, L, V = (
-        c.hidden_size,
-        c.intermediate_size,
-        c.num_heads,
-        c.num_kv_heads,
-        c.head_dim,
-        c.num_layers,
-        c.vocab_size,
-    )
+    D, F, N, K, H, L, V = _dims(c)
     per_token = (4 * D + (2 * N + 2 * K) * H + 4 * F + 7 * lora_rank) * dtype_bytes + 7 * D
     per_layer = tokens * per_token + (tokens // seq) * 2 * N * seq * seq * 4
     layers = L * per_layer if remat == "none" else L * tokens * D * dtype_bytes + per_layer
@@ -105,14 +110,7 @@ def prefill_rows(
     context] logits and probabilities, shown for comparison and not counted."""
     from jaxlora.models.transformer import KEY_BLOCK
 
-    D, F, N, K, H, L = (
-        c.hidden_size,
-        c.intermediate_size,
-        c.num_heads,
-        c.num_kv_heads,
-        c.head_dim,
-        c.num_layers,
-    )
+    D, F, N, K, H, L, _ = _dims(c)
     t = sizes["tensor"]
     cache = 2 * L * (K // t if K % t == 0 else K) * H * context * dtype_bytes
     per_token = (4 * D + N * H + 2 * K * H + 3 * F) * dtype_bytes
