@@ -53,7 +53,7 @@ from jaxlora.cells import (
 from jaxlora.checkpoint import RunCheckpoints
 from jaxlora.config import Config, DistillSection
 from jaxlora.data.stream import choose_packing
-from jaxlora.errors import JaxloraError
+from jaxlora.errors import DataError, JaxloraError
 from jaxlora.fsutil import RunLock, atomic_write, check_new_dir
 from jaxlora.lora import AdapterStack, init_adapters, union_placement
 from jaxlora.models.model import load_pretrained
@@ -278,6 +278,13 @@ class SweepJob(Job):
             return False
         section = self.config.distill or DistillSection()
         c = self.model.config
+        longest = self.data.context_width - self.data.context_offset + self.data.longest
+        if longest > c.max_position_embeddings:
+            raise DataError(
+                f"distillation: a unit's text and a sample take {longest:,} tokens, more than "
+                f"the model's {c.max_position_embeddings:,} positions; cut smaller units "
+                "(data.units: chunks with a smaller data.unit_tokens) or shorter samples"
+            )
         per_row = self.data.width * (c.vocab_size + len(self._layers()) * c.hidden_size) * 4
         rows = sum(len(self.data.encoded(self.plans[i])) for i in distilling)
         local = np.asarray([rows * per_row], np.int64)

@@ -239,6 +239,8 @@ def test_the_student_moves_toward_the_teacher(distilled_job):
         ("distill.layers=[9]", "distill.layers: no hidden state 9"),
         ("data.units=none", "training.objective: distill: the teacher reads each adapter's unit"),
         ("training.packing=true", "training.packing: true with training.objective: distill"),
+        # tiny-llama has 512 positions: 2 sectors of ~1,200 tokens each, before 48-token rows
+        ("data.size_tokens=2400", "distillation: a unit's text and a sample take"),
     ],
 )
 def test_bad_settings_are_one_line_errors(tmp_path, capsys, override, needle):
