@@ -375,6 +375,8 @@ class ModelSection(_Section):
     dtype: Dtype = "float32"
     param_dtype: Dtype | None = None  # None: same as dtype
     remat: Remat = "none"
+    # The training step runs the layers as one lax.scan (one compiled block); same params.
+    scan_layers: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

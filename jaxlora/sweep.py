@@ -396,8 +396,10 @@ class SweepJob(Job):
         return compile_step(self._step_config())
 
     def _step_config(self) -> StepConfig:
+        m = self.config.model
         graphdefs = tuple(
-            self.model.graph(self.placement(g), remat=self.config.model.remat) for g in self.groups
+            self.model.graph(self.placement(g), remat=m.remat, scan_layers=m.scan_layers)
+            for g in self.groups
         )
         return StepConfig(
             graphdefs=graphdefs,
@@ -409,7 +411,7 @@ class SweepJob(Job):
             segment_window=self.data.longest if self.packed else 0,
             objectives=tuple(self.plans[g.slots[0]].objective for g in self.groups),
             teacher_cached=self.teacher_cached,
-            teacher_graphdef=self.model.graph(remat=self.config.model.remat),
+            teacher_graphdef=self.model.graph(remat=m.remat, scan_layers=m.scan_layers),
             context_offset=self.data.context_offset,
         )
 

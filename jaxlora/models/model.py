@@ -45,14 +45,22 @@ def abstract_module(
     dtype=jnp.float32,
     param_dtype=jnp.float32,
     remat: Remat = "none",
+    scan_layers: bool = False,
 ):
     """(graphdef, abstract LoRA weights, abstract LoRA consts, abstract base) without allocating.
 
     The split order (LoRAWeight, LoRAConst, Param) is the calling convention of every merge.
+    `remat` and `scan_layers` change the graph definition only, never the states.
     """
     module = nnx.eval_shape(
         lambda: Transformer(
-            config, lora=lora, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=None
+            config,
+            lora=lora,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            remat=remat,
+            scan_layers=scan_layers,
+            rngs=None,
         )
     )
     return nnx.split(module, LoRAWeight, LoRAConst, nnx.Param)
@@ -79,8 +87,14 @@ class Model:
     param_dtype: Any = jnp.float32
     mesh: Mesh | None = None
 
-    def graph(self, lora: LoRAPlacement | None = None, remat: Remat = "none") -> nnx.GraphDef:
-        return abstract_module(self.config, lora, self.dtype, self.param_dtype, remat)[0]
+    def graph(
+        self, lora: LoRAPlacement | None = None, remat: Remat = "none", scan_layers: bool = False
+    ) -> nnx.GraphDef:
+        """The module's graph definition: merge it with (LoRA weights, LoRA consts, params).
+        `scan_layers` runs the layers as one `lax.scan` (compile time flat in depth) over the
+        same parameter tree."""
+        c, dt, pdt = self.config, self.dtype, self.param_dtype
+        return abstract_module(c, lora, dt, pdt, remat, scan_layers)[0]
 
     def __call__(self, input_ids, attention_mask=None, *, positions=None, adapters=None):
         """Logits of `input_ids` [B, T]; with `adapters` (a stack of A), input [A, B, T] -> [A, B, T, V]."""

@@ -23,6 +23,9 @@ packed rows, `_local` (each query chunk attends over the band of keys its rows c
 They compute the same function (tests/test_attention.py).
 
 The KV cache is an explicit pytree passed in and returned; the module holds no mutable state.
+
+`scan_layers=True` runs the layers as one `lax.scan` (`_scan_blocks`) so a deep model compiles
+one block; parameters stay stored per layer, and the result equals the unrolled loop's.
 """
 
 from __future__ import annotations
@@ -33,10 +36,13 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxlora.models.config import ModelConfig
 from jaxlora.models.layers import (
+    LoRAConst,
     LoRALinear,
+    LoRAWeight,
     RMSNorm,
     apply_rope,
     random_normal,
@@ -428,6 +434,76 @@ class Block(nnx.Module):
         return x_BTD, kv
 
 
+# ---------------------------------------------------------------------------------------------
+# the layers as one scan
+
+
+def _fetch_policy(prim, *_, **params) -> bool:
+    """Remat policy of an unrematerialised scanned block: save what plain autodiff saves,
+    except the layer's base weights (the `cond` that fetches them, and their name), which the
+    backward pass fetches again instead of keeping a copy of every layer's weights."""
+    if prim.name == "cond":
+        return False
+    if prim.name == "name":
+        return params.get("name") != "base_layer"
+    return True
+
+
+def _scan_blocks(blocks, x_BTD, sin, cos, mask: AttentionMask, rngs, remat: Remat, outputs: bool):
+    """The blocks as one `lax.scan` (`Transformer(scan_layers=True)`): the compiled program
+    holds one block, whatever the depth. Returns x and, with `outputs`, every layer's output
+    [L, B, T, D].
+
+    Storage stays per layer (`layers.0...`, `layers.1...`: checkpoints, PEFT files, merging
+    and sharding see the same tree). Inside the step the scan reads:
+    - LoRA factors and constants stacked over layers (small: adapters, not the base). A layer
+      without an adapter (`lora.layers`) gets zero A, B and scale: it adds exactly 0 to its
+      projections and its (discarded) factors get exactly zero gradient, so the scan
+      computes what the unrolled stack does.
+    - base weights fetched per layer by `lax.switch` on the layer index: one layer's copy at a
+      time, never a stacked copy of the whole base (16 GB for an 8B model in bf16). The
+      backward pass fetches again rather than keeping L copies (the remat policy).
+    A KV cache is not scanned (the caller runs its layers unrolled): its per-layer buffers
+    are updated in place, which a scan would turn into copies of the cache at every decoding
+    step."""
+    split = [nnx.split(b, LoRAWeight, LoRAConst, nnx.Param) for b in blocks]
+    template = next((s for s in split if len(s[1]) or len(s[2])), split[0])
+    graphdef, w_tpl, c_tpl, p_tpl = template
+    zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)  # noqa: E731
+    lora_w, lora_c = [], []
+    for i, (_, w, c, p) in enumerate(split):
+        if len(w) or len(c):
+            same = jax.tree.structure((w, c, p)) == jax.tree.structure((w_tpl, c_tpl, p_tpl))
+            if not same:
+                raise ValueError(
+                    f"scan_layers needs every layer with an adapter to carry it on the same "
+                    f"projections; layer {i} differs from the others: use scan_layers=False"
+                )
+            lora_w.append(w)
+            lora_c.append(c)
+        else:  # no adapter in this layer: zero factors and scale, zero dropout
+            lora_w.append(zeros(w_tpl))
+            lora_c.append(zeros(c_tpl))
+    stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)  # noqa: E731
+    bases = tuple(p for _, _, _, p in split)
+    fetchers = [lambda ps, i=i: ps[i] for i in range(len(bases))]
+
+    def body(x_BTD, xs):
+        i, w, c, rng = xs
+        p = jax.tree.map(
+            lambda v: checkpoint_name(v, "base_layer"), jax.lax.switch(i, fetchers, bases)
+        )
+        block = nnx.merge(graphdef, w, c, p)
+        x_BTD, _ = block(x_BTD, sin, cos, mask, None, rng)
+        return x_BTD, x_BTD if outputs else None
+
+    policy = None if remat == "block" else _fetch_policy
+    body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    xs = (jnp.arange(len(bases)), stack(lora_w), stack(lora_c), rngs)
+    with jax.named_scope("layers"):
+        return jax.lax.scan(body, x_BTD, xs)
+
+
 class Transformer(nnx.Module):
     """The decoder. `__call__` maps tokens [B, T] to float32 logits [B, T, V] (and the cache)."""
 
@@ -440,12 +516,14 @@ class Transformer(nnx.Module):
         param_dtype: jnp.dtype = jnp.float32,
         remat: Remat = "none",
         attention: AttentionImpl = "auto",
+        scan_layers: bool = False,
         rngs: nnx.Rngs | None,
     ):
         c = config
         self.config = c
         self.dtype = dtype
         self.remat = remat
+        self.scan_layers = scan_layers  # static: how the layers run, not how they are stored
         if attention not in ATTENTION_IMPLS:
             raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {attention!r}")
         self.attention = attention  # static: part of the graph definition
@@ -542,14 +620,27 @@ class Transformer(nnx.Module):
             [None] * len(self.layers) if rng is None else jax.random.split(rng, len(self.layers))
         )
         new_k, new_v, states = [], [], [x]
-        for i, block in enumerate(self.layers):
-            kv = None if cache is None else (cache.k[i], cache.v[i], cache.end)
-            with jax.named_scope(f"layer_{i}"):
-                call = block if self.remat == "none" else jax.checkpoint(block.__call__)
-                x, (k_BKSH, v_BKSH) = call(x, sin, cos, mask, kv, layer_rngs[i])
-            new_k.append(k_BKSH)
-            new_v.append(v_BKSH)
-            states.append(x)
+        if self.scan_layers and cache is None:
+            x, outs_LBTD = _scan_blocks(
+                self.layers,
+                x,
+                sin,
+                cos,
+                mask,
+                None if rng is None else layer_rngs,
+                self.remat,
+                bool(hidden_layers),
+            )
+            states += [None] * len(self.layers) if outs_LBTD is None else list(outs_LBTD)
+        else:  # unrolled; also a scanned stack's cached calls (decoding: see `_scan_blocks`)
+            for i, block in enumerate(self.layers):
+                kv = None if cache is None else (cache.k[i], cache.v[i], cache.end)
+                with jax.named_scope(f"layer_{i}"):
+                    call = block if self.remat == "none" else jax.checkpoint(block.__call__)
+                    x, (k_BKSH, v_BKSH) = call(x, sin, cos, mask, kv, layer_rngs[i])
+                new_k.append(k_BKSH)
+                new_v.append(v_BKSH)
+                states.append(x)
         x = self.norm(x)
         states[-1] = x
 

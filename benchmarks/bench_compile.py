@@ -1,0 +1,190 @@
+"""Compile time of the training step from shapes alone: 1B and 8B shapes, 1 and 10 rank groups.
+
+The step is built as `SweepJob._step_config` and `SweepJob.init_state` build it (one graph
+definition per rank group, AdamW state per adapter, dropout keys, the backend's
+`adapters_per_pass`), but every input is a `jax.ShapeDtypeStruct`: the base weights of the
+`*-shape` presets (the real Llama-3.2-1B and Llama-3.1-8B architectures) are never allocated.
+What is timed is `jit(step).lower(abstract args)` (tracing to StableHLO) and `.compile()` (XLA),
+the two costs a job pays before its first step.
+
+Settings: the study's recipe (configs/phonebook_capacity_llama3_8b.yaml): bf16 compute and base,
+`model.remat: block`, all-linear adapters with dropout 0.1, batch 8 x --seq tokens per adapter.
+One rank group: --per-group adapters of rank 8. Ten rank groups: ranks 2, 4, ..., 20 with
+--per-group adapters each. `--layers unrolled|scan|both` picks `model.scan_layers`.
+
+    python -m benchmarks.bench_compile                        # 1B and 8B, 1 and 10 groups, both
+    python -m benchmarks.bench_compile --shapes llama-3.2-1b-shape --groups 1 --layers unrolled
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from benchmarks.common import report
+from jaxlora.cells import resolve_per_pass
+from jaxlora.lora import LoRAConfig, union_placement
+from jaxlora.models.model import Model, abstract_module, parse_dtype
+from jaxlora.models.presets import PRESETS
+from jaxlora.sharding import logical_spec, make_mesh, variable_sharding
+from jaxlora.train import GroupState, Hyper, StepConfig, TrainState, compile_step, init_opt_state
+
+HYPER = dict(
+    lr=5e-5, warmup_ratio=0.0, weight_decay=0.01, clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8
+)
+SCAN_SUPPORTED = "scan_layers" in inspect.signature(Model.graph).parameters
+
+
+def _abstract(tree: nnx.State, mesh) -> nnx.State:
+    """ShapeDtypeStructs of a parameter tree, sharded as the job shards it."""
+
+    def one(var):
+        x = var.get_value()
+        return var.replace(
+            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=variable_sharding(var, mesh))
+        )
+
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def abstract_step(shape: str, ranks: list[int], per_group: int, args, scan: bool):
+    """(jitted step, abstract base, abstract state, abstract batches) of a job on `shape`."""
+    config = PRESETS[shape].config
+    dtype = parse_dtype(args.dtype)
+    mesh = make_mesh(-1, 1, 1)
+    model = Model(config, params=None, dtype=dtype, param_dtype=dtype, mesh=mesh)
+    _, _, _, base = abstract_module(config, None, dtype, dtype)
+    base = _abstract(base, mesh)
+    platform = jax.default_backend()
+    per_pass = resolve_per_pass("auto", platform)
+    groups, graphdefs, passes, batches = [], [], [], []
+    for rank in ranks:
+        loras = [LoRAConfig(rank, dropout=0.1).validate(config)] * per_group
+        placement = union_placement(loras)
+        kw = dict(scan_layers=True) if scan else {}
+        graphdefs.append(model.graph(placement, remat=args.remat, **kw))
+        _, w_abs, c_abs, _ = abstract_module(config, placement, dtype, dtype)
+
+        def build(w_abs=w_abs, c_abs=c_abs, loras=loras):
+            n = len(loras)
+            weights = jax.tree.map(lambda s: jnp.zeros((n, *s.shape), jnp.float32), w_abs)
+            consts = jax.tree.map(lambda s: jnp.zeros((n, *s.shape), jnp.float32), c_abs)
+            hyper = Hyper.stack([HYPER] * n)
+            opt = init_opt_state(weights, hyper, "cosine", 1500)
+            keys = jnp.stack([jax.random.key_data(jax.random.key(i)) for i in range(n)])
+            live = jnp.ones((n,), bool)
+            return GroupState(weights, consts, opt, hyper, keys, live, jnp.full(n, -1, jnp.int32))
+
+        g = jax.eval_shape(build)
+        # every per-adapter leaf split on `adapter` (one device here: the same layout, whole)
+        groups.append(
+            jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(
+                    x.shape,
+                    x.dtype,
+                    sharding=jax.sharding.NamedSharding(
+                        mesh, logical_spec(("adapter",) + (None,) * (x.ndim - 1), x.shape, mesh)
+                    ),
+                ),
+                g,
+            )
+        )
+        passes.append(1 if per_pass is None or per_pass >= per_group else per_group // per_pass)
+        tokens = jax.ShapeDtypeStruct((per_group, args.batch, args.seq), jnp.int32)
+        flags = jax.ShapeDtypeStruct((per_group, args.batch, args.seq), bool)
+        batches.append((tokens, flags, flags))
+    cfg = StepConfig(
+        graphdefs=tuple(graphdefs),
+        schedule="cosine",
+        total_steps=1500,
+        use_dropout=True,
+        spmd_axis_name="adapter",
+        passes=tuple(passes),
+    )
+    step = jax.ShapeDtypeStruct((), jnp.int32)
+    state = TrainState(step=step, groups=tuple(groups))
+    return compile_step(cfg), base, state, tuple(batches), mesh
+
+
+def measure(shape: str, n_groups: int, args, scan: bool) -> dict:
+    ranks = [8] if n_groups == 1 else [2 * (i + 1) for i in range(n_groups)]
+    step_fn, base, state, batches, mesh = abstract_step(shape, ranks, args.per_group, args, scan)
+    del mesh  # as in a job: the inputs' shardings carry the mesh
+    t0 = time.perf_counter()
+    lowered = step_fn.lower(base, state, batches)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    mem = compiled.memory_analysis()
+    return {
+        "shape": shape,
+        "layers": PRESETS[shape].config.num_layers,
+        "groups": n_groups,
+        "mode": "scan" if scan else "unrolled",
+        "lower_s": round(t1 - t0, 1),
+        "compile_s": round(t2 - t1, 1),
+        "total_s": round(t2 - t0, 1),
+        "temp_gib": round(mem.temp_size_in_bytes / 2**30, 2) if mem else None,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", nargs="+", default=["llama-3.2-1b-shape", "llama-3.1-8b-shape"])
+    p.add_argument("--groups", nargs="+", type=int, default=[1, 10])
+    p.add_argument("--layers", choices=("unrolled", "scan", "both"), default="both")
+    p.add_argument("--per-group", type=int, default=2, help="adapters per rank group")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--remat", default="block", choices=("none", "block"))
+    args = p.parse_args()
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        raise SystemExit("unset JAX_COMPILATION_CACHE_DIR: a cache hit is not a compile")
+    modes = {"unrolled": [False], "scan": [True], "both": [False, True]}[args.layers]
+    if True in modes and not SCAN_SUPPORTED:
+        raise SystemExit("this checkout has no model.scan_layers; use --layers unrolled")
+    # Warm-up (backend start, first-use tracing caches), so the first row is not charged for it.
+    measure("tiny-llama", 1, args, False)
+    rows = []
+    for shape in args.shapes:
+        for scan in modes:
+            for n in args.groups:
+                rows.append(measure(shape, n, args, scan))
+                r = rows[-1]
+                print(
+                    f"{r['shape']:>20} L={r['layers']:<3} {r['mode']:>8} groups={r['groups']:<3}"
+                    f" lower {r['lower_s']:6.1f}s compile {r['compile_s']:6.1f}s"
+                    f" total {r['total_s']:6.1f}s",
+                    flush=True,
+                )
+    print("\n| shape | L | layers | rank groups | lower s | compile s | total s |")
+    print("|---|---:|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['shape']} | {r['layers']} | {r['mode']} | {r['groups']} | {r['lower_s']} "
+            f"| {r['compile_s']} | {r['total_s']} |"
+        )
+    ratios = {}
+    by = {(r["shape"], r["mode"], r["groups"]): r["total_s"] for r in rows}
+    big, small = "llama-3.1-8b-shape", "llama-3.2-1b-shape"
+    for mode in ("unrolled", "scan"):
+        g10, g1 = by.get((big, mode, 10)), by.get((big, mode, 1))
+        s10 = by.get((small, mode, 10))
+        if g10 and g1:
+            ratios[f"{mode}: 8B 10 groups / 1 group (target <= 2)"] = round(g10 / g1, 2)
+        if g10 and s10:
+            ratios[f"{mode}: 8B / 1B, 10 groups (target <= 1.5)"] = round(g10 / s10, 2)
+    for k, v in ratios.items():
+        print(f"{k}: {v}")
+    report("bench_compile", {"settings": vars(args), "rows": rows, "ratios": ratios})
+
+
+if __name__ == "__main__":
+    main()
