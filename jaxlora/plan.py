@@ -224,7 +224,7 @@ def make_plan(
     *_, base = abstract_module(c)
     base_b = shard_bytes(base, sizes, dtype_bytes=param_bytes)
 
-    adapter_b = act_b = 0.0
+    adapter_b = act_b = teacher_b = 0.0
     B, T = config.training.batch_size, max(p.cell.config.data.max_length for p in plans)
     lora_flops = 0.0
     for g in groups:
@@ -242,6 +242,9 @@ def make_plan(
             c, B * T // sizes["fsdp"], T, dtype_bytes, config.model.remat, placement.rank
         )
         lora_flops += sum(p.lora.num_params(c) for p in members) * B * T * 6
+        if members[0].objective is not None:  # the teacher's logits and hidden states, float32
+            width = c.vocab_size + len(members[0].objective.layers) * c.hidden_size
+            teacher_b += slots_local * B * T // sizes["fsdp"] * width * 4
     rows = [
         ("base weights", base_b),
         ("adapter weights (float32)", adapter_b),
@@ -249,6 +252,8 @@ def make_plan(
         ("adapter gradients (float32)", adapter_b),
         (f"activations (estimate, remat={config.model.remat})", act_b),
     ]
+    if teacher_b:  # the teacher's own forward keeps nothing for the backward pass
+        rows.append(("teacher outputs (float32)", teacher_b))
     tokens = len(plans) * B * T
     flops = flops_per_token(c, 0) * tokens + lora_flops
     prefill, full = (None, 0.0)

@@ -112,3 +112,18 @@ def test_plan_memory_grows_with_adapters():
     assert large.total > small.total
     assert large.adapters == 2 * small.adapters
     assert large.total / GIB < small.total / GIB + 80
+
+
+def test_distilling_adapters_hold_the_teachers_outputs():
+    """Per distilling adapter on a device: the teacher's float32 logits and the L1 term's hidden
+    states at every position of its batch, B x T x (V + states x D) x 4 bytes."""
+    shape = "model.path=llama-3.2-1b-shape"
+    config = load_config("configs/distill_tiny.yaml", [shape])
+    rows = dict(make_plan(config, 1, 80, 989, 0.4).rows)
+    V, D, L = 128256, 2048, 16  # Llama-3.2-1B; release_a distils all L + 1 hidden states
+    B, T = config.training.batch_size, config.data.max_length
+    assert rows["teacher outputs (float32)"] == B * T * (V + (L + 1) * D) * 4
+    ntp = load_config(
+        "configs/distill_tiny.yaml", [shape, "sweep.training.objective=[ntp]", "distill=null"]
+    )
+    assert "teacher outputs (float32)" not in dict(make_plan(ntp, 1, 80, 989, 0.4).rows)
