@@ -8,7 +8,10 @@ A_g adapters: LoRA weights, optimizer state and per-adapter hyperparameters. One
    so each adapter's gradient comes from its own loss alone (optionally in sequential passes
    over slices of the group, `training.adapters_per_pass`);
 2. applies Optax AdamW per adapter, again under `vmap`: clipping by each adapter's own global
-   norm, each adapter's own learning rate, warmup and weight decay (an lr sweep is one job);
+   norm, each adapter's own learning rate, warmup and weight decay (an lr sweep is one job).
+   The update sees an adapter's weights as one flat vector (its optimizer state is kept so):
+   a few operations whatever the number of layers, which keeps a scanned deep model's compile
+   from growing with the per-leaf work of layers x projections;
 3. freezes any adapter whose loss or gradients are not finite (its update is masked inside the
    step, and it stays frozen), leaving its neighbours untouched.
 
@@ -28,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.flatten_util import ravel_pytree
 
 from jaxlora.lora import stack_forward
 from jaxlora.objectives import Distill, student_loss, teacher_outputs, token_mean_ce
@@ -128,10 +132,18 @@ class StepConfig:
 
 
 def init_opt_state(weights: nnx.State, hyper: Hyper, cfg_schedule: Schedule, total_steps: int):
-    """Per-adapter optimizer state (vmapped over the stack)."""
-    return jax.vmap(lambda w, h: make_optimizer(h, cfg_schedule, total_steps).init(w))(
+    """Per-adapter optimizer state (vmapped over the stack), of the adapter's weights as one
+    flat vector (`_flat`)."""
+    return jax.vmap(lambda w, h: make_optimizer(h, cfg_schedule, total_steps).init(_flat(w)))(
         weights, hyper
     )
+
+
+def _flat(tree) -> Array:
+    """One adapter's leaves as one vector. The optimizer, the finite check and the masking run
+    on it: a handful of operations whatever the depth, where per-leaf work would grow with
+    layers x projections (and dominate the compile of a scanned deep model)."""
+    return ravel_pytree(tree)[0]
 
 
 def _group_losses(
@@ -242,23 +254,6 @@ def _losses_and_grads(
     return merge(per), jax.tree.map(merge, grads)
 
 
-def _finite(tree) -> Array:
-    """[A] bool: every leaf of adapter a is finite."""
-    leaves = [
-        jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1) for x in jax.tree.leaves(tree)
-    ]
-    return functools.reduce(jnp.logical_and, leaves)
-
-
-def _masked(keep: Array, new, old):
-    """Per adapter: `new` where keep[a], else `old`."""
-
-    def pick(n, o):
-        return jnp.where(keep.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
-
-    return jax.tree.map(pick, new, old)
-
-
 def train_step(
     cfg: StepConfig,
     base: nnx.State,
@@ -297,22 +292,29 @@ def train_step(
             cfg.teacher_cached,
         )
 
-        def update(gr, opt, w, h):
+        def update(gr, opt, w, h, live, loss):
+            """One adapter's AdamW step on its flat weights, kept only where it is live and
+            its loss and gradients are finite."""
             tx = make_optimizer(h, cfg.schedule, cfg.total_steps)
-            upd, opt = tx.update(gr, opt, w)
-            return optax.apply_updates(w, upd), opt
+            flat_w, unflatten = ravel_pytree(w)
+            flat_g = _flat(gr)
+            upd, new_opt = tx.update(flat_g, opt, flat_w)
+            finite = jnp.isfinite(loss) & jnp.all(jnp.isfinite(flat_g))
+            keep = live & finite
+            new_w = jnp.where(keep, optax.apply_updates(flat_w, upd), flat_w)
+            new_opt = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new_opt, opt)
+            return unflatten(new_w), new_opt, finite
 
-        new_w, new_opt = jax.vmap(update, spmd_axis_name=cfg.spmd_axis_name)(
-            grads, g.opt, g.weights, g.hyper
+        new_w, new_opt, finite = jax.vmap(update, spmd_axis_name=cfg.spmd_axis_name)(
+            grads, g.opt, g.weights, g.hyper, g.live, per_adapter
         )
-        finite = jnp.isfinite(per_adapter) & _finite(grads)
         keep = g.live & finite
         newly_diverged = g.live & ~finite
         new_groups.append(
             dataclasses.replace(
                 g,
-                weights=_masked(keep, new_w, g.weights),
-                opt=_masked(keep, new_opt, g.opt),
+                weights=new_w,
+                opt=new_opt,
                 live=keep,
                 diverged_at=jnp.where(newly_diverged, state.step, g.diverged_at),
             )
