@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -113,3 +114,16 @@ def free_port() -> int:
 
 def jaxlora_cmd(*args) -> list[str]:
     return [sys.executable, "-m", "jaxlora.cli", *map(str, args)]
+
+
+def train_refuses(tmp_path: Path, raw: dict) -> str:
+    """`jaxlora train` (a subprocess) on config `raw` stops with exit status 2 and writes no run
+    directory; returns its stderr."""
+    config, out = tmp_path / "run.yaml", tmp_path / "out"
+    config.write_text(json.dumps(raw))
+    proc = subprocess.run(
+        jaxlora_cmd("train", config, "--out", out), capture_output=True, text=True
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert not out.exists()
+    return proc.stderr

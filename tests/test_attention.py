@@ -237,16 +237,7 @@ def test_cudnn_equals_full_on_gpu():
 def test_blocked_prefill_memory_grows_linearly():
     """XLA's own buffer plan (compiled, nothing run) of a prefill at 2K and 4K tokens: the
     blocked kernel's temporaries about double, the full kernel's [T, S] logits quadruple."""
-    c = ModelConfig(
-        model_type="llama",
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=128,
-        num_layers=1,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-    )
+    c = GQA.replace(vocab_size=64, intermediate_size=128, num_layers=1)
 
     def temp_bytes(impl, T):
         graphdef, state = nnx.split(Transformer(c, attention=impl, rngs=nnx.Rngs(0)))

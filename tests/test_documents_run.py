@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
 from pathlib import Path
 
 import datasets
@@ -19,7 +18,7 @@ from jaxlora.data.docsets import generate_paperqa
 from jaxlora.data.documents import article_id
 from jaxlora.eval import scoring
 from jaxlora.sweep import SweepJob
-from tests.runs import jaxlora_cmd
+from tests.runs import train_refuses
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {
@@ -100,16 +99,9 @@ def test_a_planted_evaluation_question_stops_the_run_and_nothing_is_written(tmp_
         "data": {"dataset": "paperqa", "format": "qa", "train_path": str(train),
                  "size_tokens": None, "max_length": 64},
     }  # fmt: skip
-    (tmp_path / "run.yaml").write_text(json.dumps(config))
-    out = tmp_path / "out"
-    proc = subprocess.run(
-        jaxlora_cmd("train", tmp_path / "run.yaml", "--out", out), capture_output=True, text=True
-    )
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "leaks evaluation question 0.02" in lines[0], proc.stderr
+    lines = train_refuses(tmp_path, config).strip().splitlines()
+    assert len(lines) == 1 and "leaks evaluation question 0.02" in lines[0], lines
     assert "data.leakage: drop" in lines[0]
-    assert not out.exists()
 
 
 def test_drop_mode_trains_without_the_leak_counts_it_and_evaluates_paperqa(tmp_path):
@@ -212,21 +204,32 @@ ARTICLES = [
 ]
 
 
-def test_quality_chunks_score_accuracy_hard_and_unanswered(tmp_path):
-    opts = (["Nine years", "Two years", "A month", "Forty years"],
-            ["Rye loaves", "Fish", "Salt", "Wine"], ["Drilled", "Sang", "Slept", "Flew"])  # fmt: skip
+# (article, question, hard) of the tiny QuALITY sets; option 0 is always the answer.
+QUALITY_QUESTIONS = (
+    (0, "How long did Vela travel?", False),
+    (1, "What did Orla sell the miners?", True),
+    (0, "What did the probe do?", True),
+)
+
+
+def write_quality(tmp_path: Path, options) -> Path:
+    """QUALITY_QUESTIONS with their `options` in the hub's parquet layout (validation split);
+    returns the dataset directory to pass as data.path."""
     rows = [
-        {"article": ARTICLES[0], "question": "How long did Vela travel?", "options": opts[0],
-         "answer": 0, "hard": False},
-        {"article": ARTICLES[1], "question": "What did Orla sell the miners?", "options": opts[1],
-         "answer": 0, "hard": True},
-        {"article": ARTICLES[0], "question": "What did the probe do?", "options": opts[2],
-         "answer": 0, "hard": True},
-    ]  # fmt: skip
+        {"article": ARTICLES[a], "question": q, "options": opts, "answer": 0, "hard": hard}
+        for (a, q, hard), opts in zip(QUALITY_QUESTIONS, options, strict=True)
+    ]
     repo = tmp_path / "quality" / "data"
     repo.mkdir(parents=True)
     datasets.Dataset.from_list(rows).to_parquet(repo / "validation-00000-of-00001.parquet")
-    data = {"dataset": "quality", "path": str(repo.parent), "units": "chunks",
+    return repo.parent
+
+
+def test_quality_chunks_score_accuracy_hard_and_unanswered(tmp_path):
+    opts = (["Nine years", "Two years", "A month", "Forty years"],
+            ["Rye loaves", "Fish", "Salt", "Wine"], ["Drilled", "Sang", "Slept", "Flew"])  # fmt: skip
+    path = write_quality(tmp_path, opts)
+    data = {"dataset": "quality", "path": str(path), "units": "chunks",
             "unit_tokens": 96, "unit_overlap": 10, "max_length": 104}  # fmt: skip
     memory = {"methods": ["base", "bm25"], "template": "quality", "scope": "document",
               "max_new_tokens": 4}  # fmt: skip

@@ -10,7 +10,6 @@ import dataclasses
 import json
 from pathlib import Path
 
-import datasets
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,7 +21,7 @@ from jaxlora.memory.compose import parse_method
 from jaxlora.memory.evaluate import MemoryEvaluator, load_libraries
 from jaxlora.memory.merging import merge
 from jaxlora.sweep import Job
-from tests.test_documents_run import ARTICLES, _train
+from tests.test_documents_run import _train, write_quality
 
 OPTIONS = (
     ["Nine years", "Two years", "A month", "Forty years"],
@@ -35,18 +34,8 @@ OPTIONS = (
 def quality_run(tmp_path_factory) -> Path:
     """A tiny QuALITY memory: 2 articles in 96-token chunks, one adapter each, 3 questions."""
     tmp = tmp_path_factory.mktemp("quality")
-    rows = [
-        {"article": ARTICLES[0], "question": "How long did Vela travel?", "options": OPTIONS[0],
-         "answer": 0, "hard": False},
-        {"article": ARTICLES[1], "question": "What did Orla sell the miners?",
-         "options": OPTIONS[1], "answer": 0, "hard": True},
-        {"article": ARTICLES[0], "question": "What did the probe do?", "options": OPTIONS[2],
-         "answer": 0, "hard": True},
-    ]  # fmt: skip
-    repo = tmp / "quality" / "data"
-    repo.mkdir(parents=True)
-    datasets.Dataset.from_list(rows).to_parquet(repo / "validation-00000-of-00001.parquet")
-    data = {"dataset": "quality", "path": str(repo.parent), "units": "chunks",
+    path = write_quality(tmp, OPTIONS)
+    data = {"dataset": "quality", "path": str(path), "units": "chunks",
             "unit_tokens": 48, "unit_overlap": 8, "max_length": 56}  # fmt: skip
     memory = {"methods": ["base", "bm25", "bm25@2/mixture", "bm25@2/ties", "base+rag@2"],
               "template": "quality", "scope": "document", "max_new_tokens": 4,

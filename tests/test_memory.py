@@ -20,7 +20,7 @@ from jaxlora.memory import compose
 from jaxlora.memory.compose import MethodError, parse_method
 from jaxlora.memory.evaluate import MemoryEvaluator, evaluate_memory, load_libraries
 from jaxlora.sweep import Job
-from tests.runs import jaxlora_cmd
+from tests.runs import jaxlora_cmd, train_refuses
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -295,14 +295,7 @@ def test_a_memory_larger_than_the_library_fails_before_training(tmp_path):
         "mesh": {"adapter": 1},
         "memory": {"methods": ["bm25@3/ties"]},
     }
-    (tmp_path / "run.yaml").write_text(json.dumps(config))
-    proc = subprocess.run(
-        jaxlora_cmd("train", tmp_path / "run.yaml", "--out", tmp_path / "out"),
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 2 and "k=3 is larger than the library (2 units)" in proc.stderr
-    assert not (tmp_path / "out").exists()
+    assert "k=3 is larger than the library (2 units)" in train_refuses(tmp_path, config)
 
 
 def test_the_judge_as_a_memory_metric_counts_failures_and_never_scores_them(library_run, tmp_path):

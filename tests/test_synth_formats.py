@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import json
 import re
-import subprocess
 from pathlib import Path
 
 import jax
@@ -22,7 +21,7 @@ from jaxlora.llm.synth import SynthResult, run_synth, write_outputs
 from jaxlora.llm.synth_config import config_units
 from jaxlora.models.tokenizer import train_tokenizer
 from jaxlora.sweep import SweepJob
-from tests.runs import jaxlora_cmd
+from tests.runs import train_refuses
 
 PAPERS = generate_paperqa()  # what `data.path: null` reads (seed 0): papers "0" ... "5"
 TINY = {
@@ -161,15 +160,8 @@ def test_a_unit_id_outside_the_corpus_stops_the_job_and_nothing_is_written(synth
     (bad / "summary.jsonl").write_text("\n".join(rows) + "\n")
     raw = {**TINY, "data": _data(bad, units="documents"),
            "sweep": {"data.format": ["text", "summary"]}}  # fmt: skip
-    (tmp_path / "run.yaml").write_text(json.dumps(raw))
-    out = tmp_path / "out"
-    proc = subprocess.run(
-        jaxlora_cmd("train", tmp_path / "run.yaml", "--out", out), capture_output=True, text=True
-    )
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = proc.stderr.strip().splitlines()
+    lines = train_refuses(tmp_path, raw).strip().splitlines()
     assert len(lines) == 1 and "line 7: unit_id '99' is neither a document of" in lines[0], lines
-    assert not out.exists()
 
 
 @pytest.mark.parametrize(
