@@ -26,7 +26,7 @@ from jaxlora import data as kdata
 from jaxlora.config import Cell, Config, DistillSection
 from jaxlora.data.stream import pack, packed_length
 from jaxlora.errors import ConfigError, DataError
-from jaxlora.lora import LoRAConfig, layout_groups
+from jaxlora.lora import Layout, LoRAConfig, layout_groups
 from jaxlora.models.config import ModelConfig
 from jaxlora.models.transformer import PACK_CHUNK
 from jaxlora.objectives import Distill
@@ -350,9 +350,10 @@ class Group:
         return [(slot, i) for slot, i in enumerate(self.slots) if i is not None]
 
 
-def build_groups(plans: Sequence[CellPlan], layout: str, adapter_devices: int) -> list[Group]:
+def build_groups(plans: Sequence[CellPlan], layout: Layout, adapter_devices: int) -> list[Group]:
     """Stacks of adapters: one per objective (settings are static in the step), split by the
-    layout (`groups`: one per rank), each padded to a multiple of the adapter devices."""
+    resolved layout (`groups`: one per rank; `padded`; rank ceilings), each padded to a multiple
+    of the adapter devices."""
     by_objective: dict[Distill | None, list[int]] = {}
     for i, p in enumerate(plans):
         by_objective.setdefault(p.objective, []).append(i)

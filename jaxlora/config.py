@@ -56,7 +56,7 @@ PaperHeader = Literal["bracket", "natural", "none"]
 Leakage = Literal["error", "drop"]
 LossMask = Literal["full", "completion_only"]
 Schedule = Literal["cosine", "linear", "constant"]
-Layout = Literal["groups", "padded"]
+Layout = Literal["auto", "groups", "padded"]
 EvalPrompt = Literal["continuation", "question"]
 UnitKind = Literal["none", "sectors", "documents", "chunks", "files"]
 Truncate = Literal["head", "tail"]
@@ -181,6 +181,15 @@ def _check_doc_format(value: Any, path: str) -> None:
 def _positive_or_auto(value: int | str, path: str) -> None:
     if value != "auto":
         POSITIVE(value, path)
+
+
+def _check_buckets(value: str | tuple[int, ...], path: str) -> None:
+    if isinstance(value, tuple):
+        if not value:
+            raise _FieldError(path, "empty list; give rank ceilings such as [8, 64], or auto")
+        POSITIVE(value, path)
+        if list(value) != sorted(set(value)):
+            raise _FieldError(path, f"rank ceilings must increase, got {list(value)}")
 
 
 def _mesh_axis(value: int, path: str) -> None:
@@ -555,7 +564,14 @@ class TrainingSection(_Section):
     adam_b2: float = field(default=0.999, metadata=_rule(check=UNIT))
     adam_eps: float = field(default=1e-8, metadata=_rule(check=POSITIVE))
     seed: int = 42
-    layout: Layout = field(default="groups", metadata=_rule(fixed=_STACKING))
+    # How adapters of different ranks share compiled stacks: groups (one per rank), padded
+    # (one, zero-padded to the largest rank), a list of rank ceilings (one stack per bucket:
+    # [8, 64] pads ranks <= 8 to 8 and the rest to 64), or auto: ranks share a bucket while
+    # padding adds <= 5% to that bucket's FLOPs and the job stays within half the device memory
+    # (jaxlora.plan.choose_layout; logged, and the run's config.yaml records the buckets).
+    layout: Layout | tuple[int, ...] = field(
+        default="auto", metadata=_rule(check=_check_buckets, fixed=_STACKING)
+    )
     # Adapters of a group trained at once on each device; the rest of the group follows in
     # sequential passes of the same compiled step. None: all at once. auto: 1 on CPUs (cache-
     # sized activations, the fastest CPU setting measured), all at once on GPUs and TPUs.

@@ -43,7 +43,7 @@ from jaxlora.models.transformer import (
 from jaxlora.sharding import variable_sharding
 
 Array = jax.Array
-Layout = Literal["groups", "padded"]
+Layout = Literal["groups", "padded"] | tuple[int, ...]
 InitKind = Literal["kaiming", "gaussian"]
 
 TARGET_GROUPS: dict[str, tuple[str, ...]] = {
@@ -334,14 +334,28 @@ def pad_to(model: Model, stack: AdapterStack, placement: LoRAPlacement) -> Adapt
 
 
 def layout_groups(configs: Sequence[LoRAConfig], layout: Layout) -> list[list[int]]:
-    """Adapter indices per stack: one group per distinct rank, or one padded group."""
+    """Adapter indices per stack: one group per distinct rank (`groups`), one padded group
+    (`padded`), or one group per rank bucket (a tuple of increasing rank ceilings: each adapter
+    joins the first bucket whose ceiling is >= its rank). Empty groups are left out."""
     if layout == "padded":
         return [list(range(len(configs)))]
-    if layout != "groups":
-        raise LoRAError(f"unknown adapter layout {layout!r}: use 'groups' or 'padded'")
+    if isinstance(layout, tuple):
+        too_big = [c.rank for c in configs if c.rank > layout[-1]]
+        if too_big:
+            raise LoRAError(
+                f"rank {max(too_big)} is above the largest rank ceiling of training.layout "
+                f"{list(layout)}; add a ceiling >= {max(too_big)}"
+            )
+        key = lambda c: next(top for top in layout if c.rank <= top)  # noqa: E731
+    elif layout == "groups":
+        key = lambda c: c.rank  # noqa: E731
+    else:
+        raise LoRAError(
+            f"unknown adapter layout {layout!r}: use 'groups', 'padded' or rank ceilings"
+        )
     groups: dict[int, list[int]] = {}
     for i, c in enumerate(configs):
-        groups.setdefault(c.rank, []).append(i)
+        groups.setdefault(key(c), []).append(i)
     return [groups[r] for r in sorted(groups)]
 
 

@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+import os
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
 
-from jaxlora.cells import build_groups, plan_cells, resolve_per_pass
+from jaxlora.cells import CellPlan, Group, build_groups, plan_cells, resolve_per_pass
 from jaxlora.config import Config
 from jaxlora.errors import JaxloraError
-from jaxlora.lora import union_placement
+from jaxlora.lora import module_dims, union_placement
 from jaxlora.models.config import ModelConfig
+from jaxlora.models.transformer import LoRAPlacement
 from jaxlora.models.model import abstract_module, model_config, parse_dtype
 from jaxlora.sharding import logical_spec, mesh_sizes
 
@@ -151,6 +153,7 @@ class Plan:
     prefill: list[tuple[str, float]] | None = None  # rows of a long-context prefill
     prefill_full_attention: float = 0.0  # bytes the full kernel's logits would add
     context: int = 0
+    notes: list[str] = dataclasses.field(default_factory=list)  # what `auto` settings chose
 
     @property
     def total(self) -> float:
@@ -167,11 +170,13 @@ class Plan:
     def render(self) -> str:
         t = self.config.training
         s = self.sizes
+        layout = list(t.layout) if isinstance(t.layout, tuple) else t.layout
         lines = [
             f"model {self.config.model.path} ({self.config.model.dtype}); {self.adapters} adapters in "
-            f"{self.groups} group(s), {self.slots} slots with padding (layout {t.layout})",
+            f"{self.groups} group(s), {self.slots} slots with padding (layout {layout})",
             f"mesh adapter={s['adapter']} x fsdp={s['fsdp']} x tensor={s['tensor']} on {self.devices} "
             f"devices of {self.device_memory / GIB:.1f} GiB",
+            *self.notes,
             "per-device memory:",
         ]
         lines += [f"  {label:<34}{b / GIB:>10.2f} GiB" for label, b in self.rows]
@@ -204,26 +209,25 @@ class Plan:
         return sum(b for _, b in self.prefill or [])
 
 
-def make_plan(
-    config: Config,
-    devices: int,
-    device_memory_gib: float,
-    peak_tflops: float,
-    mfu: float,
-    context: int = 0,
-) -> Plan:
-    """The job's plan; with `context` > 0 also the memory of a prefill of that many tokens."""
-    if devices <= 0:
-        raise PlanError(f"--devices must be positive, got {devices}")
-    c = model_config(config.model.path)
-    sizes = mesh_sizes(config.mesh.adapter, config.mesh.fsdp, config.mesh.tensor, devices)
+def device_memory_bytes(device: jax.Device) -> float:
+    """A device's memory: the allocator's limit on accelerators; on CPU the host's physical
+    memory shared by its local devices."""
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and stats.get("bytes_limit"):
+        return float(stats["bytes_limit"])
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return physical / max(jax.local_device_count(), 1)
+
+
+def job_memory(
+    config: Config, c: ModelConfig, plans: Sequence[CellPlan], groups: Sequence[Group], sizes
+) -> tuple[list[tuple[str, float]], float]:
+    """Per-device memory rows of a training job laid out in `groups`, and its LoRA FLOPs per
+    step (6 x each adapter's own parameters x its tokens)."""
     dtype_bytes = np.dtype(parse_dtype(config.model.dtype)).itemsize
     param_bytes = np.dtype(parse_dtype(config.model.param_dtype or config.model.dtype)).itemsize
-    plans = plan_cells(config, c)
-    groups = build_groups(plans, config.training.layout, sizes["adapter"])
     *_, base = abstract_module(c)
     base_b = shard_bytes(base, sizes, dtype_bytes=param_bytes)
-
     adapter_b = act_b = teacher_b = 0.0
     B, T = config.training.batch_size, max(p.cell.config.data.max_length for p in plans)
     lora_flops = 0.0
@@ -254,11 +258,114 @@ def make_plan(
     ]
     if teacher_b:  # the teacher's own forward keeps nothing for the backward pass
         rows.append(("teacher outputs (float32)", teacher_b))
+    return rows, lora_flops
+
+
+# `training.layout: auto`: ranks share a stack while padding adds at most AUTO_PAD_FLOPS to the
+# stack's FLOPs per step and AUTO_PAD_MEMORY of a device's memory in all, and the job stays
+# within AUTO_FIT of a device's memory (headroom for the activations' estimate).
+AUTO_PAD_FLOPS = 0.05
+AUTO_PAD_MEMORY = 0.1
+AUTO_FIT = 0.9
+
+
+def _placement_params(c: ModelConfig, placement: LoRAPlacement) -> int:
+    layers = c.num_layers if placement.layers is None else len(placement.layers)
+    return layers * placement.rank * sum(sum(module_dims(c, m)) for m in placement.modules)
+
+
+def choose_layout(
+    config: Config,
+    c: ModelConfig,
+    plans: Sequence[CellPlan],
+    sizes: Mapping[str, int],
+    device_memory: float,
+) -> tuple[tuple[int, ...], str]:
+    """`training.layout: auto` as rank ceilings, and why.
+
+    Every rank group is its own program body in the compiled step (minutes of compilation per
+    group at 8B scale, benchmarks/README.md), while padding a small rank to a larger one costs
+    only the extra LoRA FLOPs and adapter memory (exact: padded entries stay zero). So ranks
+    are taken in increasing order and each joins the bucket before it when padding the bucket
+    to the new rank (1) adds at most AUTO_PAD_FLOPS to the bucket's FLOPs per step (base
+    forward and input gradient, plus 6 x LoRA parameters, per token), and (2) the padding's
+    weights, gradients and AdamW moments, over all buckets, take at most AUTO_PAD_MEMORY of a
+    device's memory and leave the job (`job_memory`) within AUTO_FIT of it."""
+    base = flops_per_token(c, 0)
+    objectives = sorted({p.objective for p in plans}, key=repr)
+    ranks = sorted({p.lora.rank for p in plans})
+
+    def params(bucket: Sequence[int], padded: bool) -> int:
+        """LoRA parameters of the adapters with these ranks: one stack per rank, or one
+        stack padded to the bucket's largest rank (per objective: objectives never share)."""
+        total = 0
+        for objective in objectives:
+            for group in [bucket] if padded else [[r] for r in bucket]:
+                loras = [p.lora for p in plans if p.objective == objective and p.lora.rank in group]
+                if loras:
+                    placement = union_placement(loras)
+                    if padded:
+                        placement = dataclasses.replace(placement, rank=bucket[-1])
+                    total += len(loras) * _placement_params(c, placement)
+        return total
+
+    def padding(bucket: Sequence[int]) -> int:
+        return params(bucket, True) - params(bucket, False)
+
+    rows, _ = job_memory(
+        config, c, plans, build_groups(plans, tuple(ranks), sizes["adapter"]), sizes
+    )
+    need, padded = sum(b for _, b in rows), 0.0
+    per_param = 16 / sizes["adapter"]  # float32 weights, gradients, 2 moments; split on adapter
+    buckets: list[list[int]] = []
+    for rank in ranks:
+        if buckets:
+            merged = [*buckets[-1], rank]
+            n = sum(p.lora.rank in merged for p in plans)
+            extra = padding(merged)
+            more = per_param * (extra - padding(buckets[-1]))
+            cheap = 6 * extra <= AUTO_PAD_FLOPS * (n * base + 6 * params(merged, False))
+            small = padded + more <= AUTO_PAD_MEMORY * device_memory
+            if cheap and small and need + more <= AUTO_FIT * device_memory:
+                buckets[-1], need, padded = merged, need + more, padded + more
+                continue
+        buckets.append([rank])
+    tops = tuple(b[-1] for b in buckets)
+    memory = f"{need / GIB:.1f} GiB of the device's {device_memory / GIB:.1f} per device"
+    if len(tops) == len(ranks):
+        return tops, f"one group per rank ({memory}): padding would cost > 5% FLOPs or memory"
+    return tops, f"ranks padded to {list(tops)} (<= 5% more FLOPs per stack; {memory})"
+
+
+def make_plan(
+    config: Config,
+    devices: int,
+    device_memory_gib: float,
+    peak_tflops: float,
+    mfu: float,
+    context: int = 0,
+) -> Plan:
+    """The job's plan; with `context` > 0 also the memory of a prefill of that many tokens."""
+    if devices <= 0:
+        raise PlanError(f"--devices must be positive, got {devices}")
+    c = model_config(config.model.path)
+    sizes = mesh_sizes(config.mesh.adapter, config.mesh.fsdp, config.mesh.tensor, devices)
+    dtype_bytes = np.dtype(parse_dtype(config.model.dtype)).itemsize
+    plans = plan_cells(config, c)
+    notes: list[str] = []
+    layout = config.training.layout
+    if layout == "auto":
+        layout, why = choose_layout(config, c, plans, sizes, device_memory_gib * GIB)
+        config = config.with_value("training.layout", list(layout))
+        notes.append(f"training.layout=auto: {why}")
+    groups = build_groups(plans, layout, sizes["adapter"])
+    rows, lora_flops = job_memory(config, c, plans, groups, sizes)
+    B, T = config.training.batch_size, max(p.cell.config.data.max_length for p in plans)
     tokens = len(plans) * B * T
     flops = flops_per_token(c, 0) * tokens + lora_flops
     prefill, full = (None, 0.0)
     if context > 0:
-        prefill, full = prefill_rows(c, context, dtype_bytes, sizes, base_b)
+        prefill, full = prefill_rows(c, context, dtype_bytes, sizes, rows[0][1])
     return Plan(
         config,
         devices,
@@ -275,4 +382,5 @@ def make_plan(
         prefill,
         full,
         context,
+        notes,
     )

@@ -59,6 +59,7 @@ from jaxlora.lora import AdapterStack, init_adapters, union_placement
 from jaxlora.models.model import load_pretrained
 from jaxlora.objectives import teacher_outputs
 from jaxlora.peft_io import save_peft
+from jaxlora.plan import choose_layout, device_memory_bytes
 from jaxlora.sharding import logical_spec, make_mesh
 from jaxlora.train import GroupState, Hyper, StepConfig, TrainState, compile_step, init_opt_state
 
@@ -164,7 +165,19 @@ class Job:
         )
         self.config, self.units = expand_units(config, self.model.tokenizer)
         self.plans = plan_cells(self.config, self.model.config)
-        self.groups = build_groups(self.plans, config.training.layout, self.mesh.shape["adapter"])
+        layout = self.config.training.layout
+        if layout == "auto":
+            device = self.mesh.devices.flat[0]
+            layout, why = choose_layout(
+                self.config,
+                self.model.config,
+                self.plans,
+                self.mesh.shape,
+                device_memory_bytes(device),
+            )
+            log.info("training.layout=auto: %s", why)
+            self.config = self.config.with_value("training.layout", list(layout))
+        self.groups = build_groups(self.plans, layout, self.mesh.shape["adapter"])
         self.data = JobData(
             self.plans,
             self.model.tokenizer,
@@ -234,7 +247,7 @@ class SweepJob(Job):
             self._check_resumable()
         else:
             check_new_dir(self.run_dir, overwrite=overwrite, flag="--overwrite (or --resume)")
-        super().__init__(config, devices)
+        super().__init__(self.config, devices)
         if resume:
             self._check_same_results(self.config)  # units expanded
         if self.config.memory is not None:
@@ -324,6 +337,12 @@ class SweepJob(Job):
             raise JaxloraError(
                 f"{self.run_dir} has no checkpoint to resume; start a new run without --resume"
             )
+        if self.config.training.layout == "auto":  # the buckets the run chose, not new ones
+            from jaxlora.config import load_config
+
+            saved = load_config(saved_file).training.layout
+            as_yaml = list(saved) if isinstance(saved, tuple) else saved
+            self.config = self.config.with_value("training.layout", as_yaml)
         # Before the model loads: every key but the unit axis, which needs the tokenizer.
         self._check_same_results(self.config, ignore=("sweep.data.unit",))
 

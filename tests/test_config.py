@@ -361,6 +361,9 @@ def test_overrides(tmp_path):
         ("lora.targets=[q_proj", "--set lora.targets=[q_proj: invalid YAML"),
         ("sweep.lora.rank=[]", "--set sweep.lora.rank=[]: sweep.lora.rank: empty list"),
         ("sweep.training.steps=[1, 2]", "sweep key training.steps cannot be swept"),
+        ("training.layout=[8, 4]", "training.layout: rank ceilings must increase, got [8, 4]"),
+        ("training.layout=[]", "training.layout: empty list; give rank ceilings"),
+        ("training.layout=rows", "training.layout: expected one of auto, groups, padded or"),
         ("sweep.lora.rnk=[1]", "sweep key lora.rnk is not a config key (did you mean lora.rank?)"),
         # The file sweeps lora.rank: a plain value there would be silently ignored.
         ("lora.rank=4", "--set lora.rank=4: lora.rank is swept; set sweep.lora.rank=[...] instead"),

@@ -13,7 +13,16 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import jaxlora
 from jaxlora.cli import main as cli
 from jaxlora.config import load_config
-from jaxlora.plan import GIB, flops_per_token, make_plan
+from jaxlora.cells import plan_cells
+from jaxlora.plan import (
+    AUTO_FIT,
+    AUTO_PAD_FLOPS,
+    AUTO_PAD_MEMORY,
+    GIB,
+    choose_layout,
+    flops_per_token,
+    make_plan,
+)
 from tests.test_checkpoints import REAL_CONFIGS
 
 LLAMA8B = jaxlora.ModelConfig.from_hf(REAL_CONFIGS["Llama-3.1-8B"])
@@ -127,3 +136,60 @@ def test_distilling_adapters_hold_the_teachers_outputs():
         "configs/distill_tiny.yaml", [shape, "sweep.training.objective=[ntp]", "distill=null"]
     )
     assert "teacher outputs (float32)" not in dict(make_plan(ntp, 1, 80, 989, 0.4).rows)
+
+
+# --------------------------------------------------------------------------- training.layout: auto
+
+
+def _padding_cost(c, ranks: list[int], per_rank: int) -> float:
+    """By hand: the FLOPs that padding every rank to the largest adds to one stack of all of
+    them, as a fraction of the stack's FLOPs with each adapter at its own rank. All-linear LoRA
+    parameters are linear in the rank (their count is checked against PEFT above)."""
+    unit = jaxlora.LoRAConfig(rank=1).num_params(c)
+    own = sum(per_rank * r * unit for r in ranks)
+    padded = per_rank * len(ranks) * max(ranks) * unit
+    base = per_rank * len(ranks) * flops_per_token(c, 0)
+    return 6 * (padded - own) / (base + 6 * own)
+
+
+def _layout(config, devices: int, memory_gib: float) -> tuple[int, ...]:
+    c = jaxlora.models.model.model_config(config.model.path)
+    sizes = {"adapter": devices, "fsdp": 1, "tensor": 1}
+    return choose_layout(config, c, plan_cells(config, c), sizes, memory_gib * GIB)[0]
+
+
+def test_auto_pads_the_small_ranks_of_a_big_model_into_one_stack():
+    """Ranks 2..20 (2 adapters each) on the 8B shape: padding to 20 adds ~0.5% FLOPs, so one
+    stack (one compiled program instead of ten); its 7 GiB of padded adapter state is under a
+    tenth of an 80 GiB device."""
+    ranks = list(range(2, 21, 2))
+    config = _grid(None, **{"sweep.lora.rank": ranks, "sweep.data.size_tokens": "[1000, 2000]"})
+    assert _padding_cost(LLAMA8B, ranks, 2) < AUTO_PAD_FLOPS
+    assert _layout(config, 1, 80) == (20,)
+    plan = make_plan(config, 1, 80, 989, 0.4)
+    assert plan.groups == 1 and plan.total <= AUTO_FIT * 80 * GIB
+    assert "training.layout=auto: ranks padded to [20]" in plan.render()
+
+
+def test_auto_keeps_ranks_apart_where_padding_costs_flops():
+    """On tiny-llama (64 wide) a rank-8 LoRA is a large share of the model: padding rank 2 to
+    8 would cost > 5%, so each rank keeps its group."""
+    tiny = jaxlora.PRESETS["tiny-llama"].config
+    config = load_config("configs/quickstart.yaml", ["sweep.lora.rank=[2, 8]"])
+    assert _padding_cost(tiny, [2, 8], 4) > AUTO_PAD_FLOPS
+    assert _layout(config, 1, 80) == (2, 8)
+
+
+def test_auto_pads_only_within_a_tenth_of_the_device_memory():
+    """The same job on a 64 GiB device: padding everything to 20 would take 7 GiB more (> 6.4),
+    so only some ranks share a stack; on a 54 GiB device the job (52.5 GiB as rank groups) has
+    no room under 90% for any padding."""
+    ranks = list(range(2, 21, 2))
+    config = _grid(None, **{"sweep.lora.rank": ranks, "sweep.data.size_tokens": "[1000, 2000]"})
+    groups = make_plan(config.with_value("training.layout", "groups"), 1, 64, 989, 0.4)
+    shared = _layout(config, 1, 64)
+    assert 1 < len(shared) < len(ranks)
+    plan = make_plan(config.with_value("training.layout", list(shared)), 1, 64, 989, 0.4)
+    assert plan.total - groups.total <= AUTO_PAD_MEMORY * 64 * GIB
+    assert plan.total <= AUTO_FIT * 64 * GIB
+    assert _layout(config, 1, 54) == tuple(ranks)

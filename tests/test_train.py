@@ -33,6 +33,7 @@ from tests.runs import (
     free_port,
     rounding_bound,
     run,
+    train_refuses,
     write_config,
 )
 
@@ -140,7 +141,41 @@ def test_outputs_of_a_run(grid_run):
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [ln["step"] for ln in lines] == list(range(1, 7))
     assert set(lines[-1]["loss"]) == {c.name for c in config.cells()}
-    assert load_config(run_dir / "config.yaml") == config
+    # The run records what training.layout: auto chose (ranks 2 and 8 of tiny-llama keep
+    # their own groups: tests/test_plan.py), so a resume and an evaluation rebuild its stacks.
+    assert config.training.layout == "auto"
+    assert load_config(run_dir / "config.yaml") == config.with_value("training.layout", [2, 8])
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_auto_layout_is_logged_and_valid(grid_run, tmp_path, caplog, devices):
+    config, _ = grid_run
+    config = config.with_value("mesh.adapter", devices)
+    with caplog.at_level("INFO", logger="jaxlora"):
+        job = SweepJob(config, tmp_path / "run", progress=False, devices=jax.devices()[:devices])
+    assert "training.layout=auto: one group per rank" in caplog.text
+    assert job.config.training.layout == (2, 8)
+    ranks = [{job.plans[i].lora.rank for i in g.slots if i is not None} for g in job.groups]
+    assert ranks == [{2}, {8}] and all(len(g.slots) % devices == 0 for g in job.groups)
+
+
+def test_resume_keeps_the_layout_the_run_chose(grid_run, monkeypatch):
+    """--resume with the original config (layout auto) takes the run's recorded buckets and
+    never chooses again: another choice would not match the checkpoint's stacks."""
+    config, run_dir = grid_run
+
+    def chosen_again(*_):
+        raise AssertionError("choose_layout called on resume")
+
+    monkeypatch.setattr("jaxlora.sweep.choose_layout", chosen_again)
+    job = SweepJob(config, run_dir, resume=True, progress=False, devices=jax.devices()[:1])
+    assert job.config.training.layout == (2, 8) and len(job.groups) == 2
+
+
+def test_a_rank_above_the_layouts_ceilings_is_refused(tmp_path):
+    raw = {**BASE, "training": {**BASE["training"], "layout": [2]}}
+    err = train_refuses(tmp_path, raw)
+    assert "rank 4 is above the largest rank ceiling of training.layout [2]" in err
 
 
 def test_existing_run_dir_is_not_overwritten(grid_run, capsys):
