@@ -10,10 +10,13 @@ the two costs a job pays before its first step.
 Settings: the study's recipe (configs/phonebook_capacity_llama3_8b.yaml): bf16 compute and base,
 `model.remat: block`, all-linear adapters with dropout 0.1, batch 8 x --seq tokens per adapter.
 One rank group: --per-group adapters of rank 8. Ten rank groups: ranks 2, 4, ..., 20 with
---per-group adapters each. `--layers unrolled|scan|both` picks `model.scan_layers`.
+--per-group adapters each. `--layers unrolled|scan|both` picks `model.scan_layers`. With
+`--layout auto` the ranks are stacked as `training.layout: auto` stacks them for the same job
+on one device of --device-memory GiB (default 80: an H100), instead of one stack per rank.
 
     python -m benchmarks.bench_compile                        # 1B and 8B, 1 and 10 groups, both
     python -m benchmarks.bench_compile --shapes llama-3.2-1b-shape --groups 1 --layers unrolled
+    python -m benchmarks.bench_compile --layers scan --layout auto
 """
 
 from __future__ import annotations
@@ -22,16 +25,19 @@ import argparse
 import inspect
 import os
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from benchmarks.common import report
-from jaxlora.cells import resolve_per_pass
+from jaxlora.cells import plan_cells, resolve_per_pass
+from jaxlora.config import load_config
 from jaxlora.lora import LoRAConfig, union_placement
 from jaxlora.models.model import Model, abstract_module, parse_dtype
 from jaxlora.models.presets import PRESETS
+from jaxlora.plan import GIB, choose_layout
 from jaxlora.sharding import logical_spec, make_mesh, variable_sharding
 from jaxlora.train import GroupState, Hyper, StepConfig, TrainState, compile_step, init_opt_state
 
@@ -53,8 +59,9 @@ def _abstract(tree: nnx.State, mesh) -> nnx.State:
     return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def abstract_step(shape: str, ranks: list[int], per_group: int, args, scan: bool):
-    """(jitted step, abstract base, abstract state, abstract batches) of a job on `shape`."""
+def abstract_step(shape: str, stacks: list[tuple[int, int]], args, scan: bool):
+    """(jitted step, abstract base, abstract state, abstract batches) of a job on `shape` whose
+    stacks are (rank, adapters) pairs."""
     config = PRESETS[shape].config
     dtype = parse_dtype(args.dtype)
     mesh = make_mesh(-1, 1, 1)
@@ -64,7 +71,7 @@ def abstract_step(shape: str, ranks: list[int], per_group: int, args, scan: bool
     platform = jax.default_backend()
     per_pass = resolve_per_pass("auto", platform)
     groups, graphdefs, passes, batches = [], [], [], []
-    for rank in ranks:
+    for rank, per_group in stacks:
         loras = [LoRAConfig(rank, dropout=0.1).validate(config)] * per_group
         placement = union_placement(loras)
         kw = dict(scan_layers=True) if scan else {}
@@ -112,9 +119,35 @@ def abstract_step(shape: str, ranks: list[int], per_group: int, args, scan: bool
     return compile_step(cfg), base, state, tuple(batches), mesh
 
 
+def auto_layout(shape: str, ranks: list[int], args) -> tuple[int, ...]:
+    """What `training.layout: auto` picks for this job (the study's config with these ranks and
+    --per-group sizes each) on one device of --device-memory GiB."""
+    sizes = [1000 * 2**i for i in range(args.per_group)]
+    config = load_config(
+        Path(__file__).parents[1] / "configs" / "phonebook_capacity_llama3_8b.yaml",
+        [
+            f"model.path={shape}",
+            f"sweep.lora.rank={ranks}",
+            f"sweep.data.size_tokens={sizes}",
+            f"training.batch_size={args.batch}",
+            f"data.max_length={args.seq}",
+            f"model.remat={args.remat}",
+        ],
+    )
+    c = PRESETS[shape].config
+    one = {"adapter": 1, "fsdp": 1, "tensor": 1}
+    return choose_layout(config, c, plan_cells(config, c), one, args.device_memory * GIB)[0]
+
+
 def measure(shape: str, n_groups: int, args, scan: bool) -> dict:
     ranks = [8] if n_groups == 1 else [2 * (i + 1) for i in range(n_groups)]
-    step_fn, base, state, batches, mesh = abstract_step(shape, ranks, args.per_group, args, scan)
+    if args.layout == "auto":
+        tops = auto_layout(shape, ranks, args)
+        bucket = [next(t for t in tops if r <= t) for r in ranks]
+        stacks = [(t, args.per_group * bucket.count(t)) for t in tops]
+    else:
+        stacks = [(r, args.per_group) for r in ranks]
+    step_fn, base, state, batches, mesh = abstract_step(shape, stacks, args, scan)
     del mesh  # as in a job: the inputs' shardings carry the mesh
     t0 = time.perf_counter()
     lowered = step_fn.lower(base, state, batches)
@@ -126,6 +159,7 @@ def measure(shape: str, n_groups: int, args, scan: bool) -> dict:
         "shape": shape,
         "layers": PRESETS[shape].config.num_layers,
         "groups": n_groups,
+        "stacks": [r for r, _ in stacks],
         "mode": "scan" if scan else "unrolled",
         "lower_s": round(t1 - t0, 1),
         "compile_s": round(t2 - t1, 1),
@@ -144,6 +178,15 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--remat", default="block", choices=("none", "block"))
+    p.add_argument(
+        "--layout",
+        choices=("groups", "auto"),
+        default="groups",
+        help="groups: one stack per rank; auto: the stacks training.layout: auto picks",
+    )
+    p.add_argument(
+        "--device-memory", type=float, default=80.0, help="GiB per device, for --layout auto"
+    )
     args = p.parse_args()
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         raise SystemExit("unset JAX_COMPILATION_CACHE_DIR: a cache hit is not a compile")
@@ -151,7 +194,7 @@ def main() -> None:
     if True in modes and not SCAN_SUPPORTED:
         raise SystemExit("this checkout has no model.scan_layers; use --layers unrolled")
     # Warm-up (backend start, first-use tracing caches), so the first row is not charged for it.
-    measure("tiny-llama", 1, args, False)
+    measure("tiny-llama", 1, argparse.Namespace(**{**vars(args), "layout": "groups"}), False)
     rows = []
     for shape in args.shapes:
         for scan in modes:
@@ -160,6 +203,7 @@ def main() -> None:
                 r = rows[-1]
                 print(
                     f"{r['shape']:>20} L={r['layers']:<3} {r['mode']:>8} groups={r['groups']:<3}"
+                    f" stacks={r['stacks']}"
                     f" lower {r['lower_s']:6.1f}s compile {r['compile_s']:6.1f}s"
                     f" total {r['total_s']:6.1f}s",
                     flush=True,

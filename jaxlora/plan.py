@@ -26,8 +26,8 @@ from jaxlora.config import Config
 from jaxlora.errors import JaxloraError
 from jaxlora.lora import module_dims, union_placement
 from jaxlora.models.config import ModelConfig
-from jaxlora.models.transformer import LoRAPlacement
 from jaxlora.models.model import abstract_module, model_config, parse_dtype
+from jaxlora.models.transformer import LoRAPlacement
 from jaxlora.sharding import logical_spec, mesh_sizes
 
 GIB = 1024**3

@@ -11,9 +11,9 @@ from peft import get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import jaxlora
+from jaxlora.cells import plan_cells
 from jaxlora.cli import main as cli
 from jaxlora.config import load_config
-from jaxlora.cells import plan_cells
 from jaxlora.plan import (
     AUTO_FIT,
     AUTO_PAD_FLOPS,
