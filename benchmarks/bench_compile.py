@@ -39,7 +39,7 @@ from jaxlora.models.model import Model, abstract_module, parse_dtype
 from jaxlora.models.presets import PRESETS
 from jaxlora.plan import GIB, choose_layout
 from jaxlora.sharding import logical_spec, make_mesh, variable_sharding
-from jaxlora.train import GroupState, Hyper, StepConfig, TrainState, compile_step, init_opt_state
+from jaxlora.train import GroupState, Hyper, StepConfig, TrainState, compile_step
 
 HYPER = dict(
     lr=5e-5, warmup_ratio=0.0, weight_decay=0.01, clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8
@@ -83,10 +83,9 @@ def abstract_step(shape: str, stacks: list[tuple[int, int]], args, scan: bool):
             weights = jax.tree.map(lambda s: jnp.zeros((n, *s.shape), jnp.float32), w_abs)
             consts = jax.tree.map(lambda s: jnp.zeros((n, *s.shape), jnp.float32), c_abs)
             hyper = Hyper.stack([HYPER] * n)
-            opt = init_opt_state(weights, hyper, "cosine", 1500)
             keys = jnp.stack([jax.random.key_data(jax.random.key(i)) for i in range(n)])
             live = jnp.ones((n,), bool)
-            return GroupState(weights, consts, opt, hyper, keys, live, jnp.full(n, -1, jnp.int32))
+            return GroupState.create(weights, consts, hyper, keys, live, "cosine", 1500)
 
         g = jax.eval_shape(build)
         # every per-adapter leaf split on `adapter` (one device here: the same layout, whole)

@@ -61,7 +61,7 @@ from jaxlora.objectives import teacher_outputs
 from jaxlora.peft_io import save_peft
 from jaxlora.plan import choose_layout, device_memory_bytes
 from jaxlora.sharding import logical_spec, make_mesh
-from jaxlora.train import GroupState, Hyper, StepConfig, TrainState, compile_step, init_opt_state
+from jaxlora.train import GroupState, Hyper, StepConfig, TrainState, compile_step
 
 log = logging.getLogger(__name__)
 
@@ -371,20 +371,11 @@ class SweepJob(Job):
             plans = self.slot_plans(g)
             stack = init_adapters(self.model, [p.lora for p in plans], [p.init_seed for p in plans])
             hyper = Hyper.stack([p.hyper for p in plans])
-            opt = jax.jit(init_opt_state, static_argnums=(2, 3))(
-                stack.weights, hyper, t.schedule, t.steps
-            )
             keys = jnp.stack([jax.random.key_data(seed_key(p.dropout_seed)) for p in plans])
             live = jnp.asarray([i is not None for i in g.slots])
             groups.append(
-                GroupState(
-                    weights=stack.weights,
-                    consts=stack.consts,
-                    opt=opt,
-                    hyper=hyper,
-                    dropout_keys=keys,
-                    live=live,
-                    diverged_at=jnp.full(len(plans), -1, jnp.int32),
+                GroupState.create(
+                    stack.weights, stack.consts, hyper, keys, live, t.schedule, t.steps
                 )
             )
         return self._on_mesh(TrainState(step=jnp.zeros((), jnp.int32), groups=tuple(groups)))
@@ -578,7 +569,7 @@ class SweepJob(Job):
 
             stacks = [
                 AdapterStack(
-                    gs.weights,
+                    gs.adapter_weights(),
                     gs.consts,
                     tuple(p.lora for p in self.slot_plans(g)),
                     tuple(p.name for p in self.slot_plans(g)),
@@ -697,11 +688,10 @@ class SweepJob(Job):
 
     def _replicated_stack(self, g: Group, gs: GroupState) -> AdapterStack:
         """The group's stack sharded only on `adapter`, so each process holds whole adapters."""
-        spec = lambda x: NamedSharding(self.mesh, PartitionSpec("adapter"))  # noqa: E731
-        weights, consts = jax.jit(
-            lambda w, c: (w, c),
-            out_shardings=(jax.tree.map(spec, gs.weights), jax.tree.map(spec, gs.consts)),
-        )(gs.weights, gs.consts)
+        spec = NamedSharding(self.mesh, PartitionSpec("adapter"))
+        weights, consts = jax.jit(lambda w, c: (gs.by_layer.split(w), c), out_shardings=spec)(
+            gs.weights, gs.consts
+        )
         configs = tuple(p.lora for p in self.slot_plans(g))
         names = tuple(
             self.plans[i].name if i is not None else f"_pad{s}" for s, i in enumerate(g.slots)

@@ -9,9 +9,10 @@ A_g adapters: LoRA weights, optimizer state and per-adapter hyperparameters. One
    over slices of the group, `training.adapters_per_pass`);
 2. applies Optax AdamW per adapter, again under `vmap`: clipping by each adapter's own global
    norm, each adapter's own learning rate, warmup and weight decay (an lr sweep is one job).
-   The update sees an adapter's weights as one flat vector (its optimizer state is kept so):
-   a few operations whatever the number of layers, which keeps a scanned deep model's compile
-   from growing with the per-leaf work of layers x projections;
+   The weights are kept as layer stacks (`ByLayer`) and the update sees an adapter's stacks
+   as one flat vector (its optimizer state is kept so): a few operations whatever the number
+   of layers, which keeps a scanned deep model's compile from growing with the per-leaf work
+   of layers x projections;
 3. freezes any adapter whose loss or gradients are not finite (its update is masked inside the
    step, and it stays frozen), leaving its neighbours untouched.
 
@@ -93,13 +94,36 @@ def make_optimizer(h: Hyper, kind: Schedule, total_steps: int) -> optax.Gradient
 class GroupState:
     """One stack of adapters being trained."""
 
-    weights: nnx.State  # LoRAWeight leaves [A, ...]
+    weights: list[Array]  # LoRA weights as layer stacks [A, L, ...] (`by_layer` splits them)
     consts: nnx.State  # LoRAConst leaves [A] (scale, dropout): not trained
     opt: Any  # optax state, leaves [A, ...]
     hyper: Hyper  # [A]
     dropout_keys: Array  # [A] key data: dropout mask of step s = fold_in(key, s)
     live: Array  # [A] bool: False for padding adapters and adapters that diverged
     diverged_at: Array  # [A] int32: first step with a non-finite loss/gradient, -1 if none
+    by_layer: ByLayer = dataclasses.field(metadata=dict(static=True))
+
+    @classmethod
+    def create(
+        cls,
+        weights: nnx.State,
+        consts: nnx.State,
+        hyper: Hyper,
+        dropout_keys: Array,
+        live: Array,
+        schedule: Schedule,
+        total_steps: int,
+    ) -> GroupState:
+        """A fresh group of adapters (LoRA weights as the model's tree): zero AdamW state,
+        none diverged."""
+        stacks, by_layer = ByLayer.of(weights)
+        opt = jax.jit(init_opt_state, static_argnums=(2, 3))(stacks, hyper, schedule, total_steps)
+        never = jnp.full(live.shape, -1, jnp.int32)
+        return cls(stacks, consts, opt, hyper, dropout_keys, live, never, by_layer)
+
+    def adapter_weights(self) -> nnx.State:
+        """The LoRA weights as the model's tree (LoRAWeight leaves [A, ...] per layer)."""
+        return self.by_layer.split(self.weights)
 
 
 @jax.tree_util.register_dataclass
@@ -131,19 +155,55 @@ class StepConfig:
     context_offset: int = 0  # 1 when samples begin with BOS (the context's BOS replaces it)
 
 
-def init_opt_state(weights: nnx.State, hyper: Hyper, cfg_schedule: Schedule, total_steps: int):
-    """Per-adapter optimizer state (vmapped over the stack), of the adapter's weights as one
-    flat vector (`_flat`)."""
-    return jax.vmap(lambda w, h: make_optimizer(h, cfg_schedule, total_steps).init(_flat(w)))(
-        weights, hyper
-    )
+def init_opt_state(stacks: list[Array], hyper: Hyper, cfg_schedule: Schedule, total_steps: int):
+    """Per-adapter optimizer state (vmapped over the stack), of the adapter's layer stacks
+    (`GroupState.weights`) as one flat vector."""
+
+    def init(w, h):
+        return make_optimizer(h, cfg_schedule, total_steps).init(ravel_pytree(w)[0])
+
+    return jax.vmap(init)(stacks, hyper)
 
 
-def _flat(tree) -> Array:
-    """One adapter's leaves as one vector. The optimizer, the finite check and the masking run
-    on it: a handful of operations whatever the depth, where per-leaf work would grow with
-    layers x projections (and dominate the compile of a scanned deep model)."""
-    return ravel_pytree(tree)[0]
+@dataclasses.dataclass(frozen=True)
+class ByLayer:
+    """An adapter tree as *layer stacks*: the leaves that differ only in their layer index
+    (`layers.<i>.self_attn.q_proj.lora_a` for every i) stacked on axis 1 ([A, L, ...]), so L
+    layers x P projections leaves become P arrays.
+
+    The training state keeps the weights so and the step works on the stacks: passes of
+    `adapters_per_pass` slice P arrays, the optimizer sees each adapter's stacks as one flat
+    vector, and the new weights leave the step as P arrays. Per-leaf work (a kernel for each of
+    the L x P pieces) grows a compiled program with the depth, and dominated the compile of a
+    scanned deep model (benchmarks/README.md); the model still reads its per-layer views
+    (`split`), which a scanned model stacks again (XLA folds the pair)."""
+
+    treedef: Any
+    index: tuple[tuple[int, ...], ...]  # per stack, its leaves' positions in the tree
+
+    @classmethod
+    def of(cls, tree) -> tuple[list[Array], ByLayer]:
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+        stacks: dict[tuple, list[int]] = {}
+        for i, (path, x) in enumerate(leaves):
+            keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+            key = ("layers", *keys[2:]) if keys[0] == "layers" else (i,)
+            stacks.setdefault((*key, x.shape, x.dtype), []).append(i)
+        by = cls(treedef, tuple(tuple(v) for v in stacks.values()))
+        return by.join(jax.tree.unflatten(treedef, [x for _, x in leaves])), by
+
+    def join(self, tree) -> list[Array]:
+        """The stacks of a tree shaped like the one this was made `of` (weights, gradients)."""
+        leaves = jax.tree.leaves(tree)
+        return [jnp.stack([leaves[i] for i in idx], axis=1) for idx in self.index]
+
+    def split(self, stacks: Sequence[Array]):
+        """The tree of `stacks`."""
+        leaves: list[Any] = [None] * sum(len(idx) for idx in self.index)
+        for idx, stack in zip(self.index, stacks, strict=True):
+            for j, i in enumerate(idx):
+                leaves[i] = stack[:, j]
+        return jax.tree.unflatten(self.treedef, leaves)
 
 
 def _group_losses(
@@ -211,15 +271,17 @@ def _losses_and_grads(
     teacher_graphdef=None,
     offset: int = 0,
     cached: bool = False,
-) -> tuple[Array, nnx.State]:
-    """Per-adapter losses [A] and LoRA gradients of one group.
+) -> tuple[Array, list[Array]]:
+    """Per-adapter losses [A] and LoRA gradients of one group, as layer stacks (`ByLayer`).
 
     With `passes` > 1 the adapters are taken in `passes` sequential vmaps (`lax.map`), pass i
     computing adapters i, i + passes, ... so that every device keeps an equal share of each
     pass. Each adapter's numbers are the same either way; fewer adapters at once means less
     activation memory and, on CPUs, activations that stay in cache."""
+    c_stacks, c_layers = ByLayer.of(g.consts)
 
-    def chunk(weights, consts, batch, rngs, live):
+    def chunk(w_stacks, c_stacks, batch, rngs, live):
+        consts = c_layers.split(c_stacks)
         teacher = None
         if objective is not None and cached:  # logits [A, B, T, V], hidden [A, B, K, T, D]
             teacher = (batch[3], jnp.swapaxes(batch[4], 1, 2) if len(batch) > 4 else None)
@@ -237,10 +299,13 @@ def _losses_and_grads(
             )
             return jnp.sum(jnp.where(live, per, 0.0)), per
 
-        (_, per), grads = jax.value_and_grad(total, has_aux=True)(weights)
-        return per, grads
+        # The gradient of the per-layer views, joined after: the transpose of slicing a stack
+        # would add L zero-padded copies of it.
+        views = g.by_layer.split(w_stacks)
+        (_, per), grads = jax.value_and_grad(total, has_aux=True)(views)
+        return per, g.by_layer.join(grads)
 
-    args = (g.weights, g.consts, tuple(batch), rngs, g.live)
+    args = (g.weights, c_stacks, tuple(batch), rngs, g.live)
     if passes == 1:
         return chunk(*args)
 
@@ -293,17 +358,19 @@ def train_step(
         )
 
         def update(gr, opt, w, h, live, loss):
-            """One adapter's AdamW step on its flat weights, kept only where it is live and
-            its loss and gradients are finite."""
+            """One adapter's AdamW step on its layer stacks as one flat vector, kept only where
+            it is live and its loss and gradients are finite."""
             tx = make_optimizer(h, cfg.schedule, cfg.total_steps)
             flat_w, unflatten = ravel_pytree(w)
-            flat_g = _flat(gr)
+            flat_g = ravel_pytree(gr)[0]
             upd, new_opt = tx.update(flat_g, opt, flat_w)
             finite = jnp.isfinite(loss) & jnp.all(jnp.isfinite(flat_g))
             keep = live & finite
             new_w = jnp.where(keep, optax.apply_updates(flat_w, upd), flat_w)
             new_opt = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new_opt, opt)
-            return unflatten(new_w), new_opt, finite
+            # One kernel computes the whole update; without the barrier XLA fuses the update
+            # into each piece cut from it, one copy of the AdamW arithmetic per stack.
+            return unflatten(jax.lax.optimization_barrier(new_w)), new_opt, finite
 
         new_w, new_opt, finite = jax.vmap(update, spmd_axis_name=cfg.spmd_axis_name)(
             grads, g.opt, g.weights, g.hyper, g.live, per_adapter

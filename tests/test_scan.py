@@ -26,7 +26,7 @@ from jaxlora.models.model import Model, init_params
 from jaxlora.models.presets import PRESETS
 from jaxlora.models.transformer import KVCache
 from jaxlora.objectives import token_mean_ce
-from jaxlora.train import GroupState, Hyper, StepConfig, TrainState, init_opt_state, train_step
+from jaxlora.train import GroupState, Hyper, StepConfig, TrainState, train_step
 from tests.test_model_parity import padded_batch
 
 CONFIG = PRESETS["tiny-llama"].config
@@ -150,21 +150,10 @@ def _group(model, configs, seed) -> tuple[GroupState, lora.LoRAPlacement]:
         ]
         * len(configs)
     )
-    opt = init_opt_state(stack.weights, hyper, "cosine", 10)
     keys = jnp.stack([jax.random.key_data(seed_key(seed + i)) for i in range(len(configs))])
-    n = len(configs)
-    return (
-        GroupState(
-            stack.weights,
-            stack.consts,
-            opt,
-            hyper,
-            keys,
-            jnp.ones(n, bool),
-            jnp.full(n, -1, jnp.int32),
-        ),
-        stack.placement,
-    )
+    live = jnp.ones(len(configs), bool)
+    group = GroupState.create(stack.weights, stack.consts, hyper, keys, live, "cosine", 10)
+    return group, stack.placement
 
 
 def test_scanned_train_step_equals_unrolled(model):
