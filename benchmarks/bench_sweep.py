@@ -214,7 +214,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size-tokens", type=int, default=1000)
     p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--layout", default="groups")
+    p.add_argument("--layout", default="auto")
     p.add_argument("--remat", default="none", help="none, or block for large models")
     p.add_argument(
         "--adapters-per-pass",

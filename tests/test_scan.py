@@ -12,6 +12,7 @@ bits of a few sums. Logits of size ~1-10 after 2 layers of <= 128-term sums then
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -26,7 +27,7 @@ from jaxlora.models.model import Model, init_params
 from jaxlora.models.presets import PRESETS
 from jaxlora.models.transformer import KVCache
 from jaxlora.objectives import token_mean_ce
-from jaxlora.train import GroupState, Hyper, StepConfig, TrainState, train_step
+from jaxlora.train import ByLayer, GroupState, Hyper, StepConfig, TrainState, train_step
 from tests.test_model_parity import padded_batch
 
 CONFIG = PRESETS["tiny-llama"].config
@@ -227,3 +228,23 @@ def test_scanned_gradients_equal_unrolled_and_hold_one_layer_of_base_weights():
     # the fetch buffers: a layer's weights (1/6 of the base) for the forward and the backward
     # (~1.5 layers measured); a stacked copy of the base would add all of it
     assert temp[True] - temp[False] < 0.5 * base_bytes, (temp, base_bytes)
+
+
+@pytest.mark.parametrize(
+    ("layers", "depth"), [(None, 6), ((1, 4), 2)], ids=["every layer", "two layers"]
+)
+def test_layer_stacks_hold_one_array_per_projection_factor_at_any_depth(layers, depth):
+    """The training state's layer stacks (`ByLayer`): 7 projections x (A, B) = 14 arrays of
+    [adapters, layers with an adapter, ...] whatever the depth, which split back into the
+    model's per-layer tree exactly."""
+    config = dataclasses.replace(CONFIG, num_layers=6)
+    deep = Model(config, init_params(config, seed=0))
+    stack = _stack(deep, [lora.LoRAConfig(rank=4, layers=layers)] * 3)
+    stacks, by_layer = ByLayer.of(stack.weights)
+    assert len(stacks) == 14 and {s.shape[:2] for s in stacks} == {(3, depth)}
+    assert jax.tree.structure(by_layer.split(stacks)) == jax.tree.structure(stack.weights)
+    split, whole = by_layer.split(stacks), stack.weights
+    for a, b in zip(jax.tree.leaves(split), jax.tree.leaves(whole), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(by_layer.join(stack.weights), stacks, strict=True):
+        np.testing.assert_array_equal(a, b)
