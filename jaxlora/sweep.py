@@ -166,14 +166,12 @@ class Job:
         self.config, self.units = expand_units(config, self.model.tokenizer)
         self.plans = plan_cells(self.config, self.model.config)
         layout = self.config.training.layout
-        if layout == "auto":
-            device = self.mesh.devices.flat[0]
+        if layout == "auto":  # every process must choose the same: the smallest memory
+            mine = next(d for d in self.mesh.devices.flat if d.process_index == jax.process_index())
+            gib = np.float32(device_memory_bytes(mine) / 2**30)
+            gib = float(np.min(multihost_utils.process_allgather(gib)))
             layout, why = choose_layout(
-                self.config,
-                self.model.config,
-                self.plans,
-                self.mesh.shape,
-                device_memory_bytes(device),
+                self.config, self.model.config, self.plans, self.mesh.shape, gib * 2**30
             )
             log.info("training.layout=auto: %s", why)
             self.config = self.config.with_value("training.layout", list(layout))
