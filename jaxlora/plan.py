@@ -21,12 +21,19 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxlora.cells import CellPlan, Group, build_groups, plan_cells, resolve_per_pass
+from jaxlora.cells import (
+    CellPlan,
+    Group,
+    build_groups,
+    expand_units,
+    plan_cells,
+    resolve_per_pass,
+)
 from jaxlora.config import Config
 from jaxlora.errors import JaxloraError
 from jaxlora.lora import module_dims, union_placement
 from jaxlora.models.config import ModelConfig
-from jaxlora.models.model import abstract_module, model_config, parse_dtype
+from jaxlora.models.model import abstract_module, local_tokenizer, model_config, parse_dtype
 from jaxlora.models.transformer import LoRAPlacement
 from jaxlora.sharding import logical_spec, mesh_sizes
 
@@ -332,6 +339,8 @@ def choose_layout(
         buckets.append([rank])
     tops = tuple(b[-1] for b in buckets)
     memory = f"{need / GIB:.1f} GiB of the device's {device_memory / GIB:.1f} per device"
+    if len(ranks) == 1:
+        return tops, f"one rank, one group ({memory})"
     if len(tops) == len(ranks):
         return tops, f"one group per rank ({memory}): padding would cost > 5% FLOPs or memory"
     return tops, f"ranks padded to {list(tops)} (<= 5% more FLOPs per stack; {memory})"
@@ -351,8 +360,22 @@ def make_plan(
     c = model_config(config.model.path)
     sizes = mesh_sizes(config.mesh.adapter, config.mesh.fsdp, config.mesh.tensor, devices)
     dtype_bytes = np.dtype(parse_dtype(config.model.dtype)).itemsize
-    plans = plan_cells(config, c)
     notes: list[str] = []
+    if config.data.units != "none":  # one adapter per unit, as `jaxlora train` cuts them
+        tokenizer = local_tokenizer(config.model.path, c)
+        if tokenizer is None:
+            notes.append(
+                "data.units: not cut (no local tokenizer at model.path), so adapters count the "
+                "config's cells, not one per unit; plan with a local model directory"
+            )
+        else:
+            config, units = expand_units(config, tokenizer)
+            shape = str(config.model.path).endswith("-shape")
+            notes.append(
+                f"data.units: {len(units)} units, one adapter each"
+                + (" (cut with the shape preset's stand-in tokenizer)" if shape else "")
+            )
+    plans = plan_cells(config, c)
     layout = config.training.layout
     if layout == "auto":
         layout, why = choose_layout(config, c, plans, sizes, device_memory_gib * GIB)

@@ -128,10 +128,13 @@ def test_distilling_adapters_hold_the_teachers_outputs():
     states at every position of its batch, B x T x (V + states x D) x 4 bytes."""
     shape = "model.path=llama-3.2-1b-shape"
     config = load_config("configs/distill_tiny.yaml", [shape])
-    rows = dict(make_plan(config, 1, 80, 989, 0.4).rows)
+    plan = make_plan(config, 1, 80, 989, 0.4)
+    rows = dict(plan.rows)
     V, D, L = 128256, 2048, 16  # Llama-3.2-1B; release_a distils all L + 1 hidden states
     B, T = config.training.batch_size, config.data.max_length
-    assert rows["teacher outputs (float32)"] == B * T * (V + (L + 1) * D) * 4
+    # One adapter per paper (6) for each objective (ntp, distill): 6 distil, all on one device.
+    assert plan.adapters == 12
+    assert rows["teacher outputs (float32)"] == 6 * B * T * (V + (L + 1) * D) * 4
     ntp = load_config(
         "configs/distill_tiny.yaml", [shape, "sweep.training.objective=[ntp]", "distill=null"]
     )
@@ -193,3 +196,22 @@ def test_auto_pads_only_within_a_tenth_of_the_device_memory():
     assert plan.total - groups.total <= AUTO_PAD_MEMORY * 64 * GIB
     assert plan.total <= AUTO_FIT * 64 * GIB
     assert _layout(config, 1, 54) == tuple(ranks)
+
+
+def test_plan_counts_one_adapter_per_unit():
+    """configs/paperqa_memory_tiny.yaml trains one adapter per paper of its generated corpus
+    (6 papers); the config itself has one cell."""
+    config = load_config("configs/paperqa_memory_tiny.yaml")
+    assert len(config.cells()) == 1
+    plan = make_plan(config, 1, 80, 989, 0.4)
+    assert plan.adapters == 6
+    assert "data.units: 6 units, one adapter each" in plan.render()
+
+
+def test_plan_says_when_it_cannot_cut_units(tmp_path):
+    """A model directory without tokenizer files: the plan counts cells and says so."""
+    (tmp_path / "config.json").write_text(json.dumps(REAL_CONFIGS["Llama-3.1-8B"]))
+    config = load_config("configs/paperqa_memory_tiny.yaml", [f"model.path={tmp_path}"])
+    plan = make_plan(config, 1, 80, 989, 0.4)
+    assert plan.adapters == 1
+    assert "data.units: not cut (no local tokenizer at model.path)" in plan.render()

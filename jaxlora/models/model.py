@@ -176,6 +176,17 @@ def model_config(path_or_id: str | os.PathLike) -> ModelConfig:
     return ModelConfig.from_file(config_file)
 
 
+def local_tokenizer(path_or_id: str | os.PathLike, config: ModelConfig):
+    """The tokenizer of a model argument without reading its weights or asking the hub: a
+    preset's own (a `*-shape` preset's is a small stand-in, not the real model's), a local
+    directory's files, or None (a hub id, or a directory without tokenizer files)."""
+    if str(path_or_id) in PRESETS and not Path(path_or_id).exists():
+        preset = PRESETS[str(path_or_id)]
+        return train_tokenizer(preset.tokenizer_style, preset.tokenizer_vocab)
+    path = Path(path_or_id).expanduser()
+    return load_tokenizer(convert.resolve_model_dir(path), config) if path.exists() else None
+
+
 def load_pretrained(
     path_or_id: str | os.PathLike,
     dtype: str | Any = "float32",
