@@ -91,7 +91,8 @@ class RunCheckpoints:
             if meta.get("leaf_paths") != paths:
                 raise CheckpointRestoreError(
                     f"checkpoint step {step} in {self.directory} has a different state structure "
-                    "than this run; resume with the run's own config.yaml"
+                    "than this run; resume with the run's own config.yaml (a checkpoint written "
+                    "by an earlier jaxlora version cannot be resumed: start a new run)"
                 )
             for bad in steps[steps.index(step) + 1 :]:
                 log.warning(

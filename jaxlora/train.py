@@ -175,8 +175,9 @@ class ByLayer:
     `adapters_per_pass` slice P arrays, the optimizer sees each adapter's stacks as one flat
     vector, and the new weights leave the step as P arrays. Per-leaf work (a kernel for each of
     the L x P pieces) grows a compiled program with the depth, and dominated the compile of a
-    scanned deep model (benchmarks/README.md); the model still reads its per-layer views
-    (`split`), which a scanned model stacks again (XLA folds the pair)."""
+    scanned deep model (benchmarks/README.md). The model still reads per-layer views (`split`),
+    which a scanned model stacks again: inside the passes' loop XLA does not fold that pair,
+    the part of the compile that still grows with depth."""
 
     treedef: Any
     index: tuple[tuple[int, ...], ...]  # per stack, its leaves' positions in the tree
