@@ -567,8 +567,9 @@ class TrainingSection(_Section):
     # How adapters of different ranks share compiled stacks: groups (one per rank), padded
     # (one, zero-padded to the largest rank), a list of rank ceilings (one stack per bucket:
     # [8, 64] pads ranks <= 8 to 8 and the rest to 64), or auto: ranks share a bucket while
-    # padding adds <= 5% to that bucket's FLOPs and the job stays within half the device memory
-    # (jaxlora.plan.choose_layout; logged, and the run's config.yaml records the buckets).
+    # padding adds <= 5% to that bucket's FLOPs and <= 10% of a device's memory, and the job
+    # stays within 90% of it (jaxlora.plan.choose_layout; logged, and the run's config.yaml
+    # records the buckets).
     layout: Layout | tuple[int, ...] = field(
         default="auto", metadata=_rule(check=_check_buckets, fixed=_STACKING)
     )

@@ -147,12 +147,17 @@ class LoRAConfig:
 
     def num_params(self, config: ModelConfig) -> int:
         """Trainable parameters of this adapter on a model (rank r, its targets and layers)."""
-        layers = config.num_layers if self.layers is None else len(self.layers)
-        return layers * sum(self.rank * sum(module_dims(config, m)) for m in self.modules)
+        return placement_params(config, self.placement())
 
     def placement(self) -> LoRAPlacement:
         layers = None if self.layers is None else frozenset(self.layers)
         return LoRAPlacement(self.rank, self.modules, layers)
+
+
+def placement_params(config: ModelConfig, placement: LoRAPlacement) -> int:
+    """LoRA parameters of one adapter laid out as `placement` (its rank, modules and layers)."""
+    layers = config.num_layers if placement.layers is None else len(placement.layers)
+    return layers * placement.rank * sum(sum(module_dims(config, m)) for m in placement.modules)
 
 
 def union_placement(configs: Sequence[LoRAConfig]) -> LoRAPlacement:

@@ -31,10 +31,9 @@ from jaxlora.cells import (
 )
 from jaxlora.config import Config
 from jaxlora.errors import JaxloraError
-from jaxlora.lora import module_dims, union_placement
+from jaxlora.lora import placement_params, union_placement
 from jaxlora.models.config import ModelConfig
 from jaxlora.models.model import abstract_module, local_tokenizer, model_config, parse_dtype
-from jaxlora.models.transformer import LoRAPlacement
 from jaxlora.sharding import logical_spec, mesh_sizes
 
 GIB = 1024**3
@@ -276,11 +275,6 @@ AUTO_PAD_MEMORY = 0.1
 AUTO_FIT = 0.9
 
 
-def _placement_params(c: ModelConfig, placement: LoRAPlacement) -> int:
-    layers = c.num_layers if placement.layers is None else len(placement.layers)
-    return layers * placement.rank * sum(sum(module_dims(c, m)) for m in placement.modules)
-
-
 def choose_layout(
     config: Config,
     c: ModelConfig,
@@ -313,7 +307,7 @@ def choose_layout(
                     placement = union_placement(loras)
                     if padded:
                         placement = dataclasses.replace(placement, rank=bucket[-1])
-                    total += len(loras) * _placement_params(c, placement)
+                    total += len(loras) * placement_params(c, placement)
         return total
 
     def padding(bucket: Sequence[int]) -> int:

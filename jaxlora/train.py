@@ -191,7 +191,7 @@ class ByLayer:
             key = ("layers", *keys[2:]) if keys[0] == "layers" else (i,)
             stacks.setdefault((*key, x.shape, x.dtype), []).append(i)
         by = cls(treedef, tuple(tuple(v) for v in stacks.values()))
-        return by.join(jax.tree.unflatten(treedef, [x for _, x in leaves])), by
+        return by.join(tree), by
 
     def join(self, tree) -> list[Array]:
         """The stacks of a tree shaped like the one this was made `of` (weights, gradients)."""
