@@ -69,7 +69,7 @@ def abstract_step(shape: str, stacks: list[tuple[int, int]], args, scan: bool):
     _, _, _, base = abstract_module(config, None, dtype, dtype)
     base = _abstract(base, mesh)
     platform = jax.default_backend()
-    per_pass = resolve_per_pass("auto", platform)
+    per_pass = resolve_per_pass("auto", platform, args.batch * args.seq)
     groups, graphdefs, passes, batches = [], [], [], []
     for rank, per_group in stacks:
         loras = [LoRAConfig(rank, dropout=0.1).validate(config)] * per_group

@@ -159,7 +159,9 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--no-peft", action="store_true", help="time the jaxlora job only")
     p.add_argument("--logs", type=Path, help="keep the jaxlora jobs' logs in this directory")
-    p.add_argument("--peft-worker", nargs=3, metavar=("BASE", "CELLS", "OUT"), help=argparse.SUPPRESS)
+    p.add_argument(
+        "--peft-worker", nargs=3, metavar=("BASE", "CELLS", "OUT"), help=argparse.SUPPRESS
+    )
     args = p.parse_args()
     if args.peft_worker:
         peft_worker(*map(Path, args.peft_worker), args.steps)
@@ -185,7 +187,9 @@ def main() -> None:
             args.steps - args.short_steps
         )
         results["jaxlora_s_per_step"] = round(per_step, 3)
-        results["jaxlora_fixed_s"] = round(results["jaxlora_short_s"] - args.short_steps * per_step, 1)
+        results["jaxlora_fixed_s"] = round(
+            results["jaxlora_short_s"] - args.short_steps * per_step, 1
+        )
         if "peft_s" in results:
             results["jaxlora_vs_peft"] = round(results["peft_s"] / results["jaxlora_s"], 2)
     settings = {k: v for k, v in vars(args).items() if k not in ("peft_worker", "logs")}

@@ -102,13 +102,20 @@ def plan_cells(config: Config, model_config: ModelConfig) -> list[CellPlan]:
     return plans
 
 
-def resolve_per_pass(setting: int | str | None, platform: str) -> int | None:
-    """`training.adapters_per_pass` for a backend: `auto` is 1 on CPU, where one adapter's
-    activations stay in cache and a pass per adapter was the fastest setting measured
-    (benchmarks/README.md), and all at once (None) on GPU/TPU, where one adapter's batch leaves
-    most of the chip idle."""
+# `adapters_per_pass: auto` on a CPU: adapters per pass whose batches make about this many token
+# positions. Measured (benchmarks/README.md, bench_process): at 448-512 positions per adapter,
+# 2 or 4 adapters per pass were 8-22% faster per step than 1 and than all at once.
+CPU_POSITIONS_PER_PASS = 1024
+
+
+def resolve_per_pass(setting: int | str | None, platform: str, positions: int) -> int | None:
+    """`training.adapters_per_pass` for a backend, given the token positions of one adapter's
+    batch (batch x width, or the packed length). `auto` on a CPU takes as many adapters per pass
+    as make about `CPU_POSITIONS_PER_PASS` positions (at least 1): enough rows for the matmuls
+    to run near their rate, few enough that a pass's activations stay in cache. On GPU/TPU it
+    is all at once (None), where one adapter's batch leaves most of the chip idle."""
     if setting == "auto":
-        return 1 if platform == "cpu" else None
+        return max(1, CPU_POSITIONS_PER_PASS // positions) if platform == "cpu" else None
     return setting
 
 

@@ -245,7 +245,7 @@ def job_memory(
         slots_local = math.ceil(len(g.slots) / sizes["adapter"])
         # Activations live one pass at a time; a plan is for accelerators, where auto trains a
         # group's adapters all at once.
-        per_pass = resolve_per_pass(config.training.adapters_per_pass, "gpu")
+        per_pass = resolve_per_pass(config.training.adapters_per_pass, "gpu", B * T)
         if per_pass is not None:
             slots_local = min(slots_local, per_pass)
         act_b += slots_local * activation_bytes(

@@ -253,17 +253,6 @@ class SweepJob(Job):
 
             check_library(self.config.memory.methods, len(self.units))
         self.data.prepare(sorted({i for g in self.local for i in g}))
-        setting, platform = (
-            self.config.training.adapters_per_pass,
-            self.mesh.devices.flat[0].platform,
-        )
-        self.per_pass = resolve_per_pass(setting, platform)
-        log.info(
-            "training.adapters_per_pass=%s: %s on %s",
-            setting,
-            "all at once" if self.per_pass is None else f"{self.per_pass} per pass",
-            platform,
-        )
         self.packed, why = choose_packing(
             self.config.training.packing,
             width=self.data.width,
@@ -278,6 +267,23 @@ class SweepJob(Job):
             self.config.training.packing,
             "packed rows" if self.packed else "rows as they are",
             why,
+        )
+        setting, platform = (
+            self.config.training.adapters_per_pass,
+            self.mesh.devices.flat[0].platform,
+        )
+        positions = (
+            self.data.packed_length
+            if self.packed
+            else self.config.training.batch_size * self.data.width
+        )
+        self.per_pass = resolve_per_pass(setting, platform, positions)
+        log.info(
+            "training.adapters_per_pass=%s: %s on %s (%d token positions per adapter)",
+            setting,
+            "all at once" if self.per_pass is None else f"{self.per_pass} per pass",
+            platform,
+            positions,
         )
         self.teacher_cached = self._choose_teacher()
 

@@ -148,7 +148,7 @@ def test_outputs_of_a_run(grid_run):
 
 
 @pytest.mark.parametrize("devices", [1, 8])
-def test_auto_layout_is_logged_and_valid(grid_run, tmp_path, caplog, devices):
+def test_auto_settings_are_logged_and_valid(grid_run, tmp_path, caplog, devices):
     config, _ = grid_run
     config = config.with_value("mesh.adapter", devices)
     with caplog.at_level("INFO", logger="jaxlora"):
@@ -157,6 +157,17 @@ def test_auto_layout_is_logged_and_valid(grid_run, tmp_path, caplog, devices):
     assert job.config.training.layout == (2, 8)
     ranks = [{job.plans[i].lora.rank for i in g.slots if i is not None} for g in job.groups]
     assert ranks == [{2}, {8}] and all(len(g.slots) % devices == 0 for g in job.groups)
+    # adapters_per_pass: auto on a CPU: the most adapters whose batches stay within 1024 token
+    # positions, at least one; every pass of a group takes an equal share of each device's.
+    positions = (
+        job.data.packed_length if job.packed else config.training.batch_size * job.data.width
+    )
+    per_pass = max(1, 1024 // positions)
+    assert job.per_pass == per_pass
+    assert f"training.adapters_per_pass=auto: {per_pass} per pass on cpu" in caplog.text
+    for g in job.groups:
+        local = len(g.slots) // devices
+        assert local % job._passes(g) == 0 and local // job._passes(g) <= per_pass
 
 
 def test_resume_keeps_the_layout_the_run_chose(grid_run, monkeypatch):
