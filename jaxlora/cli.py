@@ -71,18 +71,41 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _setup_logging() -> None:
-    """jaxlora's own warnings, once each, as `jaxlora: WARNING: ...`. The handler goes on the
-    `jaxlora` logger, which stops there: the root logger may carry a handler that a library put
-    there on import (orbax does), and libraries with handlers of their own (huggingface_hub,
-    transformers) would print every record twice through a root handler of ours."""
+class _Stderr(logging.StreamHandler):
+    """A handler writing to whatever `sys.stderr` is when a record is emitted (a caller that
+    redirects stderr gets jaxlora's messages too)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    """jaxlora's own warnings, once each, as `jaxlora: WARNING: ...`, and with `verbose` its
+    info records too (the settings a job chose for `auto`, a resume) as `jaxlora: ...`. The
+    handler goes on the `jaxlora` logger, which stops there: the root logger may carry a handler
+    that a library put there on import (orbax does), and libraries with handlers of their own
+    (huggingface_hub, transformers) would print every record twice through a root handler of
+    ours."""
     log = logging.getLogger("jaxlora")
     if not log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("jaxlora: %(levelname)s: %(message)s"))
+        handler = _Stderr()
+        handler.setFormatter(_Format())
         log.addHandler(handler)
-        log.setLevel(logging.WARNING)
         log.propagate = False
+    log.setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+class _Format(logging.Formatter):
+    """`jaxlora: LEVEL: message` (no level for info records), a traceback after it if any."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        level = "" if record.levelno == logging.INFO else f"{record.levelname}: "
+        return f"jaxlora: {level}{record.message}"
 
 
 def _setup_compilation_cache() -> None:
@@ -397,6 +420,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also print what the job chose for its auto settings (layout, adapters per pass, "
+        "packing)",
+    )
     _add_distributed_args(p)
     p.set_defaults(func=_train)
 
@@ -553,7 +583,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # jaxlora uses transformers for tokenizers and configs only: its advice that PyTorch is
     # missing is noise in a runtime-only install.
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    _setup_logging()
+    _setup_logging(getattr(args, "verbose", False))
     _setup_compilation_cache()
     try:
         return args.func(args)

@@ -219,3 +219,18 @@ def test_a_mutated_config_runs_or_stops_with_one_line(mutation):
         else:
             assert_refused(code, err)
             assert tree(root) == before
+
+
+def test_verbose_train_prints_the_auto_choices(tmp_path):
+    """`jaxlora train` prints only warnings; `--verbose` adds what the job chose for its
+    `auto` settings, one `jaxlora: key=auto: ...` line each."""
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(VALID))
+    argv = ["train", str(cfg), "--out", str(tmp_path / "run"), "--no-progress", "--overwrite"]
+    code, quiet = run_cli(argv)
+    assert code == 0 and "=auto:" not in quiet, quiet
+    code, verbose = run_cli([*argv, "--verbose"])
+    assert code == 0, verbose
+    lines = verbose.splitlines()
+    for key in ("training.layout", "training.adapters_per_pass", "training.packing"):
+        assert any(line.startswith(f"jaxlora: {key}=auto: ") for line in lines), verbose
