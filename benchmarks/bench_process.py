@@ -40,6 +40,15 @@ import yaml
 from benchmarks.common import report
 
 
+def add_grid_args(p: argparse.ArgumentParser) -> None:
+    """The grid's options (`job_config` reads them)."""
+    p.add_argument("--model", default="small-llama", help="a preset (random weights)")
+    p.add_argument("--ranks", type=int, nargs="+", default=[2, 4, 8, 16])
+    p.add_argument("--sizes", type=int, nargs="+", default=[125, 250, 500, 1000])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=64)
+
+
 def job_config(args: argparse.Namespace, base: Path, steps: int) -> dict:
     """The grid's configuration, as a user would write it."""
     return {
@@ -149,13 +158,9 @@ def jaxlora_run(args: argparse.Namespace, tmp: Path, base: Path, steps: int, nam
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", default="small-llama", help="a preset (random weights)")
-    p.add_argument("--ranks", type=int, nargs="+", default=[2, 4, 8, 16])
-    p.add_argument("--sizes", type=int, nargs="+", default=[125, 250, 500, 1000])
+    add_grid_args(p)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--short-steps", type=int, default=30)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--no-peft", action="store_true", help="time the jaxlora job only")
     p.add_argument("--logs", type=Path, help="keep the jaxlora jobs' logs in this directory")

@@ -28,7 +28,7 @@ from pathlib import Path
 import jax
 import yaml
 
-from benchmarks.bench_process import job_config
+from benchmarks.bench_process import add_grid_args, job_config
 from benchmarks.common import matmul_ceiling, report
 from jaxlora.config import parse_config
 from jaxlora.sweep import SweepJob
@@ -79,11 +79,7 @@ def dot_shapes(hlo: str) -> dict[str, list[tuple[str, float]]]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", default="small-llama", help="a preset (random weights)")
-    p.add_argument("--ranks", type=int, nargs="+", default=[2, 4, 8, 16])
-    p.add_argument("--sizes", type=int, nargs="+", default=[125, 250, 500, 1000])
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=64)
+    add_grid_args(p)
     p.add_argument("--steps", type=int, default=6, help="untimed steps for seconds per step")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--top", type=int, default=12, help="matmul shapes and other kinds shown")
