@@ -307,12 +307,16 @@ def test_dropout_keeps_the_right_fraction_unbiased_and_uncorrelated(rate):
     # 1 / (1 - rate) computed in float32 vs float64
     np.testing.assert_allclose(out[kept], 1 / (1 - rate), rtol=1e-4)
     assert abs(out.mean() - 1) < 4 * np.sqrt(rate / (1 - rate) / n)
-    # neighbours share a 32-bit threefry word (and every fourth a hash): they must be independent
+    # neighbours share a 32-bit hashed word, words follow each other: they must be independent
     flat = kept.reshape(-1).astype(np.float64)
-    for lag in (1, 2, 3):
+    for lag in (1, 2, 3, 4, 1023):
         assert abs(np.corrcoef(flat[:-lag], flat[lag:])[0, 1]) < 4 / np.sqrt(n)
-    other = np.asarray(layers._dropout(jax.random.key(4), jnp.float32(rate), x)) != 0
-    assert (other != kept).mean() > rate  # another key, another mask
+    # another key (a neighbouring seed, or split from this one as the layers' keys are), an
+    # independent mask: two masks agree where both keep or both drop
+    for key in (jax.random.key(4), jax.random.key(1000), *jax.random.split(jax.random.key(3))):
+        other = np.asarray(layers._dropout(key, jnp.float32(rate), x)) != 0
+        agree, expected = (other == kept).mean(), rate**2 + (1 - rate) ** 2
+        assert abs(agree - expected) < 4 * np.sqrt(expected * (1 - expected) / n)
     np.testing.assert_array_equal(
         np.asarray(layers._dropout(jax.random.key(3), jnp.float32(0.0), x)), np.asarray(x)
     )
