@@ -103,8 +103,8 @@ def plan_cells(config: Config, model_config: ModelConfig) -> list[CellPlan]:
 
 
 # `adapters_per_pass: auto` on a CPU: adapters per pass whose batches make about this many token
-# positions. Measured (benchmarks/README.md, bench_process): at 448-512 positions per adapter,
-# 2 or 4 adapters per pass were 8-22% faster per step than 1 and than all at once.
+# positions. Measured (benchmarks/README.md): at 448-512 positions per adapter, 2-4 adapters
+# per pass were faster per step than 1 per pass and than all at once.
 CPU_POSITIONS_PER_PASS = 1024
 
 
