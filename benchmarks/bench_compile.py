@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from benchmarks.common import report
-from jaxlora.cells import plan_cells, resolve_per_pass
+from jaxlora.cells import count_passes, plan_cells, resolve_per_pass
 from jaxlora.config import load_config
 from jaxlora.lora import LoRAConfig, union_placement
 from jaxlora.models.model import Model, abstract_module, parse_dtype
@@ -101,7 +101,7 @@ def abstract_step(shape: str, stacks: list[tuple[int, int]], args, scan: bool):
                 g,
             )
         )
-        passes.append(1 if per_pass is None or per_pass >= per_group else per_group // per_pass)
+        passes.append(count_passes(per_group, per_pass))
         tokens = jax.ShapeDtypeStruct((per_group, args.batch, args.seq), jnp.int32)
         flags = jax.ShapeDtypeStruct((per_group, args.batch, args.seq), bool)
         batches.append((tokens, flags, flags))

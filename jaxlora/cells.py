@@ -119,6 +119,14 @@ def resolve_per_pass(setting: int | str | None, platform: str, positions: int) -
     return setting
 
 
+def count_passes(local: int, per_pass: int | None) -> int:
+    """Sequential passes over a device's `local` adapters of a group: the fewest that keep each
+    pass within `per_pass` (None: all at once) and divide the adapters evenly."""
+    if per_pass is None or per_pass >= local:
+        return 1
+    return next(n for n in range(-(-local // per_pass), local + 1) if local % n == 0)
+
+
 def expand_units(config: Config, tokenizer) -> tuple[Config, list[kdata.Unit]]:
     """`data.units` as the last (fastest) sweep axis `data.unit`: one adapter per unit for every
     other cell. Returns the expanded config and the units (none when `data.units` is none).

@@ -84,6 +84,14 @@ class _Stderr(logging.StreamHandler):
         pass
 
 
+class _Format(logging.Formatter):
+    """`jaxlora: LEVEL: message` (no level for info records), a traceback after it if any."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        level = "" if record.levelno == logging.INFO else f"{record.levelname}: "
+        return f"jaxlora: {level}{record.message}"
+
+
 def _setup_logging(verbose: bool = False) -> None:
     """jaxlora's own warnings, once each, as `jaxlora: WARNING: ...`, and with `verbose` its
     info records too (the settings a job chose for `auto`, a resume) as `jaxlora: ...`. The
@@ -98,14 +106,6 @@ def _setup_logging(verbose: bool = False) -> None:
         log.addHandler(handler)
         log.propagate = False
     log.setLevel(logging.INFO if verbose else logging.WARNING)
-
-
-class _Format(logging.Formatter):
-    """`jaxlora: LEVEL: message` (no level for info records), a traceback after it if any."""
-
-    def formatMessage(self, record: logging.LogRecord) -> str:
-        level = "" if record.levelno == logging.INFO else f"{record.levelname}: "
-        return f"jaxlora: {level}{record.message}"
 
 
 def _setup_compilation_cache() -> None:

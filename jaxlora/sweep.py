@@ -45,6 +45,7 @@ from jaxlora.cells import (
     Group,
     JobData,
     build_groups,
+    count_passes,
     expand_units,
     plan_cells,
     resolve_per_pass,
@@ -272,11 +273,7 @@ class SweepJob(Job):
             self.config.training.adapters_per_pass,
             self.mesh.devices.flat[0].platform,
         )
-        positions = (
-            self.data.packed_length
-            if self.packed
-            else self.config.training.batch_size * self.data.width
-        )
+        positions = math.prod(self._batch_shape())
         self.per_pass = resolve_per_pass(setting, platform, positions)
         log.info(
             "training.adapters_per_pass=%s: %s on %s (%d token positions per adapter)",
@@ -430,13 +427,13 @@ class SweepJob(Job):
         )
 
     def _passes(self, g: Group) -> int:
-        """Sequential passes over a group: the fewest that keep each device's share of a pass
-        within `training.adapters_per_pass` and divide the device's adapters evenly."""
-        per_pass = self.per_pass
-        local = len(g.slots) // self.mesh.shape["adapter"]
-        if per_pass is None or per_pass >= local:
-            return 1
-        return next(n for n in range(-(-local // per_pass), local + 1) if local % n == 0)
+        return count_passes(len(g.slots) // self.mesh.shape["adapter"], self.per_pass)
+
+    def _batch_shape(self) -> tuple[int, int]:
+        """(rows, positions per row) of one adapter's batch in a step: packed, one row."""
+        if self.packed:
+            return 1, self.data.packed_length
+        return self.config.training.batch_size, self.data.width
 
     def batches(self, step: int) -> tuple[tuple, int]:
         """Per group, the global (tokens, valid, loss mask) [slots, B, T] arrays of `step`, and
@@ -446,9 +443,7 @@ class SweepJob(Job):
         out, n_tokens = [], 0
         batch = self.data.packed_batch if self.packed else self.data.batch
         for g, local in zip(self.groups, self.local, strict=True):
-            n, B, T = len(g.slots), self.config.training.batch_size, self.data.width
-            if self.packed:
-                B, T = 1, self.data.packed_length
+            n, (B, T) = len(g.slots), self._batch_shape()
             host = [np.zeros((n, B, T), np.int32), np.zeros((n, B, T), bool)]
             host.append(np.zeros((n, B, T), bool))
             if self.packed:

@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from jaxlora.models import convert
 from jaxlora.models.config import ConfigError, ModelConfig
 from jaxlora.models.layers import LoRAConst, LoRAWeight
-from jaxlora.models.presets import PRESETS, shape_preset_for
+from jaxlora.models.presets import PRESETS, Preset, shape_preset_for
 from jaxlora.models.tokenizer import train_tokenizer
 from jaxlora.models.transformer import LoRAPlacement, Remat, Transformer
 from jaxlora.sharding import variable_sharding
@@ -153,10 +153,17 @@ def from_preset(name: str, dtype="float32", *, param_dtype=None, mesh: Mesh | No
     return Model(config, params, tokenizer, dtype, param_dtype, mesh)
 
 
+def _preset(path_or_id: str | os.PathLike) -> Preset | None:
+    """The built-in preset a model argument names (a local path of that name wins), or None."""
+    if str(path_or_id) in PRESETS and not Path(path_or_id).exists():
+        return PRESETS[str(path_or_id)]
+    return None
+
+
 def model_config(path_or_id: str | os.PathLike) -> ModelConfig:
     """The architecture of a model argument without reading its weights."""
-    if str(path_or_id) in PRESETS and not Path(path_or_id).exists():
-        return PRESETS[str(path_or_id)].config
+    if preset := _preset(path_or_id):
+        return preset.config
     path = Path(path_or_id).expanduser()
     if path.exists():
         return ModelConfig.from_file(convert.resolve_model_dir(path) / "config.json")
@@ -180,8 +187,7 @@ def local_tokenizer(path_or_id: str | os.PathLike, config: ModelConfig):
     """The tokenizer of a model argument without reading its weights or asking the hub: a
     preset's own (a `*-shape` preset's is a small stand-in, not the real model's), a local
     directory's files, or None (a hub id, or a directory without tokenizer files)."""
-    if str(path_or_id) in PRESETS and not Path(path_or_id).exists():
-        preset = PRESETS[str(path_or_id)]
+    if preset := _preset(path_or_id):
         return train_tokenizer(preset.tokenizer_style, preset.tokenizer_vocab)
     path = Path(path_or_id).expanduser()
     return load_tokenizer(convert.resolve_model_dir(path), config) if path.exists() else None
@@ -201,7 +207,7 @@ def load_pretrained(
     `dtype` is the compute dtype and, unless `param_dtype` is given, the storage dtype of the
     base weights. With a `mesh`, weights are read straight into their sharded layout.
     """
-    if str(path_or_id) in PRESETS and not Path(path_or_id).exists():
+    if _preset(path_or_id):
         return from_preset(str(path_or_id), dtype, param_dtype=param_dtype, mesh=mesh)
     dtype = parse_dtype(dtype)
     param_dtype = parse_dtype(param_dtype) if param_dtype is not None else dtype
