@@ -112,6 +112,7 @@ def abstract_step(shape: str, stacks: list[tuple[int, int]], args, scan: bool):
         use_dropout=True,
         spmd_axis_name="adapter",
         passes=tuple(passes),
+        scan_layers=scan,
     )
     step = jax.ShapeDtypeStruct((), jnp.int32)
     state = TrainState(step=step, groups=tuple(groups))

@@ -380,16 +380,26 @@ def stack_forward(
     *,
     spmd_axis_name: str | None = None,
     return_hidden: bool = False,
+    lora_stacks: dict[tuple, Array] | None = None,
 ) -> Array:
-    """Logits [A, B, T, V] (or hidden states) of A adapters, each on its own tokens."""
+    """Logits [A, B, T, V] (or hidden states) of A adapters, each on its own tokens.
+    `lora_stacks` ([A, L, ...]): the adapters' layer stacks, for a scanned model to read
+    (`Transformer.__call__`)."""
 
-    def one(w, c, tokens, mask, positions, rng):
+    def one(w, c, stacks, tokens, mask, positions, rng):
         module = nnx.merge(graphdef, w, c, base)
-        return module(tokens, mask, positions_BT=positions, rng=rng, return_hidden=return_hidden)[0]
+        return module(
+            tokens,
+            mask,
+            positions_BT=positions,
+            rng=rng,
+            return_hidden=return_hidden,
+            lora_stacks=stacks,
+        )[0]
 
-    in_axes = (0, 0, 0, 0, None if positions_ABT is None else 0, None if rng_A is None else 0)
+    in_axes = (0, 0, 0, 0, 0, None if positions_ABT is None else 0, None if rng_A is None else 0)
     return jax.vmap(one, in_axes=in_axes, spmd_axis_name=spmd_axis_name)(
-        weights, consts, tokens_ABT, mask_ABT, positions_ABT, rng_A
+        weights, consts, lora_stacks, tokens_ABT, mask_ABT, positions_ABT, rng_A
     )
 
 

@@ -165,10 +165,13 @@ def student_loss(
     loss_BT: Array,
     teacher: tuple[Array, Array | None],
     rng: Array | None,
+    lora_stacks: dict[tuple, Array] | None = None,
 ) -> Array:
-    """One adapter's distillation loss: `module` (base + adapter) on the sample alone."""
+    """One adapter's distillation loss: `module` (base + adapter) on the sample alone;
+    `lora_stacks` as `Transformer.__call__` takes them."""
+    kw = dict(rng=rng, lora_stacks=lora_stacks)
     if d.layers:
-        logits, _, hidden = module(tokens_BT, valid_BT, rng=rng, hidden_layers=d.layers)
+        logits, _, hidden = module(tokens_BT, valid_BT, hidden_layers=d.layers, **kw)
     else:
-        logits, hidden = module(tokens_BT, valid_BT, rng=rng)[0], None
+        logits, hidden = module(tokens_BT, valid_BT, **kw)[0], None
     return distill_loss(d, logits, hidden, teacher[0], teacher[1], valid_BT, loss_BT)

@@ -424,6 +424,7 @@ class SweepJob(Job):
             teacher_cached=self.teacher_cached,
             teacher_graphdef=self.model.graph(remat=m.remat, scan_layers=m.scan_layers),
             context_offset=self.data.context_offset,
+            scan_layers=m.scan_layers,
         )
 
     def _passes(self, g: Group) -> int:

@@ -35,6 +35,7 @@ from flax import nnx
 from jax.flatten_util import ravel_pytree
 
 from jaxlora.lora import stack_forward
+from jaxlora.models.transformer import path_keys
 from jaxlora.objectives import Distill, student_loss, teacher_outputs, token_mean_ce
 
 Array = jax.Array
@@ -153,6 +154,7 @@ class StepConfig:
     teacher_cached: bool = False
     teacher_graphdef: Any = None  # the base model's graph (no LoRA), for distilling groups
     context_offset: int = 0  # 1 when samples begin with BOS (the context's BOS replaces it)
+    scan_layers: bool = False  # the graphs scan their layers (`Transformer(scan_layers=True)`)
 
 
 def init_opt_state(stacks: list[Array], hyper: Hyper, cfg_schedule: Schedule, total_steps: int):
@@ -175,28 +177,43 @@ class ByLayer:
     `adapters_per_pass` slice P arrays, the optimizer sees each adapter's stacks as one flat
     vector, and the new weights leave the step as P arrays. Per-leaf work (a kernel for each of
     the L x P pieces) grows a compiled program with the depth, and dominated the compile of a
-    scanned deep model (benchmarks/README.md). The model still reads per-layer views (`split`),
-    which a scanned model stacks again: inside the passes' loop XLA does not fold that pair,
-    the part of the compile that still grows with depth."""
+    scanned deep model (benchmarks/README.md). An unrolled model reads per-layer views
+    (`split`); a scanned model reads the stacks themselves (`layer_stacks`), since the views
+    it would stack again are L slices and a join per stack, each way, that XLA does not fold
+    inside the passes' loop."""
 
     treedef: Any
     index: tuple[tuple[int, ...], ...]  # per stack, its leaves' positions in the tree
+    # per stack, its path within a layer where it holds layers 0, 1, ... in order, else None
+    in_layer: tuple[tuple | None, ...]
 
     @classmethod
     def of(cls, tree) -> tuple[list[Array], ByLayer]:
         leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
         stacks: dict[tuple, list[int]] = {}
+        layers: dict[tuple, list[int]] = {}
         for i, (path, x) in enumerate(leaves):
-            keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-            key = ("layers", *keys[2:]) if keys[0] == "layers" else (i,)
-            stacks.setdefault((*key, x.shape, x.dtype), []).append(i)
-        by = cls(treedef, tuple(tuple(v) for v in stacks.values()))
+            keys = path_keys(path)
+            in_layers = keys[0] == "layers"
+            key = (*(("layers", *keys[2:]) if in_layers else (i,)), x.shape, x.dtype)
+            stacks.setdefault(key, []).append(i)
+            if in_layers:
+                layers.setdefault(key, []).append(keys[1])
+        in_layer = tuple(
+            k[1:-2] if layers.get(k) == list(range(len(v))) else None for k, v in stacks.items()
+        )
+        by = cls(treedef, tuple(tuple(v) for v in stacks.values()), in_layer)
         return by.join(tree), by
 
     def join(self, tree) -> list[Array]:
         """The stacks of a tree shaped like the one this was made `of` (weights, gradients)."""
         leaves = jax.tree.leaves(tree)
         return [jnp.stack([leaves[i] for i in idx], axis=1) for idx in self.index]
+
+    def layer_stacks(self, stacks: Sequence[Array]) -> dict[tuple, Array]:
+        """The stacks of layer leaves, [A, L, ...], keyed by their path within a layer: what
+        a scanned model reads (`Transformer.__call__(lora_stacks=)`)."""
+        return {k: x for k, x in zip(self.in_layer, stacks, strict=True) if k is not None}
 
     def split(self, stacks: Sequence[Array]):
         """The tree of `stacks`."""
@@ -218,9 +235,11 @@ def _group_losses(
     window,
     objective: Distill | None = None,
     teacher=None,
+    lora_stacks: dict[tuple, Array] | None = None,
 ):
     """Per-adapter loss [A] of a batch (tokens, valid, loss mask[, segments]): the mean target
     cross-entropy, or with `objective` the distillation loss against `teacher` (its outputs).
+    `lora_stacks` [A, L, ...]: the weights as layer stacks, for a scanned model.
 
     Packed (segment ids present) or not, `token_mean_ce` is the same sum over the same
     targets divided by their number: the first token of each packed row is never a target,
@@ -228,14 +247,14 @@ def _group_losses(
     tokens, valid, loss_mask, *packed = batch
     if objective is not None:
 
-        def distilled(w, c, t, m, loss, teach, rng):
+        def distilled(w, c, s, t, m, loss, teach, rng):
             module = nnx.merge(graphdef, w, c, base)
-            return student_loss(objective, module, t, m, loss, teach, rng)
+            return student_loss(objective, module, t, m, loss, teach, rng, s)
 
         rng_axis = None if rngs is None else 0
         return jax.vmap(
-            distilled, in_axes=(0, 0, 0, 0, 0, 0, rng_axis), spmd_axis_name=spmd_axis_name
-        )(weights, consts, tokens, valid, loss_mask, teacher, rngs)
+            distilled, in_axes=(0, 0, 0, 0, 0, 0, 0, rng_axis), spmd_axis_name=spmd_axis_name
+        )(weights, consts, lora_stacks, tokens, valid, loss_mask, teacher, rngs)
     if not packed:
         logits = stack_forward(
             graphdef,
@@ -246,16 +265,20 @@ def _group_losses(
             valid,
             rng_A=rngs,
             spmd_axis_name=spmd_axis_name,
+            lora_stacks=lora_stacks,
         )
     else:
 
-        def one(w, c, t, m, seg, rng):
+        def one(w, c, s, t, m, seg, rng):
             module = nnx.merge(graphdef, w, c, base)
-            return module(t, m, rng=rng, segment_ids_BT=seg, segment_window=window)[0]
+            kw = dict(segment_ids_BT=seg, segment_window=window, lora_stacks=s)
+            return module(t, m, rng=rng, **kw)[0]
 
         logits = jax.vmap(
-            one, in_axes=(0, 0, 0, 0, 0, None if rngs is None else 0), spmd_axis_name=spmd_axis_name
-        )(weights, consts, tokens, valid, packed[0], rngs)
+            one,
+            in_axes=(0, 0, 0, 0, 0, 0, None if rngs is None else 0),
+            spmd_axis_name=spmd_axis_name,
+        )(weights, consts, lora_stacks, tokens, valid, packed[0], rngs)
     return jax.vmap(token_mean_ce)(logits, tokens, loss_mask)
 
 
@@ -272,8 +295,10 @@ def _losses_and_grads(
     teacher_graphdef=None,
     offset: int = 0,
     cached: bool = False,
+    scan: bool = False,
 ) -> tuple[Array, list[Array]]:
-    """Per-adapter losses [A] and LoRA gradients of one group, as layer stacks (`ByLayer`).
+    """Per-adapter losses [A] and LoRA gradients of one group, as layer stacks (`ByLayer`);
+    `scan`: the model scans its layers, and reads the stacks themselves.
 
     With `passes` > 1 the adapters are taken in `passes` sequential vmaps (`lax.map`), pass i
     computing adapters i, i + passes, ... so that every device keeps an equal share of each
@@ -294,16 +319,23 @@ def _losses_and_grads(
                 spmd_axis_name=spmd_axis_name,
             )(context, context_valid, tokens, valid, offset)
 
-        def total(w):
-            per = _group_losses(
-                graphdef, base, w, consts, batch, rngs, spmd_axis_name, window, objective, teacher
-            )
+        def total(views, stacks):
+            args = (batch, rngs, spmd_axis_name, window, objective, teacher, stacks)
+            per = _group_losses(graphdef, base, views, consts, *args)
             return jnp.sum(jnp.where(live, per, 0.0)), per
 
+        if scan:  # the model reads the stacks (its per-layer views are left unread)
+            c_given = c_layers.layer_stacks(c_stacks)
+
+            def stacked(w):
+                return total(g.by_layer.split(w), {**g.by_layer.layer_stacks(w), **c_given})
+
+            (_, per), grads = jax.value_and_grad(stacked, has_aux=True)(w_stacks)
+            return per, grads
         # The gradient of the per-layer views, joined after: the transpose of slicing a stack
         # would add L zero-padded copies of it.
         views = g.by_layer.split(w_stacks)
-        (_, per), grads = jax.value_and_grad(total, has_aux=True)(views)
+        (_, per), grads = jax.value_and_grad(total, has_aux=True)(views, None)
         return per, g.by_layer.join(grads)
 
     args = (g.weights, c_stacks, tuple(batch), rngs, g.live)
@@ -356,6 +388,7 @@ def train_step(
             cfg.teacher_graphdef,
             cfg.context_offset,
             cfg.teacher_cached,
+            cfg.scan_layers,
         )
 
         def update(gr, opt, w, h, live, loss):

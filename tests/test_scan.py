@@ -23,11 +23,13 @@ from flax import nnx
 
 from jaxlora import lora
 from jaxlora.cells import seed_key
+from jaxlora.config import load_config
 from jaxlora.models.model import Model, init_params
 from jaxlora.models.presets import PRESETS
 from jaxlora.models.transformer import KVCache
 from jaxlora.objectives import token_mean_ce
 from jaxlora.train import ByLayer, GroupState, Hyper, StepConfig, TrainState, train_step
+from tests.runs import adapters, assert_equal_to_rounding, rounding_bound, run, write_config
 from tests.test_model_parity import padded_batch
 
 CONFIG = PRESETS["tiny-llama"].config
@@ -142,6 +144,27 @@ def test_scanned_model_decodes_with_a_cache_like_unrolled(model):
     np.testing.assert_allclose(out[True], out[True, "full"], atol=LOGIT_TOL)
 
 
+def test_scanned_model_reads_the_given_layer_stacks(model):
+    """`lora_stacks` replace the layers' own LoRA weights in a scanned stack: merged with
+    adapter 0 and given adapter 1's stacks, the scanned model computes adapter 1's logits (the
+    unrolled model reads its layers' own: adapter 0's)."""
+    stack = _stack(model, EVERY_LAYER)
+    ids, mask = padded_batch("right")
+    states = [(*_one(stack, a), model.params) for a in (0, 1)]
+    stacks = {}
+    for tree in states[1][:2]:
+        by_layer = ByLayer.of(jax.tree.map(lambda x: x[None], tree))
+        stacks |= {k: x[0] for k, x in by_layer[1].layer_stacks(by_layer[0]).items()}
+    valid = mask.astype(bool)
+    unrolled = model.graph(stack.placement)
+    own = [np.asarray(_call(unrolled, states[a], ids, mask)[0])[valid] for a in (0, 1)]
+    assert np.abs(own[1] - own[0]).max() > 1e-2  # the adapters' logits differ
+    for scan, reads in ((True, 1), (False, 0)):
+        graph = model.graph(stack.placement, scan_layers=scan)
+        given = _call(graph, states[0], ids, mask, lora_stacks=stacks)[0]
+        np.testing.assert_allclose(np.asarray(given)[valid], own[reads], atol=LOGIT_TOL)
+
+
 def _group(model, configs, seed) -> tuple[GroupState, lora.LoRAPlacement]:
     stack = _stack(model, configs, seed)
     hyper = Hyper.stack(
@@ -157,15 +180,31 @@ def _group(model, configs, seed) -> tuple[GroupState, lora.LoRAPlacement]:
     return group, stack.placement
 
 
-def test_scanned_train_step_equals_unrolled(model):
-    """One rank group of adapters on some layers with mixed ranks (padded to one stack): the
-    scanned step with block remat gives the unrolled step's losses and updated adapters
-    (without remat: the gradient test below)."""
-    group, placement = _group(model, SOME_LAYERS, seed=0)
+# every layer: the scanned step reads the training state's layer stacks themselves
+EVERY_LAYER = [
+    lora.LoRAConfig(rank=2, targets=("q_proj", "v_proj"), dropout=0.1),
+    lora.LoRAConfig(rank=4, dropout=0.1),
+]
+
+
+@pytest.mark.parametrize(
+    ("configs", "passes", "packed"),
+    [(SOME_LAYERS, 1, False), (EVERY_LAYER, 1, False), (EVERY_LAYER, 2, True)],
+    ids=["some layers", "every layer", "every layer, 2 passes, packed"],
+)
+def test_scanned_train_step_equals_unrolled(model, configs, passes, packed):
+    """One rank group of mixed ranks (padded to one stack): the scanned step with block remat
+    gives the unrolled step's losses and updated adapters (without remat: the gradient test
+    below). With adapters on every layer the scan reads the step's layer stacks (`lora_stacks`),
+    else the layers' own weights, stacked by the model."""
+    group, placement = _group(model, configs, seed=0)
     state = TrainState(jnp.zeros((), jnp.int32), (group,))
-    ids = np.random.default_rng(0).integers(10, 500, (2, 3, 12))
+    ids = np.random.default_rng(0).integers(10, 500, (2, 1, 24) if packed else (2, 3, 12))
     valid = np.ones(ids.shape, bool)
-    valid[:, 0, -4:] = False  # a right-padded row
+    valid[:, 0, -4:] = False  # a right-padded row (packed: the empty end of the sequence)
+    batch = (ids, valid, valid)
+    if packed:  # rows of 8, 10 and 2 tokens
+        batch += (np.broadcast_to(np.repeat([1, 2, 3, 0], [8, 10, 2, 4]), ids.shape),)
     out = {}
     for remat, scan in (("none", False), ("block", True)):
         cfg = StepConfig(
@@ -173,10 +212,12 @@ def test_scanned_train_step_equals_unrolled(model):
             schedule="cosine",
             total_steps=10,
             use_dropout=False,  # dropout through the scan: the logits test
-            passes=(1,),
+            passes=(passes,),
+            segment_window=10 if packed else 0,
+            scan_layers=scan,
         )
         step = jax.jit(functools.partial(train_step, cfg))
-        new, losses = step(model.params, state, ((ids, valid, valid),))
+        new, losses = step(model.params, state, (batch,))
         out[remat, scan] = (losses[0], new.groups[0].weights)
     l0, w0 = out["none", False]
     for key in (("block", True),):
@@ -248,3 +289,26 @@ def test_layer_stacks_hold_one_array_per_projection_factor_at_any_depth(layers, 
         np.testing.assert_array_equal(a, b)
     for a, b in zip(by_layer.join(stack.weights), stacks, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_scanned_job_equals_unrolled_with_distillation(tmp_path):
+    """`model.scan_layers: true` through a whole job (its step hands the scan the training
+    state's layer stacks): an NTP group and a distilling group (release_b, which reads the
+    student's hidden states too), with dropout, train the unrolled job's adapters."""
+    changes = {
+        "data": {"dataset": "phonebook", "size_tokens": 160, "max_length": 48,
+                 "units": "sectors", "unit_count": 2, "chat_template": False},
+        "training": {"steps": 4, "batch_size": 4, "lr": 3e-3, "log_every": 2},
+        "distill": {"preset": "release_b", "temperature": 1.0, "teacher": "step"},
+        "sweep": {"training.objective": ["ntp", "distill"]},
+    }  # fmt: skip
+    out = {}
+    for scan in ("false", "true"):
+        config = load_config(
+            write_config(tmp_path / f"{scan}.yaml", **changes), [f"model.scan_layers={scan}"]
+        )
+        run(config, tmp_path / scan)
+        out[scan] = adapters(tmp_path / scan)
+    assert len(out["true"]) == 4
+    # the same float32 operations in another loop structure: rounding only (see runs.py)
+    assert_equal_to_rounding(out["true"], out["false"], rounding_bound(config))

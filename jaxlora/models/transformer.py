@@ -449,17 +449,46 @@ def _fetch_policy(prim, *_, **params) -> bool:
     return True
 
 
-def _scan_blocks(blocks, x_BTD, sin, cos, mask: AttentionMask, rngs, remat: Remat, outputs: bool):
+def path_keys(path) -> tuple:
+    """A pytree path as plain keys: `('self_attn', 'q_proj', 'lora_a', 'value')`."""
+    return tuple(getattr(k, "key", getattr(k, "name", None)) for k in path)
+
+
+def _given_stacks(template, given: dict[tuple, Array] | None, depth: int):
+    """`template` (one block's state) with each leaf taken from `given`, its layer stack keyed
+    by the leaf's path; None unless `given` holds every leaf for all `depth` layers."""
+    if given is None:
+        return None
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+    stacks = [given.get(path_keys(p)) for p, _ in leaves]
+    shapes = [(depth, *x.shape) for _, x in leaves]
+    if any(s is None or s.shape != shape for s, shape in zip(stacks, shapes, strict=True)):
+        return None
+    return jax.tree.unflatten(treedef, stacks)
+
+
+def _scan_blocks(
+    blocks,
+    x_BTD,
+    sin,
+    cos,
+    mask: AttentionMask,
+    rngs,
+    remat: Remat,
+    outputs: bool,
+    lora_stacks: dict[tuple, Array] | None = None,
+):
     """The blocks as one `lax.scan` (`Transformer(scan_layers=True)`): the compiled program
     holds one block, whatever the depth. Returns x and, with `outputs`, every layer's output
     [L, B, T, D].
 
     Storage stays per layer (`layers.0...`, `layers.1...`: checkpoints, PEFT files, merging
     and sharding see the same tree). Inside the step the scan reads:
-    - LoRA factors and constants stacked over layers (small: adapters, not the base). A layer
-      without an adapter (`lora.layers`) gets zero A, B and scale: it adds exactly 0 to its
-      projections and its (discarded) factors get exactly zero gradient, so the scan
-      computes what the unrolled stack does.
+    - LoRA factors and constants stacked over layers (small: adapters, not the base): the
+      caller's `lora_stacks` where they cover every layer (the training step keeps them so),
+      else the layers' own, stacked here. A layer without an adapter (`lora.layers`) gets
+      zero A, B and scale: it adds exactly 0 to its projections and its (discarded) factors
+      get exactly zero gradient, so the scan computes what the unrolled stack does.
     - base weights fetched per layer by `lax.switch` on the layer index: one layer's copy at a
       time, never a stacked copy of the whole base (16 GB for an 8B model in bf16). The
       backward pass fetches again rather than keeping L copies (the remat policy).
@@ -484,7 +513,11 @@ def _scan_blocks(blocks, x_BTD, sin, cos, mask: AttentionMask, rngs, remat: Rema
         else:  # no adapter in this layer: zero factors and scale, zero dropout
             lora_w.append(zeros(w_tpl))
             lora_c.append(zeros(c_tpl))
-    stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)  # noqa: E731
+
+    def layer_stacks(template, own):
+        given = _given_stacks(template, lora_stacks, len(blocks))
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *own) if given is None else given
+
     bases = tuple(p for _, _, _, p in split)
     fetchers = [lambda ps, i=i: ps[i] for i in range(len(bases))]
 
@@ -499,7 +532,8 @@ def _scan_blocks(blocks, x_BTD, sin, cos, mask: AttentionMask, rngs, remat: Rema
 
     policy = None if remat == "block" else _fetch_policy
     body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-    xs = (jnp.arange(len(bases)), stack(lora_w), stack(lora_c), rngs)
+    lora = layer_stacks(w_tpl, lora_w), layer_stacks(c_tpl, lora_c)
+    xs = (jnp.arange(len(bases)), *lora, rngs)
     with jax.named_scope("layers"):
         return jax.lax.scan(body, x_BTD, xs)
 
@@ -556,6 +590,7 @@ class Transformer(nnx.Module):
         segment_ids_BT: Array | None = None,
         segment_window: int = 0,
         hidden_layers: tuple[int, ...] = (),
+        lora_stacks: dict[tuple, Array] | None = None,
     ) -> tuple[Array, KVCache | None] | tuple[Array, KVCache | None, Array]:
         """Run the decoder.
 
@@ -573,6 +608,14 @@ class Transformer(nnx.Module):
         `hidden_layers` (static) adds a third output, the hidden states [len, B, T, D] at those
         indices of transformers' `output_hidden_states`: 0 the embeddings, i the output of layer
         i, num_layers the final-norm output.
+
+        `lora_stacks`: the layers' LoRA factors and constants as layer stacks [L, ...], keyed
+        by their path within a layer (`path_keys`: `('self_attn', 'q_proj', 'lora_a',
+        'value')`), from a caller that keeps them so (the training step). A scanned stack
+        reads these where they cover every layer instead of stacking the layers' own, which
+        it then leaves unread: no per-layer pieces cut from the caller's stacks and joined
+        again, work that grew a deep model's compile with its depth. The unrolled stack and
+        cached calls read the layers' own.
         """
         B, T = tokens_BT.shape
         mask_BT = jnp.ones((B, T), bool) if mask_BT is None else mask_BT.astype(bool)
@@ -630,6 +673,7 @@ class Transformer(nnx.Module):
                 None if rng is None else layer_rngs,
                 self.remat,
                 bool(hidden_layers),
+                lora_stacks,
             )
             states += [None] * len(self.layers) if outs_LBTD is None else list(outs_LBTD)
         else:  # unrolled; also a scanned stack's cached calls (decoding: see `_scan_blocks`)
