@@ -4,7 +4,8 @@ For each A, the same A PhoneBook adapters (one phonebook per adapter, `data.seed
 trained three ways on the same token batches:
 
   (a) one jaxlora job: every adapter in one jitted, vmapped step;
-  (b) jaxlora, one adapter at a time: a one-cell job per adapter, run back to back;
+  (b) jaxlora, one adapter at a time: a one-cell job per adapter, run back to back
+      (`--no-single` skips it, and with it (c));
   (c) PyTorch + PEFT, one adapter at a time, the study's recipe (DESIGN.md section 3: LoRA on all
       linear layers, alpha = r, dropout 0.1; AdamW with weight decay 0.01, cosine decay, gradient
       clipping at 1.0; loss on every non-pad token of the chat-formatted row).
@@ -47,7 +48,12 @@ STUDY_STEPS = 1500
 def grid_config(args: argparse.Namespace, sweep: dict[str, list]) -> Config:
     """The study's PhoneBook recipe on `args.model`, one adapter per cell of `sweep`."""
     raw = {
-        "model": {"path": args.model, "dtype": args.dtype, "remat": args.remat},
+        "model": {
+            "path": args.model,
+            "dtype": args.dtype,
+            "remat": args.remat,
+            "scan_layers": args.scan_layers,
+        },
         "lora": {"rank": args.rank, "alpha": None, "targets": "all-linear", "dropout": 0.1},
         "data": {
             "dataset": "phonebook",
@@ -173,6 +179,8 @@ def measure(args: argparse.Namespace, A: int, ceiling: float, out: Path) -> dict
         variants.append(name)
         del grid
 
+    if args.no_single:
+        return row
     first_total = seconds = 0.0
     tokens = 0
     cells = []  # what the PEFT loop needs of each one-cell job: its config, data and plan
@@ -227,7 +235,15 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per adapter")
     p.add_argument("--train-steps", type=int, default=STUDY_STEPS, help="for adapters/hour")
     p.add_argument("--peft", action="store_true", help="also time the PyTorch + PEFT loop")
+    p.add_argument("--scan-layers", action="store_true", help="model.scan_layers: true")
+    p.add_argument(
+        "--no-single",
+        action="store_true",
+        help="time the one job only (no one-adapter-at-a-time jobs; not with --peft)",
+    )
     args = p.parse_args()
+    if args.no_single and args.peft:
+        p.error("--peft trains the one-adapter jobs' cells: drop --no-single")
     on_cpu = jax.devices()[0].platform == "cpu"
     args.dtype = args.dtype or ("float32" if on_cpu else "bfloat16")
     args.adapters_per_pass = args.adapters_per_pass or (["all", "1"] if on_cpu else ["all"])
@@ -245,6 +261,7 @@ def main() -> None:
             "dtype": args.dtype,
             "rank": args.rank,
             "batch": args.batch,
+            "scan_layers": args.scan_layers,
             "timed_steps": args.steps,
             "matmul_flops_per_s": f"{ceiling:.4g}",
             "rows": rows,

@@ -21,10 +21,10 @@ mkdir -p "$(dirname "$LOG")"
 if [ "${SMOKE:-0}" = 1 ]; then
   export JAX_PLATFORMS=cpu CUDA_VISIBLE_DEVICES=
   M1=tiny-llama M8=small-llama ADAPTERS="1 2" PEFT_A=2 STEPS=1 QUESTIONS=4 LIMIT=300
-  DTYPE=float32 EVAL_A=2
+  DTYPE=float32 EVAL_A=2 SCAN_A=2
 else
   M1=llama-3.2-1b-shape M8=llama-3.1-8b-shape ADAPTERS="1 16 64" PEFT_A=16 STEPS=3
-  QUESTIONS=16 LIMIT=150 DTYPE=bfloat16 EVAL_A=16
+  QUESTIONS=16 LIMIT=150 DTYPE=bfloat16 EVAL_A=16 SCAN_A=16
 fi
 echo "gpu_check: logs in $LOG.*  (SMOKE=${SMOKE:-0})"
 $PY - <<'PY'
@@ -44,11 +44,16 @@ step() {  # step NAME LIMIT_S COMMAND...: run, keep its JSON lines, report failu
   return 0
 }
 
-# 1. MFU of the one job: 1B and 8B shapes, bf16, A = 1, 16, 64 (no PEFT here: see 2).
+# 1. MFU of the one job: 1B and 8B shapes, bf16, A = 1, 16, 64 (no PEFT here: see 2; no
+#    one-adapter jobs). The 8B shape scans its layers: one compiled block per A, not 32.
 step mfu_1b $((LIMIT * 2)) $PY -m benchmarks.bench_sweep --model "$M1" --dtype "$DTYPE" \
-  --adapters $ADAPTERS --steps "$STEPS"
+  --adapters $ADAPTERS --steps "$STEPS" --no-single
 step mfu_8b $((LIMIT * 2)) $PY -m benchmarks.bench_sweep --model "$M8" --dtype "$DTYPE" \
-  --remat block --adapters $ADAPTERS --steps "$STEPS"
+  --remat block --adapters $ADAPTERS --steps "$STEPS" --no-single --scan-layers
+#    What scanning costs per step on this device: the 1B shape scanned at A = 16, against its
+#    unrolled row of mfu_1b (model.scan_layers defaults to false until this is measured).
+step scan_1b "$LIMIT" $PY -m benchmarks.bench_sweep --model "$M1" --dtype "$DTYPE" \
+  --adapters "$SCAN_A" --steps "$STEPS" --no-single --scan-layers
 # 2. Adapters/hour vs PyTorch + PEFT on CUDA at the study's batch 8 (1B: PEFT reloads the base
 #    per adapter, which an 8B model makes too slow for this budget).
 step peft_1b "$LIMIT" $PY -m benchmarks.bench_sweep --model "$M1" --dtype "$DTYPE" \
@@ -61,7 +66,8 @@ step attention "$LIMIT" $PY -m pytest -q -x tests/test_attention.py
 
 $PY - "$LOG.jsonl" <<'PY'
 """Summary: MFU per shape and A (vs the measured matmul and vs the chip's peak), adapters/hour
-vs PEFT, peak memory per adapter, the batched-eval ratio."""
+vs PEFT, peak memory per adapter, scanned vs unrolled seconds per step, the batched-eval
+ratio."""
 import json
 import sys
 
@@ -70,6 +76,7 @@ print("\n== gpu_check summary ==")
 results = [json.loads(line) for line in open(sys.argv[1])]
 if not results:
     print("no results (see the logs)")
+per_step = {}  # (model, A, scanned) -> one job's seconds per step
 for r in results:
     step, d = r["step"], r["data"]
     peak = next((v for k, v in PEAK.items() if k in json.dumps(d)), None)
@@ -78,7 +85,10 @@ for r in results:
         mem = {}
         for row in d["rows"]:
             A = row["adapters"]
-            line = f"[{step}] {d['model']} {d['dtype']} A={A}: MFU {row['one_job_mfu']:.1%} of matmul"
+            scan = bool(d.get("scan_layers"))
+            per_step[d["model"], A, scan] = row["one_job_s_per_step"]
+            line = f"[{step}] {d['model']} {d['dtype']}{' scanned' if scan else ''} A={A}: "
+            line += f"MFU {row['one_job_mfu']:.1%} of matmul"
             if peak:
                 line += f", {row['one_job_mfu'] * ceiling / peak:.1%} of chip peak"
             line += f", {row['one_job_adapters_per_hour']} adapters/h"
@@ -94,4 +104,9 @@ for r in results:
     else:  # bench_eval
         keep = {k: v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         print(f"[{step}] " + ", ".join(f"{k}={v}" for k, v in keep.items()))
+for (model, A, scan), seconds in per_step.items():
+    if scan and (model, A, False) in per_step:
+        unrolled = per_step[model, A, False]
+        print(f"[scan] {model} A={A}: scanned {seconds} s/step vs unrolled {unrolled}: "
+              f"{seconds / unrolled:.2f}x")
 PY
