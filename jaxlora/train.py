@@ -184,8 +184,8 @@ class ByLayer:
 
     treedef: Any
     index: tuple[tuple[int, ...], ...]  # per stack, its leaves' positions in the tree
-    # per stack, its path within a layer where it holds layers 0, 1, ... in order, else None
-    in_layer: tuple[tuple | None, ...]
+    # per stack of layer leaves, their path within a layer and their layers (None: not a layer's)
+    within: tuple[tuple[tuple, tuple[int, ...]] | None, ...]
 
     @classmethod
     def of(cls, tree) -> tuple[list[Array], ByLayer]:
@@ -194,15 +194,13 @@ class ByLayer:
         layers: dict[tuple, list[int]] = {}
         for i, (path, x) in enumerate(leaves):
             keys = path_keys(path)
-            in_layers = keys[0] == "layers"
-            key = (*(("layers", *keys[2:]) if in_layers else (i,)), x.shape, x.dtype)
+            in_layer = keys[0] == "layers"
+            key = (*(("layers", *keys[2:]) if in_layer else (i,)), x.shape, x.dtype)
             stacks.setdefault(key, []).append(i)
-            if in_layers:
+            if in_layer:
                 layers.setdefault(key, []).append(keys[1])
-        in_layer = tuple(
-            k[1:-2] if layers.get(k) == list(range(len(v))) else None for k, v in stacks.items()
-        )
-        by = cls(treedef, tuple(tuple(v) for v in stacks.values()), in_layer)
+        within = tuple((k[1:-2], tuple(layers[k])) if k in layers else None for k in stacks)
+        by = cls(treedef, tuple(tuple(v) for v in stacks.values()), within)
         return by.join(tree), by
 
     def join(self, tree) -> list[Array]:
@@ -210,10 +208,16 @@ class ByLayer:
         leaves = jax.tree.leaves(tree)
         return [jnp.stack([leaves[i] for i in idx], axis=1) for idx in self.index]
 
+    def covers(self, depth: int) -> bool:
+        """Whether there are layer stacks and each holds layers 0..depth-1 in order: what a
+        scanned model of that depth reads as they are."""
+        layers = [w[1] for w in self.within if w is not None]
+        return bool(layers) and all(ls == tuple(range(depth)) for ls in layers)
+
     def layer_stacks(self, stacks: Sequence[Array]) -> dict[tuple, Array]:
         """The stacks of layer leaves, [A, L, ...], keyed by their path within a layer: what
         a scanned model reads (`Transformer.__call__(lora_stacks=)`)."""
-        return {k: x for k, x in zip(self.in_layer, stacks, strict=True) if k is not None}
+        return {w[0]: x for w, x in zip(self.within, stacks, strict=True) if w is not None}
 
     def split(self, stacks: Sequence[Array]):
         """The tree of `stacks`."""
@@ -298,13 +302,15 @@ def _losses_and_grads(
     scan: bool = False,
 ) -> tuple[Array, list[Array]]:
     """Per-adapter losses [A] and LoRA gradients of one group, as layer stacks (`ByLayer`);
-    `scan`: the model scans its layers, and reads the stacks themselves.
+    `scan`: the model scans its layers, and reads the stacks themselves where they hold every
+    layer (with `lora.layers` it reads per-layer views, as the unrolled model does).
 
     With `passes` > 1 the adapters are taken in `passes` sequential vmaps (`lax.map`), pass i
     computing adapters i, i + passes, ... so that every device keeps an equal share of each
     pass. Each adapter's numbers are the same either way; fewer adapters at once means less
     activation memory and, on CPUs, activations that stay in cache."""
     c_stacks, c_layers = ByLayer.of(g.consts)
+    depth = len(base["layers"])
 
     def chunk(w_stacks, c_stacks, batch, rngs, live):
         consts = c_layers.split(c_stacks)
@@ -324,7 +330,7 @@ def _losses_and_grads(
             per = _group_losses(graphdef, base, views, consts, *args)
             return jnp.sum(jnp.where(live, per, 0.0)), per
 
-        if scan:  # the model reads the stacks (its per-layer views are left unread)
+        if scan and g.by_layer.covers(depth):  # the model reads the stacks, not the views
             c_given = c_layers.layer_stacks(c_stacks)
 
             def stacked(w):

@@ -283,6 +283,9 @@ def test_layer_stacks_hold_one_array_per_projection_factor_at_any_depth(layers, 
     stack = _stack(deep, [lora.LoRAConfig(rank=4, layers=layers)] * 3)
     stacks, by_layer = ByLayer.of(stack.weights)
     assert len(stacks) == 14 and {s.shape[:2] for s in stacks} == {(3, depth)}
+    # what a scanned step hands the model as it is: stacks of all 6 layers only
+    assert by_layer.covers(6) == (layers is None) and not by_layer.covers(5)
+    assert ("mlp", "down_proj", "lora_b", "value") in by_layer.layer_stacks(stacks)
     assert jax.tree.structure(by_layer.split(stacks)) == jax.tree.structure(stack.weights)
     split, whole = by_layer.split(stacks), stack.weights
     for a, b in zip(jax.tree.leaves(split), jax.tree.leaves(whole), strict=True):
