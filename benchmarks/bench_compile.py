@@ -17,6 +17,7 @@ on one device of --device-memory GiB (default 80: an H100), instead of one stack
     python -m benchmarks.bench_compile                        # 1B and 8B, 1 and 10 groups, both
     python -m benchmarks.bench_compile --shapes llama-3.2-1b-shape --groups 1 --layers unrolled
     python -m benchmarks.bench_compile --layers scan --layout auto
+    python -m benchmarks.bench_compile --generate 32              # generation, not the step
 """
 
 from __future__ import annotations
@@ -168,6 +169,33 @@ def measure(shape: str, n_groups: int, args, scan: bool) -> dict:
     }
 
 
+def measure_generate(shape: str, args) -> dict:
+    """Compile of base-model generation (`jaxlora.generate`): prefill of --batch x --seq
+    prompt tokens, then --generate new tokens. Decoding runs its layers unrolled (a KV cache
+    is updated in place per layer), so this grows with depth."""
+    from jaxlora.generate import DecodeSpec, _generate_base
+
+    config = PRESETS[shape].config
+    dtype = parse_dtype(args.dtype)
+    graphdef, _, _, base = abstract_module(config, None, dtype, dtype)
+    base = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), base)
+    tokens = jax.ShapeDtypeStruct((args.batch, args.seq), jnp.int32)
+    mask = jax.ShapeDtypeStruct((args.batch, args.seq), bool)
+    spec = DecodeSpec(args.generate, tuple(config.eos_token_ids) or (0,), 0)
+    t0 = time.perf_counter()
+    lowered = _generate_base.lower(graphdef, base, tokens, mask, spec, None)
+    t1 = time.perf_counter()
+    lowered.compile()
+    t2 = time.perf_counter()
+    return {
+        "shape": shape,
+        "layers": config.num_layers,
+        "lower_s": round(t1 - t0, 1),
+        "compile_s": round(t2 - t1, 1),
+        "total_s": round(t2 - t0, 1),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", default=["llama-3.2-1b-shape", "llama-3.1-8b-shape"])
@@ -187,7 +215,20 @@ def main() -> None:
     p.add_argument(
         "--device-memory", type=float, default=80.0, help="GiB per device, for --layout auto"
     )
+    p.add_argument(
+        "--generate",
+        type=int,
+        default=0,
+        help="new tokens: time the compile of base-model generation instead of the step",
+    )
     args = p.parse_args()
+    if args.generate:
+        measure_generate("tiny-llama", args)  # warm-up, as for the step below
+        rows = [measure_generate(shape, args) for shape in args.shapes]
+        for r in rows:
+            print(f"{r['shape']:>20} L={r['layers']:<3} generate: total {r['total_s']:6.1f}s")
+        report("bench_compile --generate", {"settings": vars(args), "rows": rows})
+        return
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         raise SystemExit("unset JAX_COMPILATION_CACHE_DIR: a cache hit is not a compile")
     modes = {"unrolled": [False], "scan": [True], "both": [False, True]}[args.layers]
