@@ -47,12 +47,18 @@ def add_grid_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[125, 250, 500, 1000])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--max-length", type=int, default=64)
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="compute and base dtype of both sides (adapters and optimizer state stay float32)",
+    )
 
 
 def job_config(args: argparse.Namespace, base: Path, steps: int) -> dict:
     """The grid's configuration, as a user would write it."""
     return {
-        "model": {"path": str(base)},
+        "model": {"path": str(base), "dtype": args.dtype},
         "lora": {"rank": args.ranks[0], "alpha": None, "targets": "all-linear", "dropout": 0.1},
         "data": {
             "dataset": "phonebook",
@@ -100,8 +106,10 @@ def prepare(args: argparse.Namespace, tmp: Path) -> Path:
     return base
 
 
-def peft_worker(base: Path, cells: Path, out: Path, steps: int) -> None:
-    """The study's loop over the cells, one adapter after another (run in its own process)."""
+def peft_worker(base: Path, cells: Path, out: Path, steps: int, dtype: str) -> None:
+    """The study's loop over the cells, one adapter after another (run in its own process).
+    In bfloat16 the base is loaded so, as the study loads it; PEFT keeps the adapters in
+    float32 (`autocast_adapter_dtype`), as jaxlora does."""
     import torch
     import transformers
     from peft import LoraConfig, get_peft_model
@@ -109,7 +117,7 @@ def peft_worker(base: Path, cells: Path, out: Path, steps: int) -> None:
     for cell in sorted(cells.glob("*.npz")):
         data = np.load(cell)
         model = get_peft_model(
-            transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+            transformers.AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype)),
             LoraConfig(
                 r=int(data["rank"]),
                 lora_alpha=float(data["alpha"]),
@@ -169,7 +177,7 @@ def main() -> None:
     )
     args = p.parse_args()
     if args.peft_worker:
-        peft_worker(*map(Path, args.peft_worker), args.steps)
+        peft_worker(*map(Path, args.peft_worker), args.steps, args.dtype)
         return
 
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -182,6 +190,7 @@ def main() -> None:
         }
         if not args.no_peft:
             worker = [sys.executable, "-m", "benchmarks.bench_process", "--steps", str(args.steps)]
+            worker += ["--dtype", args.dtype]
             peft_args = ["--peft-worker", str(base), str(tmp / "cells"), str(tmp / "peft")]
             runs["peft_s"] = lambda: wall([*worker, *peft_args])
         for name, run in runs.items():
