@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from flax import nnx
 
 import jaxlora
 from jaxlora.generate import generate
+from jaxlora.models.layers import dense
 from jaxlora.models.transformer import KVCache
 from tests.hf_factory import load_hf_model
 
@@ -173,7 +175,33 @@ def test_bfloat16_stays_close_to_float32(hf_checkpoint, family):
     assert agree > 0.9
 
 
-def jax_leaves(state):
-    import jax
+def test_dense_products_equal_xlas_own_and_run_bfloat16_kernels_on_cpu():
+    """`dense` (the projections' product): in float32 the plain product; in bfloat16 on a CPU
+    the float32-summed product (a `custom_vjp` asking XLA for bf16 kernels), equal to XLA's own
+    bfloat16 product forward and backward. Both round a float32 sum of the same products to
+    bfloat16, in another order: they may differ by one bfloat16 step (2^-7 relative) where a
+    sum falls near a rounding boundary, never more."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(3, 40, 96)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(96, 72)) / 10, jnp.bfloat16)
+    c = jnp.asarray(rng.normal(size=(3, 40, 72)), jnp.bfloat16)
 
+    def plain(x, w):
+        return jnp.einsum("...i,io->...o", x, w)
+
+    def loss(f):
+        return jax.grad(lambda x, w: jnp.sum((f(x, w) * c).astype(jnp.float32)), (0, 1))
+
+    assert "custom_vjp_call" in str(jax.make_jaxpr(dense)(x, w))
+    ours = [jax.jit(dense)(x, w), *jax.jit(loss(dense))(x, w)]
+    xla = [jax.jit(plain)(x, w), *jax.jit(loss(plain))(x, w)]
+    for a, b in zip(ours, xla, strict=True):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert a.shape == b.shape and np.abs(b).max() > 1
+        assert np.all(np.abs(a - b) <= 2**-7 * np.abs(b))
+    x32, w32 = x.astype(jnp.float32), w.astype(jnp.float32)
+    assert "custom_vjp_call" not in str(jax.make_jaxpr(dense)(x32, w32))
+
+
+def jax_leaves(state):
     return jax.tree.leaves(state)

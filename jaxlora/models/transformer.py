@@ -45,6 +45,7 @@ from jaxlora.models.layers import (
     LoRAWeight,
     RMSNorm,
     apply_rope,
+    dense,
     random_normal,
     rope_inv_freq,
     rope_sin_cos,
@@ -702,7 +703,7 @@ class Transformer(nnx.Module):
         if last_only:
             x = x[:, -1:]
         if self.lm_head is None:
-            logits = jnp.einsum("BTD,VD->BTV", x, self.embed_tokens[...].astype(self.dtype))
+            logits = dense(x, self.embed_tokens[...].astype(self.dtype).T)
         else:
             logits = self.lm_head(x)
         if hidden is not None:
