@@ -23,7 +23,6 @@ on one device of --device-memory GiB (default 80: an H100), instead of one stack
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import time
 from pathlib import Path
@@ -45,7 +44,6 @@ from jaxlora.train import GroupState, Hyper, StepConfig, TrainState, compile_ste
 HYPER = dict(
     lr=5e-5, warmup_ratio=0.0, weight_decay=0.01, clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8
 )
-SCAN_SUPPORTED = "scan_layers" in inspect.signature(Model.graph).parameters
 
 
 def _abstract(tree: nnx.State, mesh) -> nnx.State:
@@ -75,8 +73,7 @@ def abstract_step(shape: str, stacks: list[tuple[int, int]], args, scan: bool):
     for rank, per_group in stacks:
         loras = [LoRAConfig(rank, dropout=0.1).validate(config)] * per_group
         placement = union_placement(loras)
-        kw = dict(scan_layers=True) if scan else {}
-        graphdefs.append(model.graph(placement, remat=args.remat, **kw))
+        graphdefs.append(model.graph(placement, remat=args.remat, scan_layers=scan))
         _, w_abs, c_abs, _ = abstract_module(config, placement, dtype, dtype)
 
         def build(w_abs=w_abs, c_abs=c_abs, loras=loras):
@@ -232,8 +229,6 @@ def main() -> None:
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         raise SystemExit("unset JAX_COMPILATION_CACHE_DIR: a cache hit is not a compile")
     modes = {"unrolled": [False], "scan": [True], "both": [False, True]}[args.layers]
-    if True in modes and not SCAN_SUPPORTED:
-        raise SystemExit("this checkout has no model.scan_layers; use --layers unrolled")
     # Warm-up (backend start, first-use tracing caches), so the first row is not charged for it.
     measure("tiny-llama", 1, argparse.Namespace(**{**vars(args), "layout": "groups"}), False)
     rows = []
