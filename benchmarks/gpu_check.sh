@@ -76,7 +76,7 @@ print("\n== gpu_check summary ==")
 results = [json.loads(line) for line in open(sys.argv[1])]
 if not results:
     print("no results (see the logs)")
-per_step = {}  # (model, A, scanned) -> one job's seconds per step
+per_step = {}  # (model, A, scanned) -> one job's seconds per step, from its first run
 for r in results:
     step, d = r["step"], r["data"]
     peak = next((v for k, v in PEAK.items() if k in json.dumps(d)), None)
@@ -86,7 +86,7 @@ for r in results:
         for row in d["rows"]:
             A = row["adapters"]
             scan = bool(d.get("scan_layers"))
-            per_step[d["model"], A, scan] = row["one_job_s_per_step"]
+            per_step.setdefault((d["model"], A, scan), row["one_job_s_per_step"])
             line = f"[{step}] {d['model']} {d['dtype']}{' scanned' if scan else ''} A={A}: "
             line += f"MFU {row['one_job_mfu']:.1%} of matmul"
             if peak:
