@@ -350,6 +350,32 @@ def test_low_rank_product_gradient_equals_autodiff(product, spec):
             np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "product, spec",
+    [(layers._low_rank_in, "...i,ir->...r"), (layers._low_rank_out, "...r,ro->...o")],
+    ids=["A", "B"],
+)
+def test_low_rank_factor_gradients_are_summed_in_the_factors_float32(product, spec):
+    """bfloat16 activations, float32 factors (a bfloat16 model in training): the factor's
+    gradient sums bfloat16 products in float32, as PEFT's float32 adapters do."""
+    x = jax.random.normal(jax.random.key(0), (3, 40, 24)).astype(jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(1), (24, 16))
+    cot = jax.random.normal(jax.random.key(2), (3, 40, 16)).astype(jnp.bfloat16)
+    out, vjp = jax.vjp(product, x, w)
+    dx, dw = vjp(cot)
+    assert (out.dtype, dx.dtype, dw.dtype) == (jnp.bfloat16, jnp.bfloat16, jnp.float32)
+
+    f32 = jnp.float32
+    _, ref = jax.vjp(
+        lambda w: jnp.einsum(spec, x.astype(f32), w), w.astype(jnp.bfloat16).astype(f32)
+    )
+    # the same exact products of bfloat16 values, summed in float32 in another order: a few
+    # float32 ulps of the 120-term sums; a bfloat16 result would be off by ~2^-9
+    np.testing.assert_allclose(
+        np.asarray(dw), np.asarray(ref(cot.astype(f32))[0]), rtol=1e-5, atol=1e-5
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # errors
 

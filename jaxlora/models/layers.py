@@ -58,7 +58,8 @@ def _dropout(rng: Array, rate: Array, x: Array) -> Array:
 
 @jax.custom_vjp
 def _low_rank_in(h: Array, a: Array) -> Array:
-    return jnp.einsum("...i,ir->...r", h, a)
+    """h [..., in] @ a [in, r] in h's dtype; `a` is the stored factor (float32 in training)."""
+    return jnp.einsum("...i,ir->...r", h, a.astype(h.dtype))
 
 
 def _low_rank_in_fwd(h, a):
@@ -66,16 +67,16 @@ def _low_rank_in_fwd(h, a):
 
 
 def _low_rank_in_bwd(res, g):
-    """A's gradient is summed as [r, in] and transposed after: XLA:CPU's kernels are ~3x
-    slower writing the [in, r] product directly (an output of r = 2-16 columns;
-    benchmarks/README.md), and the barrier stops XLA from folding the transpose back into
-    the product. Elsewhere the product's layout is the compiler's to choose."""
+    """A's gradient is summed as [r, in], in a's dtype, and transposed after: XLA:CPU's
+    kernels are ~3x slower writing the [in, r] product directly (an output of r = 2-16
+    columns; benchmarks/README.md), and the barrier stops XLA from folding the transpose
+    back into the product. Elsewhere the product's layout is the compiler's to choose."""
     h, a = res
     h2, g2 = h.reshape(-1, h.shape[-1]), g.reshape(-1, g.shape[-1])
-    da_ri = jnp.einsum("tr,ti->ri", g2, h2)
+    da_ri = jnp.einsum("tr,ti->ri", g2, h2, preferred_element_type=a.dtype)
     if jax.default_backend() == "cpu":
         da_ri = jax.lax.optimization_barrier(da_ri)
-    return jnp.einsum("...r,ir->...i", g, a), da_ri.T
+    return jnp.einsum("...r,ir->...i", g, a.astype(g.dtype)), da_ri.T
 
 
 _low_rank_in.defvjp(_low_rank_in_fwd, _low_rank_in_bwd)
@@ -83,7 +84,9 @@ _low_rank_in.defvjp(_low_rank_in_fwd, _low_rank_in_bwd)
 
 @jax.custom_vjp
 def _low_rank_out(u: Array, b: Array) -> Array:
-    return jnp.einsum("...r,ro->...o", u, b)
+    """u [..., r] @ b [r, out] in u's dtype; `b` is the stored factor. B's gradient is summed
+    as [r, out], its own layout, in b's dtype."""
+    return jnp.einsum("...r,ro->...o", u, b.astype(u.dtype))
 
 
 def _low_rank_out_fwd(u, b):
@@ -93,7 +96,8 @@ def _low_rank_out_fwd(u, b):
 def _low_rank_out_bwd(res, g):
     u, b = res
     u2, g2 = u.reshape(-1, u.shape[-1]), g.reshape(-1, g.shape[-1])
-    return jnp.einsum("...o,ro->...r", g, b), jnp.einsum("to,tr->or", g2, u2).T
+    db = jnp.einsum("tr,to->ro", u2, g2, preferred_element_type=b.dtype)
+    return jnp.einsum("...o,ro->...r", g, b.astype(g.dtype)), db
 
 
 _low_rank_out.defvjp(_low_rank_out_fwd, _low_rank_out_bwd)
@@ -201,12 +205,10 @@ class LoRALinear(nnx.Module):
                 h = x
                 if rng is not None:
                     h = _dropout(rng, self.lora_dropout[...], x)
-                a = self.lora_a[...].astype(self.dtype)
-                b = self.lora_b[...].astype(self.dtype)
                 # Scaling the rank-r intermediate rather than the output keeps the backward pass
                 # free of an elementwise pass over the [..., out] cotangent.
                 scale = self.lora_scale[...].astype(self.dtype)
-                y = y + _low_rank_out(_low_rank_in(h, a) * scale, b)
+                y = y + _low_rank_out(_low_rank_in(h, self.lora_a[...]) * scale, self.lora_b[...])
         return y
 
 
