@@ -68,9 +68,9 @@ def _low_rank_in_fwd(h, a):
 
 def _low_rank_in_bwd(res, g):
     """A's gradient is summed as [r, in], in a's dtype, and transposed after: XLA:CPU's
-    kernels are ~3x slower writing the [in, r] product directly (an output of r = 2-16
-    columns; benchmarks/README.md), and the barrier stops XLA from folding the transpose
-    back into the product. Elsewhere the product's layout is the compiler's to choose."""
+    kernels write the [in, r] product (r = 2-16 columns) 3-6x slower (benchmarks/README.md),
+    and the barrier stops XLA from folding the transpose back into the product. Elsewhere
+    the product's layout is the compiler's to choose."""
     h, a = res
     h2, g2 = h.reshape(-1, h.shape[-1]), g.reshape(-1, g.shape[-1])
     da_ri = jnp.einsum("tr,ti->ri", g2, h2, preferred_element_type=a.dtype)
