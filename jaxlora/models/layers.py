@@ -68,7 +68,7 @@ def _low_rank_in_fwd(h, a):
 
 def _low_rank_in_bwd(res, g):
     """A's gradient is summed as [r, in], in a's dtype, and transposed after: XLA:CPU's
-    kernels write the [in, r] product (r = 2-16 columns) 3-6x slower (benchmarks/README.md),
+    kernels write the [in, r] product (r = 2-16 columns) 4-6x slower (benchmarks/README.md),
     and the barrier stops XLA from folding the transpose back into the product. Elsewhere
     the product's layout is the compiler's to choose."""
     h, a = res
