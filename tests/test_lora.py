@@ -322,21 +322,22 @@ def test_dropout_keeps_the_right_fraction_unbiased_and_uncorrelated(rate):
     )
 
 
-@pytest.mark.parametrize(
-    "product, spec",
-    [(layers._low_rank_in, "...i,ir->...r"), (layers._low_rank_out, "...r,ro->...o")],
-    ids=["A", "B"],
-)
-def test_low_rank_product_gradient_equals_autodiff(product, spec):
-    """The custom VJPs of x A and u B, alone and vmapped over a stacked adapter axis as the
-    trainer runs them, against autodiff of the plain product."""
-    x = jax.random.normal(jax.random.key(0), (2, 3, 5, 6))
-    w = jax.random.normal(jax.random.key(1), (2, 6, 4))
-    cot = jax.random.normal(jax.random.key(2), (2, 3, 5, 4))
+# A's shape ([in, r]: its gradient is summed as [r, in] and transposed) and B's ([r, out])
+FACTOR_SHAPES = pytest.mark.parametrize("d_in, d_out", [(6, 4), (4, 7)], ids=["A", "B"])
+
+
+@FACTOR_SHAPES
+def test_factor_product_gradient_equals_autodiff(d_in, d_out):
+    """The custom VJP of x A and u B, alone and vmapped over a stacked adapter axis as the
+    trainer runs it, against autodiff of the plain product."""
+    x = jax.random.normal(jax.random.key(0), (2, 3, 5, d_in))
+    w = jax.random.normal(jax.random.key(1), (2, d_in, d_out))
+    cot = jax.random.normal(jax.random.key(2), (2, 3, 5, d_out))
 
     def plain(x, w):
-        return jnp.einsum(spec, x, w)
+        return jnp.einsum("...i,io->...o", x, w)
 
+    product = layers._factor_product
     for ours_fn, ref_fn, args, c in [
         (product, plain, (x[0], w[0]), cot[0]),
         (jax.vmap(product), jax.vmap(plain), (x, w), cot),
@@ -350,24 +351,21 @@ def test_low_rank_product_gradient_equals_autodiff(product, spec):
             np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "product, spec",
-    [(layers._low_rank_in, "...i,ir->...r"), (layers._low_rank_out, "...r,ro->...o")],
-    ids=["A", "B"],
-)
-def test_low_rank_factor_gradients_are_summed_in_the_factors_float32(product, spec):
+@FACTOR_SHAPES
+def test_factor_gradients_are_summed_in_the_factors_float32(d_in, d_out):
     """bfloat16 activations, float32 factors (a bfloat16 model in training): the factor's
     gradient sums bfloat16 products in float32, as PEFT's float32 adapters do."""
-    x = jax.random.normal(jax.random.key(0), (3, 40, 24)).astype(jnp.bfloat16)
-    w = jax.random.normal(jax.random.key(1), (24, 16))
-    cot = jax.random.normal(jax.random.key(2), (3, 40, 16)).astype(jnp.bfloat16)
-    out, vjp = jax.vjp(product, x, w)
+    x = jax.random.normal(jax.random.key(0), (3, 40, 4 * d_in)).astype(jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(1), (4 * d_in, 4 * d_out))
+    cot = jax.random.normal(jax.random.key(2), (3, 40, 4 * d_out)).astype(jnp.bfloat16)
+    out, vjp = jax.vjp(layers._factor_product, x, w)
     dx, dw = vjp(cot)
     assert (out.dtype, dx.dtype, dw.dtype) == (jnp.bfloat16, jnp.bfloat16, jnp.float32)
 
     f32 = jnp.float32
     _, ref = jax.vjp(
-        lambda w: jnp.einsum(spec, x.astype(f32), w), w.astype(jnp.bfloat16).astype(f32)
+        lambda w: jnp.einsum("...i,io->...o", x.astype(f32), w),
+        w.astype(jnp.bfloat16).astype(f32),
     )
     # the same exact products of bfloat16 values, summed in float32 in another order: a few
     # float32 ulps of the 120-term sums; a bfloat16 result would be off by ~2^-9

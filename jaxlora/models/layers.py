@@ -57,50 +57,33 @@ def _dropout(rng: Array, rate: Array, x: Array) -> Array:
 
 
 @jax.custom_vjp
-def _low_rank_in(h: Array, a: Array) -> Array:
-    """h [..., in] @ a [in, r] in h's dtype; `a` is the stored factor (float32 in training)."""
-    return jnp.einsum("...i,ir->...r", h, a.astype(h.dtype))
+def _factor_product(x: Array, w: Array) -> Array:
+    """x [..., in] @ w [in, out] in x's dtype, for a LoRA factor `w` (A or B, float32 in
+    training). Its gradient is summed in w's dtype, as PEFT's float32 adapters do, and written
+    with the wider of in and out as its minor dimension: XLA:CPU's kernels write a product of
+    r = 2-16 columns 4-6x slower (benchmarks/README.md). So A's [in, r] gradient is summed as
+    [r, in] and transposed after; on a CPU a barrier stops XLA from folding the transpose
+    back into the product, elsewhere the layout is the compiler's to choose."""
+    return jnp.einsum("...i,io->...o", x, w.astype(x.dtype))
 
 
-def _low_rank_in_fwd(h, a):
-    return _low_rank_in(h, a), (h, a)
+def _factor_product_fwd(x, w):
+    return _factor_product(x, w), (x, w)
 
 
-def _low_rank_in_bwd(res, g):
-    """A's gradient is summed as [r, in], in a's dtype, and transposed after: XLA:CPU's
-    kernels write the [in, r] product (r = 2-16 columns) 4-6x slower (benchmarks/README.md),
-    and the barrier stops XLA from folding the transpose back into the product. Elsewhere
-    the product's layout is the compiler's to choose."""
-    h, a = res
-    h2, g2 = h.reshape(-1, h.shape[-1]), g.reshape(-1, g.shape[-1])
-    da_ri = jnp.einsum("tr,ti->ri", g2, h2, preferred_element_type=a.dtype)
+def _factor_product_bwd(res, g):
+    x, w = res
+    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    dx = jnp.einsum("...o,io->...i", g, w.astype(g.dtype))
+    if w.shape[1] >= w.shape[0]:
+        return dx, jnp.einsum("ti,to->io", x2, g2, preferred_element_type=w.dtype)
+    dw_oi = jnp.einsum("to,ti->oi", g2, x2, preferred_element_type=w.dtype)
     if jax.default_backend() == "cpu":
-        da_ri = jax.lax.optimization_barrier(da_ri)
-    return jnp.einsum("...r,ir->...i", g, a.astype(g.dtype)), da_ri.T
+        dw_oi = jax.lax.optimization_barrier(dw_oi)
+    return dx, dw_oi.T
 
 
-_low_rank_in.defvjp(_low_rank_in_fwd, _low_rank_in_bwd)
-
-
-@jax.custom_vjp
-def _low_rank_out(u: Array, b: Array) -> Array:
-    """u [..., r] @ b [r, out] in u's dtype; `b` is the stored factor. B's gradient is summed
-    as [r, out], its own layout, in b's dtype."""
-    return jnp.einsum("...r,ro->...o", u, b.astype(u.dtype))
-
-
-def _low_rank_out_fwd(u, b):
-    return _low_rank_out(u, b), (u, b)
-
-
-def _low_rank_out_bwd(res, g):
-    u, b = res
-    u2, g2 = u.reshape(-1, u.shape[-1]), g.reshape(-1, g.shape[-1])
-    db = jnp.einsum("tr,to->ro", u2, g2, preferred_element_type=b.dtype)
-    return jnp.einsum("...o,ro->...r", g, b.astype(g.dtype)), db
-
-
-_low_rank_out.defvjp(_low_rank_out_fwd, _low_rank_out_bwd)
+_factor_product.defvjp(_factor_product_fwd, _factor_product_bwd)
 
 
 def dense(x: Array, w: Array) -> Array:
@@ -208,7 +191,8 @@ class LoRALinear(nnx.Module):
                 # Scaling the rank-r intermediate rather than the output keeps the backward pass
                 # free of an elementwise pass over the [..., out] cotangent.
                 scale = self.lora_scale[...].astype(self.dtype)
-                y = y + _low_rank_out(_low_rank_in(h, self.lora_a[...]) * scale, self.lora_b[...])
+                u = _factor_product(h, self.lora_a[...]) * scale
+                y = y + _factor_product(u, self.lora_b[...])
         return y
 
 
