@@ -19,8 +19,10 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxlora.models import convert
+from jaxlora.fsutil import staged_dir
+from jaxlora.models import convert, packaged
 from jaxlora.models.config import ConfigError, ModelConfig
+from jaxlora.models.gguf import GGUFFile, gguf_path, load_gguf_params
 from jaxlora.models.layers import LoRAConst, LoRAWeight
 from jaxlora.models.presets import PRESETS, Preset, shape_preset_for
 from jaxlora.models.tokenizer import train_tokenizer
@@ -160,10 +162,32 @@ def _preset(path_or_id: str | os.PathLike) -> Preset | None:
     return None
 
 
+def _packaged_dir(name: str) -> Path:
+    """The converted copy of a packaged model, converting its GGUF file on first use."""
+    gguf_file, version = packaged.locate(name)
+    out = packaged.cache_dir(name, version)
+    if not convert.is_orbax_dir(out):
+        logging.getLogger(__name__).info(
+            "converting %s (%s) once into %s", name, gguf_file.name, out
+        )
+        model = load_pretrained(gguf_file, "float32")
+        with staged_dir(out, overwrite=True) as tmp:
+            convert.save_orbax(tmp, None, model.config, model.params, model.tokenizer)
+    return out
+
+
 def model_config(path_or_id: str | os.PathLike) -> ModelConfig:
     """The architecture of a model argument without reading its weights."""
     if preset := _preset(path_or_id):
         return preset.config
+    if name := packaged.packaged_name(path_or_id):
+        gguf_file, version = packaged.locate(name)
+        out = packaged.cache_dir(name, version)
+        if convert.is_orbax_dir(out):
+            return ModelConfig.from_file(out / "config.json").replace(name_or_path=name)
+        return GGUFFile(gguf_file).model_config().replace(name_or_path=name)
+    if gguf_file := gguf_path(path_or_id):
+        return GGUFFile(gguf_file).model_config()
     path = Path(path_or_id).expanduser()
     if path.exists():
         return ModelConfig.from_file(convert.resolve_model_dir(path) / "config.json")
@@ -189,6 +213,10 @@ def local_tokenizer(path_or_id: str | os.PathLike, config: ModelConfig):
     directory's files, or None (a hub id, or a directory without tokenizer files)."""
     if preset := _preset(path_or_id):
         return train_tokenizer(preset.tokenizer_style, preset.tokenizer_vocab)
+    if name := packaged.packaged_name(path_or_id):
+        return load_tokenizer(_packaged_dir(name), config)
+    if gguf_file := gguf_path(path_or_id):
+        return check_tokenizer(GGUFFile(gguf_file).tokenizer(), config, gguf_file)
     path = Path(path_or_id).expanduser()
     return load_tokenizer(convert.resolve_model_dir(path), config) if path.exists() else None
 
@@ -201,8 +229,8 @@ def load_pretrained(
     mesh: Mesh | None = None,
     tokenizer: bool = True,
 ) -> Model:
-    """Load a model from a Hugging Face directory, a hub id, a `jaxlora convert` directory or a
-    built-in preset name.
+    """Load a model from a Hugging Face directory, a hub id, a GGUF file, a `jaxlora convert`
+    directory, a built-in preset name or a packaged trained model (`smollm2-135m`).
 
     `dtype` is the compute dtype and, unless `param_dtype` is given, the storage dtype of the
     base weights. With a `mesh`, weights are read straight into their sharded layout.
@@ -211,12 +239,23 @@ def load_pretrained(
         return from_preset(str(path_or_id), dtype, param_dtype=param_dtype, mesh=mesh)
     dtype = parse_dtype(dtype)
     param_dtype = parse_dtype(param_dtype) if param_dtype is not None else dtype
-    model_dir = convert.resolve_model_dir(path_or_id)
-    config = ModelConfig.from_file(model_dir / "config.json")
-    _, _, _, abstract = abstract_module(config, None, dtype, param_dtype)
 
     def sharding(path, var):
         return variable_sharding(var, mesh)
+
+    if gguf_file := gguf_path(path_or_id):
+        gg = GGUFFile(gguf_file)
+        config = gg.model_config()
+        _, _, _, abstract = abstract_module(config, None, dtype, param_dtype)
+        params = load_gguf_params(gg, config, abstract, sharding)
+        tok = check_tokenizer(gg.tokenizer(), config, gguf_file) if tokenizer else None
+        return Model(config, params, tok, dtype, param_dtype, mesh)
+    name = packaged.packaged_name(path_or_id)
+    model_dir = _packaged_dir(name) if name else convert.resolve_model_dir(path_or_id)
+    config = ModelConfig.from_file(model_dir / "config.json")
+    if name:
+        config = config.replace(name_or_path=name)
+    _, _, _, abstract = abstract_module(config, None, dtype, param_dtype)
 
     if convert.is_orbax_dir(model_dir):
         params = convert.load_orbax_params(model_dir, abstract, sharding)
@@ -232,12 +271,18 @@ def load_tokenizer(model_dir: Path, config: ModelConfig):
         return None
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    return check_tokenizer(AutoTokenizer.from_pretrained(model_dir), config, model_dir)
+
+
+def check_tokenizer(tok, config: ModelConfig, source: Path):
+    """`tok` (None passes through), refused when its ids do not fit the model's vocabulary."""
+    if tok is None:
+        return None
     V, fix = config.vocab_size, "use the tokenizer that belongs to this checkpoint"
     # A base vocabulary larger than the table is another model's tokenizer.
     if tok.vocab_size > V:
         raise convert.CheckpointError(
-            f"{model_dir}: the tokenizer's base vocabulary has {tok.vocab_size} tokens but the "
+            f"{source}: the tokenizer's base vocabulary has {tok.vocab_size} tokens but the "
             f"model's vocab_size is {V}; {fix}"
         )
     # Every run feeds BOS, EOS and padding to the model.
@@ -245,7 +290,7 @@ def load_tokenizer(model_dir: Path, config: ModelConfig):
         i = getattr(tok, f"{name}_token_id")
         if i is not None and i >= V:
             raise convert.CheckpointError(
-                f"{model_dir}: the tokenizer's {name}_token {tok.convert_ids_to_tokens(i)!r} has "
+                f"{source}: the tokenizer's {name}_token {tok.convert_ids_to_tokens(i)!r} has "
                 f"id {i}, outside the model's vocab_size {V}; {fix}"
             )
     # Added tokens beyond the table are harmless until used (Qwen's tokenizer class adds
@@ -254,7 +299,7 @@ def load_tokenizer(model_dir: Path, config: ModelConfig):
     if outside:
         names = ", ".join(repr(tok.added_tokens_decoder[i].content) for i in outside[:5])
         logging.getLogger(__name__).warning(
-            f"{model_dir}: {len(outside)} added tokens of the tokenizer ({names}"
+            f"{source}: {len(outside)} added tokens of the tokenizer ({names}"
             f"{', ...' if len(outside) > 5 else ''}) lie outside the model's vocab_size {V}; "
             "a run whose data or chat template uses them is refused"
         )
