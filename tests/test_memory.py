@@ -326,3 +326,155 @@ def test_the_judge_needs_an_llm_section():
 
     with pytest.raises(ConfigError, match=r"eval\.judge: the judge needs an llm: section"):
         parse_config({"eval": {"judge": True}})
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs validated before any work: one line naming the file, the line and the field, exit 2,
+# and every file of the run byte-identical afterwards
+
+
+def _run_copy(run_dir: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    return copy
+
+
+def _snapshot(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+
+def _memory_main(run_dir: Path, *sets: str) -> tuple[int, list[str]]:
+    """`jaxlora memory RUN --set ...` as a user runs it (one CPU device, as the run trained)."""
+    proc = _memory_cli(run_dir, *sets)
+    return proc.returncode, proc.stderr.strip().splitlines()
+
+
+def _units_lines(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "units.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        # a line cut short (a copy interrupted mid-write)
+        (
+            lambda lines: [*lines[:2], lines[2][: len(lines[2]) // 2], *lines[3:]],
+            "line 3 is not JSON",
+        ),
+        (lambda lines: [*lines[:1], "[1, 2]", *lines[1:]], "line 2 is not a JSON object"),
+        (lambda lines: [*lines[:3], _without(lines[3], "unit")], "line 4: field 'unit' is missing"),
+        (lambda lines: [_without(lines[0], "key"), *lines[1:]], "line 1: field 'key' is missing"),
+        (
+            lambda lines: [*lines[:1], _without(lines[1], "text"), *lines[2:]],
+            "line 2: field 'text'",
+        ),
+        (
+            lambda lines: [*lines[:1], _with(lines[1], unit=7), *lines[2:]],
+            "line 2: field 'unit' is not text",
+        ),
+    ],
+    ids=["truncated", "not-an-object", "no-unit", "no-key", "no-text", "unit-not-text"],
+)
+def test_bad_units_jsonl_is_one_line_and_writes_nothing(library_run, tmp_path, damage, message):
+    _, _, run_dir = library_run
+    copy = _run_copy(run_dir, tmp_path)
+    lines = (copy / "units.jsonl").read_text().splitlines()
+    (copy / "units.jsonl").write_text("\n".join(damage(lines)) + "\n")
+    before = _snapshot(copy)
+    status, err = _memory_main(copy, "memory.methods=[oracle]")
+    assert status == 2 and len(err) == 1, err
+    assert f"{copy / 'units.jsonl'} {message}" in err[0], err
+    assert _snapshot(copy) == before
+
+
+def _without(line: str, field: str) -> str:
+    row = json.loads(line)
+    del row[field]
+    return json.dumps(row)
+
+
+def _with(line: str, **fields) -> str:
+    return json.dumps({**json.loads(line), **fields})
+
+
+def test_no_methods_is_an_error_that_truncates_nothing(library_run, tmp_path):
+    _, _, run_dir = library_run
+    copy = _run_copy(run_dir, tmp_path)
+    before = _snapshot(copy)
+    assert (copy / "memory_results.csv").stat().st_size > 0  # training's results are there
+    status, err = _memory_main(copy, "memory.methods=[]")
+    assert status == 2 and len(err) == 1 and "memory.methods is empty" in err[0], err
+    assert _snapshot(copy) == before
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        (
+            "q.jsonl",
+            '{"question": "a", "answer": "b", "unit": "0"}\n{"question": "c"',
+            "line 2 is not JSON",
+        ),
+        ("q.jsonl", '{"question": "a", "answer": "b"}\n"text"\n', "line 2 is not a JSON object"),
+        (
+            "q.jsonl",
+            '{"question": "a", "answer": "b"}\n\n{"question": "c"}\n',
+            "line 3: field 'answer' is missing",
+        ),
+        ("q.csv", "question,answer,unit\na,b,0\n c ,,1\n", "line 3: field 'answer' is empty"),
+        ("q.csv", "question,answer,unit\na,b,9\n", "line 2: unit '9' is not in the library"),
+        ("q.csv", "prompt,answer\na,b\n", "line 2: field 'question' is missing"),
+        ("missing.csv", None, "memory.questions file not found"),
+    ],
+    ids=[
+        "truncated",
+        "not-an-object",
+        "no-answer",
+        "empty-answer",
+        "unknown-unit",
+        "no-question",
+        "missing",
+    ],
+)
+def test_bad_questions_file_is_one_line_and_writes_nothing(
+    library_run, tmp_path, name, content, message
+):
+    _, _, run_dir = library_run
+    copy = _run_copy(run_dir, tmp_path)
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    before = _snapshot(copy)
+    status, err = _memory_main(copy, "memory.methods=[oracle]", f"memory.questions={path}")
+    assert status == 2 and len(err) == 1 and message in err[0], err
+    assert str(path) in err[0]
+    assert _snapshot(copy) == before
+
+
+def test_memory_questions_file_is_evaluated_end_to_end(library_run, tmp_path):
+    """memory.questions (here a csv with a unit column) replaces the units' own questions: the
+    results count its rows, and every prediction is of its question, with its unit."""
+    _, _, run_dir = library_run
+    copy = _run_copy(run_dir, tmp_path)
+    units = _units_lines(copy)
+    asked = [(u["unit"], q) for u in reversed(units) for q in u["questions"][:1]]
+    path = tmp_path / "questions.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["question", "answer", "unit"])
+        writer.writerows([q["question"], q["answer"], unit] for unit, q in asked)
+    status, err = _memory_main(copy, "memory.methods=[oracle,bm25]", f"memory.questions={path}")
+    assert status == 0, err
+    rows = list(csv.DictReader((copy / "memory_results.csv").open()))
+    assert [r["method"] for r in rows] == ["oracle", "bm25"]
+    assert all(int(r["n_questions"]) == len(asked) for r in rows)
+    predictions = [
+        json.loads(x) for x in (copy / "memory_predictions.jsonl").read_text().splitlines()
+    ]
+    for method in ("oracle", "bm25"):
+        mine = [p for p in predictions if p["method"] == method]
+        assert [(p["unit"], p["answer"]) for p in mine] == [(u, q["answer"]) for u, q in asked]
+        # the file's question, as the unit trained on it (a phonebook row's continuation)
+        assert all(
+            q["question"].strip() in p["question"] for p, (_, q) in zip(mine, asked, strict=True)
+        )

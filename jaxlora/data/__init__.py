@@ -30,7 +30,7 @@ from jaxlora.data.phonebook import (
     phonebook_record,
     phonebook_records,
 )
-from jaxlora.data.readers import DATASET_KINDS, read_records
+from jaxlora.data.readers import DATASET_KINDS, read_records, read_table
 from jaxlora.data.records import RECORD_KINDS, Record, RecordKind, row_record
 from jaxlora.data.stream import EpochStream, gather
 from jaxlora.data.units import UNIT_KINDS, Unit
@@ -64,6 +64,7 @@ __all__ = [
     "phonebook_record",
     "phonebook_records",
     "read_records",
+    "read_table",
     "row_record",
     "take_budget",
 ]

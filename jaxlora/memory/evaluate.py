@@ -50,9 +50,10 @@ from jaxlora.fsutil import RunLock, atomic_write
 from jaxlora.generate import DecodeSpec, _generate_base, decode_stack, eos_and_pad
 from jaxlora.lora import AdapterStack, concatenate
 from jaxlora.memory import compose
-from jaxlora.memory.compose import Budget, Method, MethodError, parse_method
+from jaxlora.memory.compose import Budget, Method, MethodError
 from jaxlora.memory.merging import merge
 from jaxlora.memory.routers import Route, make_router, routing_accuracy
+from jaxlora.memory.validate import parse_methods, read_questions, read_units
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def load_libraries(job, run_dir: Path) -> list[Library]:
             f"{run_dir} has no units.jsonl: memory evaluation needs a run trained with "
             "data.units (sectors, documents, chunks or files)"
         )
-    rows = {r["adapter"]: r for r in map(json.loads, path.read_text().splitlines()) if r}
+    rows = read_units(path)  # every row checked before any adapter is loaded
     stacks = load_stacks(job, run_dir)
     by_name = {}
     for g, stack in zip(job.groups, stacks, strict=True):
@@ -222,38 +223,29 @@ class MemoryEvaluator:
         return r
 
     def _question_file(self, path: str) -> list[MemoryQuestion]:
-        table = kdata.read_table(path)
-        qs = table.strings(self.data.question_field, "data.question_field")
-        answers = table.strings(self.data.answer_field, "data.answer_field")
-        doc_field = self.data.document_field or "document"
-        docs = table.strings(doc_field, "data.document_field") if table.has(doc_field) else None
-        units = table.strings("unit", "memory.questions") if table.has("unit") else None
+        d = self.data
+        rows = read_questions(path, d.question_field, d.answer_field, d.document_field)
         index = {u: i for i, u in enumerate(self.lib.units)}
-        if units is None and self.data.units == "documents" and docs is not None:
-            by_doc = {d: i for i, d in enumerate(self.lib.documents)}
-            missing = [d for d in docs if d not in by_doc]
-            if missing:
-                raise DataError(
-                    f"{path}: document {missing[0]!r} has no unit in the library; its documents "
-                    "are in the run's units.jsonl"
-                )
-            units = [self.lib.units[by_doc[d]] for d in docs]
+        by_doc = {doc: i for i, doc in enumerate(self.lib.documents)}
         out = []
-        for i, (q, a) in enumerate(zip(qs, answers, strict=True)):
+        for row in rows:
             unit = None
-            if units is not None:
-                if units[i] not in index:
+            if row.unit is not None:
+                if row.unit not in index:
                     raise DataError(
-                        f"{path} row {i}: unit {units[i]!r} is not in the library; unit ids are "
-                        "in the run's units.jsonl"
+                        f"{path} {row.where}: unit {row.unit!r} is not in the library; unit ids "
+                        "are in the run's units.jsonl"
                     )
-                unit = index[units[i]]
-            doc = docs[i] if docs is not None else None
-            out.append(
-                MemoryQuestion(
-                    self._as_trained(kdata.Record("qa", question=q, answer=a)), unit, doc
-                )
-            )
+                unit = index[row.unit]
+            elif d.units == "documents" and row.document is not None:
+                if row.document not in by_doc:
+                    raise DataError(
+                        f"{path} {row.where}: document {row.document!r} has no unit in the "
+                        "library; its documents are in the run's units.jsonl"
+                    )
+                unit = by_doc[row.document]
+            record = kdata.Record("qa", question=row.question, answer=row.answer)
+            out.append(MemoryQuestion(self._as_trained(record), unit, row.document))
         return out
 
     # -- routing --------------------------------------------------------------------------
@@ -725,7 +717,7 @@ def evaluate_memory(
     """Every method on every library of a job; writes the results, predictions and report."""
     from jaxlora.memory.report import write_memory_report
 
-    methods = [parse_method(m) for m in section.methods]
+    methods = parse_methods(section.methods)
     libraries = load_libraries(job, run_dir)
     evaluators = [MemoryEvaluator(job, section, lib, run_dir) for lib in libraries]
     for ev in evaluators:
