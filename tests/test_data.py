@@ -446,11 +446,11 @@ def test_completion_only_marks_exactly_the_answer(llama, qwen, style, chat_templ
     eos = tok.eos_token
     for i, r in enumerate(recs):
         got = _targets(tok, enc, i)
-        if r.kind == "row" and chat_template:
-            assert got.lstrip() == r.answer  # a user-turn row: the answer only
-        elif r.kind == "qa" and chat_template:
+        if r.kind in ("row", "qa") and chat_template:
+            # the turn that holds the answer (the user's row, the assistant's reply) through
+            # its end-of-turn token: the model learns to stop after the answer
             end = "<|eot_id|>" if style == "llama" else "<|im_end|>"
-            assert got.lstrip() == r.answer + end  # the assistant turn through its end
+            assert got.lstrip() == r.answer + end
         else:
             assert got.lstrip() == r.answer + eos  # plain text: answer + EOS
     # the template tokens around a row are no targets

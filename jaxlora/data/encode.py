@@ -18,7 +18,8 @@ Formats follow the study (DESIGN §3), minus its flaws:
   (`return_offsets_mapping=True`), so it is exact for any tokenizer and template, with no
   re-tokenization of pieces that could merge differently at the boundary. The tokens that
   overlap the answer's characters are targets (so a leading-space token " Paris" counts); for
-  an assistant turn the targets continue through the end-of-turn special token.
+  an assistant turn, and for a row whose answer ends the user turn, the targets continue
+  through the end-of-turn special token: the model learns to stop after the answer.
 - Nothing is truncated: a sequence longer than `data.max_length` is an error (the study cut
   long documents to 2048 tokens silently).
 - With `vocab_size`, a token outside the model's embedding table is an error: an embedding
@@ -162,7 +163,8 @@ class _Encoder:
                     f"record {i}: the answer cannot be located in the chat-templated row: "
                     "use data.loss_mask: full"
                 )
-            return ids, _overlap(offsets, base + start, base + start + len(answer))
+            targets = _overlap(offsets, base + start, base + start + len(answer))
+            return ids, self._through_turn_end(ids, targets)
         return self._plain(i, r.text, r)
 
     def _qa(self, i: int, r: Record) -> tuple[list[int], list[bool] | None]:
@@ -183,15 +185,19 @@ class _Encoder:
                 f"record {i}: the answer cannot be located in the chat-templated dialogue: "
                 "use data.loss_mask: full"
             )
-        targets = _overlap(offsets, a0, a0 + len(answer))
-        # The assistant's turn goes on through its end-of-turn token: the model must learn to stop.
+        return ids, self._through_turn_end(ids, _overlap(offsets, a0, a0 + len(answer)))
+
+    def _through_turn_end(self, ids: list[int], targets: list[bool]) -> list[bool]:
+        """The answer's targets continued through the end of its turn (the special token that
+        closes it): the model must learn to stop after the answer, in the assistant's turn as
+        in a PhoneBook row's user turn, whose answer ends it."""
         j = max(k for k, t in enumerate(targets) if t) + 1
         while j < len(ids):
             targets[j] = True
             if ids[j] in self.turn_end:
                 break
             j += 1
-        return ids, targets
+        return targets
 
     def _plain(self, i: int, s: str, r: Record) -> tuple[list[int], list[bool] | None]:
         """Untemplated text + EOS; in completion mode the answer at the end of `s`, and EOS."""
