@@ -241,7 +241,14 @@ def _plan(args: argparse.Namespace) -> int:
     from jaxlora.plan import PlanError, make_plan
 
     config = _load(args)
-    memory, peak = DEVICES[args.device]
+    if args.aot:
+        return _plan_aot(args, config)
+    if args.json:
+        raise PlanError("--json reports the compiler's figures: add --aot TOPOLOGY")
+    if args.devices is None:
+        raise PlanError("plan needs --devices N (or --aot TOPOLOGY, whose chips it counts)")
+    device = args.device or "h100"
+    memory, peak = DEVICES[device]
     if args.device_memory is not None:
         memory = args.device_memory * 2**30
     if args.peak_tflops is not None:
@@ -250,11 +257,18 @@ def _plan(args: argparse.Namespace) -> int:
     print(plan.render())
     if not plan.fits:
         raise PlanError(
-            f"the job needs {plan.total / 2**30:.1f} GiB per device but a {args.device} has "
+            f"the job needs {plan.total / 2**30:.1f} GiB per device but a {device} has "
             f"{memory / 2**30:.1f} GiB; use more devices, fsdp/tensor sharding, model.remat=block, "
             "a smaller sweep per job, or a smaller batch"
         )
     return 0
+
+
+def _plan_aot(args: argparse.Namespace, config) -> int:
+    """`plan --aot`, imported only here: libtpu probes for TPUs when its backend starts."""
+    from jaxlora.aot import run_cli
+
+    return run_cli(config, args.aot, args.devices, args.device, args.mfu, args.context, args.json)
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -470,13 +484,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p.add_argument(
-        "--devices", type=_int_at_least(1), required=True, help="number of devices of the job"
+        "--devices",
+        type=_int_at_least(1),
+        help="number of devices of the job (with --aot: the topology's chips, checked if given)",
     )
     p.add_argument(
         "--device",
         choices=sorted(DEVICES),
-        default="h100",
-        help="accelerator: sets memory and peak bf16 FLOP/s (default: h100)",
+        help="accelerator: sets memory and peak bf16 FLOP/s (default: h100; with --aot: its chip)",
     )
     p.add_argument(
         "--device-memory",
@@ -497,6 +512,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=_int_at_least(1),
         default=0,
         help="also report the memory of a prefill of this many tokens (e.g. 32768)",
+    )
+    p.add_argument(
+        "--aot",
+        metavar="TOPOLOGY",
+        help="also compile the job for a TPU slice, e.g. v5e:2x4, v5p:2x2x1, v6e:2x4, v4:2x2x1, "
+        "on this machine (libtpu's compile-only devices; needs the tpu-aot extra); exit 2 when "
+        "a program does not fit",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="with --aot: print the compiler's figures as one JSON object on the last line",
     )
     p.set_defaults(func=_plan)
 

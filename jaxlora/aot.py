@@ -1,0 +1,463 @@
+"""`jaxlora plan CONFIG --aot TOPOLOGY`: the job's programs compiled for a TPU slice, here.
+
+libtpu (the `tpu-aot` extra) gives compile-only TPU devices on any machine:
+`jax.experimental.topologies.get_topology_desc("v5e:2x4", "tpu")` describes a slice's chips
+without owning one. The training step is built as `SweepJob` builds it (one graph definition
+per rank group, the mesh's platform deciding `adapters_per_pass`, AdamW state per adapter),
+every input a `jax.ShapeDtypeStruct` carrying the job's `NamedSharding` on a mesh of those
+devices, and `jit(step).lower(...).compile()` runs the real TPU compiler. Its
+`memory_analysis()` is per chip, the figure a job on that slice would meet; a program that
+does not fit is refused with RESOURCE_EXHAUSTED, whose message names the largest buffers.
+
+This module is imported only under `--aot`: libtpu probes for TPUs when its backend starts,
+and the rest of the CLI never asks for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import topologies
+from jax.sharding import Mesh, NamedSharding
+
+from jaxlora.cells import Group, build_groups, count_passes, plan_cells, resolve_per_pass
+from jaxlora.config import Config
+from jaxlora.errors import JaxloraError
+from jaxlora.lora import union_placement
+from jaxlora.models.model import abstract_module, model_config, parse_dtype
+from jaxlora.plan import GIB, Plan, make_plan
+from jaxlora.sharding import MESH_AXES, logical_spec, mesh_sizes
+from jaxlora.train import GroupState, Hyper, StepConfig, TrainState, compile_step
+
+# Chip generations libtpu 0.0.42 describes, with their HBM per chip (vendor specifications)
+# and the peak dense bf16 FLOP/s that plan's step time assumes.
+CHIPS: dict[str, tuple[str, float, float]] = {
+    # name: (device_kind, HBM bytes, peak FLOP/s)
+    "v4": ("TPU v4", 32 * GIB, 275e12),
+    "v5e": ("TPU v5 lite", 16 * GIB, 197e12),
+    "v5p": ("TPU v5", 95 * GIB, 459e12),
+    "v6e": ("TPU v6 lite", 32 * GIB, 918e12),
+}
+TOPOLOGY = re.compile(r"^(v4|v5e|v5p|v6e):(\d+)x(\d+)(?:x(\d+))?$")
+INSTALL = 'pip install -e ".[tpu-aot]"'
+# libtpu's start-up lines on a machine that is not a TPU VM: it looks for the VM's metadata.
+NOISE = re.compile(
+    r"TPU_ACCELERATOR_TYPE|TPU_WORKER_HOSTNAMES|Logging before InitGoogle|"
+    r"Source Location Trace|libtpu_init_utils|host bounds|^\s*$|^={3}"
+)
+
+
+class AotError(JaxloraError):
+    """The AOT compile cannot run (no libtpu, an unknown topology)."""
+
+
+def accepted() -> str:
+    return ", ".join(f"{name}:AxB[xC]" for name in CHIPS) + " (e.g. v5e:2x4, v5p:2x2x1)"
+
+
+@contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """libtpu writes its environment warnings to file descriptor 2 from C++; hold them and
+    pass on every other line."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            for line in held.read().decode(errors="replace").splitlines():
+                if not NOISE.search(line):
+                    print(line, file=sys.stderr)
+
+
+def topology_devices(name: str) -> list[jax.Device]:
+    """The compile-only devices of a TPU topology, e.g. "v5e:2x4" (8 chips)."""
+    if not TOPOLOGY.match(name):
+        raise AotError(f"unknown TPU topology {name!r}; accepted: {accepted()}")
+    if importlib.util.find_spec("libtpu") is None:
+        raise AotError(f"--aot needs libtpu (compile-only TPU devices): {INSTALL}")
+    with _quiet_stderr():
+        try:
+            topo = topologies.get_topology_desc(topology_name=name, platform="tpu")
+        except Exception as e:  # libtpu's own refusal of a shape, as one line
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise AotError(
+                f"libtpu rejects topology {name!r} ({first}); accepted: {accepted()}"
+            ) from None
+    return list(topo.devices)
+
+
+# ---------------------------------------------------------------------------------------------
+# the training step, abstract
+
+
+def _sharded(x: Any, mesh: Mesh, axes: Sequence[str | None]) -> jax.ShapeDtypeStruct:
+    spec = logical_spec(tuple(axes), x.shape, mesh)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec))
+
+
+def _variables(tree, mesh: Mesh, leading: Sequence[str] = ()):
+    """ShapeDtypeStructs of a parameter tree, split by its `axes` as the job splits it."""
+
+    def one(var):
+        x = var.get_value()
+        axes = tuple(leading) + tuple(var.get_metadata().get("axes", (None,) * x.ndim))
+        return var.replace(_sharded(x, mesh, axes))
+
+    return jax.tree.map(one, tree, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+
+@dataclasses.dataclass
+class Program:
+    """One jitted program and its abstract arguments."""
+
+    name: str
+    fn: Callable
+    args: tuple
+    estimated_bytes: float  # plan's own figure for this program
+    estimated_flops: float  # plan's FLOPs per chip
+
+
+def _mesh_field(mesh: Mesh) -> dict[str, Mesh]:
+    """`StepConfig(mesh=)` where the step takes its platform from its mesh (the TPU program must
+    take TPU paths although this host is a CPU); older steps read the host's backend."""
+    return {"mesh": mesh} if "mesh" in {f.name for f in dataclasses.fields(StepConfig)} else {}
+
+
+def train_program(config: Config, mesh: Mesh, plan: Plan) -> Program:
+    """The job's training step as `SweepJob.step_function` builds it, over abstract inputs:
+    the base as the model's sharding rules split it, every per-adapter leaf split on `adapter`
+    (the LoRA weights also on their own axes, as `init_adapters` places them), batches of
+    `training.batch_size` x `data.max_length` rows (the longest a job pads to; packing, which
+    only shortens, is not modelled)."""
+    c = model_config(config.model.path)
+    m, t = config.model, config.training
+    dtype = parse_dtype(m.dtype)
+    param_dtype = parse_dtype(m.param_dtype or m.dtype)
+    plans = plan_cells(config, c)
+    groups: list[Group] = build_groups(plans, t.layout, mesh.shape["adapter"])
+    B, T = t.batch_size, max(p.cell.config.data.max_length for p in plans)
+    platform = mesh.devices.flat[0].platform
+    per_pass = resolve_per_pass(t.adapters_per_pass, platform, B * T)
+    *_, base = abstract_module(c, None, dtype, param_dtype)
+    states, batches, graphdefs, passes = [], [], [], []
+    for g in groups:
+        members = [plans[i if i is not None else g.slots[0]] for i in g.slots]
+        if members[0].objective is not None:
+            raise AotError("--aot does not compile distilling groups yet (training.objective)")
+        placement = union_placement([p.lora for p in members])
+        graphdef, w_abs, c_abs, _ = abstract_module(
+            c, placement, dtype, param_dtype, m.remat, m.scan_layers
+        )
+        graphdefs.append(graphdef)
+        n = len(g.slots)
+
+        def build(w_abs=w_abs, c_abs=c_abs, members=members, n=n):
+            weights = jax.tree.map(lambda s: jnp.zeros((n, *s.shape), jnp.float32), w_abs)
+            consts = jax.tree.map(lambda s: jnp.zeros((n, *s.shape), jnp.float32), c_abs)
+            hyper = Hyper.stack([p.hyper for p in members])
+            keys = jnp.stack([jax.random.key_data(jax.random.key(0))] * n)
+            return GroupState.create(
+                weights, consts, hyper, keys, jnp.ones((n,), bool), t.schedule, t.steps
+            )
+
+        state = jax.eval_shape(build)
+        # The weights' layer stacks [A, L, ...]: adapter, then each leaf's own axes.
+        axes = [
+            ("adapter", None, *v.get_metadata().get("axes", (None,) * v.get_value().ndim))
+            for v in jax.tree.leaves(w_abs, is_leaf=lambda v: isinstance(v, nnx.Variable))
+        ]
+        stack_axes = [axes[idx[0]] for idx in state.by_layer.index]
+
+        def per_slot(x):
+            return _sharded(x, mesh, ("adapter",) + (None,) * (x.ndim - 1) if x.ndim else ())
+
+        weights = [
+            _sharded(x, mesh, a if len(a) == x.ndim else ("adapter",) + (None,) * (x.ndim - 1))
+            for x, a in zip(state.weights, stack_axes, strict=True)
+        ]
+        rest = jax.tree.map(per_slot, dataclasses.replace(state, weights=[]))
+        states.append(dataclasses.replace(rest, weights=weights))
+        rows = jax.ShapeDtypeStruct((n, B, T), jnp.int32)
+        flags = jax.ShapeDtypeStruct((n, B, T), bool)
+        batch_axes = ("adapter", "batch", None)
+        batches.append(tuple(_sharded(x, mesh, batch_axes) for x in (rows, flags, flags)))
+        passes.append(count_passes(n // mesh.shape["adapter"], per_pass))
+    cfg = StepConfig(
+        graphdefs=tuple(graphdefs),
+        schedule=t.schedule,
+        total_steps=t.steps,
+        use_dropout=any(p.lora.dropout > 0 for p in plans),
+        spmd_axis_name="adapter",
+        passes=tuple(passes),
+        objectives=tuple(None for _ in groups),
+        teacher_graphdef=abstract_module(c, None, dtype, param_dtype, m.remat, m.scan_layers)[0],
+        scan_layers=m.scan_layers,
+        **_mesh_field(mesh),
+    )
+    step = _sharded(jax.ShapeDtypeStruct((), jnp.int32), mesh, ())
+    state = TrainState(step=step, groups=tuple(states))
+    base_abs = _variables(base, mesh)
+    ranks = "+".join(
+        f"r{union_placement([plans[i].lora for i in g.slots if i is not None]).rank}x{len(g.slots)}"
+        for g in groups
+    )
+    name = f"train_step[{ranks}; {'x'.join(str(p) for p in passes)} pass(es)]"
+    return Program(
+        name,
+        compile_step(cfg),
+        (base_abs, state, tuple(batches)),
+        plan.total,
+        plan.flops_per_step / plan.devices,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# compile and report
+
+
+@dataclasses.dataclass
+class Compiled:
+    """The TPU compiler's verdict on one program, per chip."""
+
+    name: str
+    estimated_bytes: float
+    estimated_flops: float
+    compile_s: float
+    arguments: int = 0
+    outputs: int = 0
+    aliased: int = 0
+    temporaries: int = 0
+    code: int = 0
+    flops: float | None = None
+    error: str = ""  # the compiler's refusal, one line
+    # a refused program's largest buffers: (bytes, op name, shape)
+    largest: list[tuple[int, str, str]] = dataclasses.field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        """What the chip holds while the program runs: arguments and outputs (a donated
+        argument that an output reuses counted once), temporaries and the program itself. A
+        refused program: its arguments and the temporaries the compiler asked for."""
+        return self.arguments + self.outputs - self.aliased + self.temporaries + self.code
+
+
+# The refusal: "Ran out of memory on HBM, the total memory required for HLO temporaries
+# (34.24G) exceeds available HBM (15.75G)." (libtpu 0.0.42; the figures are per chip).
+_REFUSAL = re.compile(
+    r"temporaries \(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)"
+)
+_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+# A value of the compiler's buffer assignment (--xla_dump_to): its op, bytes and shape.
+_VALUE = re.compile(r"^\s*value: <\d+ ([^ >]+)[^>]*> \(size=(\d+),offset=\d+\): (.*)$")
+LARGEST = 10
+
+
+def parse_refusal(message: str) -> tuple[float | None, float | None]:
+    """(temporaries, usable HBM) in bytes from the compiler's RESOURCE_EXHAUSTED message."""
+    if m := _REFUSAL.search(message):
+        return float(m[1]) * _UNITS[m[2]], float(m[3]) * _UNITS[m[4]]
+    return None, None
+
+
+def largest_buffers(assignment: str, n: int = LARGEST) -> list[tuple[int, str, str]]:
+    """The `n` largest values of a buffer-assignment dump: (bytes, op name, shape without its
+    TPU layout), each op once."""
+    best: dict[str, tuple[int, str, str]] = {}
+    for line in assignment.splitlines():
+        if m := _VALUE.match(line):
+            size, op = int(m[2]), m[1]
+            if size > best.get(op, (0,))[0]:
+                best[op] = (size, op, re.sub(r"\{[^{}]*\}", "", m[3]).strip())
+    return sorted(best.values(), reverse=True)[:n]
+
+
+def _argument_bytes(args: tuple) -> int:
+    """Bytes of a program's arguments on one chip, from their shardings."""
+    total = 0
+    for x in jax.tree.leaves(args):
+        shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+        total += math.prod(shape) * np.dtype(x.dtype).itemsize
+    return total
+
+
+def _refused_buffers(lowered) -> list[tuple[int, str, str]]:
+    """Compile again with the compiler's dump on, for the buffers of a refused program."""
+    with tempfile.TemporaryDirectory() as where:
+        with contextlib.suppress(Exception):
+            lowered.compile(compiler_options={"xla_dump_to": where})
+        dumps = sorted(Path(where).glob("*buffer-assignment.txt"))
+        return largest_buffers(dumps[-1].read_text()) if dumps else []
+
+
+def compile_program(p: Program) -> Compiled:
+    """Lower and compile `p` for its devices; a refusal for memory is a verdict, not an error."""
+    out = Compiled(p.name, p.estimated_bytes, p.estimated_flops, 0.0)
+    t0 = time.perf_counter()
+    with _quiet_stderr():
+        lowered = p.fn.lower(*p.args)
+        try:
+            compiled = lowered.compile()
+        except Exception as e:  # XlaRuntimeError; RESOURCE_EXHAUSTED is the one we expect
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            out.compile_s = time.perf_counter() - t0
+            out.error = str(e).strip().splitlines()[0][:300]
+            temporaries, _ = parse_refusal(str(e))
+            out.arguments = _argument_bytes(p.args)
+            out.temporaries = int(temporaries or 0)
+            out.largest = _refused_buffers(lowered)
+            return out
+    out.compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    out.arguments, out.outputs = mem.argument_size_in_bytes, mem.output_size_in_bytes
+    out.aliased, out.temporaries = mem.alias_size_in_bytes, mem.temp_size_in_bytes
+    out.code = mem.generated_code_size_in_bytes
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost  # older jax: one dict per device
+    out.flops = float(cost["flops"]) if cost and "flops" in cost else None
+    return out
+
+
+@dataclasses.dataclass
+class Report:
+    """`plan --aot`: plan's own estimate and the compiler's figures, per chip and program."""
+
+    topology: str
+    devices: int
+    device_kind: str
+    hbm_bytes: float
+    plan: Plan
+    programs: list[Compiled]
+
+    @property
+    def fits(self) -> bool:
+        return all(not p.error and p.total <= self.hbm_bytes for p in self.programs)
+
+    def render(self) -> str:
+        gib = lambda b: f"{b / GIB:8.2f} GiB" if abs(b) >= GIB / 10 else f"{b / 2**20:8.2f} MiB"  # noqa: E731
+        lines = [
+            f"--aot {self.topology}: {self.devices} x {self.device_kind} "
+            f"({self.hbm_bytes / GIB:.2f} GiB HBM each), compiled by libtpu on this machine",
+        ]
+        for p in self.programs:
+            verdict = "fits" if not p.error and p.total <= self.hbm_bytes else "does NOT fit"
+            lines.append(f"{p.name}: compiled in {p.compile_s:.1f} s, per chip:")
+            if p.error:
+                lines += [
+                    f"  refused by the compiler ({verdict}): {p.error}",
+                    f"  {'arguments':<30}{gib(p.arguments)}",
+                    f"  {'temporaries':<30}{gib(p.temporaries)}",
+                    f"  {'total (at least)':<30}{gib(p.total)}  of {self.hbm_bytes / GIB:.2f}",
+                ]
+                if p.largest:
+                    lines.append("  largest buffers (op, shape):")
+                    lines += [f"  {gib(b)}  {op:<24} {shape}" for b, op, shape in p.largest]
+            else:
+                lines += [
+                    f"  {'arguments':<30}{gib(p.arguments)}",
+                    f"  {'outputs':<30}{gib(p.outputs)}",
+                    f"  {'aliased (donated, reused)':<30}{gib(-p.aliased)}",
+                    f"  {'temporaries':<30}{gib(p.temporaries)}",
+                    f"  {'program code':<30}{gib(p.code)}",
+                    f"  {'total':<30}{gib(p.total)}  of {self.hbm_bytes / GIB:.2f} ({verdict})",
+                ]
+            ratio = f" ({p.estimated_bytes / p.total:.2f}x the compiler's)" if p.total else ""
+            lines.append(f"  {'plan estimate':<30}{gib(p.estimated_bytes)}{ratio}")
+            if p.flops is not None:
+                lines.append(
+                    f"  FLOPs per step per chip      {p.flops:.3e} (plan {p.estimated_flops:.3e}, "
+                    f"{p.estimated_flops / p.flops:.2f}x)"
+                )
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "topology": self.topology,
+            "devices": self.devices,
+            "hbm_bytes": int(self.hbm_bytes),
+            "fits": self.fits,
+            "programs": [
+                {
+                    "name": p.name,
+                    "compiled_bytes": int(p.total),
+                    "estimated_bytes": int(p.estimated_bytes),
+                    "fits": not p.error and p.total <= self.hbm_bytes,
+                    "flops": p.flops,
+                    "compile_s": round(p.compile_s, 2),
+                    **({"error": p.error} if p.error else {}),
+                }
+                for p in self.programs
+            ],
+        }
+
+
+def compile_job(
+    config: Config, topology: str, mfu: float = 0.4, context: int = 0, devices: int | None = None
+) -> Report:
+    """Plan `config` for the chips of `topology` and compile its programs for them (`devices`,
+    when given, must be the topology's chip count)."""
+    chips = topology_devices(topology)
+    if devices is not None and devices != len(chips):
+        raise AotError(f"--devices {devices} but {topology} has {len(chips)} chips; drop one")
+    devices = len(chips)
+    kind, hbm, peak = CHIPS[topology.split(":")[0]]
+    kind = chips[0].device_kind  # what libtpu describes, e.g. "TPU v5 lite"
+    plan = make_plan(config, devices, hbm / GIB, peak / 1e12, mfu, context)
+    c = plan.config.mesh
+    sizes = mesh_sizes(c.adapter, c.fsdp, c.tensor, devices)
+    mesh = Mesh(np.asarray(chips).reshape(tuple(sizes.values())), MESH_AXES)
+    # A persistent-cache hit would be no compile at all: this command measures the compiler.
+    jax.config.update("jax_enable_compilation_cache", False)
+    programs = [compile_program(train_program(plan.config, mesh, plan))]
+    return Report(topology, devices, kind, hbm, plan, programs)
+
+
+def run_cli(
+    config: Config,
+    topology: str,
+    devices: int | None,
+    device: str | None,
+    mfu: float,
+    context: int,
+    as_json: bool,
+) -> int:
+    """`jaxlora plan CONFIG --aot TOPOLOGY`: print plan and the compiler's figures (with
+    `as_json`, one JSON object last); a program that does not fit is an error (exit 2)."""
+    kind = topology.split(":")[0]
+    if device is not None and device != f"tpu-{kind}":
+        raise AotError(f"--device {device} is not the chip of --aot {topology}; drop --device")
+    report = compile_job(config, topology, mfu, context, devices=devices)
+    print(report.plan.render())
+    print(report.render())
+    if as_json:
+        print(json.dumps(report.to_json()))
+    if not report.fits:
+        worst = max(report.programs, key=lambda p: p.total)
+        raise AotError(
+            f"{worst.name} does not fit a {report.device_kind} chip of {topology}: "
+            f"{worst.total / GIB:.2f} GiB of {report.hbm_bytes / GIB:.2f} GiB"
+        )
+    return 0
