@@ -7,7 +7,10 @@ model-FLOPs utilisation that the user states.
 
 FLOPs per trained token (the convention of benchmarks/README.md): 4 x (non-embedding base
 parameters + lm_head) for the forward and input-gradient passes through the frozen base, plus
-6 x the adapter's parameters (forward, input gradient and weight gradient of A and B).
+6 x the adapter's parameters (forward, input gradient and weight gradient of A and B). A plan's
+FLOPs per step add what `model.remat: block` recomputes (`recompute_flops_per_token`)
+and the attention products (`attention_flops_per_token`): the FLOPs a chip executes in its
+products, which `plan --aot` checks against the compiler's count.
 """
 
 from __future__ import annotations
@@ -142,6 +145,26 @@ def flops_per_token(c: ModelConfig, lora_params: float) -> float:
     return 4 * counted + 6 * lora_params
 
 
+def recompute_flops_per_token(c: ModelConfig, lora_params: float, remat: str) -> float:
+    """What `remat` adds per token: with "block" the backward pass runs each block's forward
+    again, 2 x (the blocks' parameters + the adapter's); the embedding, final norm and lm_head
+    are outside the blocks and run once."""
+    if remat == "none":
+        return 0.0
+    *_, base = abstract_module(c)
+    total = sum(math.prod(x.shape) for x in jax.tree.leaves(base))
+    tables = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
+    return 2 * (total - tables - c.hidden_size) + 2 * lora_params
+
+
+def attention_flops_per_token(c: ModelConfig, seq: int, remat: str) -> float:
+    """The attention products, which no parameter counts: q k^T and p v, 2 x 2 x seq x N x H
+    per layer forward (dense over the sequence, as the kernels compute a training row), twice
+    that backward (both operands are activations), and the forward again under remat."""
+    _, _, N, _, H, L, _ = _dims(c)
+    return 4 * seq * N * H * L * (3 if remat == "none" else 4)
+
+
 @dataclasses.dataclass
 class Plan:
     config: Config
@@ -193,7 +216,9 @@ class Plan:
             "step time estimate:",
             f"  tokens per step          {self.tokens_per_step:,} ({self.adapters} adapters x batch "
             f"{t.batch_size} x length <= {self.config.data.max_length})",
-            f"  model FLOPs per step     {self.flops_per_step:.3e}",
+            f"  FLOPs per step           {self.flops_per_step:.3e}"
+            + " (products: parameters, attention"
+            + (", remat's recompute)" if self.config.model.remat != "none" else ")"),
             f"  assumed throughput       {self.devices} x {self.peak_flops / 1e12:.0f} TFLOP/s x MFU "
             f"{self.mfu:.0%}",
             f"  => {self.step_seconds:.3f} s/step, {hours:.2f} h for {t.steps} steps",
@@ -379,7 +404,10 @@ def make_plan(
     rows, lora_flops = job_memory(config, c, plans, groups, sizes)
     B, T = config.training.batch_size, max(p.cell.config.data.max_length for p in plans)
     tokens = len(plans) * B * T
-    flops = flops_per_token(c, 0) * tokens + lora_flops
+    # lora_flops is 6 x each adapter's parameters x its tokens: remat runs 2 x of them again
+    remat = recompute_flops_per_token(c, lora_flops / 6 / tokens, config.model.remat) * tokens
+    attention = attention_flops_per_token(c, T, config.model.remat) * tokens
+    flops = flops_per_token(c, 0) * tokens + lora_flops + remat + attention
     prefill, full = (None, 0.0)
     if context > 0:
         prefill, full = prefill_rows(c, context, dtype_bytes, sizes, rows[0][1])

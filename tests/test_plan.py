@@ -19,9 +19,11 @@ from jaxlora.plan import (
     AUTO_PAD_FLOPS,
     AUTO_PAD_MEMORY,
     GIB,
+    attention_flops_per_token,
     choose_layout,
     flops_per_token,
     make_plan,
+    recompute_flops_per_token,
 )
 from tests.test_checkpoints import REAL_CONFIGS
 
@@ -59,6 +61,38 @@ def test_flops_per_token_by_hand():
     non_embedding = L * per_layer + D
     assert flops_per_token(c, 0) == 4 * (non_embedding + V * D)
     assert flops_per_token(c, 1000) == 4 * (non_embedding + V * D) + 6000
+
+
+def test_plan_flops_add_remat_recompute_and_attention_by_hand():
+    """remat: block runs every block's forward twice (2 x the blocks' and the adapters'
+    parameters per token more; embedding and lm_head once), attention's products cost
+    4 x T x N x H per layer forward, 8 x backward, 4 x again under remat. The compiler's own
+    count is checked against these in tests/test_aot.py."""
+    c = LLAMA8B
+    D, F, L, T = c.hidden_size, c.intermediate_size, c.num_layers, 128
+    NH, KH = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    blocks = L * (2 * D * NH + 2 * D * KH + 3 * D * F + 2 * D)
+    lora = jaxlora.LoRAConfig(rank=8).num_params(c)
+    assert recompute_flops_per_token(c, 0, "none") == 0
+    assert recompute_flops_per_token(c, lora, "block") == 2 * blocks + 2 * lora
+    assert attention_flops_per_token(c, T, "none") == 12 * T * NH * L
+    assert attention_flops_per_token(c, T, "block") == 16 * T * NH * L
+    plans = {
+        remat: make_plan(
+            load_config(
+                "configs/phonebook_capacity_llama3_8b.yaml",
+                ["model.path=llama-3.1-8b-shape", f"model.remat={remat}", "sweep.lora.rank=[8]"],
+            ),
+            1,
+            80,
+            989,
+            0.4,
+        )
+        for remat in ("none", "block")
+    }
+    tokens = plans["none"].tokens_per_step
+    extra = (2 * blocks + 2 * lora + 4 * T * NH * L) * tokens
+    assert plans["block"].flops_per_step - plans["none"].flops_per_step == pytest.approx(extra)
 
 
 def _grid(tmp_path, **sets):
