@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from jaxlora.errors import JaxloraError
+from jaxlora.llm import status
 
 # Accelerators for `jaxlora plan --device`: memory in bytes and dense bf16 peak FLOP/s, from the
 # vendors' published specifications (H100/H200 SXM, TPU v4/v5e/v5p).
@@ -366,7 +367,7 @@ def _synth(args: argparse.Namespace) -> int:
         f"wrote {out} (report: {out / 'synth_report.json'}; "
         f"{cache['hits']} cached, {cache['misses']} generated)"
     )
-    return 0
+    return status.exit_status("synth", report["short"], report["requested"], args.allow_short)
 
 
 def _judge(args: argparse.Namespace) -> int:
@@ -379,10 +380,11 @@ def _judge(args: argparse.Namespace) -> int:
         llm=_llm_settings(args),
         cache=args.cache,
         template=args.template,
+        max_tokens=args.max_tokens,
         progress=not args.no_progress,
     )
     print(f"{format_summary(summary)} -> {out}")
-    return 0
+    return status.exit_status("judge", summary["judge_failed"], summary["total"], args.allow_short)
 
 
 def _add_llm_args(p: argparse.ArgumentParser) -> None:
@@ -568,7 +570,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_serve)
 
-    p = sub.add_parser("synth", help="training formats (QA, summary, ...) of each unit by an LLM")
+    p = sub.add_parser(
+        "synth",
+        help="training formats (QA, summary, ...) of each unit by an LLM",
+        epilog=status.EPILOG,
+    )
     p.add_argument(
         "source",
         help="units jsonl ({id, text} per line), a YAML config with a synth: section, or a "
@@ -592,14 +598,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_int_at_least(0), help="base seed (default 0)")
     p.add_argument("--max-attempts", type=_int_at_least(1), help="rounds of requests (default 3)")
     p.add_argument("--batch-size", type=_int_at_least(1), help="requests per backend call")
+    status.add_allow_short(p, "items (records of the written formats and mixes)")
     _add_llm_args(p)
     p.set_defaults(func=_synth)
 
-    p = sub.add_parser("judge", help="score predictions against gold answers with an LLM (0-10)")
+    p = sub.add_parser(
+        "judge",
+        help="score predictions against gold answers with an LLM (0-10)",
+        epilog=status.EPILOG,
+    )
     p.add_argument("predictions", help="jsonl with question (or prompt), answer, prediction")
     p.add_argument("--out", help="judged jsonl (default: PREDICTIONS.judged.jsonl)")
     p.add_argument("--config", help="YAML with an llm: section")
     p.add_argument("--template", help="judge prompt file ({question}, {gold}, {candidate})")
+    p.add_argument(
+        "--max-tokens",
+        type=_int_at_least(1),
+        help="tokens of each verdict (default 256); the local judge checks that every prompt "
+        "plus these fits its context before sending",
+    )
+    status.add_allow_short(p, "verdicts (judge failures)")
     _add_llm_args(p)
     p.set_defaults(func=_judge)
     return parser

@@ -1,6 +1,8 @@
-"""The LLM judge: strict parsing of real judge-style replies, and the failure path end to end
-(a judge whose replies cannot be parsed scores nothing: every prediction is `judge_failed`, the
-mean is None, never 0, and the command still exits 0 with the counts)."""
+"""The LLM judge: strict parsing of real judge-style replies; the failure path end to end (a
+judge whose replies cannot be parsed scores nothing: every prediction is `judge_failed`, the
+mean is None, never 0, and the command writes the counts and exits 3, "incomplete"); and the
+HTTP path against a real server on 127.0.0.1 that scores (the success path), refuses (400) or
+is not there."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import contextlib
 import io
 import json
 import math
+import time
 
 import pytest
 
@@ -65,7 +68,8 @@ def test_failures_are_excluded_from_the_statistics_never_scored_0():
     assert math.isclose(s["failure_rate"], 1 / 3)
     none = summarize_verdicts([Verdict(None, error="request failed: HTTP 500")])
     assert none["mean"] is None and none["std"] is None and none["n"] == 0
-    assert none["failure_rate"] == 1 and none["failures"] == {"request failed": 1}
+    # a failed request's reason keeps the backend's words (the cause), not just "request failed"
+    assert none["failure_rate"] == 1 and none["failures"] == {"request failed: HTTP 500": 1}
 
 
 # ------------------------------------------------------------------------- end to end
@@ -126,23 +130,26 @@ def test_failed_requests_are_judge_failures_and_are_asked_again(tiny_judge, tmp_
     judge = Counting(tiny_judge)
     for expected in (3, 6):
         verdicts, summary = judge_predictions(records, judge, cache=tmp_path / "c.sqlite")
-        assert summary["failures"] == {"request failed": 3} and summary["mean"] is None
+        ((reason, count),) = summary["failures"].items()
+        assert reason.startswith("request failed: the prompt has N tokens") and count == 3
+        assert summary["mean"] is None
         assert all("512 positions" in v.error for v in verdicts)
         assert judge.requests == expected
 
 
-def test_the_judge_command_exits_0_and_prints_the_failure_counts(tmp_path):
+def test_the_judge_command_writes_the_failure_counts_and_exits_3(tmp_path):
     preds = _predictions(tmp_path / "predictions.jsonl")
     (tmp_path / "short.txt").write_text(SHORT)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(
             [
                 *("judge", str(preds), "--llm-backend", "local", "--llm-model", "tiny-llama"),
                 *("--template", str(tmp_path / "short.txt"), "--no-progress"),
             ]
         )
-    assert code == 0
+    assert code == 3, err.getvalue()
+    assert "incomplete: 3 of 3 requested items" in err.getvalue()
     assert "judge_failed 3/3 (100.0%)" in out.getvalue()
     assert "no prediction could be scored" in out.getvalue()
     judged = [json.loads(line) for line in (tmp_path / "predictions.judged.jsonl").open()]
@@ -176,6 +183,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path, content, extra, needle):
     )
     assert_refused(code, err)
     assert needle in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["T.txt", "p.jsonl"]  # no cache
 
 
 def test_the_judge_as_an_eval_metric(evaluated_run, tmp_path):
@@ -198,3 +206,86 @@ def test_the_judge_as_an_eval_metric(evaluated_run, tmp_path):
     assert len(rows) == 4
     for row in rows:
         assert int(row["judge_failed"]) == int(row["n_facts"]) > 0 and row["judge"] == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# over HTTP: a real server on 127.0.0.1
+
+
+def _scores(user: str) -> tuple[int, str]:
+    """A judge that reads the rubric's blocks: the right answer 10, a partial one 5, a wrong
+    one 0 (the three predictions of `_predictions`)."""
+    candidate = user.rsplit("[CANDIDATE ANSWER]", 1)[1]
+    score = 0 if "Spain" in candidate else 5 if "Who built it" in user else 10
+    return 200, json.dumps({"score": score, "rationale": "compared with the gold answer"})
+
+
+def _judge_http(preds, url: str, *extra: str) -> tuple[int, str, str]:
+    from tests.openai_http import http_llm_args
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["judge", str(preds), *http_llm_args(url), *extra])
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_the_judge_over_http_scores_every_prediction_and_exits_0(tmp_path):
+    from tests.openai_http import OpenAIHTTP
+
+    preds = _predictions(tmp_path / "predictions.jsonl")
+    with OpenAIHTTP(_scores) as server:
+        code, out, err = _judge_http(preds, server.url)
+        assert server.requests == 3
+    assert code == 0 and err == "", err
+    assert "judge score mean 5.00" in out and "judge_failed 0/3" in out
+    judged = [json.loads(line) for line in (tmp_path / "predictions.judged.jsonl").open()]
+    assert [r["judge_score"] for r in judged] == [10, 5, 0]
+    assert all(r["judge_rationale"] and r["judge_error"] is None for r in judged)
+    summary = json.loads((tmp_path / "predictions.judged.summary.json").read_text())
+    assert (summary["mean"], summary["n"], summary["min"], summary["max"]) == (5.0, 3, 0, 10)
+    assert summary["by_adapter"]["r2"]["mean"] == 7.5 and summary["by_adapter"]["r8"]["mean"] == 0
+
+
+def test_a_400_is_asked_once_named_in_the_summary_and_exits_3(tmp_path):
+    from tests.openai_http import OpenAIHTTP
+
+    preds = _predictions(tmp_path / "predictions.jsonl")
+    too_long = "This model's maximum context length is 512 tokens"
+    with OpenAIHTTP(lambda user: (400, too_long)) as server:
+        code, out, err = _judge_http(preds, server.url)
+        assert server.requests == 3  # once each: a 400 is never retried
+    assert code == 3 and "incomplete: 3 of 3" in err
+    # the reason in the server's words, its numbers as N so that one cause is one count
+    reason = "request failed: HTTP 400: This model's maximum context length is N tokens"
+    assert f"3 x {reason}" in out
+    summary = json.loads((tmp_path / "predictions.judged.summary.json").read_text())
+    assert summary["failures"] == {reason: 3}
+    with OpenAIHTTP(lambda user: (400, too_long)) as again:
+        code, _, err = _judge_http(preds, again.url, "--allow-short", "1")
+    assert code == 0, err
+
+
+def test_a_refused_connection_stops_the_judge_at_once_with_one_line(tmp_path):
+    from tests.runs import free_port
+    from tests.test_cli import assert_refused
+
+    preds = _predictions(tmp_path / "predictions.jsonl")
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    t0 = time.monotonic()
+    code, _, err = _judge_http(preds, url)
+    assert_refused(code, err)
+    assert "connection refused" in err and time.monotonic() - t0 < 10
+    assert not (tmp_path / "predictions.judged.jsonl").exists()
+
+
+def test_the_local_judge_refuses_a_prompt_its_model_cannot_read_before_sending(tmp_path):
+    """The study's rubric (~650 tokens) plus 256 reply tokens cannot fit the tiny model's 512
+    positions: one line naming the sizes, exit 2, nothing created, not 3 failed requests."""
+    from tests.test_cli import assert_refused, run_cli
+
+    preds = _predictions(tmp_path / "predictions.jsonl")
+    local = ["--llm-backend", "local", "--llm-model", "tiny-llama", "--no-progress"]
+    code, err = run_cli(["judge", str(preds), *local])
+    assert_refused(code, err)
+    assert "prediction 0" in err and "max_tokens is 256" in err and "512 positions" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.jsonl"]

@@ -369,10 +369,12 @@ def test_synth_over_http_to_jaxlora_serve_equals_the_local_backend(local, units_
         llm = {"backend": "openai", "model": "tiny-llama", "base_url": server.url}
         config = tmp_path / "synth.yaml"
         config.write_text(json.dumps({"llm": llm, "synth": section}))  # JSON is YAML
-        assert main(["synth", str(config), "--no-progress"]) == 0
+        # 3, incomplete: the random tiny model's QA replies are never JSON (SECTION's qa)
+        assert main(["synth", str(config), "--no-progress"]) == 3
         report = json.loads((tmp_path / "http" / "synth_report.json").read_text())
         assert report["backend"].startswith("openai:") and report["cache"]["hits"] == 0
-        assert main(["synth", str(config), "--no-progress"]) == 0  # all from the cache
+        assert report["short"] == report["formats"]["qa"]["short"] + report["mixes"]["mix"]["short"]
+        assert main(["synth", str(config), "--no-progress"]) == 3  # all from the cache
         again = json.loads((tmp_path / "http" / "synth_report.json").read_text())
         assert again["cache"]["misses"] == 0
     finally:
@@ -404,3 +406,83 @@ def test_bad_synth_commands_are_one_line_errors(units_file, tmp_path, argv, need
     assert_refused(code, err)
     assert needle in err
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# exit status: 0 only when everything asked for was written (or --allow-short covers it), 3
+# ("incomplete") after writing what there is, 2 at once for a server that is not there
+
+
+def _synth_http(units_file, out: Path, url: str, *extra: str) -> tuple[int, str, float]:
+    from tests.openai_http import http_llm_args
+    from tests.test_cli import run_cli
+
+    t0 = time.monotonic()
+    argv = ["synth", str(units_file), "--out", str(out), *http_llm_args(url), *extra]
+    code, err = run_cli(argv)
+    return code, err, time.monotonic() - t0
+
+
+def test_synth_that_produced_everything_exits_0(units_file, tmp_path):
+    from tests.openai_http import OpenAIHTTP
+
+    with OpenAIHTTP(lambda user: (200, "A short summary.")) as server:
+        code, err, _ = _synth_http(units_file, tmp_path / "out", server.url, "--formats", "summary")
+    assert code == 0, err
+    report = json.loads((tmp_path / "out" / "synth_report.json").read_text())
+    assert report["short"] == 0 and report["requested"] == 5 * len(UNITS)  # 5 summaries a unit
+    assert server.requests == 5 * len(UNITS)
+
+
+def test_a_400_is_never_asked_again_and_the_shortfall_exits_3(units_file, tmp_path):
+    """A prompt the server refuses (400) cannot succeed: one request per item, no retries, no
+    second round; the files and the report are written, the status says incomplete."""
+    from tests.openai_http import OpenAIHTTP
+
+    refuse = lambda user: (400, "prompt too long: 9000 tokens > 4096")  # noqa: E731
+    with OpenAIHTTP(refuse) as server:
+        code, err, _ = _synth_http(
+            units_file, tmp_path / "out", server.url, "--formats", "rewrite", "--max-attempts", "3"
+        )
+        assert server.requests == len(UNITS)  # the first round's only; 3 rounds allowed
+    assert code == 3, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "incomplete: 3 of 3 requested items" in lines[0], err
+    report = json.loads((tmp_path / "out" / "synth_report.json").read_text())
+    assert report["formats"]["rewrite"]["errors"] == {
+        "request failed: HTTP 400: prompt too long: 9000 tokens > 4096": 3
+    }
+    assert (tmp_path / "out" / "rewrite.jsonl").read_text() == ""
+    # the shortfall accepted: the same run exits 0
+    with OpenAIHTTP(refuse) as server:
+        code, err, _ = _synth_http(
+            units_file, tmp_path / "again", server.url, "--formats", "rewrite", "--allow-short", "1"
+        )
+    assert code == 0, err
+
+
+def test_a_refused_connection_stops_synth_at_once_with_one_line(units_file, tmp_path):
+    from tests.runs import free_port
+    from tests.test_cli import assert_refused
+
+    url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    code, err, seconds = _synth_http(units_file, tmp_path / "out", url, "--formats", "qa,summary")
+    assert_refused(code, err)
+    assert "connection refused" in err and url in err
+    assert seconds < 10  # not 5 retries x 3 rounds of backoff per request
+    assert not (tmp_path / "out" / "synth_report.json").exists()
+
+
+def test_one_network_error_on_every_first_request_stops_synth_with_one_line(units_file, tmp_path):
+    """A server that hangs up on every connection: each first request fails the same way and
+    none succeeds, so the run stops at once instead of retrying (4 retries x 3 rounds)."""
+    from tests.openai_http import HangingUp
+    from tests.test_cli import assert_refused
+
+    with HangingUp() as server:
+        code, err, seconds = _synth_http(
+            units_file, tmp_path / "out", server.url, "--formats", "qa"
+        )
+    assert_refused(code, err)
+    assert f"every request to {server.url} failed: APIConnectionError" in err
+    assert seconds < 10

@@ -21,9 +21,17 @@ local model behind `jaxlora serve`.
   model gets the prompt as it is (ask for JSON in the prompt, and parse strictly).
 - `OpenAIBackend`: the official `openai` client, `max_concurrency` requests in flight (threads),
   each retried with exponential backoff (`backoff_s * 2**attempt`, or the server's Retry-After
-  when it is shorter than 60 s) on 408/409/429/5xx and connection errors or timeouts, up to
-  `max_retries` retries; 4xx errors other than those fail at once. JSON mode sends
+  when it is shorter than 60 s) on 429/5xx and connection errors or timeouts, up to
+  `max_retries` retries. Any other 4xx fails at once and is marked `retryable=False` (a prompt
+  too long, a bad request: asking again cannot succeed, so callers do not re-ask it either).
+  A refused connection (nothing listens at `base_url`) raises `LLMError` at once, and so does
+  one network error (not a timeout: a server that is slow is retried) that every first request
+  of a call met before anything succeeded: a dead server is one line within seconds, not
+  minutes of retries. JSON mode sends
   `response_format={"type": "json_object"}` (chat only: the completions API has no such field).
+
+`preflight(conversations, params)` says, before anything is sent, why a request cannot succeed
+when the backend can know it (the local model: prompt plus max_tokens past its positions).
 """
 
 from __future__ import annotations
@@ -31,7 +39,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import time
+import threading
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -79,9 +88,11 @@ class GenParams:
 
 @dataclasses.dataclass(frozen=True)
 class LLMFailure:
-    """One request that failed after its retries."""
+    """One request that failed after its retries; `retryable` False when asking again cannot
+    succeed (a 4xx other than 429, a prompt the model cannot read)."""
 
     error: str
+    retryable: bool = True
 
 
 class Backend(Protocol):
@@ -92,6 +103,10 @@ class Backend(Protocol):
     def chat(
         self, conversations: Sequence[Sequence[Message]], params: GenParams
     ) -> list[str | LLMFailure]: ...
+
+    def preflight(
+        self, conversations: Sequence[Sequence[Message]], params: GenParams
+    ) -> str | None: ...
 
 
 # --------------------------------------------------------------------------- config
@@ -183,6 +198,19 @@ class LocalBackend:
     ) -> list[str | LLMFailure]:
         return self._run([self._encode(self.engine.encode_chat, c) for c in conversations], params)
 
+    def preflight(
+        self, conversations: Sequence[Sequence[Message]], params: GenParams
+    ) -> str | None:
+        """Why item i cannot be decoded ("item i: ..."), for the first such item, or None."""
+        for i, c in enumerate(conversations):
+            tokens = self._encode(self.engine.encode_chat, c)
+            if isinstance(tokens, LLMFailure):
+                return f"item {i}: {tokens.error}"
+            row = Row(tokens, self._slot, params.max_tokens, 0.0, 1.0, 0, params.stop)
+            if (why := self.engine.problem(row)) is not None:
+                return f"item {i}: {why}"
+        return None
+
     @staticmethod
     def _encode(encode, item) -> tuple[int, ...] | LLMFailure:
         try:
@@ -190,7 +218,7 @@ class LocalBackend:
         except LLMError:  # no chat template: every item would fail the same way
             raise
         except Exception as e:  # one malformed conversation fails alone
-            return LLMFailure(f"cannot encode the prompt: {type(e).__name__}: {e}")
+            return LLMFailure(f"cannot encode the prompt: {type(e).__name__}: {e}", False)
 
     def _run(
         self, prompts: list[tuple[int, ...] | LLMFailure], params: GenParams
@@ -215,7 +243,7 @@ class LocalBackend:
                 rows.append(row)
                 ok.append(i)
             else:
-                results[i] = LLMFailure(why)
+                results[i] = LLMFailure(why, retryable=False)
         for i, out in zip(ok, self.engine.run(rows), strict=True):
             results[i] = out.text
         return results
@@ -223,7 +251,7 @@ class LocalBackend:
 
 # --------------------------------------------------------------------------- HTTP
 
-_RETRY_STATUS = {408, 409, 429}
+_RETRY_STATUS = {429}  # and 5xx: the only statuses that another try may turn around
 _MAX_RETRY_AFTER_S = 60.0
 
 
@@ -249,7 +277,11 @@ class OpenAIBackend:
             base_url=base_url, api_key=api_key, max_retries=0, timeout=timeout_s
         )
         self.name = f"openai:{base_url or 'api.openai.com'}:{model}"
-        self.model = model
+        self.model, self.base_url = model, base_url or "https://api.openai.com/v1"
+        self._lock = threading.Lock()
+        self._abort = threading.Event()  # set when the call is given up: threads stop at once
+        self._any_ok = False  # once a request succeeded, network errors are retried as usual
+        self._first_errors: Counter = Counter()
         self.max_concurrency, self.max_retries, self.backoff_s = (
             max_concurrency,
             max_retries,
@@ -292,30 +324,79 @@ class OpenAIBackend:
             kw["stop"] = list(params.stop)
         return kw
 
+    def preflight(
+        self, conversations: Sequence[Sequence[Message]], params: GenParams
+    ) -> str | None:
+        """None: only the server knows its context; its 4xx answer says so, once per item."""
+        return None
+
     def _map(self, one, items: Sequence[Any]) -> list[str | LLMFailure]:
         if not items:
             return []
-        with ThreadPoolExecutor(min(self.max_concurrency, len(items))) as pool:
-            return list(pool.map(lambda ix: self._with_retries(one, *ix), enumerate(items)))
+        self._abort.clear()
+        self._first_errors.clear()
+        width = min(self.max_concurrency, len(items))
+        with ThreadPoolExecutor(width) as pool:
+            futures = [
+                pool.submit(self._with_retries, one, i, x, width) for i, x in enumerate(items)
+            ]
+            try:
+                return [f.result() for f in futures]
+            except LLMError:
+                self._abort.set()  # the others return at their next attempt or backoff
+                raise
 
-    def _with_retries(self, one, i: int, item: Any) -> str | LLMFailure:
+    def _with_retries(self, one, i: int, item: Any, width: int) -> str | LLMFailure:
         import openai
 
         for attempt in range(self.max_retries + 1):
+            if self._abort.is_set():
+                return LLMFailure("the call was given up")
             try:
-                return one(i, item)
+                out = one(i, item)
+                self._any_ok = True
+                return out
             except openai.APIStatusError as e:
                 error = f"HTTP {e.status_code}: {_message(e)}"
                 if e.status_code not in _RETRY_STATUS and e.status_code < 500:
-                    return LLMFailure(error)
+                    return LLMFailure(error, retryable=False)
                 delay = _retry_after(e.response) if e.status_code == 429 else None
             except openai.APIConnectionError as e:  # includes timeouts
                 error, delay = f"{type(e).__name__}: {e}", None
+                if _refused(e):
+                    self._abort.set()
+                    raise LLMError(
+                        f"cannot connect to {self.base_url}: connection refused (is the server "
+                        "running, and is --base-url its address?)"
+                    ) from None
+                # a timeout means a server answered the connection (busy, loading a model):
+                # worth its retries; any other network error on every first request is not
+                if attempt == 0 and not isinstance(e, openai.APITimeoutError):
+                    self._give_up_if_all_fail(error, width)
             except Exception as e:  # a malformed response: never let one item sink the batch
                 return LLMFailure(f"{type(e).__name__}: {e}")
             if attempt < self.max_retries:
-                time.sleep(self.backoff_s * 2**attempt if delay is None else delay)
+                self._abort.wait(self.backoff_s * 2**attempt if delay is None else delay)
         return LLMFailure(f"{error} (after {self.max_retries + 1} attempts)")
+
+    def _give_up_if_all_fail(self, error: str, width: int) -> None:
+        """Raise when the first `width` requests (all sent at once) met the same network error
+        and none has ever succeeded: the endpoint is unreachable, retries only add minutes."""
+        with self._lock:
+            self._first_errors[error] += 1
+            if not self._any_ok and self._first_errors[error] >= width:
+                self._abort.set()
+                raise LLMError(f"every request to {self.base_url} failed: {error}")
+
+
+def _refused(e: BaseException) -> bool:
+    """Whether a connection error is, at its root, a refused connection."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, ConnectionRefusedError) or "connection refused" in str(seen).lower():
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _message(e: Any) -> str:

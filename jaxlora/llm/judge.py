@@ -15,7 +15,11 @@ which cannot be told apart from a wrong answer and drags the mean down by the fa
 (STUDY.md §7). With no score at all, the mean is None, not 0.
 
 Results are cached by request (`common.CachedBackend`), so judging the same predictions again,
-or after an interruption, costs nothing.
+or after an interruption, costs nothing. `judge_file` checks every record and the template, and
+asks the backend's `preflight` whether every prompt plus `max_tokens` fits (the local model's
+positions), before it creates the cache or sends anything: a rubric too long for the model is
+one error, not N failed requests. The summary counts failures by reason ("request failed:
+HTTP 400: ..." keeps the server's words, so an HTTP context overflow is named too).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import statistics
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -126,17 +131,10 @@ def judge_predictions(
 
     params = params or judge_params()
     template = template if template is not None else load_template("judge")
-    absent = [k for k in ("question", "gold", "candidate") if "{" + k + "}" not in template]
-    if absent:
-        raise ConfigError(
-            f"the judge template has no {', '.join('{' + k + '}' for k in absent)}: it needs "
-            "{question}, {gold} and {candidate}"
-        )
+    conversations = judge_conversations(records, template, system)
     if isinstance(cache, str | Path):
         cache = ResultCache(cache)
     llm = backend if isinstance(backend, CachedBackend) else CachedBackend(backend, cache)
-    triples = [_fields(r, i) for i, r in enumerate(records)]
-    conversations = [judge_messages(q, g, c, template, system) for q, g, c in triples]
     verdicts: list[Verdict] = []
     bar = _bar(len(conversations), "judge", progress)
     try:
@@ -151,6 +149,21 @@ def judge_predictions(
     finally:
         bar.close()
     return verdicts, summarize_verdicts(verdicts)
+
+
+def judge_conversations(
+    records: Sequence[Mapping[str, Any]], template: str, system: str | None = None
+) -> list[list[dict[str, str]]]:
+    """The judge's messages for every record; a bad template or record is a DataError/ConfigError
+    (nothing is created or sent before this passes)."""
+    absent = [k for k in ("question", "gold", "candidate") if "{" + k + "}" not in template]
+    if absent:
+        raise ConfigError(
+            f"the judge template has no {', '.join('{' + k + '}' for k in absent)}: it needs "
+            "{question}, {gold} and {candidate}"
+        )
+    triples = [_fields(r, i) for i, r in enumerate(records)]
+    return [judge_messages(q, g, c, template, system) for q, g, c in triples]
 
 
 def judge_results(
@@ -223,7 +236,11 @@ def summarize_verdicts(verdicts: Iterable[Verdict]) -> dict[str, Any]:
 def _reason(error: str) -> str:
     """A failure's kind without its value ("score 11 is outside 0-10" -> "score outside 0-10")."""
     if error.startswith("request failed"):
-        return "request failed"
+        # the backend's own words name the cause (HTTP 400: prompt too long, a timeout, ...),
+        # with its numbers (token counts) as N and no attempt count, so that one cause is one
+        # count however long each prompt was; each record's judge_error keeps the numbers
+        head, rest = re.match(r"(request failed: (?:HTTP \d{3}\b:? ?)?)(.*)", error, re.S).groups()
+        return head + re.sub(r"\d+", "N", rest.split(" (after ", 1)[0])[:160]
     if "outside" in error:
         return f"score outside {SCORE_MIN}-{SCORE_MAX}"
     if "not an integer" in error:
@@ -255,8 +272,18 @@ def judge_file(
     """Judge a predictions file; writes OUT (each record with `judge_score`, `judge_rationale`,
     `judge_error`) and OUT's `.summary.json` (overall, and per adapter when records name one)."""
     from jaxlora.fsutil import atomic_write
+    from jaxlora.llm.backends import LLMError
+    from jaxlora.llm.common import load_template
 
     records = read_predictions(path)
+    params = params or judge_params()
+    conversations = judge_conversations(records, template or load_template("judge"))
+    preflight = getattr(backend, "preflight", None)  # a backend that cannot know: None
+    if preflight is not None and (why := preflight(conversations, params)) is not None:
+        raise LLMError(
+            f"the judge prompt of prediction {why.removeprefix('item ')}: pass --max-tokens "
+            "lower, a shorter --template, or a judge model with a longer context"
+        )
     src = Path(path).expanduser()
     out = Path(out).expanduser() if out else src.with_name(f"{src.stem}.judged.jsonl")
     cache_path = Path(cache).expanduser() if cache else out.with_suffix(".cache.sqlite")
@@ -286,6 +313,9 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     """One line for the terminal."""
     rate = summary["failure_rate"]
     failed = f"judge_failed {summary['judge_failed']}/{summary['total']} ({rate:.1%})"
+    if summary["failures"]:
+        reasons = sorted(summary["failures"].items(), key=lambda kv: -kv[1])
+        failed += " -- " + "; ".join(f"{n} x {why}" for why, n in reasons)
     if summary["mean"] is None:
         return f"no prediction could be scored; {failed}"
     return (
@@ -308,14 +338,18 @@ def run_judge(
     llm: Mapping[str, Any] | None = None,
     cache: str | Path | None = None,
     template: str | None = None,
+    max_tokens: int | None = None,
     progress: bool = True,
 ) -> tuple[Path, dict[str, Any]]:
     """`jaxlora judge`: the backend from `config`'s `llm:` section and/or `llm` settings;
-    `template` a preset name or a file."""
+    `template` a preset name or a file; `max_tokens` the reply's budget (default 256)."""
     from jaxlora.llm.common import load_template, make_llm, read_yaml_section
 
     read_predictions(path)  # a bad file fails before a model is loaded
     section = read_yaml_section(config, "llm") if config else None
     text = load_template(template) if template else None
+    params = judge_params(**({} if max_tokens is None else {"max_tokens": max_tokens}))
     backend = make_llm(section, dict(llm or {}))
-    return judge_file(path, backend, out=out, cache=cache, template=text, progress=progress)
+    return judge_file(
+        path, backend, out=out, cache=cache, template=text, params=params, progress=progress
+    )

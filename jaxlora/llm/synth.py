@@ -22,7 +22,8 @@ A format has a *kind*, which says what one generation yields and how it is parse
 Generation runs in rounds. Round 0 asks for what each (unit, format) needs; every later round
 (up to `max_attempts` rounds in all) asks again, with new seeds, for what is still missing:
 failed requests (`LLMFailure`), unparseable replies and QA replies with fewer pairs than
-asked. What is still missing after the last round is *reported*, per unit and format, in
+asked -- except a (unit, format) whose request failed for good (`retryable=False`: a 4xx
+such as a prompt too long), which is not asked again. What is still missing after the last round is *reported*, per unit and format, in
 `synth_report.json` (requested, produced, failed requests and their reasons), never dropped
 silently. A request's seed is a function of (round, request index, unit index) only, and the
 backends draw each item with its own seed, so results do not depend on batching, and every
@@ -117,6 +118,7 @@ class _Pool:
     parse_failures: int = 0
     invalid_items: int = 0
     errors: Counter = dataclasses.field(default_factory=Counter)
+    final: bool = False  # a request failed for good: asking again cannot succeed
 
     def report(self) -> dict[str, Any]:
         produced = min(len(self.items), self.need)
@@ -192,6 +194,8 @@ def _round(llm, units, config: SynthConfig, pools, rnd: int, bar) -> int:
         if f.kind == "original":
             continue
         for ui, u in enumerate(units):
+            if pools[(u.id, f.name)].final:
+                continue
             short = pools[(u.id, f.name)].need - len(pools[(u.id, f.name)].items)
             for j in range(math.ceil(short / f.per_request) if short > 0 else 0):
                 n = min(f.per_request, short - j * f.per_request)
@@ -251,6 +255,7 @@ def _absorb(pool: _Pool, f: FormatSpec, out: Any, n: int) -> None:
     if not isinstance(out, str):  # LLMFailure
         pool.llm_failures += 1
         pool.errors[f"request failed: {out.error}"[:200]] += 1
+        pool.final = pool.final or not out.retryable
         return
     items, invalid, error = parse_items(f.kind, out)
     pool.invalid_items += invalid
@@ -352,9 +357,14 @@ def _report(units, config: SynthConfig, pools, llm, hits0: int, misses0: int) ->
             "produced": got,
             "short": mix.total * len(units) - got,
         }
+    written = [e for name, e in formats.items() if e["written"]] + list(mixes.values())
     return {
         "backend": llm.name,
         "units": len(units),
+        # what was asked for and is missing from the written files: `jaxlora synth` exits 3
+        # ("incomplete") when short > --allow-short x requested
+        "requested": sum(e["requested"] for e in written),
+        "short": sum(e["short"] for e in written),
         "cache": {"hits": llm.hits - hits0, "misses": llm.misses - misses0},
         "formats": formats,
         "mixes": mixes,
