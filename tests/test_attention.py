@@ -129,6 +129,8 @@ def test_blocked_decoder_equals_full_through_prefill_and_cached_decode():
             seq.append(step_logits)
         outs.append(np.concatenate([np.asarray(x) for x in seq], axis=1))
     real = np.concatenate([mask, np.ones((B, steps), bool)], axis=1)
+    # whole-model logits over a prefill and 4 cached steps: the kernels' ~1e-6 passes through
+    # every layer and the LM head, so 10x the kernel bound; a key seen or missed moves ~1e-1
     np.testing.assert_allclose(outs[1][real], outs[0][real], RTOL * 10, ATOL * 10)
 
 
@@ -142,6 +144,8 @@ def test_blocked_kernel_is_used_for_a_long_prefill_and_matches(monkeypatch):
     tokens = jax.random.randint(jax.random.key(4), (2, 50), 0, GQA.vocab_size)
     a = np.asarray(auto(tokens)[0])
     b = np.asarray(full(tokens)[0])
+    # whole-model logits: the kernel's rounding through every layer and the LM head (10x the
+    # kernel bound); a key seen or missed moves them by ~1e-1
     np.testing.assert_allclose(a, b, RTOL * 10, ATOL * 10)
 
 
@@ -171,6 +175,7 @@ def test_packed_rows_equal_the_same_rows_unpacked():
     at = 0
     for row in rows:
         alone = np.asarray(model(row[None])[0])[0]
+        # whole-model logits, as above: 10x the kernel bound; attention across rows moves ~1e-1
         np.testing.assert_allclose(out[at : at + len(row)], alone, RTOL * 10, ATOL * 10)
         at += len(row)
 

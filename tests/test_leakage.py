@@ -151,6 +151,7 @@ def test_normalisation_and_similarity():
     a = ("what", "is", "the", "name", "of", "the", "planner")
     assert similarity(a, a) == 1.0
     b = ("what", "is", "the", "goal", "of", "the", "planner")
+    # a float quotient: approx's 1e-6 relative is rounding; one word more or less is 1/7
     assert similarity(a, b) == pytest.approx(6 / 7)
     assert similarity(a, []) == 0.0
 

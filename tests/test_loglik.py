@@ -100,6 +100,8 @@ def test_batched_option_logprobs_equal_one_at_a_time(quality_run, method):
     prompts = ev.prompts(ev.contexts(m)[0])
     batched = ev.option_logprobs(m, prompts)
     assert [len(s) for s in batched] == [4, 4, 4]
+    # float32 log-probs summed over each option's tokens, batched and padded vs one at a time
+    # (another reduction order): rounding of sums of order 10; the argmax below is exact
     np.testing.assert_allclose(batched, _by_hand(ev, method, prompts), rtol=1e-4, atol=1e-4)
     choices = [metrics.loglik_choice(s) for s in batched]
     assert choices == [int(np.argmax(s)) for s in _by_hand(ev, method, prompts)]
@@ -118,6 +120,8 @@ def test_reordered_options_move_the_answer(quality_run):
         for q in ev.questions
     ]
     after = ev.option_logprobs(m, prompts)
+    # the same option text at another batch position: float32 rounding only; a score that
+    # followed the position instead of the text would differ by ~1 (distinct options)
     np.testing.assert_allclose(after, [s[::-1] for s in before], rtol=1e-5, atol=1e-5)
     for q, b, a in zip(ev.questions, before, after, strict=True):
         gold = dataclasses.replace(q.source, gold=metrics.loglik_choice(b))
@@ -139,6 +143,7 @@ def test_results_have_loglik_columns_and_predictions_their_scores(quality_run):
     # The column is the mean of the per-question picks against the gold letters.
     base = [p for p in preds if p["method"] == "base"]
     right = np.mean([p["loglik_choice"] == p["gold"] for p in base])
+    # a float mean read back from the CSV: rounding only; one pick more or less is 1/n
     assert float(rows["base"]["loglik_accuracy"]) == pytest.approx(right)
 
 

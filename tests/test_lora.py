@@ -348,6 +348,8 @@ def test_factor_product_gradient_equals_autodiff(d_in, d_out):
         np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), rtol=1e-6)
         for g, r in zip(ours(c), ref(c), strict=True):
             assert g.shape == r.shape
+            # the gradients: two such products each (the cotangent through the other factor), so
+            # 10x the outputs' bound; a wrong orientation or factor is off by O(1)
             np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5)
 
 

@@ -326,6 +326,7 @@ def test_dare_keeps_a_density_fraction_rescaled(lib):
             keep = live & (y != 0)
             kept, total = kept + keep.sum(), total + live.sum()
             masks.append(keep[live])
+            # sqrt(s) x / density in float32 there, float64 here: two roundings (~1e-7 relative)
             np.testing.assert_allclose(y[keep], np.sqrt(SCALES[0]) * x[keep] / density, rtol=1e-6)
             assert not np.any(y[~live])
     # kept ~ Binomial(n, p): n ~ 8000 here, so its sd is sqrt(p(1-p)/n) ~ 0.005 as a fraction;
@@ -367,6 +368,8 @@ def test_dare_at_density_one_is_the_undropped_type(lib, dare, plain, rows_weight
     for q in range(3):
         got, want = delta(one, q), delta(ref, q)
         for p in want:
+            # density 1 keeps all and divides by 1.0: the same float32 math, which XLA may fuse
+            # otherwise (a few ulps); a dropped entry moves ΔW by ~1e-2
             np.testing.assert_allclose(got[p], want[p], rtol=1e-6, atol=1e-7)
 
 

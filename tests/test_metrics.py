@@ -147,6 +147,7 @@ def test_empty_target_is_a_data_error(tok):
 
 
 def test_bleu_identical_and_disjoint():
+    # exp of a sum of log(1) terms times 100: float rounding only
     assert bleu("the cat sat on the mat", "the cat sat on the mat") == pytest.approx(100.0)
     assert bleu("a dog ran home", "the cat sat on the mat") == 0.0
     assert bleu("", "the cat sat on the mat") == 0.0
@@ -161,6 +162,7 @@ def test_bleu_partial_by_hand_and_against_corpus_bleu():
         * math.exp(1 - 9 / 8)
         * math.exp((math.log(7 / 8) + math.log(4 / 7) + math.log(2 / 6) + math.log(1 / 5)) / 4)
     )
+    # float64 both ways, the same terms in another order: 1e-9 relative is rounding only
     assert bleu(pred, ref) == pytest.approx(by_hand, rel=1e-9)
     # Every order has a match, so smoothing does not enter and sentence == corpus BLEU.
     assert bleu(pred, ref) == pytest.approx(sacrebleu.corpus_bleu([pred], [[ref]]).score)
@@ -196,12 +198,14 @@ def test_rouge_multi_is_rouge_score_best_of_references():
     ]
     for prediction, refs in cases:
         got = metrics.rouge_multi(prediction, refs)
+        # the F-measures rouge_score computes, in floats: approx's default 1e-6 is rounding
         assert got == pytest.approx(
             {k: s.fmeasure for k, s in scorer.score_multi(refs, prediction).items()}
         )
         # best over references, chosen per ROUGE type
         for k in metrics.ROUGE_TYPES:
             best = max(scorer.score(r, prediction)[k].fmeasure for r in refs)
+            # as above: the same F-measure, rounding only
             assert got[k] == pytest.approx(best)
 
 
@@ -236,9 +240,11 @@ def test_per_level_breakdown():
         {"bleu": 5.0, "rouge_l": 0.0},
     ]
     table = metrics.per_level(scores, [1, 1, 3])
+    # (0.2 + 0.4) / 2 in floats is not 0.3 to the bit: approx's default relative 1e-6
     assert table["level_1"] == {"bleu": 20.0, "rouge_l": pytest.approx(0.3), "n": 2}
     assert table["level_2"] == {"bleu": None, "rouge_l": None, "n": 0}
     assert table["level_3"] == {"bleu": 5.0, "rouge_l": 0.0, "n": 1}
+    # a float mean: approx's default relative 1e-6 is rounding only
     assert table["all"]["bleu"] == pytest.approx(15.0) and table["all"]["n"] == 3
     with pytest.raises(DataError, match="level 0 is not one of 1, 2, 3"):
         metrics.per_level(scores, [1, 0, 3])
@@ -323,9 +329,11 @@ def test_choice_accuracy_with_hard_subset_and_unanswered():
     hard = [True, True, False, True, False]
     got = metrics.choice_accuracy(predicted, gold, hard)
     assert got == {
+        # float quotients: approx's default relative 1e-6; one answer more or less is >= 1/5
         "accuracy": pytest.approx(2 / 5),
         "n": 5,
         "unanswered": 2,
+        # as accuracy: a float quotient
         "hard_accuracy": pytest.approx(1 / 3),
         "n_hard": 3,
     }

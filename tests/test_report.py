@@ -33,6 +33,7 @@ def test_interpolation_by_hand():
     # Last size >= tau is 2000 (0.97); the crossing toward 4000 (0.80) is at 2/17 of the gap.
     assert cap.kind == "interpolated"
     assert cap.value == pytest.approx(2000 + (0.97 - 0.95) / (0.97 - 0.80) * 2000)
+    # the figure rounded to 3 decimals, as written by hand: abs 1e-3
     assert cap.value == pytest.approx(2235.294, abs=1e-3)
     assert str(cap) == "2,235"
 
@@ -64,6 +65,7 @@ def test_non_monotone_curve_uses_the_last_crossing():
     # Dips below tau at 2000, recovers at 4000: the largest size reaching tau is 4000.
     cap = saturation_capacity([1000, 2000, 4000, 8000], [1.0, 0.9, 0.97, 0.5])
     assert cap.kind == "interpolated"
+    # the same interpolation in floats: approx's default relative 1e-6 is rounding only
     assert cap.value == pytest.approx(4000 + 0.02 / 0.47 * 4000)
 
 
@@ -71,6 +73,7 @@ def test_duplicate_sizes_are_averaged():
     # Two seeds at 1000 (1.0, 0.9) average to 0.95 exactly: T_max is 1000.
     assert saturation_capacity([1000, 1000, 2000], [1.0, 0.9, 0.5]) == Capacity(1000, "exact")
     cap = saturation_capacity([1000, 2000, 2000], [1.0, 1.0, 0.94], tau=0.95)
+    # a float size that should be 2000 exactly: abs 1e-6 is rounding only
     assert cap.value == pytest.approx(2000, abs=1e-6) and cap.kind == "at_least"
 
 
@@ -98,6 +101,7 @@ def test_capacity_str():
 
 
 def test_efficiency():
+    # float quotients: approx's default relative 1e-6 is rounding only
     assert efficiency(Capacity(3000, "interpolated"), 1500) == pytest.approx(2.0)
     assert efficiency(Capacity(8000, "at_least"), 1000) == pytest.approx(8.0)  # a lower bound
     assert efficiency(Capacity(1000, "below"), 1000) is None
@@ -165,10 +169,12 @@ def test_capacity_table_per_rank_with_seeds_averaged():
         assert str(row["T_max"]) == EXPECTED_T_MAX[row["rank"]]
         assert row["trainable_params"] == row["rank"] * 1000
         assert list(row["accuracies"]) == list(SIZES)
+        # seeds' float means: approx's default relative 1e-6 is rounding only
         assert list(row["accuracies"].values()) == pytest.approx(ACCURACY[row["rank"]])
         assert row["group"] == {"rank": row["rank"]}
     eff = {row["rank"]: row["efficiency"] for row in table}
     assert eff[2] is None
+    # float quotients: rounding only
     assert eff[8] == pytest.approx(1500 / 8000)
     assert eff[128] == pytest.approx(8000 / 128000)
 

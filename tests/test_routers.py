@@ -75,13 +75,16 @@ def test_identical_question_routes_to_its_key_and_instruction_is_for_queries_onl
     router = EmbeddingRouter(model, progress=False).fit(TEXTS)
     route = router.route(TEXTS, k=2)
     np.testing.assert_array_equal(route.indices[:, 0], np.arange(len(TEXTS)))
+    # the cosine of a float32 unit vector with itself: 1 up to rounding over D terms
     np.testing.assert_allclose(route.scores[:, 0], 1.0, atol=1e-5)
     assert (route.scores[:, 1] < route.scores[:, 0]).all()
 
     instructed = EmbeddingRouter(model, instruction="Find the fact", progress=False).fit(TEXTS)
+    # keys take no instruction: the same float32 forward (batch layout aside), rounding only
     np.testing.assert_allclose(instructed.key_emb_UD, router.key_emb_UD, atol=1e-6)
     scores = instructed.scores(["hello world"])
     plain = router.encode(["Instruct: Find the fact\nQuery:hello world"], "queries")
+    # the same unit vectors dotted in another order: float32 rounding only
     np.testing.assert_allclose(scores, plain @ router.key_emb_UD.T, atol=1e-6)
     assert np.abs(scores - router.scores(["hello world"])).max() > 1e-3
 
@@ -97,6 +100,7 @@ def test_long_keys_are_an_error_unless_truncated(encoder):
     assert cut.truncated == {"keys": len(long), "queries": 0}
     full = EmbeddingRouter(model, progress=False).fit(TEXTS)
     assert np.abs(cut.key_emb_UD[4] - full.key_emb_UD[4]).max() > 1e-3
+    # key 3 fits max_length: only the batch's padding width differs, rounding only
     np.testing.assert_allclose(cut.key_emb_UD[3], full.key_emb_UD[3], atol=1e-6)
 
 
@@ -125,6 +129,7 @@ def test_encoder_given_as_a_path_loads_and_caches(encoder, tmp_path):
     kw = dict(cache_dir=tmp_path, max_length=16, truncate=True, progress=False)
     by_path = EmbeddingRouter(str(path), **kw).fit(TEXTS)
     by_model = EmbeddingRouter(model, max_length=16, truncate=True, progress=False).fit(TEXTS)
+    # the same weights loaded from the path: the same float32 forward, rounding only
     np.testing.assert_allclose(by_path.key_emb_UD, by_model.key_emb_UD, atol=1e-6)
     again = EmbeddingRouter(str(path), **kw).fit(TEXTS)
     assert again.cache_path == by_path.cache_path
@@ -225,6 +230,7 @@ def test_oracle_and_routing_accuracy():
     np.testing.assert_array_equal(route.indices, [[2], [0]])
     assert routing_accuracy(route, [2, 0]) == {"top1": 1.0, "recall@1": 1.0}
     made = Route(np.array([[0, 1], [2, 0], [1, 2]]), np.zeros((3, 2), np.float32))
+    # float fractions of 3 questions: approx's default relative 1e-6 is rounding only
     assert routing_accuracy(made, [0, 0, 0]) == pytest.approx({"top1": 1 / 3, "recall@2": 2 / 3})
 
 
