@@ -92,12 +92,19 @@ def _quiet_stderr() -> Iterator[None]:
                     print(line, file=sys.stderr)
 
 
+def libtpu_installed() -> bool:
+    return importlib.util.find_spec("libtpu") is not None
+
+
 def topology_devices(name: str) -> list[jax.Device]:
     """The compile-only devices of a TPU topology, e.g. "v5e:2x4" (8 chips)."""
     if not TOPOLOGY.match(name):
         raise AotError(f"unknown TPU topology {name!r}; accepted: {accepted()}")
-    if importlib.util.find_spec("libtpu") is None:
+    if not libtpu_installed():
         raise AotError(f"--aot needs libtpu (compile-only TPU devices): {INSTALL}")
+    # libtpu takes a lockfile so that two processes never drive one TPU; compile-only devices
+    # drive none, and a second `plan --aot` (or a test beside a compile) must not be refused.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     with _quiet_stderr():
         try:
             topo = topologies.get_topology_desc(topology_name=name, platform="tpu")
@@ -252,6 +259,9 @@ class Compiled:
     temporaries: int = 0
     code: int = 0
     flops: float | None = None
+    # The program has loops (a scanned model's layers, a chunked loss): XLA's cost analysis
+    # counts each loop's body once, so `flops` is then a lower bound, not the step's count.
+    loops: bool = False
     error: str = ""  # the compiler's refusal, one line
     # a refused program's largest buffers: (bytes, op name, shape)
     largest: list[tuple[int, str, str]] = dataclasses.field(default_factory=list)
@@ -338,6 +348,7 @@ def compile_program(p: Program) -> Compiled:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost  # older jax: one dict per device
     out.flops = float(cost["flops"]) if cost and "flops" in cost else None
+    out.loops = " while(" in compiled.as_text()
     return out
 
 
@@ -386,7 +397,12 @@ class Report:
                 ]
             ratio = f" ({p.estimated_bytes / p.total:.2f}x the compiler's)" if p.total else ""
             lines.append(f"  {'plan estimate':<30}{gib(p.estimated_bytes)}{ratio}")
-            if p.flops is not None:
+            if p.flops is not None and p.loops:
+                lines.append(
+                    f"  FLOPs per step per chip      {p.flops:.3e}, a lower bound: XLA counts each "
+                    f"loop's body once (plan {p.estimated_flops:.3e})"
+                )
+            elif p.flops is not None:
                 lines.append(
                     f"  FLOPs per step per chip      {p.flops:.3e} (plan {p.estimated_flops:.3e}, "
                     f"{p.estimated_flops / p.flops:.2f}x)"
@@ -406,6 +422,7 @@ class Report:
                     "estimated_bytes": int(p.estimated_bytes),
                     "fits": not p.error and p.total <= self.hbm_bytes,
                     "flops": p.flops,
+                    "flops_loops_once": p.loops,
                     "compile_s": round(p.compile_s, 2),
                     **({"error": p.error} if p.error else {}),
                 }
@@ -423,8 +440,11 @@ def compile_job(
     if devices is not None and devices != len(chips):
         raise AotError(f"--devices {devices} but {topology} has {len(chips)} chips; drop one")
     devices = len(chips)
-    kind, hbm, peak = CHIPS[topology.split(":")[0]]
+    _, hbm, peak = CHIPS[topology.split(":")[0]]
     kind = chips[0].device_kind  # what libtpu describes, e.g. "TPU v5 lite"
+    # libtpu may describe a chip as several devices (v4's two cores): they share its HBM.
+    per_chip = devices / math.prod(int(n) for n in topology.split(":")[1].split("x"))
+    hbm, peak = hbm / per_chip, peak / per_chip
     plan = make_plan(config, devices, hbm / GIB, peak / 1e12, mfu, context)
     c = plan.config.mesh
     sizes = mesh_sizes(c.adapter, c.fsdp, c.tensor, devices)
