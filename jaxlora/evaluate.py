@@ -229,12 +229,17 @@ class Evaluator:
         c = plan.cell.config
         means = scoring.aggregate(c.data.dataset, scores, sources)
         n_facts = len(sources)
+        size = c.data.size_tokens
+        if size is None and not kdata.is_document_dataset(c.data):
+            # sized by rows (or the whole file): the knowledge it was given, counted as a
+            # token budget counts it, so that the capacity report has its size axis
+            size = int(kdata.count_tokens(self.job.data.records(plan), self.tok).sum())
         return {
             "index": plan.index,
             "name": plan.name,
             **{k: _csv(v) for k, v in plan.cell.values if k not in SWEEP_ALIASES},
             "rank": plan.lora.rank,
-            "size_tokens": c.data.size_tokens,
+            "size_tokens": size,
             "n_facts": n_facts,
             "trainable_params": plan.lora.num_params(self.job.model.config),
             **means,

@@ -253,3 +253,35 @@ def test_counterfact_efficacy_equals_torch_probabilities(tmp_path):
         assert [p["efficacy"] for p in mine] == expected
         # a float mean read back from the CSV: rounding only; one wrong outcome moves it by 1/n
         assert float(row["efficacy"]) == pytest.approx(np.mean(expected))
+
+
+def test_a_grid_sized_by_rows_gets_its_capacity_report(tmp_path):
+    """size_rows instead of size_tokens: results carry each adapter's knowledge in tokens (as
+    a token budget counts them) and the capacity report is written."""
+    from jaxlora.config import load_config
+    from jaxlora.sweep import SweepJob
+    from tests.runs import write_config
+
+    cfg = write_config(
+        tmp_path / "rows.yaml",
+        **{
+            "data.size_tokens": None,
+            "data.size_rows": 2,
+            "eval": {"max_new_tokens": 8},
+            "sweep": {"lora.rank": [2, 4], "data.size_rows": [2, 4]},
+            "training.steps": 2,
+        },
+    )
+    job = SweepJob(load_config(cfg), tmp_path / "run", progress=False, devices=jax.devices()[:1])
+    job.run()
+    rows = read_csv(tmp_path / "run" / "results.csv")
+    tok = job.model.tokenizer
+    plans = {p.name: p for p in job.plans}
+    for r in rows:
+        n = int(r["n_facts"])
+        texts = [rec.knowledge_text for rec in job.data.records(plans[r["name"]])]
+        assert len(texts) == n
+        expected = sum(len(tok(t, add_special_tokens=False).input_ids) for t in texts)
+        assert int(r["size_tokens"]) == expected
+    assert {int(r["n_facts"]) for r in rows} == {2, 4}
+    assert "T_max" in (tmp_path / "run" / "report.md").read_text()
