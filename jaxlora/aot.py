@@ -40,6 +40,7 @@ from jax.sharding import Mesh, NamedSharding
 from jaxlora.cells import Group, build_groups, count_passes, plan_cells, resolve_per_pass
 from jaxlora.config import Config
 from jaxlora.errors import JaxloraError
+from jaxlora.generate import DecodeSpec, decode_stack
 from jaxlora.lora import union_placement
 from jaxlora.models.model import abstract_module, model_config, parse_dtype
 from jaxlora.plan import GIB, Plan, make_plan
@@ -125,12 +126,14 @@ def _sharded(x: Any, mesh: Mesh, axes: Sequence[str | None]) -> jax.ShapeDtypeSt
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec))
 
 
-def _variables(tree, mesh: Mesh, leading: Sequence[str] = ()):
-    """ShapeDtypeStructs of a parameter tree, split by its `axes` as the job splits it."""
+def _variables(tree, mesh: Mesh, leading: Sequence[str] = (), leading_in_shape: bool = False):
+    """ShapeDtypeStructs of a parameter tree, split by its `axes` (after `leading` axes, which
+    the values' shapes already have with `leading_in_shape`) as the job splits it."""
 
     def one(var):
         x = var.get_value()
-        axes = tuple(leading) + tuple(var.get_metadata().get("axes", (None,) * x.ndim))
+        own = x.ndim - (len(leading) if leading_in_shape else 0)
+        axes = tuple(leading) + tuple(var.get_metadata().get("axes", (None,) * own))
         return var.replace(_sharded(x, mesh, axes))
 
     return jax.tree.map(one, tree, is_leaf=lambda v: isinstance(v, nnx.Variable))
@@ -239,6 +242,61 @@ def train_program(config: Config, mesh: Mesh, plan: Plan) -> Program:
         plan.total,
         plan.flops_per_step / plan.devices,
     )
+
+
+def _stacked(tree, n: int):
+    """A tree of n adapters' float32 leaves [n, ...] (as `init_adapters` stacks them)."""
+    return jax.tree.map(
+        lambda v: v.replace(jax.ShapeDtypeStruct((n, *v.get_value().shape), jnp.float32)),
+        tree,
+        is_leaf=lambda v: isinstance(v, nnx.Variable),
+    )
+
+
+def eval_programs(config: Config, mesh: Mesh, plan: Plan) -> list[Program]:
+    """Evaluation's greedy decoding as `evaluate.Evaluator` runs it (`decode_stack`), one
+    program per group: each adapter of the stack continues `eval.batch_size` prompts of up to
+    `data.max_length` tokens (a prompt is a training row cut before its answer) for
+    `eval.max_new_tokens`, with a KV cache per adapter. Plan's estimate for it: the base and
+    adapter weights and that cache (its own working set is one layer's, small beside them)."""
+    if config.eval is None:
+        return []
+    c = model_config(config.model.path)
+    dtype = parse_dtype(config.model.dtype)
+    param_dtype = parse_dtype(config.model.param_dtype or config.model.dtype)
+    plans = plan_cells(config, c)
+    groups = build_groups(plans, config.training.layout, mesh.shape["adapter"])
+    Q, T = config.eval.batch_size, max(p.cell.config.data.max_length for p in plans)
+    *_, base = abstract_module(c, None, dtype, param_dtype)
+    base_abs = _variables(base, mesh)
+    spec = DecodeSpec(config.eval.max_new_tokens, tuple(c.eos_token_ids) or (0,), c.pad_token_id)
+    rows = dict(plan.rows)
+    out = []
+    for k, g in enumerate(groups):
+        n = len(g.slots)
+        placement = union_placement([plans[i].lora for i in g.slots if i is not None])
+        graph, w_abs, c_abs, _ = abstract_module(c, placement, dtype, param_dtype)
+        weights = _variables(_stacked(w_abs, n), mesh, ("adapter",), leading_in_shape=True)
+        consts = _variables(_stacked(c_abs, n), mesh, ("adapter",), leading_in_shape=True)
+        tokens = _sharded(
+            jax.ShapeDtypeStruct((n, Q, T), jnp.int32), mesh, ("adapter", "batch", None)
+        )
+        mask = _sharded(jax.ShapeDtypeStruct((n, Q, T), bool), mesh, ("adapter", "batch", None))
+        local = math.ceil(n / mesh.shape["adapter"]) * math.ceil(Q / mesh.shape["fsdp"])
+        cache = 2 * c.num_layers * c.num_kv_heads * c.head_dim * (T + spec.max_new_tokens)
+        estimate = rows["base weights"] + rows["adapter weights (float32)"] / len(groups)
+        estimate += local * cache * np.dtype(dtype).itemsize
+        out.append(
+            Program(
+                f"eval_decode[group {k}: r{placement.rank}x{n}, {Q} x {T} + "
+                f"{spec.max_new_tokens} tokens]",
+                decode_stack,
+                (graph, base_abs, weights, consts, tokens, mask, spec),
+                estimate,
+                0.0,
+            )
+        )
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -451,7 +509,8 @@ def compile_job(
     mesh = Mesh(np.asarray(chips).reshape(tuple(sizes.values())), MESH_AXES)
     # A persistent-cache hit would be no compile at all: this command measures the compiler.
     jax.config.update("jax_enable_compilation_cache", False)
-    programs = [compile_program(train_program(plan.config, mesh, plan))]
+    programs = [train_program(plan.config, mesh, plan), *eval_programs(plan.config, mesh, plan)]
+    programs = [compile_program(p) for p in programs]
     return Report(topology, devices, kind, hbm, plan, programs)
 
 
