@@ -530,9 +530,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_plan)
 
     p = sub.add_parser(
-        "convert", help="convert a Hugging Face checkpoint to jaxlora's Orbax format"
+        "convert", help="convert a Hugging Face checkpoint or GGUF file to jaxlora's Orbax format"
     )
-    p.add_argument("source", help="HF model directory, hub id or built-in preset")
+    p.add_argument(
+        "source", help="HF model directory, hub id, GGUF file, built-in preset or smollm2-135m"
+    )
     p.add_argument("out_dir", help="output directory (Orbax params + config + tokenizer)")
     p.add_argument(
         "--dtype",
