@@ -27,8 +27,8 @@ from jaxlora.config import Cell, Config, DistillSection
 from jaxlora.data.stream import pack, packed_length
 from jaxlora.errors import ConfigError, DataError
 from jaxlora.lora import Layout, LoRAConfig, layout_groups
+from jaxlora.models.attention import PACK_CHUNK
 from jaxlora.models.config import ModelConfig
-from jaxlora.models.transformer import PACK_CHUNK
 from jaxlora.objectives import Distill
 
 

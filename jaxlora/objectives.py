@@ -1,6 +1,9 @@
 """What an adapter learns: next-token prediction, or distillation from the base with context.
 
-**NTP** (`token_mean_ce`): cross-entropy of the loss mask's targets, averaged over them.
+**NTP** (`token_mean_ce`): cross-entropy of the loss mask's targets, averaged over them. The
+training step computes it from the final hidden states a chunk of positions at a time
+(`chunked_token_mean_ce`), so no step holds a whole batch's [B, T, V] logits. Distillation
+still does (its KL reads the teacher's logits, cached or computed, over the whole sample).
 
 **Distillation** ("knowledge modules", STUDY.md §6): the teacher is the frozen base model with
 the adapter's unit (its document or chunk) in context before the sample; the student is the
@@ -33,12 +36,14 @@ and step but no activation memory for the backward pass.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxlora.errors import ConfigError
+from jaxlora.sharding import constrain
 
 Array = jax.Array
 
@@ -51,6 +56,56 @@ def token_mean_ce(logits_BTV: Array, tokens_BT: Array, loss_BT: Array) -> Array:
     logz = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return jnp.sum((logz - picked) * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+# Logits per chunk of the chunked loss, per adapter (float32: 32 MiB): an 8B model's batch of
+# 8 rows over a 128K vocabulary takes 8 positions per chunk; a small vocabulary takes the whole
+# sequence in one chunk, exactly the plain loss.
+LOSS_CHUNK_LOGITS = 2**23
+
+
+def loss_chunk(B: int, T: int, V: int) -> int:
+    """Positions per chunk of `chunked_token_mean_ce` for a [B, T] batch over V logits."""
+    return max(1, min(T - 1, LOSS_CHUNK_LOGITS // (B * V)))
+
+
+def chunked_token_mean_ce(
+    head: Callable[[Array], Array], hidden_BTD: Array, tokens_BT: Array, loss_BT: Array, chunk: int
+) -> Array:
+    """`token_mean_ce(head(hidden), tokens, loss)` that never holds the whole [B, T, V] logits.
+
+    `head` maps final-norm hidden states [B, c, D] to float32 logits [B, c, V]. The targets are
+    taken `chunk` positions at a time (`lax.map`), each chunk's logits computed, reduced to its
+    summed loss and dropped; the chunk is rematerialised (`jax.checkpoint`), so the backward
+    pass recomputes one chunk's logits at a time instead of keeping them all. One chunk (a small
+    vocabulary, `loss_chunk`) is the plain computation. Activations are pinned to the traced
+    mesh's axes (`sharding.constrain`): batch over fsdp, vocabulary over tensor."""
+    B, T, _ = hidden_BTD.shape
+    x_BTD = hidden_BTD[:, :-1]
+    targets_BT = tokens_BT[:, 1:]
+    weights_BT = loss_BT[:, 1:].astype(jnp.float32)
+
+    def summed(x_BcD, t_Bc, w_Bc):
+        x_BcD = constrain(x_BcD, ("batch", "seq", None))
+        logits = constrain(head(x_BcD).astype(jnp.float32), ("batch", "seq", "vocab"))
+        logz = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, t_Bc[..., None], axis=-1)[..., 0]
+        return jnp.sum((logz - picked) * w_Bc)
+
+    n = -(-(T - 1) // chunk)
+    if n == 1:
+        total = summed(x_BTD, targets_BT, weights_BT)
+    else:
+        pad = n * chunk - (T - 1)  # padded positions weigh 0
+
+        def chunks(x):  # [B, n c, ...] -> [n, B, c, ...]
+            x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+            return jnp.moveaxis(x.reshape(B, n, chunk, *x.shape[2:]), 1, 0)
+
+        xs = (chunks(x_BTD), chunks(targets_BT), chunks(weights_BT))
+        one = jax.checkpoint(lambda xs: summed(*xs), prevent_cse=False)
+        total = jnp.sum(jax.lax.map(one, xs))
+    return total / jnp.maximum(jnp.sum(weights_BT), 1.0)
 
 
 @dataclasses.dataclass(frozen=True)

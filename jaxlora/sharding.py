@@ -6,12 +6,21 @@ mesh has three axes: `adapter` (independent adapters, the axis `vmap` runs over)
 (base weights and each adapter's batch rows) and `tensor` (heads, MLP and vocab columns).
 A dimension that a mesh axis does not divide is kept whole instead of failing, so tiny test
 models run on any mesh.
+
+The program being traced knows its target through `compiling_for(mesh)`, a trace-time context
+the training step enters with its static mesh (jax's own mesh context works the same way):
+`target_platform()` is the platform of that mesh's devices, so a TPU program traced on a CPU
+host takes TPU paths, and `constrain` pins activations to the same rules table (batch over
+`fsdp`, heads / MLP / vocab over `tensor`). With no mesh the program runs on the default
+device, whose platform is the default backend, and `constrain` does nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -114,4 +123,45 @@ def state_shardings(state: nnx.State, mesh: Mesh | None, leading: Sequence[str] 
         lambda v: variable_sharding(v, mesh, leading),
         state,
         is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+
+
+_TARGET: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar(
+    "jaxlora_target", default=None
+)
+
+
+@contextlib.contextmanager
+def compiling_for(mesh: Mesh | None) -> Iterator[None]:
+    """Trace the enclosed code for `mesh` (None: the default device). Only a static setting may
+    enter here (a jitted function's static config), since what it decides is baked into the
+    traced program and must be part of the compiled function's identity."""
+    token = _TARGET.set(mesh)
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
+
+
+def platform_of(mesh: Mesh) -> str:
+    """ "cpu", "gpu" or "tpu": the platform of a mesh's devices (never the host's backend)."""
+    return mesh.devices.flat[0].platform
+
+
+def target_platform() -> str:
+    """The platform the program being traced runs on: the `compiling_for` mesh's devices, or
+    with none the default device's."""
+    mesh = _TARGET.get()
+    return jax.default_backend() if mesh is None else platform_of(mesh)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """`x` pinned to the sharding of its logical `axes` on the `compiling_for` mesh (as
+    parameters are: `logical_spec`); unchanged with no mesh. Inside `vmap(spmd_axis_name=)`
+    the mapped axis keeps its own mesh axis, so per-adapter activations stay on their shard."""
+    mesh = _TARGET.get()
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(
+        x, NamedSharding(mesh, logical_spec(axes, x.shape, mesh))
     )

@@ -425,6 +425,7 @@ class SweepJob(Job):
             teacher_graphdef=self.model.graph(remat=m.remat, scan_layers=m.scan_layers),
             context_offset=self.data.context_offset,
             scan_layers=m.scan_layers,
+            mesh=self.mesh,
         )
 
     def _passes(self, g: Group) -> int:

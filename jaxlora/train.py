@@ -33,10 +33,17 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.flatten_util import ravel_pytree
+from jax.sharding import Mesh
 
-from jaxlora.lora import stack_forward
 from jaxlora.models.transformer import path_keys
-from jaxlora.objectives import Distill, student_loss, teacher_outputs, token_mean_ce
+from jaxlora.objectives import (
+    Distill,
+    chunked_token_mean_ce,
+    loss_chunk,
+    student_loss,
+    teacher_outputs,
+)
+from jaxlora.sharding import compiling_for
 
 Array = jax.Array
 Schedule = Literal["cosine", "linear", "constant"]
@@ -155,6 +162,10 @@ class StepConfig:
     teacher_graphdef: Any = None  # the base model's graph (no LoRA), for distilling groups
     context_offset: int = 0  # 1 when samples begin with BOS (the context's BOS replaces it)
     scan_layers: bool = False  # the graphs scan their layers (`Transformer(scan_layers=True)`)
+    # The devices the step runs on: platform paths (kernels, CPU-only products) follow their
+    # platform, not the host's, and activations are constrained to its axes. None: the default
+    # device, no constraints.
+    mesh: Mesh | None = None
 
 
 def init_opt_state(stacks: list[Array], hyper: Hyper, cfg_schedule: Schedule, total_steps: int):
@@ -245,7 +256,9 @@ def _group_losses(
     cross-entropy, or with `objective` the distillation loss against `teacher` (its outputs).
     `lora_stacks` [A, L, ...]: the weights as layer stacks, for a scanned model.
 
-    Packed (segment ids present) or not, `token_mean_ce` is the same sum over the same
+    The mean cross-entropy is `token_mean_ce` computed a chunk of positions at a time from the
+    final hidden states (`chunked_token_mean_ce`): no [B, T, V] logits of a whole batch.
+    Packed (segment ids present) or not, it is the same sum over the same
     targets divided by their number: the first token of each packed row is never a target,
     so the logit at the end of one row predicts nothing in the next."""
     tokens, valid, loss_mask, *packed = batch
@@ -259,31 +272,20 @@ def _group_losses(
         return jax.vmap(
             distilled, in_axes=(0, 0, 0, 0, 0, 0, 0, rng_axis), spmd_axis_name=spmd_axis_name
         )(weights, consts, lora_stacks, tokens, valid, loss_mask, teacher, rngs)
-    if not packed:
-        logits = stack_forward(
-            graphdef,
-            base,
-            weights,
-            consts,
-            tokens,
-            valid,
-            rng_A=rngs,
-            spmd_axis_name=spmd_axis_name,
-            lora_stacks=lora_stacks,
-        )
-    else:
 
-        def one(w, c, s, t, m, seg, rng):
-            module = nnx.merge(graphdef, w, c, base)
-            kw = dict(segment_ids_BT=seg, segment_window=window, lora_stacks=s)
-            return module(t, m, rng=rng, **kw)[0]
+    def one(w, c, s, t, m, loss, seg, rng):
+        module = nnx.merge(graphdef, w, c, base)
+        kw = {} if seg is None else dict(segment_ids_BT=seg, segment_window=window)
+        hidden = module(t, m, rng=rng, return_hidden=True, lora_stacks=s, **kw)[0]
+        chunk = loss_chunk(*t.shape, module.config.vocab_size)
+        return chunked_token_mean_ce(module.logits, hidden, t, loss, chunk)
 
-        logits = jax.vmap(
-            one,
-            in_axes=(0, 0, 0, 0, 0, 0, None if rngs is None else 0),
-            spmd_axis_name=spmd_axis_name,
-        )(weights, consts, lora_stacks, tokens, valid, packed[0], rngs)
-    return jax.vmap(token_mean_ce)(logits, tokens, loss_mask)
+    seg = packed[0] if packed else None
+    return jax.vmap(
+        one,
+        in_axes=(0, 0, 0, 0, 0, 0, None if seg is None else 0, None if rngs is None else 0),
+        spmd_axis_name=spmd_axis_name,
+    )(weights, consts, lora_stacks, tokens, valid, loss_mask, seg, rngs)
 
 
 def _losses_and_grads(
@@ -370,7 +372,15 @@ def train_step(
     valid, loss mask, segment ids) [A, 1, L] (`cfg.segment_window` > 0), or for a distilling
     group (tokens, valid, loss mask, context [A, C], context valid [A, C]), or with
     `cfg.teacher_cached` (tokens, valid, loss mask, teacher logits [A, B, T, V][, teacher
-    hidden states [A, B, K, T, D]])."""
+    hidden states [A, B, K, T, D]]).
+
+    Traced for `cfg.mesh` (`sharding.compiling_for`): platform paths follow its devices and
+    activations are pinned to its axes."""
+    with compiling_for(cfg.mesh):
+        return _train_step(cfg, base, state, batches)
+
+
+def _train_step(cfg: StepConfig, base, state: TrainState, batches):
     new_groups, losses = [], []
     passes = cfg.passes or (1,) * len(cfg.graphdefs)
     objectives = cfg.objectives or (None,) * len(cfg.graphdefs)

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlora.models.config import ModelConfig
+from jaxlora.sharding import target_platform
 
 Array = jax.Array
 
@@ -42,18 +43,28 @@ def _dropout(rng: Array, rate: Array, x: Array) -> Array:
     round((1 - rate) * 2^16) / 2^16 and rescaled by its inverse (so the expectation is x).
 
     The key (from `jax.random`, whose threefry derives one per adapter, step, layer and
-    projection) seeds a counter-based hash: word i of the mask is two murmur3 finalisers of i,
-    keyed by the key's two 32-bit halves, and gives two 16-bit draws: a few integer operations
-    per element where a threefry hash takes ~80 (its cost on a CPU step: benchmarks/README.md)."""
-    n = math.prod(x.shape)
+    projection) seeds a counter-based hash: word i of a [..., ceil(D/2)] array is two murmur3
+    finalisers of i, keyed by the key's two 32-bit halves, and gives two 16-bit draws: a few
+    integer operations per element where a threefry hash takes ~80 (its cost on a CPU step:
+    benchmarks/README.md). The low halves draw the first ceil(D/2) features of a row, the
+    high halves the rest (shifts, masks and a concatenate along the features): a layout of
+    x's own shape, where splitting each word into a trailing pair of uint16 (a bitcast) gave
+    a trailing dimension of 2 that TPU tiles as (8, 128), 64x its size (4-7 GiB per buffer
+    for an 8B step)."""
+    *lead, D = x.shape
+    half = (D + 1) // 2
     key = jax.random.key_data(rng)
     k0, k1 = key[..., 0], key[..., 1]
-    words = jnp.arange((n + 1) // 2, dtype=jnp.uint32)
+    words = jax.lax.broadcasted_iota(jnp.uint32, (*lead, half), len(lead))
+    for axis in range(len(lead) - 1, -1, -1):  # + the row's index: word i counts row-major
+        stride = half * math.prod(lead[axis + 1 :])
+        row = jax.lax.broadcasted_iota(jnp.uint32, (*lead, half), axis)
+        words = words + row * jnp.uint32(stride % 2**32)
     bits = _mix32(_mix32(words * jnp.uint32(0x9E3779B1) ^ k0) ^ k1)
-    draws = jax.lax.bitcast_convert_type(bits, jnp.uint16).reshape(-1)[:n].reshape(x.shape)
+    draws = jnp.concatenate([bits & jnp.uint32(0xFFFF), bits >> 16], axis=-1)[..., :D]
     threshold = jnp.round((1.0 - rate) * 65536.0).astype(jnp.uint32)
     scale = (65536.0 / jnp.maximum(threshold, 1).astype(jnp.float32)).astype(x.dtype)
-    return jnp.where(draws.astype(jnp.uint32) < threshold, x * scale, 0).astype(x.dtype)
+    return jnp.where(draws < threshold, x * scale, 0).astype(x.dtype)
 
 
 @jax.custom_vjp
@@ -63,7 +74,8 @@ def _factor_product(x: Array, w: Array) -> Array:
     with the wider of in and out as its minor dimension: XLA:CPU's kernels write a product of
     r = 2-16 columns 4-6x slower (benchmarks/README.md). So A's [in, r] gradient is summed as
     [r, in] and transposed after; on a CPU a barrier stops XLA from folding the transpose
-    back into the product, elsewhere the layout is the compiler's to choose."""
+    back into the product, elsewhere the layout is the compiler's to choose (the CPU is the
+    traced program's, `sharding.target_platform`, not the host's)."""
     return jnp.einsum("...i,io->...o", x, w.astype(x.dtype))
 
 
@@ -78,7 +90,7 @@ def _factor_product_bwd(res, g):
     if w.shape[1] >= w.shape[0]:
         return dx, jnp.einsum("ti,to->io", x2, g2, preferred_element_type=w.dtype)
     dw_oi = jnp.einsum("to,ti->oi", g2, x2, preferred_element_type=w.dtype)
-    if jax.default_backend() == "cpu":
+    if target_platform() == "cpu":
         dw_oi = jax.lax.optimization_barrier(dw_oi)
     return dx, dw_oi.T
 
@@ -93,8 +105,9 @@ def dense(x: Array, w: Array) -> Array:
     that returns bfloat16 by converting both operands to float32; asked for a float32 result
     (`preferred_element_type`), it runs the bfloat16 matmul kernels instead (AMX on recent
     Xeons: 4x faster, benchmarks/README.md). `_summed_in_f32` asks so for the forward and
-    backward products: on a CPU and below float32 only, elsewhere the plain product."""
-    if x.dtype == jnp.float32 or jax.default_backend() != "cpu":
+    backward products: on a CPU and below float32 only, elsewhere the plain product. The CPU
+    is the traced program's (`sharding.target_platform`), not the host's."""
+    if x.dtype == jnp.float32 or target_platform() != "cpu":
         return jnp.einsum("...i,io->...o", x, w)
     return _summed_in_f32(x, w)
 
