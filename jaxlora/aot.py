@@ -363,11 +363,13 @@ def largest_buffers(assignment: str, n: int = LARGEST) -> list[tuple[int, str, s
 
 
 def _argument_bytes(args: tuple) -> int:
-    """Bytes of a program's arguments on one chip, from their shardings."""
+    """Bytes of a program's (abstract) arguments on one chip, from their shardings; static
+    arguments (a graph definition, a decoding spec) hold none."""
     total = 0
     for x in jax.tree.leaves(args):
-        shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
-        total += math.prod(shape) * np.dtype(x.dtype).itemsize
+        if isinstance(x, jax.ShapeDtypeStruct):
+            shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+            total += math.prod(shape) * np.dtype(x.dtype).itemsize
     return total
 
 
