@@ -1,0 +1,172 @@
+"""`jaxlora plan --aot`: the tiny model's training step compiled for a TPU v5e slice by libtpu's
+compile-only devices, its figures against plan's, and the program free of CPU code paths.
+
+Needs the tpu-aot extra (libtpu); run apart from the main suite, which deselects the marker:
+    pytest -m tpu_aot tests/test_aot.py
+The error cases that need no libtpu run in the main suite (tests/test_plan.py has the plan's
+arithmetic; the last tests here are unmarked)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from jaxlora import aot
+from jaxlora.cli import main as cli
+from jaxlora.config import load_config
+from jaxlora.plan import make_plan
+from jaxlora.sharding import make_mesh
+
+TOPOLOGY = "v5e:2x4"
+# The study's recipe on the tiny model: bf16, all-linear rank-8 adapters with dropout, remat,
+# batch 8 x 128; 8 adapters, one per chip.
+SETS = [
+    "model.dtype=bfloat16",
+    "model.remat=block",
+    "lora.dropout=0.1",
+    "data.max_length=128",
+    "sweep.lora.rank=[8]",
+    "sweep.data.size_tokens=[125, 250, 500, 1000, 2000, 4000, 8000, 16000]",
+]
+QUICKSTART = "configs/quickstart.yaml"
+
+
+def _sets(sets: list[str]) -> list[str]:
+    return [arg for s in sets for arg in ("--set", s)]
+
+
+def _config(*extra: str):
+    return load_config(QUICKSTART, [*SETS, *extra])
+
+
+@pytest.fixture(scope="module")
+def report() -> aot.Report:
+    return aot.compile_job(_config(), TOPOLOGY)
+
+
+@pytest.mark.tpu_aot
+def test_tiny_step_and_decoding_compile_for_v5e_and_fit(report):
+    assert report.devices == 8 and report.device_kind == "TPU v5 lite"
+    assert report.hbm_bytes == 16 * 2**30
+    print(report.render())
+    p, decoding = report.programs  # the step; the quickstart's eval: one group's decoding
+    assert p.name.startswith("train_step") and decoding.name.startswith("eval_decode")
+    assert report.fits and not decoding.error and decoding.total > 0
+    assert p.arguments > 0 and p.temporaries > 0 and p.flops > 0
+    # The training state is donated: the new state reuses its buffers.
+    assert 0 < p.aliased <= p.outputs
+
+
+@pytest.mark.tpu_aot
+def test_plan_estimate_is_near_the_compiler(report):
+    """Bytes: plan's estimate against what the compiler holds for data (arguments + outputs -
+    aliased + temporaries; the program's code, ~14 MB here, is no estimate's business). Bound
+    0.8-1.5x: on this 64-wide model the activations dominate, and the compiler pads them to
+    TPU tiles (8 x 128) that plan does not model; the +-20% target of issue 26 is for the 1B
+    and 8B shapes, where weights and optimizer state dominate. FLOPs: plan counts products
+    (parameters, attention, remat's second forward), the compiler counts every operation
+    (norms, softmax, rope, the dropout hash, AdamW), about a tenth more on a model this
+    narrow, so 0.8 <= plan / compiler <= 1."""
+    p = report.programs[0]
+    assert not p.loops, "XLA counts a loop's body once: no FLOPs to compare"
+    data = p.arguments + p.outputs - p.aliased + p.temporaries
+    print(f"bytes plan {p.estimated_bytes:.4g} compiler {data:.4g}; FLOPs plan "
+          f"{p.estimated_flops:.4g} compiler {p.flops:.4g}")  # fmt: skip
+    assert 0.8 <= p.estimated_bytes / data <= 1.5, (p.estimated_bytes, data)
+    assert 0.8 <= p.estimated_flops / p.flops <= 1.0, (p.estimated_flops, p.flops)
+
+
+@pytest.mark.tpu_aot
+def test_remat_recompute_in_plan_flops_matches_the_compiler():
+    """What remat adds, compiler vs plan: the second forward of every block (products and, in
+    the compiler's count only, the block's elementwise work): plan's share within 0.75-1x."""
+    flops = {}
+    for remat in ("none", "block"):
+        config = _config(f"model.remat={remat}")
+        plan = make_plan(config, 8, 16, 197, 0.4)
+        mesh = make_mesh(-1, 1, 1, aot.topology_devices(TOPOLOGY))
+        p = aot.compile_program(aot.train_program(plan.config, mesh, plan))
+        assert not p.loops, "XLA counts a loop's body once: no FLOPs to compare"
+        flops[remat] = (p.flops, p.estimated_flops)
+    compiled = flops["block"][0] - flops["none"][0]
+    planned = flops["block"][1] - flops["none"][1]
+    print(f"remat adds: plan {planned:.4g}, compiler {compiled:.4g}")
+    assert 0.75 <= planned / compiled <= 1.0, (planned, compiled)
+
+
+@pytest.mark.tpu_aot
+def test_tpu_program_takes_no_cpu_code_paths():
+    """The step traced for TPU devices from this CPU host takes the TPU's paths: the CPU-only
+    optimization barrier on each LoRA factor's gradient (models/layers.py) must be absent. The
+    barriers a TPU program keeps are remat's (several operands) and the AdamW update's, one per
+    group on the flat [adapters, parameters] vector; a factor's gradient is [A, r, in] or more.
+    Needs the step to read its platform from its mesh (StepConfig.mesh)."""
+    config = _config()
+    devices = aot.topology_devices(TOPOLOGY)
+    plan = make_plan(config, len(devices), 16, 197, 0.4)
+    mesh = make_mesh(-1, 1, 1, devices)
+    program = aot.train_program(plan.config, mesh, plan)
+    text = program.fn.lower(*program.args).as_text()
+    single = re.findall(r"stablehlo\.optimization_barrier %[\w#]+ : tensor<([^>]*)>", text)
+    assert single, "the AdamW update's barrier is missing: is this the step's HLO?"
+    ranks = [len(shape.split("x")) - 1 for shape in single]
+    assert ranks == [2] * len(single), f"barriers on {single}: a CPU path in a TPU program"
+
+
+@pytest.mark.tpu_aot
+def test_cli_json_is_the_last_line(capsys):
+    assert cli(["plan", QUICKSTART, *_sets(SETS), "--aot", TOPOLOGY, "--json"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    got = json.loads(out[-1])
+    assert set(got) == {"topology", "devices", "hbm_bytes", "fits", "programs"}
+    assert (got["topology"], got["devices"], got["fits"]) == (TOPOLOGY, 8, True)
+    p = got["programs"][0]
+    assert set(p) >= {"name", "compiled_bytes", "estimated_bytes", "fits", "flops", "compile_s"}
+    assert p["compiled_bytes"] > 0 and p["compile_s"] > 0
+    assert any("temporaries" in line for line in out)
+
+
+@pytest.mark.tpu_aot
+def test_a_step_that_does_not_fit_names_its_largest_buffers(capsys):
+    """16 rank-64 adapters of the 8B shape on 2 x 4 chips: 8 per chip, whose flat float32
+    AdamW vectors alone (5 GiB each for weights, two moments and the update) exceed a v5e's
+    16 GiB. Scanned (the compiler refuses in ~20 s; unrolled would take minutes)."""
+    sets = [
+        *SETS,
+        "model.path=llama-3.1-8b-shape",
+        "model.scan_layers=true",
+        "sweep.lora.rank=[64]",
+        f"sweep.data.size_tokens={[100 * (i + 1) for i in range(16)]}",
+        "training.batch_size=8",
+        "mesh.adapter=2",
+        "mesh.fsdp=4",
+    ]
+    code = cli(["plan", QUICKSTART, *_sets(sets), "--aot", TOPOLOGY])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "does not fit" in captured.err and len(captured.err.strip().splitlines()) == 1
+    assert "refused by the compiler" in captured.out and "largest buffers" in captured.out
+
+
+def _one_line_error(capsys, argv) -> str:
+    assert cli(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_unknown_topology_is_one_line_listing_the_names(capsys):
+    line = _one_line_error(capsys, ["plan", QUICKSTART, "--aot", "v9x:2x4"])
+    assert "v9x:2x4" in line and all(n in line for n in ("v4", "v5e", "v5p", "v6e"))
+
+
+def test_without_libtpu_aot_names_the_extra(capsys, monkeypatch):
+    monkeypatch.setattr(aot, "libtpu_installed", lambda: False)
+    line = _one_line_error(capsys, ["plan", QUICKSTART, "--aot", TOPOLOGY])
+    assert 'pip install -e ".[tpu-aot]"' in line
+
+
+def test_json_needs_aot(capsys):
+    assert "--aot" in _one_line_error(capsys, ["plan", QUICKSTART, "--devices", "1", "--json"])
