@@ -220,13 +220,12 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _memory(args: argparse.Namespace) -> int:
     from jaxlora.memory.evaluate import run_memory
+    from jaxlora.memory.results import REPORT, RESULTS, set_dir
 
-    rows = run_memory(args.run_dir, args.set or (), progress=not args.no_progress)
-    run_dir = Path(args.run_dir)
-    print(
-        f"evaluated {len(rows)} memory methods -> {run_dir / 'memory_results.csv'}; "
-        f"report: {run_dir / 'memory_report.md'}"
-    )
+    rows = run_memory(args.run_dir, args.set or (), not args.no_progress, args.out, args.resume)
+    out = set_dir(Path(args.run_dir), args.out)
+    n = f"{len(rows)} memory method{'s' * (len(rows) != 1)}"
+    print(f"evaluated {n} -> {out / RESULTS}; report: {out / REPORT}")
     return 0
 
 
@@ -467,6 +466,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a key of the run's config, e.g. --set 'memory.methods=[oracle,bm25@3/ties]'",
     )
+    p.add_argument(
+        "--out",
+        metavar="NAME",
+        help="write the separate result set RUN/memory_sets/NAME/ (default: RUN/memory_*); each "
+        "method's rows replace its own in the set as it finishes, and the others are kept",
+    )
+    p.add_argument("--resume", action="store_true", help="skip the methods the set already holds")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_memory)
 

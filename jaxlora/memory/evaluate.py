@@ -17,20 +17,18 @@ For each library the evaluator
 5. QuALITY (`memory.loglik`): scores every option by its log-likelihood as the answer after the
    same prompt, under the same base / adapters / merge / mixture (`option_logprobs`).
 
-Outputs: `memory_results.csv` (one row per library x method), `memory_predictions.jsonl`,
-`memory_report.md` and plots (`jaxlora/memory/report.py`).
+Outputs: a result set (`jaxlora/memory/results.py`: `memory_results.csv`, one row per library
+x method, `memory_predictions.jsonl`, `memory_report.md` and plots), each method merged into it
+as soon as it has finished.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
-import io
-import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -46,12 +44,13 @@ from jaxlora.config import Config, MemorySection
 from jaxlora.errors import DataError
 from jaxlora.eval import scoring
 from jaxlora.evaluate import build_questions, load_stacks, score, until_eos
-from jaxlora.fsutil import RunLock, atomic_write
+from jaxlora.fsutil import RunLock
 from jaxlora.generate import DecodeSpec, _generate_base, decode_stack, eos_and_pad
 from jaxlora.lora import AdapterStack, concatenate
 from jaxlora.memory import compose
 from jaxlora.memory.compose import Budget, Method, MethodError
 from jaxlora.memory.merging import merge
+from jaxlora.memory.results import ResultSet, question_fields, result_key
 from jaxlora.memory.routers import Route, make_router, routing_accuracy
 from jaxlora.memory.validate import parse_methods, read_questions, read_units
 
@@ -592,8 +591,12 @@ class MemoryEvaluator:
                 self._ks.setdefault(m.context_router(self.m.rag_router), []).append(m.rag_k)
 
     def run(
-        self, methods: Sequence[Method], progress: bool = True
+        self,
+        methods: Sequence[Method],
+        progress: bool = True,
+        commit: Callable[[dict, list[dict]], None] | None = None,
     ) -> tuple[list[dict], list[dict]]:
+        """Rows and predictions of `methods`; `commit(row, predictions)` after each method."""
         self._plan_routes(methods)
         rows, predictions = [], []
         total = len(methods) * len(self.questions)
@@ -606,7 +609,7 @@ class MemoryEvaluator:
                 outputs = self.decode(method, prompts, bar)
                 options = self.option_logprobs(method, prompts) if self.scores_options else None
                 seconds = time.perf_counter() - t0
-                scores = []
+                scores, mine = [], []
                 for i, (q, out) in enumerate(zip(self.questions, outputs, strict=True)):
                     text = self.tok.decode(out, skip_special_tokens=True)
                     s = score(self.data.dataset, text, q.record.answer, q.source)
@@ -614,20 +617,23 @@ class MemoryEvaluator:
                         s.update(scoring.loglik_score(options[i], q.source))
                         s["option_logprobs"] = [round(x, 4) for x in options[i]]
                     scores.append(s)
-                    predictions.append(
+                    mine.append(
                         {
                             "library": self.lib.label,
                             "method": method.name,
                             "question": q.record.question,
                             "unit": None if q.unit is None else self.lib.units[q.unit],
                             "document": q.document,
-                            **_extras(q.source),
+                            **question_fields(q.source),
                             "answer": q.record.answer,
                             "prediction": text,
                             **s,
                         }
                     )
                 rows.append(self._row(method, scores, truncated, seconds))
+                predictions += mine
+                if commit is not None:
+                    commit(rows[-1], mine)
         return rows, predictions
 
     def _row(self, method: Method, scores, truncated: int, seconds: float) -> dict[str, Any]:
@@ -641,6 +647,7 @@ class MemoryEvaluator:
             "k": method.k,
             "combiner": method.combiner or "",
             "context": method.context if method.context != "rag" else f"rag@{method.rag_k}",
+            "questions": self.m.questions or "",
             **means,
             **self.routing(method),
             "truncated": truncated,
@@ -680,18 +687,6 @@ def _continuation_logprobs(graphdef, base, weights, consts, ids_RK, tokens_RT, m
     return jax.nn.logsumexp(lp, axis=1) - jnp.log(K)
 
 
-def _extras(source: Any) -> dict[str, Any]:
-    """A document question's id and its PaperQA level / QuALITY gold and hard flag."""
-    if source is None:
-        return {}
-    out: dict[str, Any] = {"id": source.id}
-    if source.level is not None:
-        out["level"] = source.level
-    if source.options:
-        out.update(gold=source.gold_letter, hard=source.hard)
-    return out
-
-
 def _width(longest: int) -> int:
     """A prompt width of few distinct values: powers of two up to 1024, then multiples of 1024
     (a power of two would nearly double a long ICL prompt)."""
@@ -700,21 +695,17 @@ def _width(longest: int) -> int:
     return -(-longest // 1024) * 1024
 
 
-def write_memory_results(run_dir: Path, rows: list[dict], predictions: list[dict]) -> None:
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(run_dir / "memory_results.csv", buf.getvalue())
-    lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
-    atomic_write(run_dir / "memory_predictions.jsonl", lines)
-
-
 def evaluate_memory(
-    job, run_dir: Path, section: MemorySection, progress: bool = True
+    job,
+    run_dir: Path,
+    section: MemorySection,
+    progress: bool = True,
+    out: str | None = None,
+    resume: bool = False,
 ) -> list[dict]:
-    """Every method on every library of a job; writes the results, predictions and report."""
+    """Every method on every library of a job, each merged into the result set `out` (None: the
+    run's own) when it finishes, then its report; the rows evaluated are returned. `resume`
+    skips the methods the set already holds for the same questions."""
     from jaxlora.memory.report import write_memory_report
 
     methods = parse_methods(section.methods)
@@ -722,29 +713,34 @@ def evaluate_memory(
     evaluators = [MemoryEvaluator(job, section, lib, run_dir) for lib in libraries]
     for ev in evaluators:
         ev.check(methods)
-    rows, predictions = [], []
+    store = ResultSet.open(run_dir, out, [k for k, _ in libraries[0].values])
+
+    def commit(row: dict, predictions: list[dict]) -> None:
+        if section.judge:  # judged before its commit: a committed method is complete
+            from jaxlora.llm.judge import judge_results
+
+            cache, key = run_dir / "memory" / "judge_cache.sqlite", result_key
+            judge_results([row], predictions, key, key, job.config.llm, cache, progress)
+            scoring.judge_per_level([row], predictions, key, key)
+        store.commit(row, predictions)
+
+    rows = []
     for ev in evaluators:
-        r, p = ev.run(methods, progress)
-        rows += r
-        predictions += p
-    if section.judge:
-        from jaxlora.llm.judge import judge_results
-
-        def key(r):
-            return (r["library"], r["method"])
-
-        cache = run_dir / "memory" / "judge_cache.sqlite"
-        judge_results(rows, predictions, key, key, job.config.llm, cache, progress)
-        scoring.judge_per_level(rows, predictions, key, key)
-    write_memory_results(run_dir, rows, predictions)
-    write_memory_report(run_dir)
+        todo = store.todo(ev.lib.label, methods, section.questions) if resume else methods
+        rows += ev.run(todo, progress, commit)[0]
+    write_memory_report(store.directory)
     return rows
 
 
 def run_memory(
-    run_dir: str | Path, overrides: Sequence[str] = (), progress: bool = True
+    run_dir: str | Path,
+    overrides: Sequence[str] = (),
+    progress: bool = True,
+    out: str | None = None,
+    resume: bool = False,
 ) -> list[dict]:
-    """`jaxlora memory RUN_DIR`: evaluate the memory of a finished run."""
+    """`jaxlora memory RUN_DIR [--out NAME] [--resume]`: evaluate the memory of a finished run
+    into a result set (see `evaluate_memory`)."""
     from jaxlora.config import load_config
     from jaxlora.sweep import Job
 
@@ -755,6 +751,7 @@ def run_memory(
     job = Job(config)
     lock = RunLock(run_dir).acquire()
     try:
-        return evaluate_memory(job, run_dir, config.memory or MemorySection(), progress)
+        section = config.memory or MemorySection()
+        return evaluate_memory(job, run_dir, section, progress, out, resume)
     finally:
         lock.release()

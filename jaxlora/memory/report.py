@@ -1,7 +1,8 @@
-"""The memory report: `memory_results.csv` as tables and plots.
+"""The memory report: a result set's `memory_results.csv` as tables and plots.
 
-One table per library (one row per method: its metrics, routing accuracy, truncations and
-speed) and three figures, each drawn on its own `matplotlib.figure.Figure` (no pyplot state):
+The results have one fixed schema (`jaxlora.memory.results.columns`), blank where a metric does
+not apply; the tables show the columns that hold a value in some row. One table per library
+(one row per method: its metrics, routing accuracy, truncations and speed) and three figures, each drawn on its own `matplotlib.figure.Figure` (no pyplot state):
 
 - `memory_by_method`: the headline metric of every method, one bar group per library;
 - `memory_vs_k`: the metric against k for each (router, combiner, context) evaluated at
@@ -30,21 +31,10 @@ from jaxlora.report import read_results, save_figure
 # for free-form answers, as in the study's PaperQA tables; NarrativeQA's is rougeL, best over its
 # references), then accuracy (PhoneBook, CounterFact, QuALITY).
 METRICS = ("judge", "rouge_l", "rougeL", "accuracy", "efficacy", "bleu")
-_NOT_METRICS = {
-    "library",
-    "method",
-    "router",
-    "k",
-    "combiner",
-    "context",
-    "truncated",
-    "n_questions",
-    "questions_per_s",
-}
 
 
 def headline_metric(rows: Sequence[Mapping[str, Any]]) -> str:
-    present = [m for m in METRICS if any(m in r and r[m] != "" for r in rows)]
+    present = [m for m in METRICS if any(r.get(m) not in ("", None) for r in rows)]
     if not present:
         raise DataError("memory_results.csv has no metric column (accuracy, rouge_l, ...)")
     return present[0]
@@ -67,7 +57,9 @@ def render_markdown(
 ) -> str:
     """The report; `plots` are (file stem, title) of the figures written beside it, `extra`
     markdown sections after the libraries' tables (a document dataset's study tables)."""
-    columns = [c for c in rows[0] if c not in ("library",)]
+    columns = [
+        c for c in rows[0] if c != "library" and any(r.get(c) not in ("", None) for r in rows)
+    ]
     lines = ["# Memory report", ""]
     lines.append(
         f"Headline metric: **{metric}**. Routing accuracy is measured against the oracle "
@@ -88,6 +80,8 @@ def render_markdown(
 
 
 def _fmt(v: Any) -> str:
+    if v is None:  # a blank cell of the CSV (read_results reads it as None)
+        return ""
     if isinstance(v, float):
         return f"{v:.3f}"
     return str(v)
@@ -170,13 +164,12 @@ def plot_routing(rows: Sequence[Mapping[str, Any]]) -> Figure | None:
 
 
 def write_memory_report(run_dir: str | Path) -> Path:
-    """memory_report.md and plots/memory_*.png|svg from a run's memory_results.csv."""
+    """memory_report.md and plots/memory_*.png|svg from the memory_results.csv of a result set
+    (a run directory, or its memory_sets/NAME: `jaxlora.memory.results`)."""
     run_dir = Path(run_dir)
     path = run_dir / "memory_results.csv"
     if not path.exists():
-        raise DataError(
-            f"{run_dir} has no memory_results.csv: run `jaxlora memory {run_dir}` first"
-        )
+        raise DataError(f"{run_dir} has no memory_results.csv: run `jaxlora memory RUN` first")
     # read_results gives None for empty cells: a run without other sweep axes has library "".
     rows = [{**r, "library": r.get("library") or ""} for r in read_results(path)]
     metric = headline_metric(rows)
