@@ -44,7 +44,7 @@ from jaxlora.generate import DecodeSpec, decode_stack
 from jaxlora.lora import union_placement
 from jaxlora.models.model import abstract_module, model_config, parse_dtype
 from jaxlora.plan import GIB, Plan, make_plan
-from jaxlora.sharding import MESH_AXES, logical_spec, mesh_sizes
+from jaxlora.sharding import MESH_AXES, compiling_for, logical_spec, mesh_sizes
 from jaxlora.train import GroupState, Hyper, StepConfig, TrainState, compile_step
 
 # Chip generations libtpu 0.0.42 describes, with their HBM per chip (vendor specifications)
@@ -148,12 +148,9 @@ class Program:
     args: tuple
     estimated_bytes: float  # plan's own figure for this program
     estimated_flops: float  # plan's FLOPs per chip
-
-
-def _mesh_field(mesh: Mesh) -> dict[str, Mesh]:
-    """`StepConfig(mesh=)` where the step takes its platform from its mesh (the TPU program must
-    take TPU paths although this host is a CPU); older steps read the host's backend."""
-    return {"mesh": mesh} if "mesh" in {f.name for f in dataclasses.fields(StepConfig)} else {}
+    # Traced for these devices (`sharding.compiling_for`): on a TPU host a program reads its
+    # platform from the default backend, which here is this CPU.
+    mesh: Mesh | None = None
 
 
 def train_program(config: Config, mesh: Mesh, plan: Plan) -> Program:
@@ -225,7 +222,7 @@ def train_program(config: Config, mesh: Mesh, plan: Plan) -> Program:
         objectives=tuple(None for _ in groups),
         teacher_graphdef=abstract_module(c, None, dtype, param_dtype, m.remat, m.scan_layers)[0],
         scan_layers=m.scan_layers,
-        **_mesh_field(mesh),
+        mesh=mesh,  # platform paths follow the TPU devices, not this CPU host
     )
     step = _sharded(jax.ShapeDtypeStruct((), jnp.int32), mesh, ())
     state = TrainState(step=step, groups=tuple(states))
@@ -241,6 +238,7 @@ def train_program(config: Config, mesh: Mesh, plan: Plan) -> Program:
         (base_abs, state, tuple(batches)),
         plan.total,
         plan.flops_per_step / plan.devices,
+        mesh,
     )
 
 
@@ -294,6 +292,7 @@ def eval_programs(config: Config, mesh: Mesh, plan: Plan) -> list[Program]:
                 (graph, base_abs, weights, consts, tokens, mask, spec),
                 estimate,
                 0.0,
+                mesh,
             )
         )
     return out
@@ -387,7 +386,8 @@ def compile_program(p: Program) -> Compiled:
     out = Compiled(p.name, p.estimated_bytes, p.estimated_flops, 0.0)
     t0 = time.perf_counter()
     with _quiet_stderr():
-        lowered = p.fn.lower(*p.args)
+        with compiling_for(p.mesh):
+            lowered = p.fn.lower(*p.args)
         try:
             compiled = lowered.compile()
         except Exception as e:  # XlaRuntimeError; RESOURCE_EXHAUSTED is the one we expect
