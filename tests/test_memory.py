@@ -199,7 +199,13 @@ def test_evaluate_memory_again_with_other_methods(library_run, tmp_path):
     assert [r["method"] for r in rows] == ["oracle", "bm25@2/linear"]
     assert "routing_top1" not in rows[0]  # the oracle is the reference, not a router to score
     written = list(csv.DictReader((copy / "memory_results.csv").open()))
-    assert [r["method"] for r in written] == ["oracle", "bm25@2/linear"]
+    # merged into training's results (tests/test_memory_results.py)
+    assert [r["method"] for r in written] == [
+        "base",
+        "bm25",
+        "bm25@2/ties",
+        *[r["method"] for r in rows],
+    ]
 
 
 def test_served_memory_answers_like_the_routed_adapter(library_run):
@@ -312,13 +318,15 @@ def test_the_judge_as_a_memory_metric_counts_failures_and_never_scores_them(libr
         "llm.model=tiny-llama",
     )
     assert proc.returncode == 0, proc.stderr
-    (row,) = list(csv.DictReader((copy / "memory_results.csv").open()))
+    (row,) = [
+        r for r in csv.DictReader((copy / "memory_results.csv").open()) if r["method"] == "base"
+    ]
     assert int(row["judge_failed"]) == int(row["n_questions"]) > 0
     assert row["judge"] == "" and float(row["judge_failure_rate"]) == 1.0
     predictions = [
         json.loads(x) for x in (copy / "memory_predictions.jsonl").read_text().splitlines()
     ]
-    assert all(p["judge"] is None for p in predictions)
+    assert all(p["judge"] is None for p in predictions if p["method"] == "base")
 
 
 def test_the_judge_needs_an_llm_section():
@@ -466,7 +474,8 @@ def test_memory_questions_file_is_evaluated_end_to_end(library_run, tmp_path):
     status, err = _memory_main(copy, "memory.methods=[oracle,bm25]", f"memory.questions={path}")
     assert status == 0, err
     rows = list(csv.DictReader((copy / "memory_results.csv").open()))
-    assert [r["method"] for r in rows] == ["oracle", "bm25"]
+    rows = [r for r in rows if r["questions"] == str(path)]  # merged with training's methods
+    assert [r["method"] for r in rows] == ["bm25", "oracle"]  # bm25 replaced in its place
     assert all(int(r["n_questions"]) == len(asked) for r in rows)
     predictions = [
         json.loads(x) for x in (copy / "memory_predictions.jsonl").read_text().splitlines()
