@@ -143,3 +143,16 @@ def test_an_interrupted_evaluation_keeps_its_finished_methods_and_resumes(
     # Resumed again, nothing is left to do.
     proc = _memory(copy, "--resume", "--set", "memory.methods=[oracle,bm25@2/linear]")
     assert proc.returncode == 0 and "evaluated 0 memory methods ->" in proc.stdout, proc.stderr
+
+
+def test_a_results_file_of_another_schema_is_one_line_and_touches_nothing(memory_run, tmp_path):
+    """The set's files are read and checked, with every other input, before anything is written:
+    a memory_results.csv with a column the schema does not name is refused, not rewritten."""
+    copy = _copy(memory_run, tmp_path)
+    (copy / results.RESULTS).write_text("method,score\nbm25,0.5\n")
+    before = _snapshot(copy)
+    proc = _memory(copy, "--set", "memory.methods=[oracle]")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert f"{copy / results.RESULTS}: column 'score' is not" in lines[0] and "--out" in lines[0]
+    assert _snapshot(copy) == before
