@@ -50,7 +50,7 @@ from jaxlora.lora import AdapterStack, concatenate
 from jaxlora.memory import compose
 from jaxlora.memory.compose import Budget, Method, MethodError
 from jaxlora.memory.merging import merge
-from jaxlora.memory.results import ResultSet, question_fields, result_key
+from jaxlora.memory.results import ResultSet, question_fields, result_key, set_dir
 from jaxlora.memory.routers import Route, make_router, routing_accuracy
 from jaxlora.memory.validate import parse_methods, read_questions, read_units
 
@@ -747,6 +747,7 @@ def run_memory(
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
         raise DataError(f"{run_dir} is not a jaxlora run directory (no config.yaml)")
+    set_dir(run_dir, out)  # a bad --out name fails before the model is loaded
     config: Config = load_config(run_dir / "config.yaml", overrides)
     job = Job(config)
     lock = RunLock(run_dir).acquire()
