@@ -251,6 +251,17 @@ def _stacked(tree, n: int):
     )
 
 
+def _fresh(jitted: Callable, static_argnums: tuple[int, ...]) -> Callable:
+    """`jitted` jitted anew around a new function: jax caches traces by function, and a trace
+    made under another `compiling_for` (another mesh's devices, or none) must not be reused."""
+    body = jitted.__wrapped__
+
+    def fresh(*args):
+        return body(*args)
+
+    return jax.jit(fresh, static_argnums=static_argnums)
+
+
 def eval_programs(config: Config, mesh: Mesh, plan: Plan) -> list[Program]:
     """Evaluation's greedy decoding as `evaluate.Evaluator` runs it (`decode_stack`), one
     program per group: each adapter of the stack continues `eval.batch_size` prompts of up to
@@ -288,7 +299,7 @@ def eval_programs(config: Config, mesh: Mesh, plan: Plan) -> list[Program]:
             Program(
                 f"eval_decode[group {k}: r{placement.rank}x{n}, {Q} x {T} + "
                 f"{spec.max_new_tokens} tokens]",
-                decode_stack,
+                _fresh(decode_stack, (0, 6)),
                 (graph, base_abs, weights, consts, tokens, mask, spec),
                 estimate,
                 0.0,
