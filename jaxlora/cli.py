@@ -241,6 +241,8 @@ def _plan(args: argparse.Namespace) -> int:
     from jaxlora.plan import PlanError, make_plan
 
     config = _load(args)
+    if args.aot and (args.device_memory is not None or args.peak_tflops is not None):
+        raise PlanError("--aot takes each chip's memory and speed from TOPOLOGY; drop the override")
     if args.aot:
         return _plan_aot(args, config)
     if args.json:

@@ -169,5 +169,10 @@ def test_without_libtpu_aot_names_the_extra(capsys, monkeypatch):
     assert 'pip install -e ".[tpu-aot]"' in line
 
 
+def test_aot_refuses_a_memory_override(capsys):
+    argv = ["plan", QUICKSTART, "--aot", TOPOLOGY, "--device-memory", "3"]
+    assert "--aot" in _one_line_error(capsys, argv)
+
+
 def test_json_needs_aot(capsys):
     assert "--aot" in _one_line_error(capsys, ["plan", QUICKSTART, "--devices", "1", "--json"])
