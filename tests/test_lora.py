@@ -298,7 +298,7 @@ def test_dropout_is_per_adapter_key_and_off_without_a_key(six):
 
 @pytest.mark.parametrize("rate", [0.1, 0.5])
 def test_dropout_keeps_the_right_fraction_unbiased_and_uncorrelated(rate):
-    x = jnp.ones((256, 1023), jnp.float32)  # odd width: the last 16-bit draw is cut off
+    x = jnp.ones((255, 1023), jnp.float32)  # odd rows: the last row of 16-bit draws is cut off
     out = np.asarray(layers._dropout(jax.random.key(3), jnp.float32(rate), x))
     kept = out != 0
     n = kept.size
@@ -307,10 +307,10 @@ def test_dropout_keeps_the_right_fraction_unbiased_and_uncorrelated(rate):
     # 1 / (1 - rate) computed in float32 vs float64
     np.testing.assert_allclose(out[kept], 1 / (1 - rate), rtol=1e-4)
     assert abs(out.mean() - 1) < 4 * np.sqrt(rate / (1 - rate) / n)
-    # features j and j + 512 share a 32-bit hashed word (its low and high halves), and words
+    # rows r and r + 128 share 32-bit hashed words (their low and high halves), and words
     # follow each other along a row and down the rows: all must be independent
     flat = kept.reshape(-1).astype(np.float64)
-    for lag in (1, 2, 3, 4, 511, 512, 513, 1023):
+    for lag in (1, 2, 3, 4, 1023, 128 * 1023 - 1, 128 * 1023, 128 * 1023 + 1):
         assert abs(np.corrcoef(flat[:-lag], flat[lag:])[0, 1]) < 4 / np.sqrt(n)
     # another key (a neighbouring seed, or split from this one as the layers' keys are), an
     # independent mask: two masks agree where both keep or both drop

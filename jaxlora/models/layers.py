@@ -43,28 +43,27 @@ def _dropout(rng: Array, rate: Array, x: Array) -> Array:
     round((1 - rate) * 2^16) / 2^16 and rescaled by its inverse (so the expectation is x).
 
     The key (from `jax.random`, whose threefry derives one per adapter, step, layer and
-    projection) seeds a counter-based hash: word i of a [..., ceil(D/2)] array is two murmur3
-    finalisers of i, keyed by the key's two 32-bit halves, and gives two 16-bit draws: a few
-    integer operations per element where a threefry hash takes ~80 (its cost on a CPU step:
-    benchmarks/README.md). The low halves draw the first ceil(D/2) features of a row, the
-    high halves the rest (shifts, masks and a concatenate along the features): a layout of
-    x's own shape, where splitting each word into a trailing pair of uint16 (a bitcast) gave
-    a trailing dimension of 2 that TPU tiles as (8, 128), 64x its size (4-7 GiB per buffer
-    for an 8B step)."""
-    *lead, D = x.shape
-    half = (D + 1) // 2
+    projection) seeds a counter-based hash: word i of a [ceil(M/2), D] array (x as M rows of D
+    features) is two murmur3 finalisers of i, keyed by the key's two 32-bit halves, and gives
+    two 16-bit draws: a few integer operations per element where a threefry hash takes ~80
+    (its cost on a CPU step: benchmarks/README.md). The low halves draw the first ceil(M/2)
+    rows, the high halves the rest (shifts, masks and a concatenate along the rows): every
+    array keeps x's trailing dimension. Splitting each word into a trailing uint16 pair (a
+    bitcast) gave a trailing dimension of 2, which TPU tiles as (8, 128), 64x its size (4-7 GiB
+    per buffer for an 8B step); and on a CPU the concatenate along the rows is the faster one
+    (benchmarks/README.md)."""
+    D = x.shape[-1]
+    M = math.prod(x.shape[:-1])
+    half = (M + 1) // 2
     key = jax.random.key_data(rng)
     k0, k1 = key[..., 0], key[..., 1]
-    words = jax.lax.broadcasted_iota(jnp.uint32, (*lead, half), len(lead))
-    for axis in range(len(lead) - 1, -1, -1):  # + the row's index: word i counts row-major
-        stride = half * math.prod(lead[axis + 1 :])
-        row = jax.lax.broadcasted_iota(jnp.uint32, (*lead, half), axis)
-        words = words + row * jnp.uint32(stride % 2**32)
+    row = jax.lax.broadcasted_iota(jnp.uint32, (half, D), 0)
+    words = row * jnp.uint32(D) + jax.lax.broadcasted_iota(jnp.uint32, (half, D), 1)
     bits = _mix32(_mix32(words * jnp.uint32(0x9E3779B1) ^ k0) ^ k1)
-    draws = jnp.concatenate([bits & jnp.uint32(0xFFFF), bits >> 16], axis=-1)[..., :D]
+    draws = jnp.concatenate([bits & jnp.uint32(0xFFFF), bits >> 16], axis=0)[:M]
     threshold = jnp.round((1.0 - rate) * 65536.0).astype(jnp.uint32)
     scale = (65536.0 / jnp.maximum(threshold, 1).astype(jnp.float32)).astype(x.dtype)
-    return jnp.where(draws < threshold, x * scale, 0).astype(x.dtype)
+    return jnp.where(draws.reshape(x.shape) < threshold, x * scale, 0).astype(x.dtype)
 
 
 @jax.custom_vjp
