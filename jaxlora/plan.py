@@ -9,8 +9,9 @@ FLOPs per trained token (the convention of benchmarks/README.md): 4 x (non-embed
 parameters + lm_head) for the forward and input-gradient passes through the frozen base, plus
 6 x the adapter's parameters (forward, input gradient and weight gradient of A and B). A plan's
 FLOPs per step add what `model.remat: block` recomputes (`recompute_flops_per_token`)
-and the attention products (`attention_flops_per_token`): the FLOPs a chip executes in its
-products, which `plan --aot` checks against the compiler's count.
+and the attention products (`attention_flops_per_token`), over every slot of the step (inert
+padding slots run too): the FLOPs a chip executes in its products, which `plan --aot` checks
+against the compiler's count.
 """
 
 from __future__ import annotations
@@ -404,10 +405,13 @@ def make_plan(
     rows, lora_flops = job_memory(config, c, plans, groups, sizes)
     B, T = config.training.batch_size, max(p.cell.config.data.max_length for p in plans)
     tokens = len(plans) * B * T
-    # lora_flops is 6 x each adapter's parameters x its tokens: remat runs 2 x of them again
-    remat = recompute_flops_per_token(c, lora_flops / 6 / tokens, config.model.remat) * tokens
-    attention = attention_flops_per_token(c, T, config.model.remat) * tokens
-    flops = flops_per_token(c, 0) * tokens + lora_flops + remat + attention
+    # The step runs every slot, padding included (inert slots that fill a group to a multiple
+    # of the adapter devices): the base's FLOPs are the slots'; the LoRA FLOPs, the adapters'.
+    executed = sum(len(g.slots) for g in groups) * B * T
+    remat = config.model.remat
+    flops = (flops_per_token(c, 0) + attention_flops_per_token(c, T, remat)) * executed
+    flops += recompute_flops_per_token(c, 0, remat) * executed + lora_flops
+    flops += lora_flops / 3 if remat != "none" else 0.0  # the adapters' 2 of 6 x, again
     prefill, full = (None, 0.0)
     if context > 0:
         prefill, full = prefill_rows(c, context, dtype_bytes, sizes, rows[0][1])
