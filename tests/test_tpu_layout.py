@@ -58,7 +58,8 @@ def test_the_tpu_step_compiles_with_no_tiny_trailing_dimension():
     step, inputs = _step(tpu_devices("v5e:2x4"))
     compiled = step.lower(*inputs).compile()
     mem = compiled.memory_analysis()
-    assert 0 < mem.temp_size_in_bytes < 2**30
+    # (the tiny step may need no temporaries outside the chip's scoped memory: 0 is a fit)
+    assert mem.argument_size_in_bytes > 0 and mem.temp_size_in_bytes < 2**30
     pairs = [
         shape
         for shape in re.findall(r"u(?:8|16|32)\[([\d,]+)\]", compiled.as_text())
