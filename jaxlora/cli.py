@@ -4,7 +4,6 @@ and exit status 2."""
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import os
 import sys
@@ -12,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from jaxlora import runtime
 from jaxlora.errors import JaxloraError
 from jaxlora.llm import status
 
@@ -72,102 +72,6 @@ def _fraction(text: str) -> float:
     return value
 
 
-class _Stderr(logging.StreamHandler):
-    """A handler writing to whatever `sys.stderr` is when a record is emitted (a caller that
-    redirects stderr gets jaxlora's messages too)."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _):
-        pass
-
-
-class _Format(logging.Formatter):
-    """`jaxlora: LEVEL: message` (no level for info records), a traceback after it if any."""
-
-    def formatMessage(self, record: logging.LogRecord) -> str:
-        level = "" if record.levelno == logging.INFO else f"{record.levelname}: "
-        return f"jaxlora: {level}{record.message}"
-
-
-def _setup_logging(verbose: bool = False) -> None:
-    """jaxlora's own warnings, once each, as `jaxlora: WARNING: ...`, and with `verbose` its
-    info records too (the settings a job chose for `auto`, a resume) as `jaxlora: ...`. The
-    handler goes on the `jaxlora` logger, which stops there: the root logger may carry a handler
-    that a library put there on import (orbax does), and libraries with handlers of their own
-    (huggingface_hub, transformers) would print every record twice through a root handler of
-    ours."""
-    log = logging.getLogger("jaxlora")
-    if not log.handlers:
-        handler = _Stderr()
-        handler.setFormatter(_Format())
-        log.addHandler(handler)
-        log.propagate = False
-    log.setLevel(logging.INFO if verbose else logging.WARNING)
-
-
-def _setup_compilation_cache() -> None:
-    """Keep compiled programs across runs (a rerun of the same job skips compilation).
-
-    JAX's own JAX_COMPILATION_CACHE_DIR wins; JAXLORA_COMPILATION_CACHE picks another directory
-    or, set to "off", disables the cache."""
-    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
-        return
-    where = os.environ.get("JAXLORA_COMPILATION_CACHE", "~/.cache/jaxlora/xla")
-    if where == "off":
-        return
-    import jax
-
-    jax.config.update("jax_compilation_cache_dir", str(Path(where).expanduser()))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-
-
-def _flag_or_env(value, env: str, parse):
-    """A flag's value, else the environment variable's, checked by the flag's own parser."""
-    if value is not None or env not in os.environ:
-        return value
-    try:
-        return parse(os.environ[env])
-    except argparse.ArgumentTypeError as e:
-        raise JaxloraError(f"{env}: {e}") from None
-
-
-def _setup_distributed(args: argparse.Namespace) -> None:
-    """Initialise JAX before any computation: simulated CPU devices and multi-process."""
-    import jax
-
-    cpu_devices = _flag_or_env(args.cpu_devices, "JAXLORA_CPU_DEVICES", _int_at_least(0))
-    if cpu_devices:
-        jax.config.update("jax_num_cpu_devices", cpu_devices)
-    coordinator = args.coordinator or os.environ.get("JAXLORA_COORDINATOR")
-    if args.distributed_auto or os.environ.get("JAXLORA_DISTRIBUTED") == "auto":
-        jax.distributed.initialize()
-    elif coordinator:
-        num = _flag_or_env(args.num_processes, "JAXLORA_NUM_PROCESSES", _int_at_least(1))
-        pid = _flag_or_env(args.process_id, "JAXLORA_PROCESS_ID", _int_at_least(0))
-        if num is None or pid is None:
-            raise JaxloraError(
-                "--coordinator needs --num-processes and --process-id (or "
-                "JAXLORA_NUM_PROCESSES / JAXLORA_PROCESS_ID)"
-            )
-        if pid >= num:
-            raise JaxloraError(
-                f"--process-id {pid} is out of range for --num-processes {num}: use 0..{num - 1}"
-            )
-        host, _, port = coordinator.rpartition(":")
-        if not host or not port.isdigit():
-            raise JaxloraError(f"--coordinator {coordinator!r}: expected HOST:PORT")
-        # Only the CPU backend reads this (GPU/TPU use their own collectives); it must be set
-        # before the backend starts, so it cannot depend on which backend that will be.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(
-            coordinator_address=coordinator, num_processes=num, process_id=pid
-        )
-
-
 def _load(args: argparse.Namespace):
     from jaxlora.config import load_config
 
@@ -176,7 +80,13 @@ def _load(args: argparse.Namespace):
 
 def _train(args: argparse.Namespace) -> int:
     config = _load(args)
-    _setup_distributed(args)
+    runtime.setup_distributed(
+        args.cpu_devices,
+        args.coordinator,
+        args.distributed_auto,
+        args.num_processes,
+        args.process_id,
+    )
     import jax
 
     from jaxlora.sweep import SweepJob
@@ -207,7 +117,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    _setup_distributed(args)
+    runtime.setup_distributed(
+        args.cpu_devices,
+        args.coordinator,
+        args.distributed_auto,
+        args.num_processes,
+        args.process_id,
+    )
     from jaxlora.evaluate import run_eval
 
     rows = run_eval(args.run_dir, args.set or ())
@@ -638,8 +554,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # jaxlora uses transformers for tokenizers and configs only: its advice that PyTorch is
     # missing is noise in a runtime-only install.
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    _setup_logging(getattr(args, "verbose", False))
-    _setup_compilation_cache()
+    runtime.setup_logging(getattr(args, "verbose", False))
+    runtime.setup_compilation_cache()
     try:
         return args.func(args)
     except JaxloraError as e:
