@@ -72,6 +72,16 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _setup_distributed(args: argparse.Namespace) -> None:
+    runtime.setup_distributed(
+        args.cpu_devices,
+        args.coordinator,
+        args.distributed_auto,
+        args.num_processes,
+        args.process_id,
+    )
+
+
 def _load(args: argparse.Namespace):
     from jaxlora.config import load_config
 
@@ -80,13 +90,7 @@ def _load(args: argparse.Namespace):
 
 def _train(args: argparse.Namespace) -> int:
     config = _load(args)
-    runtime.setup_distributed(
-        args.cpu_devices,
-        args.coordinator,
-        args.distributed_auto,
-        args.num_processes,
-        args.process_id,
-    )
+    _setup_distributed(args)
     import jax
 
     from jaxlora.sweep import SweepJob
@@ -117,13 +121,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    runtime.setup_distributed(
-        args.cpu_devices,
-        args.coordinator,
-        args.distributed_auto,
-        args.num_processes,
-        args.process_id,
-    )
+    _setup_distributed(args)
     from jaxlora.evaluate import run_eval
 
     rows = run_eval(args.run_dir, args.set or ())
