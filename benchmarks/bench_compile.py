@@ -23,6 +23,7 @@ on one device of --device-memory GiB (default 80: an H100), instead of one stack
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from benchmarks.common import report
+from benchmarks.common import report, zero_group
 from jaxlora.cells import count_passes, plan_cells, resolve_per_pass
 from jaxlora.config import load_config
 from jaxlora.lora import LoRAConfig, union_placement
@@ -39,11 +40,7 @@ from jaxlora.models.model import Model, abstract_module, parse_dtype
 from jaxlora.models.presets import PRESETS
 from jaxlora.plan import GIB, choose_layout
 from jaxlora.sharding import logical_spec, make_mesh, variable_sharding
-from jaxlora.train import GroupState, Hyper, StepConfig, TrainState, compile_step
-
-HYPER = dict(
-    lr=5e-5, warmup_ratio=0.0, weight_decay=0.01, clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8
-)
+from jaxlora.train import StepConfig, TrainState, compile_step
 
 
 def _abstract(tree: nnx.State, mesh) -> nnx.State:
@@ -76,16 +73,7 @@ def abstract_step(shape: str, stacks: list[tuple[int, int]], args, scan: bool):
         graphdefs.append(model.graph(placement, remat=args.remat, scan_layers=scan))
         _, w_abs, c_abs, _ = abstract_module(config, placement, dtype, dtype)
 
-        def build(w_abs=w_abs, c_abs=c_abs, loras=loras):
-            n = len(loras)
-            weights = jax.tree.map(lambda s: jnp.zeros((n, *s.shape), jnp.float32), w_abs)
-            consts = jax.tree.map(lambda s: jnp.zeros((n, *s.shape), jnp.float32), c_abs)
-            hyper = Hyper.stack([HYPER] * n)
-            keys = jnp.stack([jax.random.key_data(jax.random.key(i)) for i in range(n)])
-            live = jnp.ones((n,), bool)
-            return GroupState.create(weights, consts, hyper, keys, live, "cosine", 1500)
-
-        g = jax.eval_shape(build)
+        g = jax.eval_shape(functools.partial(zero_group, w_abs, c_abs, len(loras)))
         # every per-adapter leaf split on `adapter` (one device here: the same layout, whole)
         groups.append(
             jax.tree.map(

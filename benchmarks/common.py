@@ -14,6 +14,25 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+
+from jaxlora.train import GroupState, Hyper
+
+# The study's optimizer numbers, for the benchmarks that compile a training step.
+STEP_HYPER = dict(
+    lr=5e-5, warmup_ratio=0.0, weight_decay=0.01, clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8
+)
+
+
+def zero_group(w_abs, c_abs, n: int) -> GroupState:
+    """A training group of `n` adapters with zero factors of the abstract LoRA weights and
+    constants `w_abs`, `c_abs`: under `jax.eval_shape`, the group's shapes for a compile."""
+    weights = jax.tree.map(lambda s: jnp.zeros((n, *s.shape), jnp.float32), w_abs)
+    consts = jax.tree.map(lambda s: jnp.zeros((n, *s.shape), jnp.float32), c_abs)
+    hyper = Hyper.stack([STEP_HYPER] * n)
+    keys = jnp.stack([jax.random.key_data(jax.random.key(i)) for i in range(n)])
+    live = jnp.ones((n,), bool)
+    return GroupState.create(weights, consts, hyper, keys, live, "cosine", 1500)
 
 
 def cpu_model() -> str:

@@ -24,15 +24,12 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from benchmarks.common import zero_group
 from jaxlora.lora import LoRAConfig, union_placement
 from jaxlora.models.model import abstract_module, parse_dtype
 from jaxlora.models.presets import PRESETS
 from jaxlora.sharding import logical_spec, make_mesh
-from jaxlora.train import GroupState, Hyper, StepConfig, TrainState, compile_step
-
-HYPER = dict(
-    lr=5e-5, warmup_ratio=0.0, weight_decay=0.01, clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8
-)
+from jaxlora.train import StepConfig, TrainState, compile_step
 
 
 def tpu_devices(topology: str = "v5e:2x4") -> list:
@@ -77,16 +74,9 @@ def abstract_step(
 
     base = jax.tree.map(param, base, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
-    def build():
-        weights = jax.tree.map(lambda s: jnp.zeros((adapters, *s.shape), jnp.float32), w_abs)
-        consts = jax.tree.map(lambda s: jnp.zeros((adapters, *s.shape), jnp.float32), c_abs)
-        hyper = Hyper.stack([HYPER] * adapters)
-        keys = jnp.stack([jax.random.key_data(jax.random.key(i)) for i in range(adapters)])
-        live = jnp.ones((adapters,), bool)
-        return GroupState.create(weights, consts, hyper, keys, live, "cosine", 1500)
-
     group = jax.tree.map(
-        lambda x: _on(mesh, x, ("adapter",) + (None,) * (x.ndim - 1)), jax.eval_shape(build)
+        lambda x: _on(mesh, x, ("adapter",) + (None,) * (x.ndim - 1)),
+        jax.eval_shape(lambda: zero_group(w_abs, c_abs, adapters)),
     )
     rows = jax.ShapeDtypeStruct((adapters, batch, seq), jnp.int32)
     flags = jax.ShapeDtypeStruct((adapters, batch, seq), bool)
