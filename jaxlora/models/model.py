@@ -162,10 +162,15 @@ def _preset(path_or_id: str | os.PathLike) -> Preset | None:
     return None
 
 
+def _packaged_files(name: str) -> tuple[Path, Path]:
+    """(the installed GGUF file, the directory of its converted copy) of a packaged model."""
+    gguf_file, version = packaged.locate(name)
+    return gguf_file, packaged.cache_dir(name, version)
+
+
 def _packaged_dir(name: str) -> Path:
     """The converted copy of a packaged model, converting its GGUF file on first use."""
-    gguf_file, version = packaged.locate(name)
-    out = packaged.cache_dir(name, version)
+    gguf_file, out = _packaged_files(name)
     if not convert.is_orbax_dir(out):
         logging.getLogger(__name__).info(
             "converting %s (%s) once into %s", name, gguf_file.name, out
@@ -181,8 +186,7 @@ def model_config(path_or_id: str | os.PathLike) -> ModelConfig:
     if preset := _preset(path_or_id):
         return preset.config
     if name := packaged.packaged_name(path_or_id):
-        gguf_file, version = packaged.locate(name)
-        out = packaged.cache_dir(name, version)
+        gguf_file, out = _packaged_files(name)
         if convert.is_orbax_dir(out):
             return ModelConfig.from_file(out / "config.json").replace(name_or_path=name)
         return GGUFFile(gguf_file).model_config().replace(name_or_path=name)
