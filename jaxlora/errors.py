@@ -11,3 +11,7 @@ class ConfigError(JaxloraError):
 
 class DataError(JaxloraError):
     """Training or evaluation data that is missing, malformed or too small for the request."""
+
+
+class LoRAError(JaxloraError):
+    """An adapter configuration that cannot be built for this model."""

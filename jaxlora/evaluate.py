@@ -41,7 +41,8 @@ from jaxlora.errors import DataError
 from jaxlora.eval import metrics, scoring
 from jaxlora.fsutil import RunLock, atomic_write
 from jaxlora.generate import DecodeSpec, decode_stack, eos_and_pad
-from jaxlora.lora import AdapterStack, stack_forward
+from jaxlora.lora import AdapterStack
+from jaxlora.models.model import stack_forward
 
 SWEEP_ALIASES = ("lora.rank", "data.size_tokens")  # the `rank` and `size_tokens` columns
 

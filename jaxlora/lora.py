@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import math
 from collections.abc import Sequence
 from typing import Literal
@@ -31,9 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlora.errors import JaxloraError
+from jaxlora.errors import LoRAError
 from jaxlora.models.config import ModelConfig
-from jaxlora.models.model import Model, abstract_module
+from jaxlora.models.model import Model, abstract_module, stack_forward
 from jaxlora.models.transformer import (
     ATTENTION_MODULES,
     LINEAR_MODULES,
@@ -51,10 +50,6 @@ TARGET_GROUPS: dict[str, tuple[str, ...]] = {
     "attention": ATTENTION_MODULES,
     "mlp": MLP_MODULES,
 }
-
-
-class LoRAError(JaxloraError):
-    """An adapter configuration that cannot be built for this model."""
 
 
 def resolve_targets(targets: str | Sequence[str]) -> frozenset[str]:
@@ -365,83 +360,7 @@ def layout_groups(configs: Sequence[LoRAConfig], layout: Layout) -> list[list[in
 
 
 # ---------------------------------------------------------------------------------------------
-# forward passes
-
-
-def stack_forward(
-    graphdef,
-    base: nnx.State,
-    weights: nnx.State,
-    consts: nnx.State,
-    tokens_ABT: Array,
-    mask_ABT: Array,
-    positions_ABT: Array | None = None,
-    rng_A: Array | None = None,
-    *,
-    spmd_axis_name: str | None = None,
-    return_hidden: bool = False,
-    lora_stacks: dict[tuple, Array] | None = None,
-) -> Array:
-    """Logits [A, B, T, V] (or hidden states) of A adapters, each on its own tokens.
-    `lora_stacks` ([A, L, ...]): the adapters' layer stacks, for a scanned model to read
-    (`Transformer.__call__`)."""
-
-    def one(w, c, stacks, tokens, mask, positions, rng):
-        module = nnx.merge(graphdef, w, c, base)
-        return module(
-            tokens,
-            mask,
-            positions_BT=positions,
-            rng=rng,
-            return_hidden=return_hidden,
-            lora_stacks=stacks,
-        )[0]
-
-    in_axes = (0, 0, 0, 0, 0, None if positions_ABT is None else 0, None if rng_A is None else 0)
-    return jax.vmap(one, in_axes=in_axes, spmd_axis_name=spmd_axis_name)(
-        weights, consts, lora_stacks, tokens_ABT, mask_ABT, positions_ABT, rng_A
-    )
-
-
-@functools.partial(jax.jit, static_argnames=("graphdefs",))
-def _groups_forward(graphdefs, base, stacks, tokens, masks, positions):
-    return tuple(
-        stack_forward(g, base, s.weights, s.consts, t, m, p)
-        for g, s, t, m, p in zip(graphdefs, stacks, tokens, masks, positions, strict=True)
-    )
-
-
-def stacked_logits(
-    model: Model,
-    adapters: AdapterStack | Sequence[AdapterStack],
-    input_ids_ABT: Array,
-    mask_ABT: Array,
-    positions_ABT: Array | None = None,
-) -> Array:
-    """`model(ids [A, B, T], adapters=...)`: logits [A, B, T, V] of every adapter, all groups in
-    one compiled call (adapters of a list of stacks are numbered in order)."""
-    stacks = (adapters,) if isinstance(adapters, AdapterStack) else tuple(adapters)
-    total = sum(len(s) for s in stacks)
-    if input_ids_ABT.ndim != 3 or input_ids_ABT.shape[0] != total:
-        raise LoRAError(
-            f"with {total} adapters, input_ids must be [{total}, batch, time]; got "
-            f"shape {tuple(input_ids_ABT.shape)}"
-        )
-    bounds = list(itertools.pairwise(np.cumsum([0] + [len(s) for s in stacks])))
-
-    def cut(x):
-        return None if x is None else tuple(x[a:b] for a, b in bounds)
-
-    graphdefs = tuple(model.graph(s.placement) for s in stacks)
-    outs = _groups_forward(
-        graphdefs,
-        model.params,
-        stacks,
-        cut(input_ids_ABT),
-        cut(mask_ABT),
-        cut(positions_ABT) or (None,) * len(stacks),
-    )
-    return jnp.concatenate(outs, axis=0)
+# forward passes (`stack_forward` itself is the model's: jaxlora.models.model)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))

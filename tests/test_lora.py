@@ -16,6 +16,7 @@ from peft import PeftModel, get_peft_model
 import jaxlora
 from jaxlora import lora
 from jaxlora.models import layers
+from jaxlora.models.model import stack_forward
 from tests.hf_factory import load_hf_model
 from tests.test_model_parity import padded_batch
 
@@ -284,10 +285,10 @@ def test_dropout_is_per_adapter_key_and_off_without_a_key(six):
     t, m = jnp.asarray(ids), jnp.asarray(mask)
     args = (graph, model.params, with_dropout.weights, with_dropout.consts, t, m)
     keys = jax.random.split(jax.random.key(0), len(RANKS))
-    a = np.asarray(lora.stack_forward(*args, rng_A=keys))
-    b = np.asarray(lora.stack_forward(*args, rng_A=keys))
-    c = np.asarray(lora.stack_forward(*args, rng_A=jax.random.split(jax.random.key(1), len(RANKS))))
-    off = np.asarray(lora.stack_forward(*args))
+    a = np.asarray(stack_forward(*args, rng_A=keys))
+    b = np.asarray(stack_forward(*args, rng_A=keys))
+    c = np.asarray(stack_forward(*args, rng_A=jax.random.split(jax.random.key(1), len(RANKS))))
+    off = np.asarray(stack_forward(*args))
     np.testing.assert_array_equal(a, b)
     assert np.abs(a - c).max() > 1e-3
     # no dropout key: the same math as the plain forward, through another code path

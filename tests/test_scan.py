@@ -24,7 +24,7 @@ from flax import nnx
 from jaxlora import lora
 from jaxlora.cells import seed_key
 from jaxlora.config import load_config
-from jaxlora.models.model import Model, init_params
+from jaxlora.models.model import Model, init_params, stack_forward
 from jaxlora.models.presets import PRESETS
 from jaxlora.models.transformer import KVCache
 from jaxlora.objectives import token_mean_ce
@@ -90,7 +90,7 @@ def test_scanned_logits_equal_unrolled_with_padding_gqa_some_layers_and_dropout(
     out = {}
     for scan in (False, True):
         graph = model.graph(stack.placement, scan_layers=scan)
-        fwd = jax.jit(functools.partial(lora.stack_forward, graph))
+        fwd = jax.jit(functools.partial(stack_forward, graph))
         logits = fwd(model.params, stack.weights, stack.consts, ids_ABT, mask_ABT, rng_A=keys)
         out[scan] = np.asarray(logits)
     valid = np.broadcast_to(mask_ABT.astype(bool), out[False].shape[:-1])
@@ -253,7 +253,7 @@ def test_scanned_gradients_equal_unrolled_and_hold_one_layer_of_base_weights():
         graph = model.graph(stack.placement, scan_layers=scan)
 
         def loss(w, base, graph=graph):
-            logits = lora.stack_forward(graph, base, w, stack.consts, ids, mask)
+            logits = stack_forward(graph, base, w, stack.consts, ids, mask)
             return jax.vmap(token_mean_ce)(logits, ids, mask).sum()
 
         lowered = jax.jit(jax.grad(loss)).lower(stack.weights, model.params)

@@ -23,6 +23,7 @@ import jaxlora
 from jaxlora.cells import JobData, plan_cells
 from jaxlora.cli import main as cli
 from jaxlora.config import load_config, parse_config
+from jaxlora.models.model import stack_forward
 from jaxlora.sweep import SweepJob
 from tests.runs import (
     BASE,
@@ -225,7 +226,7 @@ def test_block_remat_gives_the_same_gradients_and_really_rematerialises():
     mask = np.ones_like(ids, bool)
 
     def loss(w, remat):
-        logits = lora.stack_forward(
+        logits = stack_forward(
             model.graph(stack.placement, remat=remat), model.params, w, stack.consts, ids, mask
         )
         return jax.vmap(token_mean_ce)(logits, ids, mask).sum()

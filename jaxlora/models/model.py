@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from jaxlora.errors import LoRAError
 from jaxlora.fsutil import staged_dir
 from jaxlora.models import convert, packaged
 from jaxlora.models.config import ConfigError, ModelConfig
@@ -78,6 +82,49 @@ def _forward(graphdef, base, tokens_BT, mask_BT, positions_BT):
     return module(tokens_BT, mask_BT, positions_BT=positions_BT)[0]
 
 
+def stack_forward(
+    graphdef,
+    base: nnx.State,
+    weights: nnx.State,
+    consts: nnx.State,
+    tokens_ABT: jax.Array,
+    mask_ABT: jax.Array,
+    positions_ABT: jax.Array | None = None,
+    rng_A: jax.Array | None = None,
+    *,
+    spmd_axis_name: str | None = None,
+    return_hidden: bool = False,
+    lora_stacks: dict[tuple, jax.Array] | None = None,
+) -> jax.Array:
+    """Logits [A, B, T, V] (or hidden states) of A adapters, each on its own tokens: `vmap` over
+    the stacked LoRA states with the base broadcast. `lora_stacks` ([A, L, ...]): the adapters'
+    layer stacks, for a scanned model to read (`Transformer.__call__`)."""
+
+    def one(w, c, stacks, tokens, mask, positions, rng):
+        module = nnx.merge(graphdef, w, c, base)
+        return module(
+            tokens,
+            mask,
+            positions_BT=positions,
+            rng=rng,
+            return_hidden=return_hidden,
+            lora_stacks=stacks,
+        )[0]
+
+    in_axes = (0, 0, 0, 0, 0, None if positions_ABT is None else 0, None if rng_A is None else 0)
+    return jax.vmap(one, in_axes=in_axes, spmd_axis_name=spmd_axis_name)(
+        weights, consts, lora_stacks, tokens_ABT, mask_ABT, positions_ABT, rng_A
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("graphdefs",))
+def _groups_forward(graphdefs, base, stacks, tokens, masks, positions):
+    return tuple(
+        stack_forward(g, base, s.weights, s.consts, t, m, p)
+        for g, s, t, m, p in zip(graphdefs, stacks, tokens, masks, positions, strict=True)
+    )
+
+
 @dataclasses.dataclass
 class Model:
     """A loaded decoder: `model(input_ids, attention_mask=mask)` -> float32 logits [B, T, V]."""
@@ -99,7 +146,8 @@ class Model:
         return abstract_module(c, lora, dt, pdt, remat, scan_layers)[0]
 
     def __call__(self, input_ids, attention_mask=None, *, positions=None, adapters=None):
-        """Logits of `input_ids` [B, T]; with `adapters` (a stack of A), input [A, B, T] -> [A, B, T, V]."""
+        """Logits of `input_ids` [B, T]; with `adapters` (a `jaxlora.lora.AdapterStack` of A, or a
+        list of stacks), input [A, B, T] -> [A, B, T, V]."""
         input_ids = jnp.asarray(input_ids, jnp.int32)
         mask = (
             jnp.ones(input_ids.shape, bool)
@@ -107,12 +155,36 @@ class Model:
             else jnp.asarray(attention_mask, bool)
         )
         if adapters is not None:
-            from jaxlora.lora import stacked_logits
-
-            return stacked_logits(self, adapters, input_ids, mask, positions)
+            return self._stacked_logits(adapters, input_ids, mask, positions)
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, time], got shape {input_ids.shape}")
         return _forward(self.graph(), self.params, input_ids, mask, positions)
+
+    def _stacked_logits(self, adapters, input_ids_ABT, mask_ABT, positions_ABT) -> jax.Array:
+        """Logits [A, B, T, V] of every adapter, all groups in one compiled call (adapters of a
+        list of stacks are numbered in order)."""
+        stacks = tuple(adapters) if isinstance(adapters, Sequence) else (adapters,)
+        total = sum(len(s) for s in stacks)
+        if input_ids_ABT.ndim != 3 or input_ids_ABT.shape[0] != total:
+            raise LoRAError(
+                f"with {total} adapters, input_ids must be [{total}, batch, time]; got "
+                f"shape {tuple(input_ids_ABT.shape)}"
+            )
+        bounds = list(itertools.pairwise(np.cumsum([0] + [len(s) for s in stacks])))
+
+        def cut(x):
+            return None if x is None else tuple(x[a:b] for a, b in bounds)
+
+        graphdefs = tuple(self.graph(s.placement) for s in stacks)
+        outs = _groups_forward(
+            graphdefs,
+            self.params,
+            stacks,
+            cut(input_ids_ABT),
+            cut(mask_ABT),
+            cut(positions_ABT) or (None,) * len(stacks),
+        )
+        return jnp.concatenate(outs, axis=0)
 
     @property
     def num_params(self) -> int:
