@@ -66,8 +66,7 @@ from jaxlora.data.budget import count_tokens, take_budget
 from jaxlora.data.documents import EvalQuestion
 from jaxlora.data.leakage import LeakageHit, guard
 from jaxlora.data.readers import jsonl_objects, read_json
-from jaxlora.data.records import Record, row_record
-from jaxlora.data.units import UnitRecord, unit_name
+from jaxlora.data.records import Record, UnitRecord, row_record, unit_name
 from jaxlora.errors import DataError
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,9 @@ budgeting, encoding and evaluation never branch on the source file format, only 
 - `text`: a document or chunk with no designated answer.
 
 `document` names the document a record belongs to (a paper, a book, an article), when the
-source says so; units of a memory are cut within documents (`jaxlora/data/units.py`).
+source says so; units of a memory are cut within documents (`jaxlora/data/units.py`). A
+`UnitRecord` is a record `jaxlora synth` wrote for one unit (a chunk of its document), and
+`unit_name` turns a document name into the unit id such records and the units carry.
 """
 
 from __future__ import annotations
@@ -62,3 +64,19 @@ def row_record(
         target_true=target_true,
         subject=subject,
     )
+
+
+@dataclass(frozen=True)
+class UnitRecord(Record):
+    """A record written for one chunk of its document (a `jaxlora synth` record whose unit_id
+    names the chunk): `unit` is that id, `unit_hash` the `text_hash` (`jaxlora.data.units`) of
+    the chunk text it was written from (None when the record does not say)."""
+
+    unit: str = ""
+    unit_hash: str | None = None
+
+
+def unit_name(name: str) -> str:
+    """A document name as a unit id: file-name safe, still readable."""
+    out = "".join(c if c.isalnum() or c in "._-" else "_" for c in str(name).strip())
+    return out or "_"

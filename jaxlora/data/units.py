@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from jaxlora.data.budget import count_tokens
-from jaxlora.data.records import Record
+from jaxlora.data.docsets import budgeted, load_document_set, synth_source
+from jaxlora.data.records import Record, UnitRecord, unit_name
 from jaxlora.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -65,16 +66,6 @@ class Unit:
     def questions(self) -> list[Record]:
         """The unit's own records that can be asked (a known answer)."""
         return [r for r in self.records if r.kind != "text" and r.answer]
-
-
-@dataclasses.dataclass(frozen=True)
-class UnitRecord(Record):
-    """A record written for one chunk of its document (a `jaxlora synth` record whose unit_id
-    names the chunk): `unit` is that id, `unit_hash` the `text_hash` of the chunk text it was
-    written from (None when the record does not say)."""
-
-    unit: str = ""
-    unit_hash: str | None = None
 
 
 def content(records: Sequence[Record]) -> str:
@@ -167,8 +158,6 @@ def synth_chunks(records: Sequence[Record], data, tokenizer) -> list[Unit]:
     it (`UnitRecord`s from `data.train_path`). A record of a whole document, a unit id that is
     no chunk of this cut, a chunk settings mismatch with the synth run (its report, or the text
     a record was written from) and a chunk without records are errors, never a misassignment."""
-    from jaxlora.data.docsets import load_document_set, synth_source
-
     where = f"data.train_path {data.train_path} ({data.format})"
     size, overlap = data.unit_tokens, data.unit_overlap
     mine = [r for r in records if isinstance(r, UnitRecord)]
@@ -279,8 +268,6 @@ def load_units(data, tokenizer, read) -> list[Unit]:
                     "each row's document), or a text dataset whose rows are the documents"
                 )
             records = [dataclasses.replace(r, document=str(i)) for i, r in enumerate(records)]
-    from jaxlora.data.docsets import budgeted
-
     kept = budgeted(records, data, tokenizer)  # data.document_tokens, then the budget
     if len(kept) < len(records):  # never silent: a budget that drops documents says so
         log.warning(
@@ -330,9 +317,3 @@ def _by_document(records: Sequence[Record]) -> dict[str, list[Record]]:
 def _unit(uid: str, document: str, records: Sequence[Record]) -> Unit:
     records = tuple(records)
     return Unit(uid, document, records, content(records))
-
-
-def unit_name(name: str) -> str:
-    """A document name as a unit id: file-name safe, still readable."""
-    out = "".join(c if c.isalnum() or c in "._-" else "_" for c in str(name).strip())
-    return out or "_"
