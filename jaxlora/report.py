@@ -23,7 +23,10 @@ other duplicate (configuration, size) rows. `group_by=` overrides the choice.
 
 Figures are built on `matplotlib.figure.Figure` objects, never through pyplot's global state,
 so no backend is selected or changed: a notebook shows the returned figure with its own
-backend, and files are rendered by the format's own canvas (Agg for PNG).
+backend, and files are rendered by the format's own canvas (Agg for PNG). They follow
+`jaxlora/figures.py`: each line has its own marker and dashes, lines with the same points and
+points that cannot be drawn (a grid cell never evaluated, an efficiency below tau) are named in
+a note under the axes, and the metric's axis starts at 0 and names its scale.
 """
 
 from __future__ import annotations
@@ -44,6 +47,14 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
 from jaxlora.errors import DataError
+from jaxlora.figures import (
+    DASHES,
+    add_notes,
+    coincide_notes,
+    line_style,
+    metric_label,
+    set_metric_ylim,
+)
 from jaxlora.fsutil import atomic_write
 
 CapacityKind = Literal["interpolated", "at_least", "below", "exact"]
@@ -312,7 +323,7 @@ def capacity_table(
     for key in sorted(groups, key=lambda k: tuple(_sort_key(v) for v in k)):
         members = groups[key]
         group = dict(zip(group_cols, key, strict=True))
-        label = ", ".join(f"{c}={_fmt_value(v)}" for c, v in group.items())
+        label = _group_label(group)
         params = {_as_int(r, "trainable_params") for r in members}
         if len(params) > 1:
             raise DataError(
@@ -359,11 +370,18 @@ def _as_table(
 
 
 def _fmt_value(value: Any) -> str:
+    if value is None:  # a blank cell: never printed as "None" (the table's dash for no value)
+        return "–"
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _fmt_tokens(n: float) -> str:
     return f"{n / 1000:g}K" if n >= 1000 else f"{n:g}"
+
+
+def _group_label(group: Mapping[str, Any]) -> str:
+    """`rank=8, lr=0.0001`: key=value for each swept column."""
+    return ", ".join(f"{c}={_fmt_value(v)}" for c, v in group.items())
 
 
 def _others(row: Mapping[str, Any]) -> tuple:
@@ -394,47 +412,69 @@ def plot_accuracy_vs_size(
     tau: float | None = None,
     log2_x: bool = True,
 ) -> Figure:
-    """Metric against knowledge size, one line per configuration, with the tau line."""
+    """Metric against knowledge size, one line per configuration, with the tau line.
+
+    Each line has its own marker and dashes; lines with the same points are named in a note
+    under the axes, as is every (configuration, size) cell of the grid without a value."""
     table, metric, tau = _as_table(table_or_rows, metric, tau)
     fig, ax = _new_axes(f"{metric} vs knowledge size")
     cmap = matplotlib.colormaps["viridis"]
+    all_sizes = sorted({s for row in table for s in row["accuracies"]})
+    series, missing = {}, []
     for i, row in enumerate(table):
         sizes = list(row["accuracies"])
-        label = ", ".join(f"{c}={_fmt_value(v)}" for c, v in row["group"].items())
+        label = _group_label(row["group"])
         color = cmap(i / max(len(table) - 1, 1) * 0.9)
-        ax.plot(sizes, list(row["accuracies"].values()), "o-", ms=4, color=color, label=label)
+        ax.plot(sizes, list(row["accuracies"].values()), color=color, label=label, **line_style(i))
+        series[label] = list(row["accuracies"].items())
+        if gaps := [s for s in all_sizes if s not in row["accuracies"]]:
+            missing.append(f"{label} at {', '.join(_fmt_tokens(s) for s in gaps)}")
     ax.axhline(tau, color="0.3", ls="--", lw=1, label=f"tau = {tau:g}")
-    all_sizes = [s for row in table for s in row["accuracies"]]
     if log2_x:
         ax.set_xscale("log", base=2)
         _label_ticks(ax.xaxis, all_sizes, _fmt_tokens)
-        if len(set(all_sizes)) > 8:
+        if len(all_sizes) > 8:
             ax.tick_params(axis="x", labelrotation=45)
     ax.set_xlabel("knowledge size (training tokens)")
-    ax.set_ylabel(metric)
+    ax.set_ylabel(metric_label(metric))
+    set_metric_ylim(ax, metric, [v for row in table for v in row["accuracies"].values()])
+    notes = coincide_notes(series)
+    if missing:
+        notes.append(f"no {metric} (not evaluated): {'; '.join(missing)}")
+    add_notes(ax, notes)
     ax.legend(fontsize="small", ncol=2 if len(table) > 8 else 1)
     return fig
 
 
 def _plot_per_rank(
-    table: list[dict[str, Any]], title: str, ylabel: str, value_of: Any, log_y: bool
+    table: list[dict[str, Any]],
+    title: str,
+    ylabel: str,
+    value_of: Any,
+    log_y: bool,
+    no_value: str = "no value",
 ) -> Figure:
     """Shared body of the capacity and efficiency plots: one series per non-rank config,
-    point estimates filled, one-sided bounds as hollow triangles pointing where T_max lies."""
+    point estimates filled, one-sided bounds as hollow triangles pointing where T_max lies.
+    Series have their own dashes; a note under the axes names the configurations without a
+    value (`no_value` says why) and the series that coincide."""
     fig, ax = _new_axes(title)
     series: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for row in table:
         series[_others(row)].append(row)
     markers = {"interpolated": "o", "exact": "o", "at_least": "^", "below": "v"}
     cmap = matplotlib.colormaps["tab10"]
+    drawn: dict[str, list[tuple[float, float]]] = {}
     for i, (others, rows) in enumerate(series.items()):
         color = cmap(i % 10)
         points = sorted(
             ((r["rank"], value_of(r), r["T_max"].kind) for r in rows if value_of(r) is not None),
             key=lambda p: p[0],
         )
-        label = ", ".join(f"{c}={_fmt_value(v)}" for c, v in others) or None
-        ax.plot([p[0] for p in points], [p[1] for p in points], "-", color=color, label=label)
+        label = _group_label(dict(others)) or None
+        ls = DASHES[i % len(DASHES)]
+        ax.plot([p[0] for p in points], [p[1] for p in points], ls=ls, color=color, label=label)
+        drawn[label or "all"] = [(p[0], p[1]) for p in points]
         for rank, y, kind in points:
             hollow = kind in ("at_least", "below")
             ax.plot([rank], [y], markers[kind], ms=7, color=color, mfc="white" if hollow else color)
@@ -457,6 +497,10 @@ def _plot_per_rank(
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
     ax.set_xlabel("LoRA rank")
     ax.set_ylabel(ylabel)
+    notes = coincide_notes(drawn)
+    if dropped := [_group_label(r["group"]) for r in table if value_of(r) is None]:
+        notes.append(f"not shown ({no_value}): {'; '.join(dropped)}")
+    add_notes(ax, notes)
     legend = [
         Line2D([], [], marker="o", ls="", color="0.3", label="interpolated"),
         Line2D([], [], marker="^", ls="", color="0.3", mfc="white", label=">= (largest size)"),
@@ -490,7 +534,8 @@ def plot_efficiency_vs_rank(
     metric: str | None = None,
     tau: float | None = None,
 ) -> Figure:
-    """T_max / trainable parameters against rank (log y); "<" cells have no value and are left out."""
+    """T_max / trainable parameters against rank (log y); "<" cells have no value: they are
+    left out and named in a note under the axes."""
     table, metric, tau = _as_table(table_or_rows, metric, tau)
     return _plot_per_rank(
         table,
@@ -498,6 +543,7 @@ def plot_efficiency_vs_rank(
         "T_max / trainable parameters (tokens per parameter)",
         lambda r: r["efficiency"],
         log_y=True,
+        no_value=f"{metric} below tau already at the smallest size: no efficiency",
     )
 
 
