@@ -12,7 +12,10 @@ PaperQA by `bleu_level1`, NarrativeQA by `rougeLsum`, QuALITY by `hard_accuracy`
   `training.objective`, `distill.*`), per method one row per format, and a bar plot
   `memory_by_format` of the headline metric. NTP against distillation is such a table.
 
-Each table is markdown; `write_memory_report` (`jaxlora/memory/report.py`) appends them.
+Each table is markdown; the method table is followed by a line naming the metrics' scales
+(BLEU 0-100 next to ROUGE 0-1), and the plots follow `jaxlora/figures.py` (values on the bars,
+"n/a" for a missing one, the scale in the axis label). `write_memory_report`
+(`jaxlora/memory/report.py`) appends them.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from jaxlora.eval.metrics import PAPERQA_LEVELS
+from jaxlora.figures import bar_values, metric_label, scales_note, set_metric_ylim, slant
 
 Rows = Sequence[Mapping[str, Any]]
 
@@ -59,6 +63,27 @@ def detect_dataset(rows: Rows) -> str | None:
 def axis_columns(rows: Rows) -> list[str]:
     """The libraries' sweep axes: the dotted columns (`data.format`, `lora.rank`, ...)."""
     return [c for c in dict.fromkeys(k for r in rows for k in r) if "." in c]
+
+
+def library_names(rows: Rows) -> dict[str, str]:
+    """Each library's name for tables and legends: its sweep values as key=value, the key
+    by its last part unless two axes share it (`objective=ntp, rank=8`). The `library` column's
+    own label is kept where the rows have no axis columns; the only library of a run is ""."""
+    axes = axis_columns(rows)
+    short = [a.rpartition(".")[2] for a in axes]
+    keys = [s if short.count(s) == 1 else a for a, s in zip(axes, short, strict=True)]
+    names: dict[str, str] = {}
+    for r in rows:
+        lib = str(r.get("library") or "")
+        if lib in names:
+            continue
+        values = [(k, r.get(a)) for k, a in zip(keys, axes, strict=True) if _present(r.get(a))]
+        names[lib] = ", ".join(f"{k}={_plain(v)}" for k, v in values) if lib and values else lib
+    return names
+
+
+def _plain(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def format_axes(rows: Rows) -> list[str]:
@@ -151,6 +176,8 @@ def markdown(rows: Rows) -> str:
             "",
         ]
     lines += method_table(rows, dataset)
+    if scales := scales_note(metric_columns(rows, dataset)):
+        lines += ["", scales]
     if dataset == "paperqa" and level_columns(rows):
         levels = ", ".join(f"L{lv} {LEVEL_NAMES[lv]}" for lv in PAPERQA_LEVELS)
         lines += ["", "## PaperQA per level", "", f"Levels: {levels}.", ""]
@@ -174,27 +201,33 @@ def plot_per_level(rows: Rows) -> Figure | None:
     if not present:
         return None
     metric = present[0]
+    names = library_names(rows)
     labels = [
-        " ".join(x for x in (str(r.get("library") or ""), str(r["method"])) if x) for r in rows
+        " ".join(x for x in (names.get(str(r.get("library") or ""), ""), str(r["method"])) if x)
+        for r in rows
     ]
     fig = Figure(figsize=(max(6.0, 0.9 * len(rows)), 4.0), layout="constrained")
     ax = fig.add_subplot()
     width = 0.8 / len(PAPERQA_LEVELS)
+    values = []
     for j, lv in enumerate(PAPERQA_LEVELS):
         xs = [i + j * width for i in range(len(rows))]
-        ys = [_number(r.get(f"{metric}_level{lv}")) or 0.0 for r in rows]
-        ax.bar(xs, ys, width, label=f"L{lv} {LEVEL_NAMES[lv]}")
+        ys = [_number(r.get(f"{metric}_level{lv}")) for r in rows]
+        values += ys
+        bar_values(ax, xs, ys, width, color=f"C{j}", label=f"L{lv} {LEVEL_NAMES[lv]}")
     ax.set_xticks([i + width for i in range(len(rows))], labels)
     ax.tick_params(axis="x", rotation=30)
-    ax.set_ylabel(metric)
-    ax.set_ylim(bottom=0)
+    slant(ax)
+    ax.set_ylabel(metric_label(metric))
+    set_metric_ylim(ax, metric, [v for v in values if v is not None], headroom=1.2)
     ax.set_title(f"PaperQA {metric} per level")
     ax.legend()
     return fig
 
 
 def plot_by_format(rows: Rows, metric: str) -> Figure | None:
-    """The headline metric per method, one bar per training format (None without formats)."""
+    """The headline metric per method, one bar per training format, values written on the
+    bars ("n/a" where a method has no value in a format); None without formats."""
     axes = format_axes(rows)
     if not axes or detect_dataset(rows) is None:
         return None
@@ -203,9 +236,10 @@ def plot_by_format(rows: Rows, metric: str) -> Figure | None:
     fig = Figure(figsize=(max(6.0, 0.8 * len(methods) * len(formats)), 4.0), layout="constrained")
     ax = fig.add_subplot()
     width = 0.8 / len(formats)
+    values: list[float] = []
     for j, fmt in enumerate(formats):
         # Several rows of one method and format (other axes): their mean.
-        ys = []
+        ys: list[float | None] = []
         for m in methods:
             vals = [
                 v
@@ -214,12 +248,15 @@ def plot_by_format(rows: Rows, metric: str) -> Figure | None:
                 for v in [_number(r.get(metric))]
                 if v is not None
             ]
-            ys.append(sum(vals) / len(vals) if vals else 0.0)
-        ax.bar([i + j * width for i in range(len(methods))], ys, width, label=fmt)
+            ys.append(sum(vals) / len(vals) if vals else None)
+        values += [v for v in ys if v is not None]
+        xs = [i + j * width for i in range(len(methods))]
+        bar_values(ax, xs, ys, width, color=f"C{j % 10}", label=fmt)
     ax.set_xticks([i + width * (len(formats) - 1) / 2 for i in range(len(methods))], methods)
     ax.tick_params(axis="x", rotation=30)
-    ax.set_ylabel(metric)
-    ax.set_ylim(bottom=0)
+    slant(ax)
+    ax.set_ylabel(metric_label(metric))
+    set_metric_ylim(ax, metric, values, headroom=1.2)
     ax.set_title(f"{metric} by training format")
     ax.legend(title=", ".join(axes))
     return fig
