@@ -173,7 +173,7 @@ def _check_doc_format(value: Any, path: str) -> None:
     if not _DOC_FORMAT.fullmatch(value):
         raise _FieldError(
             path,
-            "must be text, qa, qa_user or a format of a jaxlora synth directory (letters, "
+            "must be text, qa, qa_user, text_qa or a format of a jaxlora synth directory (letters, "
             f"digits, '_', '.', '-'), got {_show(value)}",
         )
 
@@ -505,7 +505,11 @@ class DataSection(_Section):
         # `text` is the documents (paperqa: or the {text} rows of a study train_path); any other
         # format is read from train_path, which a non-paperqa dataset only takes as a jaxlora
         # synth directory (checked when read: config parsing never touches the filesystem).
-        if self.format != "text" and self.train_path is None:
+        # The generated PaperQA corpus (path null) has training QA of its own (jaxlora/data/
+        # generated.py) for the formats of the study's training layout.
+        generated = self.dataset == "paperqa" and self.path is None
+        generated = generated and self.format in ("qa", "qa_user", "text_qa")
+        if self.format != "text" and self.train_path is None and not generated:
             if self.dataset != "paperqa":
                 raise _FieldError(
                     "format",

@@ -385,7 +385,7 @@ def test_documents_are_selected_by_length_before_the_budget(tmp_path, caplog):
     inclusive, either null) before size_rows takes the first ones, on every read path."""
     from jaxlora.config import parse_config
     from jaxlora.data import count_tokens, load_document_set, load_records, load_units
-    from jaxlora.data.docsets import write_generated
+    from jaxlora.data.generated import write_generated
     from jaxlora.models.tokenizer import train_tokenizer
 
     path = write_generated("narrativeqa", tmp_path / "nqa.jsonl")

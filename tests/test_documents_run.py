@@ -14,8 +14,9 @@ import pytest
 
 from jaxlora.config import ConfigError, load_config, parse_config
 from jaxlora.data import ask_record, load_document_set
-from jaxlora.data.docsets import generate_paperqa
 from jaxlora.data.documents import article_id
+from jaxlora.data.generated import generate_paperqa
+from jaxlora.errors import DataError
 from jaxlora.eval import scoring
 from jaxlora.sweep import SweepJob
 from tests.runs import train_refuses
@@ -122,7 +123,7 @@ def test_drop_mode_trains_without_the_leak_counts_it_and_evaluates_paperqa(tmp_p
 
 def test_study_configs_train_on_qa_only_with_a_training_set():
     with pytest.raises(ConfigError, match=r"data.train_path: format qa needs the training QA"):
-        parse_config({"data": {"dataset": "paperqa", "format": "qa"}})
+        parse_config({"data": {"dataset": "paperqa", "path": "x", "format": "qa"}})
     with pytest.raises(ConfigError, match=r"data.format: dataset quality trains on its"):
         parse_config({"data": {"dataset": "quality", "path": "x", "format": "qa"}})
     with pytest.raises(ConfigError, match=r"data.split: is for the document datasets"):
@@ -272,3 +273,41 @@ def test_generated_paperqa_is_deterministic_and_leak_free():
     data = parse_config({"data": {"dataset": "paperqa", "size_tokens": None}}).data
     docset = load_document_set(data)
     assert len(docset.records) == 6 and len(docset.questions) == 36 and not docset.hits
+
+
+def test_generated_paperqa_trains_each_format_on_its_own_training_qa():
+    """With data.path null the generated corpus has training QA of its own (8 per paper): they
+    pass the leakage guard, state every fact its evaluation answers need, and `text_qa` is the
+    documents and the QA together."""
+    kinds = {}
+    for fmt in ("text", "qa", "qa_user", "text_qa"):
+        data = parse_config({"data": {"dataset": "paperqa", "format": fmt, "size_tokens": None}})
+        docset = load_document_set(data.data)
+        assert not docset.hits, fmt
+        kinds[fmt] = sorted(r.kind for r in docset.records)
+    assert kinds["text"] == ["text"] * 6
+    assert kinds["qa"] == ["qa"] * 48 and kinds["qa_user"] == ["row"] * 48
+    assert kinds["text_qa"] == ["qa"] * 48 + ["text"] * 6
+    qa = load_document_set(parse_config({"data": {"dataset": "paperqa", "format": "qa"}}).data)
+    for paper in generate_paperqa():
+        taught = " ".join(r.answer for r in qa.records if r.document == str(paper["id"]))
+        intro = set(paper["introduction"].lower().replace(".", "").replace(",", "").split())
+        stop = {"by", "on", "the", "it", "is", "for", "of"}
+        for item in paper["QA"]:  # the answer's words from the introduction: names, numbers, ...
+            facts = set(item["answer"].lower().rstrip(".").split()) & intro - stop
+            assert facts and all(w in taught.lower() for w in facts), (item, taught)
+
+
+def test_text_qa_takes_the_text_and_qa_rows_of_a_study_training_set(tmp_path):
+    train = tmp_path / "train"
+    train.mkdir()
+    _jsonl(train / "paper_0_qa.jsonl", [{"question": "What does it do?", "answer": "Folds."}])
+    _jsonl(train / "paper_0_introduction.jsonl", [{"text": "[Paper ID: 0]\n\nWe fold."}])
+    sets = {"dataset": "paperqa", "train_path": str(train), "size_tokens": None}
+    docset = load_document_set(parse_config({"data": {**sets, "format": "text_qa"}}).data)
+    assert sorted((r.kind, r.document) for r in docset.records) == [("qa", "0"), ("text", "0")]
+    only_qa = _jsonl(tmp_path / "paper_0_qa.jsonl", [{"question": "Why?", "answer": "Folds."}])
+    with pytest.raises(DataError, match=r"has no text_qa rows \(found qa\)"):
+        load_document_set(
+            parse_config({"data": {**sets, "train_path": str(only_qa), "format": "text_qa"}}).data
+        )

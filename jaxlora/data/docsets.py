@@ -16,6 +16,10 @@ Training formats (`data.format`):
 - `qa`: the QA rows of `data.train_path` (the study's `paperqa_train/*_qa_*` sets): question as
   the user turn, answer as the assistant turn, EOS trained.
 - `qa_user`: the study's variant, question and answer together in the user turn.
+- `text_qa`: the two together, the documents' text and the QA rows (a mix of formats).
+- with `data.path: null` and no train_path, the generated PaperQA corpus trains `qa`,
+  `qa_user` and `text_qa` on its generated training QA (`jaxlora/data/generated.py`: 8 per
+  paper, asked differently from the evaluation questions).
 - with `data.train_path` a `jaxlora synth` output directory (it has `synth_report.json` and one
   `{format}.jsonl` per format and mix; `jaxlora/llm/synth.py`): any format or mix written there
   (`qa`, `summary`, `rewrite`, `paraphrase`, `facts`, a mix name, ...). Each record trains for
@@ -33,13 +37,10 @@ job with one line naming the record and the question; `drop` trains without the 
 logs how many, and the job writes them to `RUN/leakage.json` (12 of the study's 600 PaperQA
 training QA restate evaluation questions). The run's questions go to `RUN/questions.jsonl`.
 
-`data.path: null` with `paperqa` generates a small corpus in the paperQA.json layout
-(`generate_paperqa`, seeded by `data.seed`): fictional papers whose introductions state the
-answers to their 2 questions per level, so the tiny twins run in CI with nothing downloaded.
-`generate_narrativeqa` and `generate_quality` do the same in the hub schemas of
-`deepmind/narrativeqa` and `emozilla/quality` (fictional stories and articles, read by the same
-readers); a null `data.path` reads them (the tiny twins), and `write_generated` writes them as
-jsonl files for a look or an edit.
+`data.path: null` reads a generated corpus (`jaxlora/data/generated.py`, seeded by
+`data.seed`): fictional papers in the paperQA.json layout whose introductions state the answers
+to their 2 questions per level, and stories in the hub schemas of NarrativeQA and QuALITY, read
+by the same readers, so the tiny twins run in CI with nothing downloaded.
 
 Selection by length (`data.document_tokens: [MIN, MAX]`, bounds inclusive, either null): the
 documents whose text has MIN..MAX tokens under the run's tokenizer (`select_documents`, applied
@@ -54,9 +55,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
-import random
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -64,6 +63,7 @@ from typing import Any
 from jaxlora.data import documents as docs
 from jaxlora.data.budget import count_tokens, take_budget
 from jaxlora.data.documents import EvalQuestion
+from jaxlora.data.generated import generate_paperqa, generate_paperqa_training, write_generated
 from jaxlora.data.leakage import LeakageHit, guard
 from jaxlora.data.readers import jsonl_objects, read_json
 from jaxlora.data.records import Record, UnitRecord, row_record, unit_name
@@ -72,10 +72,9 @@ from jaxlora.errors import DataError
 log = logging.getLogger(__name__)
 
 DOCUMENT_DATASETS: tuple[str, ...] = ("paperqa", "narrativeqa", "quality")
-FORMATS: tuple[str, ...] = ("text", "qa", "qa_user")
+FORMATS: tuple[str, ...] = ("text", "qa", "qa_user", "text_qa")
 DEFAULT_SPLITS = {"narrativeqa": "test", "quality": "validation"}
 SYNTH_REPORT = "synth_report.json"  # what marks a `jaxlora synth` output directory
-GENERATED_PAPERS = 6
 QUALITY_INSTRUCTION = "Answer with the letter of the correct option:"
 
 __all__ = [
@@ -84,16 +83,12 @@ __all__ = [
     "DocumentSet",
     "ask_record",
     "budgeted",
-    "generate_narrativeqa",
-    "generate_paperqa",
-    "generate_quality",
     "is_document_dataset",
     "is_synth_dir",
     "load_document_set",
     "load_questions",
     "select_documents",
     "synth_source",
-    "write_generated",
 ]
 
 
@@ -271,7 +266,8 @@ def _load(
             f"{SYNTH_REPORT}): {dataset} trains on its documents or on jaxlora synth formats"
         )
     else:
-        records = _training_records(corpus, fmt, train_path)
+        generated_seed = seed if dataset == "paperqa" and path is None else None
+        records = _training_records(corpus, fmt, train_path, generated_seed)
     result = guard(records, corpus.questions, policy=policy)  # type: ignore[arg-type]
     if result.dropped:
         log.warning(
@@ -384,25 +380,40 @@ def _listing(items: list[str], limit: int = 8) -> str:
     return ", ".join(items[:limit]) + (f", ... ({len(items)} in all)" if len(items) > limit else "")
 
 
-def _training_records(corpus: docs.Corpus, fmt: str, train_path: str | None) -> list[Record]:
+def _training_records(
+    corpus: docs.Corpus, fmt: str, train_path: str | None, generated_seed: int | None
+) -> list[Record]:
+    """The records of `fmt`: from the study's training layout in `train_path`, or with no
+    train_path from the documents and, for the generated PaperQA corpus (`generated_seed`),
+    its generated training QA."""
     if fmt not in FORMATS:
         raise DataError(
             f"data.format: {fmt} is a jaxlora synth format, but data.train_path "
             f"{train_path} is not a synth output directory (no {SYNTH_REPORT})"
         )
-    if train_path is None:
-        if fmt != "text":
-            raise DataError(f"data.format: {fmt} needs data.train_path (the training QA)")
+    qa_turns = "user" if fmt == "qa_user" else "assistant"
+    if train_path is not None:
+        rows = docs.read_paperqa_training(train_path, qa_turns=qa_turns)
+        source = f"data.train_path {train_path}"
+    elif fmt == "text":
         return list(corpus.documents)
-    rows = docs.read_paperqa_training(
-        train_path, qa_turns="user" if fmt == "qa_user" else "assistant"
-    )
-    kind = {"text": "text", "qa": "qa", "qa_user": "row"}[fmt]
-    records = [r for r in rows if r.kind == kind]
-    if not records:
-        found = sorted({r.kind for r in rows})
+    elif generated_seed is None:
+        raise DataError(f"data.format: {fmt} needs data.train_path (the training QA)")
+    else:
+        qa = generate_paperqa_training(seed=generated_seed)
+        if qa_turns == "user":
+            qa = [
+                dataclasses.replace(row_record(r.question, r.answer), document=r.document)
+                for r in qa
+            ]
+        rows = [*corpus.documents, *qa]
+        source = corpus.name
+    kinds = {"text": ("text",), "qa": ("qa",), "qa_user": ("row",), "text_qa": ("text", "qa")}
+    records = [r for r in rows if r.kind in kinds[fmt]]
+    found = {r.kind for r in rows}
+    if not set(kinds[fmt]) <= found:
         raise DataError(
-            f"data.train_path {train_path} has no {fmt} rows (found {', '.join(found)}): "
+            f"{source} has no {fmt} rows (found {', '.join(sorted(found))}): "
             "set data.format to match the file"
         )
     known = {d.document for d in corpus.documents}
@@ -413,180 +424,3 @@ def _training_records(corpus: docs.Corpus, fmt: str, train_path: str | None) -> 
             f"have (papers: {', '.join(sorted(known))})"
         )
     return records
-
-
-# ----------------------------------------------------------------------------- generated PaperQA
-
-_SYLLABLES = ("bra", "ke", "lo", "mi", "nu", "qua", "ri", "sto", "tel", "vex", "zor", "dan")
-_TASKS = (
-    "protein folding",
-    "weather forecasting",
-    "code repair",
-    "robot grasping",
-    "speech translation",
-    "graph matching",
-    "music tagging",
-    "crop mapping",
-)
-_METRICS = ("error", "latency", "memory use", "training cost", "variance", "energy use")
-_MECHANISMS = (
-    "sparse attention",
-    "contrastive pretraining",
-    "learned routing",
-    "curriculum sampling",
-    "spectral pruning",
-    "tree search",
-    "low-rank updates",
-    "energy matching",
-)
-_BENCHMARKS = ("Orion", "Tundra", "Marlin", "Cobalt", "Juniper", "Sable", "Quartz", "Heron")
-
-
-def generate_paperqa(n_papers: int = GENERATED_PAPERS, seed: int = 0) -> list[dict[str, Any]]:
-    """A small corpus in the paperQA.json layout: `n_papers` fictional papers, each a short
-    introduction and 6 questions (2 per level: recall, comprehension, logical structure) whose
-    answers the introduction states. Deterministic in `seed`; names differ between papers."""
-    if not 1 <= n_papers <= len(_TASKS):
-        raise DataError(f"the generated PaperQA corpus has 1-{len(_TASKS)} papers; got {n_papers}")
-    rng = random.Random(seed)
-    tasks, mechs, benches = (rng.sample(xs, n_papers) for xs in (_TASKS, _MECHANISMS, _BENCHMARKS))
-    names: list[str] = []
-    while len(names) < n_papers:
-        name = "".join(rng.sample(_SYLLABLES, 3)).capitalize()
-        if name not in names:
-            names.append(name)
-    papers = []
-    for i in range(n_papers):
-        m, task, mech, bench = names[i], tasks[i], mechs[i], benches[i]
-        metric, pct = rng.choice(_METRICS), rng.randrange(12, 61)
-        intro = (
-            f"We introduce {m}, a method for {task}. {m} lowers {metric} by {pct} percent on "
-            f"the {bench} benchmark. Unlike earlier systems, {m} is built on {mech}. Our "
-            f"analysis shows that {mech} is what makes {task} reliable."
-        )
-        qa = [
-            (1, f"Which task is {m} designed for?", f"{m} is designed for {task}."),
-            (1, f"On which benchmark was {m} evaluated?", f"On the {bench} benchmark."),
-            (2, f"How much does {m} lower {metric}?", f"By {pct} percent."),
-            (2, f"What is {m} built on?", f"{m} is built on {mech}."),
-            (3, f"How does {m} differ from earlier systems?", f"It is built on {mech}."),
-            (3, f"Why is {task} reliable with {m}?", f"Because of {mech}."),
-        ]
-        papers.append(
-            {
-                "id": i,
-                "title": f"{m}: {mech} for {task}",
-                "conference": "generated",
-                "introduction": intro,
-                "QA": [{"level": lv, "question": q, "answer": a} for lv, q, a in qa],
-            }
-        )
-    return papers
-
-
-# ----------------------------------------------------------------------------- generated stories
-
-_NAMES = ("Tolo", "Mera", "Ansel", "Brisa", "Corin", "Dalia", "Evander", "Fenna", "Galen", "Hesper")
-_PLACES = ("the salt marsh", "the glass tower", "the river mill", "the northern islands",
-           "the copper mine", "the orchard", "the lighthouse", "the mountain pass")  # fmt: skip
-_THINGS = ("a brass key", "a blue lantern", "a map of the coast", "a sack of rye",
-           "a silver bell", "a wooden flute", "a jar of honey", "a broken compass")  # fmt: skip
-_ANIMALS = ("a grey fox", "an old heron", "a lame horse", "a black cat", "a young goat")
-_COUNTS = ("three", "four", "five", "seven", "nine", "twelve")
-
-
-def _story(rng: random.Random, i: int) -> tuple[str, str, list[tuple[str, str, list[str]]]]:
-    """A fictional story (a title, paragraphs of plain prose) and its facts as (question,
-    short answer, distractors): what both generated datasets ask."""
-    hero, friend = rng.sample(_NAMES, 2)
-    home, goal = rng.sample(_PLACES, 2)
-    thing, gift = rng.sample(_THINGS, 2)
-    animal, count = rng.choice(_ANIMALS), rng.choice(_COUNTS)
-    title = f"The Tale of {hero} {i}"
-    text = "\n\n".join(
-        [
-            f"{hero} lived at {home} with {animal}. Every morning {hero} walked along the water "
-            f"and counted the boats, and every evening {hero} wrote the count in a book.",
-            f"One winter {friend} arrived from {goal} carrying {thing}. {friend} said that the "
-            f"road to {goal} was closed by snow and that {count} travellers were lost on it.",
-            f"{hero} and {friend} set out together. They walked for {count} days, sheltered in "
-            f"a barn, and shared {gift} with a shepherd who showed them the hidden path.",
-            f"At {goal} they found the travellers alive. {hero} gave {thing} to the oldest of "
-            f"them, and {friend} stayed at {goal} to rebuild the road when spring came.",
-        ]
-    )
-    others = [x for x in _NAMES if x not in (hero, friend)]
-    facts = [
-        (f"Where did {hero} live?", home, [p for p in _PLACES if p not in (home, goal)]),
-        (f"What did {friend} carry from {goal}?", thing, [t for t in _THINGS if t != thing]),
-        (f"How many days did {hero} and {friend} walk?", count, [c for c in _COUNTS if c != count]),
-        (f"Who stayed at {goal} to rebuild the road?", friend, others),
-        (f"What did {hero} share with the shepherd?", gift, [t for t in _THINGS if t != gift]),
-    ]
-    return title, text, facts
-
-
-def generate_narrativeqa(n_books: int = 3, seed: int = 0) -> list[dict[str, Any]]:
-    """Rows in the `deepmind/narrativeqa` schema: `n_books` fictional Gutenberg-kind stories
-    (~170 words each) and 5 questions per story with two reference answers each (the short
-    answer and a sentence). Deterministic in `seed`."""
-    if not 1 <= n_books <= 8:
-        raise DataError(f"the generated NarrativeQA set has 1-8 books; got {n_books}")
-    rng = random.Random(seed)
-    rows = []
-    for b in range(n_books):
-        title, text, facts = _story(rng, b)
-        doc = {
-            "id": f"gen{b}", "kind": "gutenberg", "url": f"generated://{b}",
-            "file_size": len(text), "word_count": len(text.split()), "start": "", "end": "",
-            "summary": {"text": "", "tokens": [], "url": "", "title": title},
-            "text": text,
-        }  # fmt: skip
-        for q, a, _ in facts:
-            refs = [a, f"It was {a}."]
-            rows.append(
-                {
-                    "document": doc,
-                    "question": {"text": q, "tokens": q.split()},
-                    "answers": [{"text": r, "tokens": r.split()} for r in refs],
-                }
-            )
-    return rows
-
-
-def generate_quality(n_articles: int = 3, seed: int = 0) -> list[dict[str, Any]]:
-    """Rows in the `emozilla/quality` schema: `n_articles` fictional stories and 5
-    four-option questions each (0-based `answer` at a random position; every other
-    question `hard`). Deterministic in `seed`."""
-    if not 1 <= n_articles <= 8:
-        raise DataError(f"the generated QuALITY set has 1-8 articles; got {n_articles}")
-    rng = random.Random(seed)
-    rows = []
-    for a in range(n_articles):
-        _, text, facts = _story(rng, a)
-        for j, (q, answer, distractors) in enumerate(facts):
-            options = rng.sample(distractors, 3)
-            gold = rng.randrange(4)
-            options.insert(gold, answer)
-            rows.append(
-                {
-                    "article": text,
-                    "question": q,
-                    "options": options,
-                    "answer": gold,
-                    "hard": j % 2 == 1,
-                }
-            )
-    return rows
-
-
-def write_generated(dataset: str, path: str | Path, seed: int = 0) -> Path:
-    """Write the generated NarrativeQA or QuALITY rows as jsonl (the readers take it as a
-    local file in the hub schema); returns the path."""
-    generators = {"narrativeqa": generate_narrativeqa, "quality": generate_quality}
-    if dataset not in generators:
-        raise DataError(f"no generated set for {dataset!r}: use narrativeqa or quality")
-    path = Path(path)
-    rows = generators[dataset](seed=seed)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    return path
