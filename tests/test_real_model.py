@@ -12,13 +12,15 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import openai
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import jaxlora
-from jaxlora.generate import generate
+from jaxlora.generate import eos_and_pad, generate
 from jaxlora.models import packaged
+from tests.llm_servers import API_KEY, Server
 
 pytestmark = pytest.mark.slow
 
@@ -149,3 +151,28 @@ def test_reads_a_fact_from_its_prompt_and_generates_as_transformers(smol, refere
         logits = np.asarray(smol(prefix))[0, -1]
         gap = abs(logits[out[r, j]] - logits[ref[r, j]])
         assert gap < 1e-3, (r, j, gap)
+
+
+def test_serve_answers_a_chat_as_local_generation(smol):
+    """`jaxlora serve smollm2-135m` (a subprocess on 127.0.0.1, reading the module's converted
+    cache) answers a greedy chat with what the model knows, token for token its local greedy
+    generation."""
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = smol.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    ids = np.asarray([smol.tokenizer(prompt, add_special_tokens=False).input_ids])
+    out = generate(smol, ids, np.ones_like(ids), max_new_tokens=16)[0].tolist()
+    eos, _ = eos_and_pad(smol.tokenizer, smol.config)
+    kept = out[: next((i for i, t in enumerate(out) if t in eos), len(out))]
+    expected = smol.tokenizer.decode(kept, skip_special_tokens=True)
+    assert "Paris" in expected  # the model knows it: "The capital of France is Paris."
+
+    server = Server(["smollm2-135m", "--api-key", API_KEY], timeout=300)
+    try:
+        client = openai.OpenAI(base_url=server.url, api_key=API_KEY, max_retries=0, timeout=300)
+        reply = client.chat.completions.create(
+            model="smollm2-135m", messages=chat, max_tokens=16, temperature=0
+        )
+    finally:
+        assert server.stop() == 0
+    assert reply.choices[0].message.content == expected
+    assert reply.usage.completion_tokens == len(kept)
