@@ -217,8 +217,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise JaxloraError("--dtype does not apply with --memory: the run's model.dtype is served")
     if args.memory is not None:
         from jaxlora.config import load_config
+        from jaxlora.job import Job
         from jaxlora.memory.service import MemoryHook
-        from jaxlora.sweep import Job
 
         config_file = Path(args.model) / "config.yaml"
         if not config_file.exists():

@@ -40,7 +40,8 @@ from jaxlora.config import EvalSection
 from jaxlora.errors import DataError
 from jaxlora.eval import metrics, scoring
 from jaxlora.fsutil import RunLock, atomic_write
-from jaxlora.generate import DecodeSpec, decode_stack, eos_and_pad
+from jaxlora.generate import DecodeSpec, decode_stack, eos_and_pad, until_eos
+from jaxlora.job import Job
 from jaxlora.lora import AdapterStack
 from jaxlora.models.model import stack_forward
 
@@ -155,9 +156,9 @@ def _last_logprobs(logits_ABTV, last_AB, target_AB):
 
 
 class Evaluator:
-    """Evaluates the adapters of a `jaxlora.sweep.Job` given one stack per group."""
+    """Evaluates the adapters of a `Job` given one stack per group."""
 
-    def __init__(self, job, ev: EvalSection):
+    def __init__(self, job: Job, ev: EvalSection):
         self.job, self.ev = job, ev
         self.tok = job.model.tokenizer
         self.eos, self.pad = eos_and_pad(self.tok, job.model.config)
@@ -335,16 +336,6 @@ class Evaluator:
         return result
 
 
-def until_eos(ids: np.ndarray, eos: Sequence[int]) -> list[int]:
-    """The generated ids before the first end-of-sequence id."""
-    out = []
-    for t in ids.tolist():
-        if t in eos:
-            break
-        out.append(t)
-    return out
-
-
 def _csv(v: Any) -> Any:
     return "+".join(map(str, v)) if isinstance(v, list | tuple) else v
 
@@ -379,7 +370,9 @@ def gather_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
-def evaluate_run(job, stacks: Sequence[AdapterStack], run_dir: Path, ev: EvalSection) -> list[dict]:
+def evaluate_run(
+    job: Job, stacks: Sequence[AdapterStack], run_dir: Path, ev: EvalSection
+) -> list[dict]:
     """Evaluate, then write results.csv, predictions.jsonl and the capacity report."""
     import logging
 
@@ -408,7 +401,7 @@ def evaluate_run(job, stacks: Sequence[AdapterStack], run_dir: Path, ev: EvalSec
     return sorted(rows, key=lambda r: r["index"])
 
 
-def load_stacks(job, run_dir: Path) -> list[AdapterStack]:
+def load_stacks(job: Job, run_dir: Path) -> list[AdapterStack]:
     """The run's exported adapters, stacked in the job's group layout (padding slots repeat the
     group's first adapter and are never read)."""
     from jaxlora.peft_io import load_peft
@@ -431,7 +424,6 @@ def run_eval(
 ) -> list[dict]:
     """`jaxlora eval RUN_DIR`: evaluate every adapter of a finished run."""
     from jaxlora.config import load_config
-    from jaxlora.sweep import Job
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():

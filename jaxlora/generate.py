@@ -191,6 +191,16 @@ def eos_and_pad(
     return tuple(int(i) for i in eos_token_ids), int(pad)
 
 
+def until_eos(ids: np.ndarray, eos: Sequence[int]) -> list[int]:
+    """The generated ids before the first end-of-sequence id."""
+    out = []
+    for t in ids.tolist():
+        if t in eos:
+            break
+        out.append(t)
+    return out
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "spec"))
 def _generate_base(graphdef, base, tokens, mask, spec: DecodeSpec, sampler: Sampler | None):
     from flax import nnx

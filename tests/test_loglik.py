@@ -17,10 +17,10 @@ import pytest
 
 from jaxlora.config import load_config
 from jaxlora.eval import metrics, scoring
+from jaxlora.job import Job
 from jaxlora.memory.compose import parse_method
 from jaxlora.memory.evaluate import MemoryEvaluator, load_libraries
 from jaxlora.memory.merging import merge
-from jaxlora.sweep import Job
 from tests.test_documents_run import _train, write_quality
 
 OPTIONS = (

@@ -12,9 +12,9 @@ import jax
 import pytest
 
 from jaxlora.config import MemorySection, load_config
+from jaxlora.job import Job
 from jaxlora.memory import results
 from jaxlora.memory.evaluate import MemoryEvaluator, evaluate_memory
-from jaxlora.sweep import Job
 from tests.runs import jaxlora_cmd
 
 TRAINED = ["base", "bm25", "bm25@2/ties"]  # tests/conftest.py MEMORY_RUN's memory.methods

@@ -179,7 +179,7 @@ def test_resume_keeps_the_layout_the_run_chose(grid_run, monkeypatch):
     def chosen_again(*_):
         raise AssertionError("choose_layout called on resume")
 
-    monkeypatch.setattr("jaxlora.sweep.choose_layout", chosen_again)
+    monkeypatch.setattr("jaxlora.job.choose_layout", chosen_again)
     job = SweepJob(config, run_dir, resume=True, progress=False, devices=jax.devices()[:1])
     assert job.config.training.layout == (2, 8) and len(job.groups) == 2
 

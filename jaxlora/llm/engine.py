@@ -38,8 +38,15 @@ import numpy as np
 from flax import nnx
 
 from jaxlora.errors import JaxloraError
-from jaxlora.evaluate import until_eos
-from jaxlora.generate import DecodeSpec, Sampling, decode_stack, eos_and_pad, generate, make_sampler
+from jaxlora.generate import (
+    DecodeSpec,
+    Sampling,
+    decode_stack,
+    eos_and_pad,
+    generate,
+    make_sampler,
+    until_eos,
+)
 from jaxlora.lora import AdapterStack, pad_to
 from jaxlora.models.transformer import LoRAPlacement
 

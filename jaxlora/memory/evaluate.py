@@ -43,9 +43,10 @@ from jaxlora import data as kdata
 from jaxlora.config import Config, MemorySection
 from jaxlora.errors import DataError
 from jaxlora.eval import scoring
-from jaxlora.evaluate import build_questions, load_stacks, score, until_eos
+from jaxlora.evaluate import build_questions, load_stacks, score
 from jaxlora.fsutil import RunLock
-from jaxlora.generate import DecodeSpec, _generate_base, decode_stack, eos_and_pad
+from jaxlora.generate import DecodeSpec, _generate_base, decode_stack, eos_and_pad, until_eos
+from jaxlora.job import Job
 from jaxlora.lora import AdapterStack, concatenate
 from jaxlora.memory import compose
 from jaxlora.memory.compose import Budget, Method, MethodError
@@ -94,7 +95,7 @@ class MemoryQuestion:
         return self.source.query if self.source is not None else self.record.question
 
 
-def load_libraries(job, run_dir: Path) -> list[Library]:
+def load_libraries(job: Job, run_dir: Path) -> list[Library]:
     """The libraries of a finished run with units (see the module docstring)."""
     path = run_dir / "units.jsonl"
     if not path.exists():
@@ -150,7 +151,7 @@ class MemoryEvaluator:
 
     def __init__(
         self,
-        job,
+        job: Job,
         section: MemorySection,
         library: Library,
         run_dir: Path,
@@ -696,7 +697,7 @@ def _width(longest: int) -> int:
 
 
 def evaluate_memory(
-    job,
+    job: Job,
     run_dir: Path,
     section: MemorySection,
     progress: bool = True,
@@ -742,7 +743,6 @@ def run_memory(
     """`jaxlora memory RUN_DIR [--out NAME] [--resume]`: evaluate the memory of a finished run
     into a result set (see `evaluate_memory`)."""
     from jaxlora.config import load_config
-    from jaxlora.sweep import Job
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
