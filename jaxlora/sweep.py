@@ -4,7 +4,7 @@ The job, in order: parse the config and expand the sweep into cells; load the mo
 mesh; check every cell's adapter and data *before* touching the run directory (bad input
 writes nothing); stack the adapters in rank groups (or one padded group), each padded to a
 multiple of the mesh's `adapter` axis with inert slots; run the compiled step; checkpoint with
-Orbax; export every adapter in PEFT format with a summary table.
+Orbax; export every adapter in PEFT format with a summary table (jaxlora/run_files.py).
 
 Independence of cells: see `jaxlora.cells`, which plans them and their data.
 
@@ -15,19 +15,12 @@ live on its devices.
 
 from __future__ import annotations
 
-import csv
-import dataclasses
 import functools
-import io
 import json
 import logging
 import math
-import os
 import shutil
-import signal
 import statistics
-import sys
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,9 +32,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxlora import data as kdata
 from jaxlora.cells import (
-    CellPlan,
     Group,
     count_passes,
     resolve_per_pass,
@@ -56,94 +47,12 @@ from jaxlora.job import Job
 from jaxlora.lora import AdapterStack, init_adapters
 from jaxlora.objectives import teacher_outputs
 from jaxlora.peft_io import save_peft
+from jaxlora.resume import Interrupts, result_fingerprint
+from jaxlora.run_files import summary_row, write_documents, write_summary, write_units
 from jaxlora.sharding import logical_spec
 from jaxlora.train import GroupState, Hyper, StepConfig, TrainState, compile_step
 
 log = logging.getLogger(__name__)
-
-# Keys that may differ between a run and its resume: they do not change the adapters.
-RESUME_NEUTRAL = (
-    "checkpoint",
-    "mesh",
-    "eval",
-    "memory",
-    "llm",
-    "training.log_every",
-    "training.adapters_per_pass",
-)
-
-
-# ---------------------------------------------------------------------------------------------
-# the job
-
-
-def result_fingerprint(config: Config) -> dict[str, Any]:
-    """The config keys that determine the adapters (everything but RESUME_NEUTRAL)."""
-    flat = _flatten(config.to_dict())
-    return {
-        k: v
-        for k, v in flat.items()
-        if not any(k == n or k.startswith(n + ".") for n in RESUME_NEUTRAL)
-    }
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and k != "sweep":
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-class _Interrupts:
-    """SIGTERM / SIGINT during training: the first asks for a checkpoint at a step boundary,
-    the second exits at once. `agreed(step)` is the stop decision. With several processes it is
-    collective, so every process stops (and saves) at the same step; it is taken every `every`
-    steps (the logging steps, where the processes synchronise anyway) rather than at every
-    step, which would stall the asynchronous dispatch of the steps on a host round trip."""
-
-    def __init__(self, every: int):
-        self.every = every
-        self.requested = False
-        self.signal_name = ""
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _Interrupts:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame) -> None:
-        name = signal.Signals(signum).name
-        if self.requested:
-            print(
-                f"jaxlora: second {name}: stopping now; the last saved checkpoint is intact",
-                file=sys.stderr,
-                flush=True,
-            )
-            os._exit(128 + signum)
-        self.requested, self.signal_name = True, name
-        print(
-            f"jaxlora: {name} received: saving a checkpoint after this step "
-            "(send it again to stop at once)",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    def agreed(self, step: int) -> bool:
-        if jax.process_count() == 1:
-            return self.requested
-        if step % self.every:
-            return False
-        return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
 
 
 class SweepJob(Job):
@@ -454,7 +363,7 @@ class SweepJob(Job):
 
         bar = self._progress_bar(start)
         t0, tokens_seen, compile_s = time.perf_counter(), 0, None
-        with _Interrupts(every=t.log_every) as interrupts:
+        with Interrupts(every=t.log_every) as interrupts:
             for step in range(start, t.steps):
                 batches, n_tokens = self.batches(step)
                 state, losses = step_fn(self.model.params, state, batches)
@@ -590,13 +499,14 @@ class SweepJob(Job):
                     save_peft(
                         self.model, local, 0, self.run_dir / "adapters" / plan.name, overwrite=True
                     )
-                rows.append(self._summary_row(plan, n_rows[i], losses, diverged_at[plan.name]))
+                at, steps = diverged_at[plan.name], self.config.training.steps
+                rows.append(summary_row(plan, n_rows[i], losses, at, self.model.config, steps))
         rows.sort(key=lambda r: r["index"])
         if jax.process_index() == 0:
-            self._write_summary(rows)
+            write_summary(self.run_dir, rows)
             if self.units:
-                self._write_units()
-            self._write_documents()
+                write_units(self.run_dir, self.plans, self.units)
+            write_documents(self.run_dir, self.plans)
         multihost_utils.sync_global_devices("jaxlora-finish")
         return rows
 
@@ -636,66 +546,3 @@ class SweepJob(Job):
         if any(x is None for x in jax.tree.leaves(weights, is_leaf=lambda x: x is None)):
             return None
         return AdapterStack(weights, consts, (stack.configs[slot],), (stack.names[slot],))
-
-    def _summary_row(
-        self, plan: CellPlan, n_rows: int, losses: dict[str, float], diverged_at: int
-    ) -> dict[str, Any]:
-        c = plan.cell.config
-        return {
-            "index": plan.index,
-            "name": plan.name,
-            **{k: _csv_value(v) for k, v in plan.cell.values},
-            "rank": plan.lora.rank,
-            "size_tokens": c.data.size_tokens,
-            "n_rows": n_rows,
-            "trainable_params": plan.lora.num_params(self.model.config),
-            "steps": self.config.training.steps,
-            "final_loss": losses.get(plan.name, float("nan")),
-            "status": "diverged" if diverged_at >= 0 else "ok",
-            "diverged_at_step": diverged_at if diverged_at >= 0 else "",
-        }
-
-    def _write_units(self) -> None:
-        """units.jsonl: per adapter, its unit, document, key text and own questions -- all that
-        routers and the memory evaluator need besides the adapters."""
-        units = {u.id: u for u in self.units}
-        lines = []
-        for plan in self.plans:
-            u = units[plan.cell.config.data.unit]
-            questions = [{"question": r.question, "answer": r.answer} for r in u.questions]
-            row = {"adapter": plan.name, "unit": u.id, "document": u.document, "key": u.key}
-            row["text"] = u.text
-            lines.append(json.dumps({**row, "questions": questions}, ensure_ascii=False))
-        atomic_write(self.run_dir / "units.jsonl", "\n".join(lines) + "\n")
-
-    def _write_documents(self) -> None:
-        """Document datasets: questions.jsonl (the evaluation questions, each with its document)
-        and leakage.json (per data variant of the grid: what the leakage guard found and
-        dropped), so a run says what it was asked and what it was not trained on."""
-        reports, questions = {}, None
-        for plan in self.plans:
-            data = dataclasses.replace(plan.cell.config.data, unit=None)
-            if not kdata.is_document_dataset(data):
-                return
-            docset = kdata.load_document_set(data)
-            questions = questions or docset.questions
-            reports.setdefault(json.dumps(docset.leakage_report(data)), None)
-        from jaxlora.data.documents import write_questions
-
-        write_questions(self.run_dir / "questions.jsonl", questions or ())
-        report = [json.loads(r) for r in reports]
-        atomic_write(self.run_dir / "leakage.json", json.dumps(report, indent=1) + "\n")
-
-    def _write_summary(self, rows: list[dict[str, Any]]) -> None:
-        buf = io.StringIO()
-        fields = [k for k in rows[0] if k != "index"]
-        writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write(self.run_dir / "train_summary.csv", buf.getvalue())
-
-
-def _csv_value(v: Any) -> Any:
-    if isinstance(v, (list, tuple)):
-        return "+".join(map(str, v))
-    return v
