@@ -19,7 +19,8 @@ from jaxlora.config import load_config
 from jaxlora.eval import metrics, scoring
 from jaxlora.job import Job
 from jaxlora.memory.compose import parse_method
-from jaxlora.memory.evaluate import MemoryEvaluator, load_libraries
+from jaxlora.memory.evaluate import MemoryEvaluator
+from jaxlora.memory.library import load_libraries
 from jaxlora.memory.merging import merge
 from tests.test_documents_run import _train, write_quality
 

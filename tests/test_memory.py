@@ -19,7 +19,8 @@ from jaxlora.generate import DecodeSpec, eos_and_pad
 from jaxlora.job import Job
 from jaxlora.memory import compose
 from jaxlora.memory.compose import MethodError, parse_method
-from jaxlora.memory.evaluate import MemoryEvaluator, evaluate_memory, load_libraries
+from jaxlora.memory.evaluate import MemoryEvaluator, evaluate_memory
+from jaxlora.memory.library import load_libraries
 from tests.runs import jaxlora_cmd, train_refuses
 
 REPO = Path(__file__).resolve().parents[1]

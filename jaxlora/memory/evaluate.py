@@ -2,8 +2,8 @@
 
 A trained run whose data was cut into units (`data.units`) is an adapter *library*: one
 adapter per unit, plus `units.jsonl` (each unit's key, text, document and questions). When the
-grid has other axes (units x ranks), each combination of them is its own library, evaluated
-separately and labelled in the `library` column.
+grid has other axes (units x ranks), each combination of them is its own library
+(jaxlora/memory/library.py), evaluated separately and labelled in the `library` column.
 
 For each library the evaluator
 1. builds the questions (every unit's own, or `memory.questions`) and knows each one's unit;
@@ -15,7 +15,8 @@ For each library the evaluator
    per-question merges (`jaxlora.memory.merge`, one vmapped op per batch) or a mixture;
 4. scores the outputs with the dataset's metrics and routing accuracy against the oracle;
 5. QuALITY (`memory.loglik`): scores every option by its log-likelihood as the answer after the
-   same prompt, under the same base / adapters / merge / mixture (`option_logprobs`).
+   same prompt, under the same base / adapters / merge / mixture (`option_logprobs`,
+   jaxlora/memory/loglik.py).
 
 Outputs: a result set (`jaxlora/memory/results.py`: `memory_results.csv`, one row per library
 x method, `memory_predictions.jsonl`, `memory_report.md` and plots), each method merged into it
@@ -25,7 +26,6 @@ as soon as it has finished.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -33,27 +33,26 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from tqdm.auto import tqdm
 
 from jaxlora import data as kdata
 from jaxlora.config import Config, MemorySection
 from jaxlora.errors import DataError
 from jaxlora.eval import scoring
-from jaxlora.evaluate import build_questions, load_stacks, score
+from jaxlora.evaluate import build_questions, score
 from jaxlora.fsutil import RunLock
 from jaxlora.generate import DecodeSpec, _generate_base, decode_stack, eos_and_pad, until_eos
 from jaxlora.job import Job
-from jaxlora.lora import AdapterStack, concatenate
 from jaxlora.memory import compose
 from jaxlora.memory.compose import Budget, Method, MethodError
+from jaxlora.memory.library import Library, MemoryQuestion, load_libraries
+from jaxlora.memory.loglik import OptionScoring, prompt_width
 from jaxlora.memory.merging import merge
 from jaxlora.memory.results import ResultSet, question_fields, result_key, set_dir
 from jaxlora.memory.routers import Route, make_router, routing_accuracy
-from jaxlora.memory.validate import parse_methods, read_questions, read_units
+from jaxlora.memory.validate import parse_methods, read_questions
 
 log = logging.getLogger(__name__)
 
@@ -62,91 +61,7 @@ _DATASET_TEMPLATE = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class Library:
-    """One library: adapters in unit order (a stack) and their units' ids, documents, keys and
-    texts. `label` names the other sweep values it was trained with ("" when there are none)."""
-
-    label: str
-    stack: AdapterStack
-    units: tuple[str, ...]
-    documents: tuple[str, ...]
-    keys: tuple[str, ...]
-    texts: tuple[str, ...]
-    questions: tuple[tuple[kdata.Record, ...], ...]  # each unit's own questions
-    # The other sweep values, (dotted key, value): columns of the results, so reports can
-    # group libraries (e.g. data.format: the training format x metric table).
-    values: tuple[tuple[str, Any], ...] = ()
-
-    def __len__(self) -> int:
-        return len(self.units)
-
-
-@dataclasses.dataclass(frozen=True)
-class MemoryQuestion:
-    record: kdata.Record  # what is asked (its question) and the answer
-    unit: int | None  # index of its own unit in the library; None when unknown
-    document: str | None
-    source: Any = None  # the EvalQuestion of a document dataset (references, level, options)
-
-    @property
-    def query(self) -> str:
-        """What routers search with: the bare question (no paper ID, no options)."""
-        return self.source.query if self.source is not None else self.record.question
-
-
-def load_libraries(job: Job, run_dir: Path) -> list[Library]:
-    """The libraries of a finished run with units (see the module docstring)."""
-    path = run_dir / "units.jsonl"
-    if not path.exists():
-        raise DataError(
-            f"{run_dir} has no units.jsonl: memory evaluation needs a run trained with "
-            "data.units (sectors, documents, chunks or files)"
-        )
-    rows = read_units(path)  # every row checked before any adapter is loaded
-    stacks = load_stacks(job, run_dir)
-    by_name = {}
-    for g, stack in zip(job.groups, stacks, strict=True):
-        for slot, i in g.real:
-            by_name[job.plans[i].name] = (stack, slot)
-    groups: dict[str, list] = {}
-    for plan in job.plans:
-        others = [(k, v) for k, v in plan.cell.values if k != "data.unit"]
-        label = "-".join(f"{k.rpartition('.')[2]}{_plain(v)}" for k, v in others)
-        groups.setdefault(label, []).append(plan)
-    libraries = []
-    for label, plans in groups.items():
-        missing = [p.name for p in plans if p.name not in rows]
-        if missing:
-            raise DataError(f"{path} has no row for adapter {missing[0]}: retrain the run")
-        parts = [by_name[p.name][0].select([by_name[p.name][1]]) for p in plans]
-        meta = [rows[p.name] for p in plans]
-        libraries.append(
-            Library(
-                label=label,
-                stack=concatenate(job.model, parts),
-                units=tuple(m["unit"] for m in meta),
-                documents=tuple(m["document"] for m in meta),
-                keys=tuple(m["key"] for m in meta),
-                texts=tuple(m["text"] for m in meta),
-                questions=tuple(
-                    tuple(
-                        kdata.Record("qa", question=q["question"], answer=q["answer"])
-                        for q in m["questions"]
-                    )
-                    for m in meta
-                ),
-                values=tuple((k, _plain(v)) for k, v in plans[0].cell.values if k != "data.unit"),
-            )
-        )
-    return libraries
-
-
-def _plain(v: Any) -> str:
-    return "+".join(map(str, v)) if isinstance(v, list | tuple) else str(v)
-
-
-class MemoryEvaluator:
+class MemoryEvaluator(OptionScoring):
     """Evaluates methods on one library of a job (see the module docstring)."""
 
     def __init__(
@@ -390,7 +305,7 @@ class MemoryEvaluator:
         """Greedy outputs (up to EOS) of every question under `method`."""
         route = self.route(method.router, method.k) if method.uses_adapters else None
         n = len(prompts)
-        width = _width(max(len(p) for p in prompts))
+        width = prompt_width(max(len(p) for p in prompts))
         # Rows per pass: memory.batch_size, fewer for long prompts (max_batch_tokens), a power of
         # two so that the passes of all methods share a few compiled shapes.
         fit = max(1, self.m.max_batch_tokens // (width + self.m.max_new_tokens))
@@ -453,105 +368,6 @@ class MemoryEvaluator:
             spec,
         )
         return out[:, 0]
-
-    # -- multiple choice by log-likelihood -------------------------------------------------
-
-    @property
-    def scores_options(self) -> bool:
-        """Whether every question is multiple choice and scored by its options' likelihoods."""
-        return (
-            self.m.loglik
-            and self.data.dataset == "quality"
-            and bool(self.questions)
-            and all(q.source is not None and q.source.options for q in self.questions)
-        )
-
-    def option_ids(self) -> list[list[tuple[int, ...]]]:
-        """Each question's options as answer tokens: the option's text as the assistant turn
-        after a chat prompt, or after a space following a plain one (as `data.encode` writes
-        an answer), without the end of turn: the text is scored, not where the answer stops."""
-        lead = "" if self.data.chat_template else " "
-        return [
-            [
-                tuple(self.tok(lead + o, add_special_tokens=False)["input_ids"])
-                for o in q.source.options
-            ]
-            for q in self.questions
-        ]
-
-    def option_logprobs(
-        self, method: Method, prompts: Sequence[tuple[int, ...]]
-    ) -> list[list[float]]:
-        """Per question, the summed log-probability of each option's tokens after its prompt
-        under `method`: the base model, its top-1 adapter, its merge, or its mixture (the
-        members' next-token probabilities averaged at each token, as `decode_mixture` decodes).
-        Every [question x option] row of a pass is one teacher-forced forward; an empty
-        option scores -inf (it never wins)."""
-        options = self.option_ids()
-        n, n_opt = len(prompts), max(len(o) for o in options)
-        longest = max(
-            len(p) + len(o) for p, opts in zip(prompts, options, strict=True) for o in opts
-        )
-        positions = self.model.config.max_position_embeddings
-        if longest > positions:
-            raise MethodError(
-                f"a prompt with an option ({longest:,} tokens) exceeds the model's "
-                f"{positions:,} positions; lower memory.context_tokens or set memory.loglik: false"
-            )
-        W = _width(longest)
-        # The last L positions of every row hold its option (rows are right-aligned); a few
-        # distinct L keep the compiled shapes few.
-        L = min(
-            W - 1, max(8, 1 << (max(len(o) for opts in options for o in opts) - 1).bit_length())
-        )
-        route = self.route(method.router, method.k) if method.uses_adapters else None
-        K = method.k if method.combiner == "mixture" else 1
-        fit = max(1, min(self.m.batch_size, self.m.max_batch_tokens // (W * K)) // n_opt)
-        Q = 1 << (fit.bit_length() - 1)  # questions per pass, a power of two as in `decode`
-        out: list[list[float]] = []
-        for start in range(0, n, Q):
-            qs = list(range(start, min(start + Q, n)))
-            qs += [qs[0]] * (Q - len(qs))  # a full pass: one compile per width
-            rows = [(q, min(o, len(options[q]) - 1)) for q in qs for o in range(n_opt)]
-            tokens, mask = self._pack([prompts[q] + options[q][o] for q, o in rows], W)
-            graphdef, weights, consts, ids = self._option_adapters(method, route, qs, n_opt)
-            lp = np.asarray(
-                _continuation_logprobs(
-                    graphdef, self.model.params, weights, consts, ids, tokens, mask, L
-                )
-            )
-            for j, q in enumerate(qs[: min(Q, n - start)]):
-                sums = []
-                for o, opt in enumerate(options[q]):
-                    row = lp[j * n_opt + o]
-                    sums.append(float(row[L - len(opt) :].sum()) if opt else float("-inf"))
-                out.append(sums)
-        return out
-
-    def _option_adapters(self, method: Method, route: Route | None, qs: list[int], n_opt: int):
-        """(graphdef, weights, consts, ids [rows, K]) of a pass over `qs` x `n_opt` options: the
-        adapters row r runs with are ids[r] of the stack (None: the base model)."""
-        if route is None:
-            return self.model.graph(), None, None, None
-        stack = self.lib.stack
-        if method.combiner == "mixture":
-            ids = np.repeat(route.indices[qs, : method.k], n_opt, axis=0)
-        elif method.combiner == "one":
-            ids = np.repeat(route.indices[qs, :1], n_opt, axis=0)
-        else:  # one merge per question of the pass
-            stack = merge(
-                self.model,
-                stack,
-                indices=route.indices[qs, : method.k].tolist(),
-                weights=[self.merge_weights(method)] * len(qs),
-                combination_type=method.combiner,
-                density=self.m.density,
-                majority_sign_method=self.m.majority_sign_method,
-                seed=self.m.seed,
-            )
-            ids = np.repeat(np.arange(len(qs))[:, None], n_opt, axis=0)
-        graphdef = self.model.graph(stack.placement)
-        return graphdef, stack.weights, stack.consts, jnp.asarray(ids, jnp.int32)
 
     def _pack(self, prompts: Sequence[tuple[int, ...]], T: int):
         """Left-padded [B, T]."""
@@ -655,45 +471,6 @@ class MemoryEvaluator:
             "n_questions": len(self.questions),
             "questions_per_s": round(len(self.questions) / max(seconds, 1e-9), 2),
         }
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "L"))
-def _continuation_logprobs(graphdef, base, weights, consts, ids_RK, tokens_RT, mask_RT, L: int):
-    """[R, L] log-probabilities of each row's last L tokens, each given the tokens before it.
-    Row r runs with adapters `ids_RK[r]` of the stack (`weights` None: the base model); with
-    K > 1 each token's probability is the mean of the K adapters' (a per-token mixture).
-
-    Only the last L positions reach the output head: the full [T, V] logits of a long ICL
-    prompt would not fit (24K tokens x 128K vocabulary x 4 bytes is 12 GB per row)."""
-
-    def one(w, c, t, m):
-        module = nnx.merge(graphdef, w, c, base)
-        h = module(t, m, return_hidden=True)[0][:, -L - 1 : -1]  # [B, L, D]: predicts t[-L:]
-        if module.lm_head is None:  # tied embeddings, as the decoder's own head
-            logits = jnp.einsum("BTD,VD->BTV", h, module.embed_tokens[...].astype(module.dtype))
-        else:
-            logits = module.lm_head(h)
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        return jnp.take_along_axis(logp, t[:, -L:, None], axis=-1)[..., 0]
-
-    if weights is None:
-        return one(nnx.State({}), nnx.State({}), tokens_RT, mask_RT)
-    R, K = ids_RK.shape
-    flat = ids_RK.reshape(-1)
-    w = jax.tree.map(lambda x: x[flat], weights)
-    c = jax.tree.map(lambda x: x[flat], consts)
-    t = jnp.repeat(tokens_RT, K, axis=0)[:, None]  # [R*K, 1, T]: one row per member
-    m = jnp.repeat(mask_RT, K, axis=0)[:, None]
-    lp = jax.vmap(one)(w, c, t, m)[:, 0].reshape(R, K, L)
-    return jax.nn.logsumexp(lp, axis=1) - jnp.log(K)
-
-
-def _width(longest: int) -> int:
-    """A prompt width of few distinct values: powers of two up to 1024, then multiples of 1024
-    (a power of two would nearly double a long ICL prompt)."""
-    if longest <= 1024:
-        return max(16, 1 << (longest - 1).bit_length())
-    return -(-longest // 1024) * 1024
 
 
 def evaluate_memory(

@@ -19,7 +19,8 @@ from jaxlora.config import MemorySection
 from jaxlora.errors import JaxloraError
 from jaxlora.memory import compose
 from jaxlora.memory.compose import parse_method
-from jaxlora.memory.evaluate import MemoryEvaluator, load_libraries
+from jaxlora.memory.evaluate import MemoryEvaluator
+from jaxlora.memory.library import load_libraries
 from jaxlora.memory.merging import merge
 
 
