@@ -40,12 +40,19 @@ from jax.sharding import Mesh, NamedSharding
 from jaxlora.cells import Group, build_groups, count_passes, plan_cells, resolve_per_pass
 from jaxlora.config import Config
 from jaxlora.errors import JaxloraError
-from jaxlora.generate import DecodeSpec, decode_stack
+from jaxlora.generate import DecodeSpec, decode_stack_for
 from jaxlora.lora import union_placement
 from jaxlora.models.model import abstract_module, model_config, parse_dtype
 from jaxlora.plan import GIB, Plan, make_plan
 from jaxlora.sharding import MESH_AXES, compiling_for, logical_spec, mesh_sizes
-from jaxlora.train import GroupState, Hyper, StepConfig, TrainState, compile_step
+from jaxlora.train import (
+    GroupState,
+    Hyper,
+    StepConfig,
+    TrainState,
+    compile_step,
+    map_opt_state,
+)
 
 # Chip generations libtpu 0.0.42 describes, with their HBM per chip (vendor specifications)
 # and the peak dense bf16 FLOP/s that plan's step time assumes.
@@ -205,8 +212,15 @@ def train_program(config: Config, mesh: Mesh, plan: Plan) -> Program:
             _sharded(x, mesh, a if len(a) == x.ndim else ("adapter",) + (None,) * (x.ndim - 1))
             for x, a in zip(state.weights, stack_axes, strict=True)
         ]
-        rest = jax.tree.map(per_slot, dataclasses.replace(state, weights=[]))
-        states.append(dataclasses.replace(rest, weights=weights))
+        # AdamW's moments split as their stacks are (`init_opt_state`), its counts per slot.
+        opt = map_opt_state(
+            state.opt,
+            lambda m, w: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=w.sharding),
+            per_slot,
+            weights,
+        )
+        rest = jax.tree.map(per_slot, dataclasses.replace(state, weights=[], opt=None))
+        states.append(dataclasses.replace(rest, weights=weights, opt=opt))
         rows = jax.ShapeDtypeStruct((n, B, T), jnp.int32)
         flags = jax.ShapeDtypeStruct((n, B, T), bool)
         batch_axes = ("adapter", "batch", None)
@@ -251,17 +265,6 @@ def _stacked(tree, n: int):
     )
 
 
-def _fresh(jitted: Callable, static_argnums: tuple[int, ...]) -> Callable:
-    """`jitted` jitted anew around a new function: jax caches traces by function, and a trace
-    made under another `compiling_for` (another mesh's devices, or none) must not be reused."""
-    body = jitted.__wrapped__
-
-    def fresh(*args):
-        return body(*args)
-
-    return jax.jit(fresh, static_argnums=static_argnums)
-
-
 def eval_programs(config: Config, mesh: Mesh, plan: Plan) -> list[Program]:
     """Evaluation's greedy decoding as `evaluate.Evaluator` runs it (`decode_stack`), one
     program per group: each adapter of the stack continues `eval.batch_size` prompts of up to
@@ -299,8 +302,8 @@ def eval_programs(config: Config, mesh: Mesh, plan: Plan) -> list[Program]:
             Program(
                 f"eval_decode[group {k}: r{placement.rank}x{n}, {Q} x {T} + "
                 f"{spec.max_new_tokens} tokens]",
-                _fresh(decode_stack, (0, 6)),
-                (graph, base_abs, weights, consts, tokens, mask, spec),
+                decode_stack_for,  # traced for the mesh: part of its cache key
+                (graph, base_abs, weights, consts, tokens, mask, spec, None, mesh),
                 estimate,
                 0.0,
                 mesh,

@@ -3,7 +3,11 @@
 Every parameter declares logical names for its dimensions (`axes` metadata, e.g. a q
 projection is ("embed", "heads")); `RULES` says which mesh axis each name is split over. The
 mesh has three axes: `adapter` (independent adapters, the axis `vmap` runs over), `fsdp`
-(base weights and each adapter's batch rows) and `tensor` (heads, MLP and vocab columns).
+(base weights, each adapter's batch rows and its LoRA matrices) and `tensor` (heads, MLP and
+vocab columns). A LoRA matrix splits its model-side dimension by the table and, where that
+leaves `fsdp` unused (B of a q projection, [rank, heads]; A of a down projection, [mlp,
+rank]), its rank over `fsdp`: every adapter's weights, gradients and AdamW moments are then
+split over `fsdp`, as an FSDP model's are, instead of half of them held whole on each device.
 A dimension that a mesh axis does not divide is kept whole instead of failing, so tiny test
 models run on any mesh.
 
@@ -39,7 +43,8 @@ RULES: dict[str, str | None] = {
     "heads": "tensor",
     "kv_heads": "tensor",
     "mlp": "tensor",
-    "rank": None,
+    # Only where the matrix's other dimension has not taken fsdp (the first name wins).
+    "rank": "fsdp",
     "seq": None,
 }
 
@@ -141,6 +146,13 @@ def compiling_for(mesh: Mesh | None) -> Iterator[None]:
         yield
     finally:
         _TARGET.reset(token)
+
+
+def mesh_of(x) -> Mesh | None:
+    """The mesh an array (or a `ShapeDtypeStruct`) is placed on; None off a mesh (a host
+    array, one device's array)."""
+    s = getattr(x, "sharding", None)
+    return s.mesh if isinstance(s, NamedSharding) and isinstance(s.mesh, Mesh) else None
 
 
 def platform_of(mesh: Mesh) -> str:

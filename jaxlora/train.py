@@ -9,10 +9,11 @@ A_g adapters: LoRA weights, optimizer state and per-adapter hyperparameters. One
    over slices of the group, `training.adapters_per_pass`);
 2. applies Optax AdamW per adapter, again under `vmap`: clipping by each adapter's own global
    norm, each adapter's own learning rate, warmup and weight decay (an lr sweep is one job).
-   The weights are kept as layer stacks (`ByLayer`) and the update sees an adapter's stacks
-   as one flat vector (its optimizer state is kept so): a few operations whatever the number
-   of layers, which keeps a scanned deep model's compile from growing with the per-leaf work
-   of layers x projections;
+   The weights are kept as layer stacks (`ByLayer`) and the update works on the stacks, a
+   few operations whatever the number of layers, which keeps a scanned deep model's compile
+   from growing with the per-leaf work of layers x projections. The AdamW moments are stacks
+   too, each split over the mesh as its weights are (adapter, and fsdp: `sharding.RULES`), so
+   a device holds its share of every adapter's optimizer state, never a whole adapter's;
 3. freezes any adapter whose loss or gradients are not finite (its update is masked inside the
    step, and it stays frozen), leaving its neighbours untouched.
 
@@ -25,15 +26,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.flatten_util import ravel_pytree
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlora.models.transformer import path_keys
 from jaxlora.objectives import (
@@ -125,7 +125,10 @@ class GroupState:
         """A fresh group of adapters (LoRA weights as the model's tree): zero AdamW state,
         none diverged."""
         stacks, by_layer = ByLayer.of(weights)
-        opt = jax.jit(init_opt_state, static_argnums=(2, 3))(stacks, hyper, schedule, total_steps)
+        placed = tuple(_placement(x) for x in stacks)
+        opt = jax.jit(init_opt_state, static_argnums=(2, 3, 4))(
+            stacks, hyper, schedule, total_steps, placed
+        )
         never = jnp.full(live.shape, -1, jnp.int32)
         return cls(stacks, consts, opt, hyper, dropout_keys, live, never, by_layer)
 
@@ -168,14 +171,48 @@ class StepConfig:
     mesh: Mesh | None = None
 
 
-def init_opt_state(stacks: list[Array], hyper: Hyper, cfg_schedule: Schedule, total_steps: int):
-    """Per-adapter optimizer state (vmapped over the stack), of the adapter's layer stacks
-    (`GroupState.weights`) as one flat vector."""
+def _placement(x) -> NamedSharding | None:
+    """A concrete array's mesh sharding; None for a tracer or an array on one device."""
+    if isinstance(x, jax.core.Tracer) or not isinstance(x, jax.Array):
+        return None
+    return x.sharding if isinstance(x.sharding, NamedSharding) else None
+
+
+def init_opt_state(
+    stacks: list[Array],
+    hyper: Hyper,
+    cfg_schedule: Schedule,
+    total_steps: int,
+    placed: Sequence[NamedSharding | None] = (),
+):
+    """Per-adapter optimizer state (vmapped over the stack): moments shaped like the layer
+    stacks (`GroupState.weights`) and, given the stacks' shardings (`placed`), split as they
+    are -- zeros have no input to follow, and the compiler would otherwise replicate them."""
 
     def init(w, h):
-        return make_optimizer(h, cfg_schedule, total_steps).init(ravel_pytree(w)[0])
+        return make_optimizer(h, cfg_schedule, total_steps).init(w)
 
-    return jax.vmap(init)(stacks, hyper)
+    opt = jax.vmap(init)(stacks, hyper)
+    if not placed or not all(placed):
+        return opt
+    per_slot = NamedSharding(placed[0].mesh, PartitionSpec("adapter"))  # the step counts [A]
+    return map_opt_state(
+        opt,
+        jax.lax.with_sharding_constraint,
+        lambda x: jax.lax.with_sharding_constraint(x, per_slot),
+        list(placed),
+    )
+
+
+def map_opt_state(opt, moment: Callable, other: Callable, stacks: Sequence) -> Any:
+    """An optimizer state with `moment(m, s)` applied to each moment m and its layer stack's
+    entry s of `stacks` (a list parallel to `GroupState.weights`: shardings, abstract
+    arrays), and `other(x)` to every other leaf (the step counts)."""
+    # The state's structure only: no hyperparameter is read.
+    tx = make_optimizer(Hyper(**{f.name: 0.0 for f in dataclasses.fields(Hyper)}), "constant", 1)
+    return optax.tree_map_params(
+        tx, moment, opt, list(stacks), transform_non_params=lambda x: jax.tree.map(other, x)
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,8 +222,8 @@ class ByLayer:
     layers x P projections leaves become P arrays.
 
     The training state keeps the weights so and the step works on the stacks: passes of
-    `adapters_per_pass` slice P arrays, the optimizer sees each adapter's stacks as one flat
-    vector, and the new weights leave the step as P arrays. Per-leaf work (a kernel for each of
+    `adapters_per_pass` slice P arrays, the optimizer updates P arrays (and keeps P moments of
+    each kind), and the new weights leave the step as P arrays. Per-leaf work (a kernel for each of
     the L x P pieces) grows a compiled program with the depth, and dominated the compile of a
     scanned deep model (benchmarks/README.md). An unrolled model reads per-layer views
     (`split`); a scanned model reads the stacks themselves (`layer_stacks`), since the views
@@ -408,19 +445,17 @@ def _train_step(cfg: StepConfig, base, state: TrainState, batches):
         )
 
         def update(gr, opt, w, h, live, loss):
-            """One adapter's AdamW step on its layer stacks as one flat vector, kept only where
-            it is live and its loss and gradients are finite."""
+            """One adapter's AdamW step on its layer stacks, elementwise on each (moments and
+            weights split alike), kept only where it is live and its loss and gradients are
+            finite."""
             tx = make_optimizer(h, cfg.schedule, cfg.total_steps)
-            flat_w, unflatten = ravel_pytree(w)
-            flat_g = ravel_pytree(gr)[0]
-            upd, new_opt = tx.update(flat_g, opt, flat_w)
-            finite = jnp.isfinite(loss) & jnp.all(jnp.isfinite(flat_g))
+            upd, new_opt = tx.update(gr, opt, w)
+            finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.isfinite(x).all() for x in gr]))
             keep = live & finite
-            new_w = jnp.where(keep, optax.apply_updates(flat_w, upd), flat_w)
-            new_opt = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new_opt, opt)
-            # One kernel computes the whole update; without the barrier XLA fuses the update
-            # into each piece cut from it, one copy of the AdamW arithmetic per stack.
-            return unflatten(jax.lax.optimization_barrier(new_w)), new_opt, finite
+            kept = lambda new, old: jnp.where(keep, new, old)  # noqa: E731
+            new_w = jax.tree.map(kept, optax.apply_updates(w, upd), w)
+            new_opt = jax.tree.map(kept, new_opt, opt)
+            return new_w, new_opt, finite
 
         new_w, new_opt, finite = jax.vmap(update, spmd_axis_name=cfg.spmd_axis_name)(
             grads, g.opt, g.weights, g.hyper, g.live, per_adapter

@@ -36,7 +36,7 @@ def _step(devices, sizes=(2, 4, 1)):
 def test_a_tpu_mesh_takes_no_cpu_path_and_a_cpu_mesh_does():
     """The CPU-only paths of models/layers.py: bf16 products summed in float32 through
     `_summed_in_f32`, and the barrier that keeps a LoRA factor's gradient in its [r, in]
-    layout. The step has one barrier of its own (the AdamW update of each group)."""
+    layout. The step has none of its own (its AdamW update works on each layer stack)."""
     jaxprs = {}
     for name, devices, sizes in (
         ("tpu", tpu_devices("v5e:2x4"), (2, 4, 1)),
@@ -45,9 +45,9 @@ def test_a_tpu_mesh_takes_no_cpu_path_and_a_cpu_mesh_does():
         step, inputs = _step(devices, sizes)
         jaxprs[name] = str(jax.make_jaxpr(step)(*inputs))
     assert "_summed_in_f32" not in jaxprs["tpu"]
-    assert jaxprs["tpu"].count("optimization_barrier") == 1
+    assert "optimization_barrier" not in jaxprs["tpu"]
     assert "_summed_in_f32" in jaxprs["cpu"]
-    assert jaxprs["cpu"].count("optimization_barrier") > 1
+    assert "optimization_barrier" in jaxprs["cpu"]
 
 
 def test_the_tpu_step_compiles_with_no_tiny_trailing_dimension():
