@@ -12,11 +12,11 @@ import datasets
 import jax
 import pytest
 
-from jaxlora.config import ConfigError, load_config, parse_config
+from jaxlora.config import load_config, parse_config
 from jaxlora.data import ask_record, load_document_set
 from jaxlora.data.documents import article_id
 from jaxlora.data.generated import generate_paperqa
-from jaxlora.errors import DataError
+from jaxlora.errors import ConfigError, DataError
 from jaxlora.eval import scoring
 from jaxlora.sweep import SweepJob
 from tests.runs import train_refuses

@@ -287,7 +287,8 @@ def test_oracle_rag_with_more_units_takes_them_from_the_rag_router(library_run):
     ],
 )
 def test_bad_memory_sections_fail_when_the_config_is_read(memory, message):
-    from jaxlora.config import ConfigError, parse_config
+    from jaxlora.config import parse_config
+    from jaxlora.errors import ConfigError
 
     data = {"units": "sectors", "unit_count": 2} if "methods" not in memory else {}
     with pytest.raises(ConfigError) as e:
@@ -331,7 +332,8 @@ def test_the_judge_as_a_memory_metric_counts_failures_and_never_scores_them(libr
 
 
 def test_the_judge_needs_an_llm_section():
-    from jaxlora.config import ConfigError, parse_config
+    from jaxlora.config import parse_config
+    from jaxlora.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"eval\.judge: the judge needs an llm: section"):
         parse_config({"eval": {"judge": True}})

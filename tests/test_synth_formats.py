@@ -12,11 +12,11 @@ from pathlib import Path
 import jax
 import pytest
 
-from jaxlora.config import ConfigError, load_config, parse_config
+from jaxlora.config import load_config, parse_config
 from jaxlora.data import count_tokens, load_document_set, load_units
 from jaxlora.data.generated import generate_paperqa, write_generated
 from jaxlora.data.units import text_hash
-from jaxlora.errors import DataError
+from jaxlora.errors import ConfigError, DataError
 from jaxlora.llm.synth import SynthResult, run_synth, write_outputs
 from jaxlora.llm.synth_config import config_units
 from jaxlora.models.tokenizer import train_tokenizer

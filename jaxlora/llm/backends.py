@@ -46,7 +46,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
-from jaxlora.config import ConfigError, LLMSection, parse_section
+from jaxlora.config import LLMSection, parse_section
+from jaxlora.errors import ConfigError
 from jaxlora.llm.engine import Engine, LLMError, Row, resolve_source
 
 __all__ = [
