@@ -8,16 +8,14 @@ import math
 import pytest
 from matplotlib.figure import Figure
 
+from jaxlora.capacity import Capacity, efficiency, saturation_capacity
 from jaxlora.errors import DataError
 from jaxlora.report import (
-    Capacity,
     capacity_table,
-    efficiency,
     plot_accuracy_vs_size,
     plot_capacity_vs_rank,
     plot_efficiency_vs_rank,
     read_results,
-    saturation_capacity,
     save_figure,
     sweep_columns,
     write_report,
