@@ -143,7 +143,9 @@ def test_mixes_and_qa_user_read_per_record(synth_dir):
 def test_config_rules_for_synth_formats():
     with pytest.raises(ConfigError, match=r"data.train_path: format summary needs"):
         parse_config({"data": {"dataset": "paperqa", "format": "summary"}})
-    with pytest.raises(ConfigError, match=r"data.format: must be text, qa, qa_user, text_qa or a format"):
+    with pytest.raises(
+        ConfigError, match=r"data.format: must be text, qa, qa_user, text_qa or a format"
+    ):
         parse_config({"data": {"dataset": "paperqa", "format": "../x", "train_path": "d"}})
     # quality and narrativeqa take a synth directory, and `text` with it is the documents.
     parse_config({"data": {"dataset": "quality", "format": "summary", "train_path": "d"}})
