@@ -269,8 +269,8 @@ def eval_programs(config: Config, mesh: Mesh, plan: Plan) -> list[Program]:
     """Evaluation's greedy decoding as `evaluate.Evaluator` runs it (`decode_stack`), one
     program per group: each adapter of the stack continues `eval.batch_size` prompts of up to
     `data.max_length` tokens (a prompt is a training row cut before its answer) for
-    `eval.max_new_tokens`, with a KV cache per adapter. Plan's estimate for it: the base and
-    adapter weights and that cache (its own working set is one layer's, small beside them)."""
+    `eval.max_new_tokens`, with a KV cache per adapter, adapters over `adapter` and each one's
+    prompts over `fsdp`. Plan's estimate for it: `plan.decode_rows`."""
     if config.eval is None:
         return []
     c = model_config(config.model.path)
@@ -282,7 +282,6 @@ def eval_programs(config: Config, mesh: Mesh, plan: Plan) -> list[Program]:
     *_, base = abstract_module(c, None, dtype, param_dtype)
     base_abs = _variables(base, mesh)
     spec = DecodeSpec(config.eval.max_new_tokens, tuple(c.eos_token_ids) or (0,), c.pad_token_id)
-    rows = dict(plan.rows)
     out = []
     for k, g in enumerate(groups):
         n = len(g.slots)
@@ -294,10 +293,7 @@ def eval_programs(config: Config, mesh: Mesh, plan: Plan) -> list[Program]:
             jax.ShapeDtypeStruct((n, Q, T), jnp.int32), mesh, ("adapter", "batch", None)
         )
         mask = _sharded(jax.ShapeDtypeStruct((n, Q, T), bool), mesh, ("adapter", "batch", None))
-        local = math.ceil(n / mesh.shape["adapter"]) * math.ceil(Q / mesh.shape["fsdp"])
-        cache = 2 * c.num_layers * c.num_kv_heads * c.head_dim * (T + spec.max_new_tokens)
-        estimate = rows["base weights"] + rows["adapter weights (float32)"] / len(groups)
-        estimate += local * cache * np.dtype(dtype).itemsize
+        estimate = sum(b for _, b in plan.decoding[k])  # `plan.decode_rows`
         out.append(
             Program(
                 f"eval_decode[group {k}: r{placement.rank}x{n}, {Q} x {T} + "

@@ -137,6 +137,54 @@ def prefill_rows(
     ], full
 
 
+def decode_rows(
+    c: ModelConfig,
+    sizes: Mapping[str, int],
+    rows: int,
+    prompt: int,
+    new_tokens: int,
+    dtype_bytes: int,
+    base_bytes: float,
+    adapter_bytes: float,
+) -> list[tuple[str, float]]:
+    """Per-device memory of a stack's batched decoding (`generate.decode_stack` as evaluation
+    runs it: `rows` prompts per device -- its adapters x their prompts over `fsdp` -- of
+    `prompt` tokens, `new_tokens` more).
+
+    KV cache: 2 x L x K x H x (prompt + new_tokens) per row, in the model dtype (kv heads split
+    over `tensor`). The prefill's working set is one layer's, as `prefill_rows` counts it, with
+    full attention's float32 logits and probabilities (N x prompt x cache per row). The weights
+    live split over `fsdp`, so the program all-gathers each one whole where it is used: the
+    largest, the vocabulary table of the logits (V x D), twice over (the gathered table and
+    its copy for the product), and a layer's projections, which the compiler gathers a few
+    layers ahead (DECODE_LAYERS_AHEAD, read from the 8B's live ranges)."""
+    D, F, N, K, H, L, V = _dims(c)
+    t = sizes["tensor"]
+    kv = K // t if K % t == 0 else K
+    cache = prompt + new_tokens
+    per_token = (4 * D + N * H + 2 * K * H + 3 * F) * dtype_bytes
+    layer = (2 * D * N * H + 2 * D * K * H + 3 * D * F) * dtype_bytes / t
+    out = [
+        ("base weights", base_bytes),
+        ("adapter weights (float32)", adapter_bytes),
+        (
+            f"KV cache ({rows} rows x {cache})",
+            2 * L * kv * H * cache * rows * dtype_bytes,
+        ),
+        ("prefill: a layer's activations", rows * prompt * per_token),
+        ("prefill: attention (float32)", 2 * rows * N * prompt * cache * 4),
+        ("vocab table gathered (2 copies)", 2 * V * D * dtype_bytes / t),
+    ]
+    if sizes["fsdp"] > 1:
+        out.append((f"layers gathered ahead ({DECODE_LAYERS_AHEAD})", DECODE_LAYERS_AHEAD * layer))
+    return out
+
+
+# Layers whose weights a decoding step's all-gathers hold at once on an fsdp mesh: the TPU
+# compiler's live ranges of the 8B decoding (2/4/1) hold 8 layers' MLP kernels.
+DECODE_LAYERS_AHEAD = 8
+
+
 def flops_per_token(c: ModelConfig, lora_params: float) -> float:
     """4 x (non-embedding base parameters + lm_head) + 6 x LoRA parameters."""
     *_, base = abstract_module(c)
@@ -184,6 +232,8 @@ class Plan:
     prefill_full_attention: float = 0.0  # bytes the full kernel's logits would add
     context: int = 0
     notes: list[str] = dataclasses.field(default_factory=list)  # what `auto` settings chose
+    # evaluation's decoding (`eval:`), per group: `decode_rows`
+    decoding: list[list[tuple[str, float]]] = dataclasses.field(default_factory=list)
 
     @property
     def total(self) -> float:
@@ -224,6 +274,17 @@ class Plan:
             f"{self.mfu:.0%}",
             f"  => {self.step_seconds:.3f} s/step, {hours:.2f} h for {t.steps} steps",
         ]
+        if self.decoding:
+            k = max(range(len(self.decoding)), key=lambda i: sum(b for _, b in self.decoding[i]))
+            total = sum(b for _, b in self.decoding[k])
+            verdict = "fits" if total <= self.device_memory else "does NOT fit"
+            e = self.config.eval
+            lines.append(
+                f"evaluation decoding ({e.batch_size} prompts per adapter + {e.max_new_tokens} "
+                f"tokens; group {k}, the largest), per device:"
+            )
+            lines += [f"  {label:<34}{b / GIB:>10.2f} GiB" for label, b in self.decoding[k]]
+            lines.append(f"  {'total':<34}{total / GIB:>10.2f} GiB  ({verdict})")
         if self.prefill:
             total = self.prefill_total
             verdict = "fits" if total <= self.device_memory else "does NOT fit"
@@ -412,6 +473,26 @@ def make_plan(
     flops = (flops_per_token(c, 0) + attention_flops_per_token(c, T, remat)) * executed
     flops += recompute_flops_per_token(c, 0, remat) * executed + lora_flops
     flops += lora_flops / 3 if remat != "none" else 0.0  # the adapters' 2 of 6 x, again
+    decoding = []
+    if config.eval is not None:  # as evaluation decodes each group's stack (aot.eval_programs)
+        for g in groups:
+            placement = union_placement([plans[i].lora for i in g.slots if i is not None])
+            _, weights, _, _ = abstract_module(c, placement)
+            adapter_b = shard_bytes(weights, sizes, leading=(("adapter", len(g.slots)),))
+            local = math.ceil(len(g.slots) / sizes["adapter"])
+            local *= math.ceil(config.eval.batch_size / sizes["fsdp"])
+            decoding.append(
+                decode_rows(
+                    c,
+                    sizes,
+                    local,
+                    T,
+                    config.eval.max_new_tokens,
+                    dtype_bytes,
+                    rows[0][1],
+                    adapter_b,
+                )
+            )
     prefill, full = (None, 0.0)
     if context > 0:
         prefill, full = prefill_rows(c, context, dtype_bytes, sizes, rows[0][1])
@@ -432,4 +513,5 @@ def make_plan(
         full,
         context,
         notes,
+        decoding,
     )

@@ -1,0 +1,49 @@
+"""`jaxlora plan` for evaluation's decoding (`plan.decode_rows`): each device's prompts, its
+KV cache and its share of the weights, by hand arithmetic; `plan --aot` checks the total
+against the TPU compiler (docs/aot.md)."""
+
+from __future__ import annotations
+
+from jaxlora.config import load_config
+from jaxlora.plan import GIB, make_plan
+
+CONFIG = "configs/phonebook_memory_llama3_8b.yaml"
+
+
+def _plan(adapter: int, fsdp: int, batch: int):
+    config = load_config(
+        CONFIG,
+        [
+            "model.path=llama-3.1-8b-shape",
+            f"mesh.adapter={adapter}",
+            f"mesh.fsdp={fsdp}",
+            f"eval.batch_size={batch}",
+        ],
+    )
+    return make_plan(config, 8, 16, 197, 0.4)
+
+
+def test_each_device_decodes_its_adapters_prompts_split_over_fsdp():
+    plan = _plan(2, 4, 16)
+    (rows,) = plan.decoding  # 16 rank-64 adapters: one group
+    got = dict(rows)
+    # 8 adapters per device x 16 prompts / fsdp 4 = 32 rows; Llama-3.1-8B: 32 layers, 8 kv
+    # heads of 128, k and v, 128 + 50 positions, bf16
+    assert got["KV cache (32 rows x 178)"] == 2 * 32 * 8 * 128 * 178 * 32 * 2
+    # the weights as the step holds them: base over fsdp, adapters over adapter and fsdp
+    assert got["base weights"] == dict(plan.rows)["base weights"]
+    assert got["adapter weights (float32)"] == dict(plan.rows)["adapter weights (float32)"]
+    # the vocabulary table gathered whole, twice: 128256 x 4096 bf16 = 0.98 GiB each
+    assert got["vocab table gathered (2 copies)"] == 2 * 128256 * 4096 * 2
+    assert "evaluation decoding" in plan.render()
+
+
+def test_more_fsdp_or_fewer_prompts_shrink_the_per_device_cache():
+    def cache(plan):
+        return next(b for k, b in plan.decoding[0] if k.startswith("KV cache"))
+
+    base = cache(_plan(2, 4, 64))
+    assert cache(_plan(1, 8, 64)) == base  # 16 adapters x 8 rows = 8 adapters x 16 rows
+    assert cache(_plan(2, 4, 16)) == base / 4
+    # 8B on 2/4/1 with 64 prompts per adapter: a 2.78 GiB cache (the compiler's buffers)
+    assert round(base / GIB, 2) == 2.78
