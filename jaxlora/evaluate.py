@@ -16,6 +16,11 @@ Metrics (`jaxlora/eval/metrics.py`), per question and then averaged per adapter:
   `eval.efficacy_leading_space: false` gives the study's bare-word variant).
 - question-answer data: `accuracy` = normalised exact match, `bleu` (sacrebleu sentence BLEU),
   `rouge_l` (rouge-score ROUGE-L F, stemmed).
+
+Timing: the adapters of a group decode together, so a group has one time, not one per adapter.
+Each row carries its group's `group_eval_seconds` (the evaluation's wall time without
+compilation) and `group_compile_seconds` (what JAX spent tracing and compiling the group's
+programs, `CompileClock`), the same on every row of the group, as their names say.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import dataclasses
 import io
 import json
 import math
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +39,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import monitoring
 from jax.experimental import multihost_utils
 
 from jaxlora import data as kdata
@@ -155,11 +162,62 @@ def _last_logprobs(logits_ABTV, last_AB, target_AB):
     return jnp.take_along_axis(at_last, target_AB[..., None], axis=-1)[..., 0]
 
 
+class CompileClock:
+    """The seconds JAX spends tracing, lowering and compiling (or fetching from the compilation
+    cache) while entered, from `jax.monitoring`'s compile events: a timing that subtracts them
+    reports compilation apart from throughput. The listener is process-wide, so a compile in
+    another thread meanwhile counts too; nested traces can count twice, so callers cap it at
+    their own wall time (`split`)."""
+
+    EVENTS = frozenset(
+        {
+            "/jax/core/compile/jaxpr_trace_duration",
+            "/jax/core/compile/jaxpr_to_mlir_module_duration",
+            "/jax/core/compile/backend_compile_duration",
+        }
+    )
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def _listen(self, event: str, duration: float, **_: Any) -> None:
+        if event in self.EVENTS:
+            self.seconds += duration
+
+    def __enter__(self) -> CompileClock:
+        monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        monitoring.unregister_event_duration_listener(self._listen)
+
+    def split(self, wall: float) -> tuple[float, float]:
+        """(compile, steady) seconds of a `wall`-second span timed around this clock."""
+        compile_s = min(self.seconds, wall)
+        return compile_s, wall - compile_s
+
+
+def progress_bar(total: int, desc: str, unit: str, enabled: bool):
+    """A tqdm bar on stderr as training's (`SweepJob._progress_bar`): none when `enabled` is
+    False (`--no-progress`) or off process 0."""
+    from tqdm.auto import tqdm
+
+    disable = not enabled or jax.process_index() != 0
+    return tqdm(
+        total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True, file=sys.stderr
+    )
+
+
+def plural(n: int, word: str) -> str:
+    """`1 adapter`, `2 adapters`: a count with its noun (regular plurals)."""
+    return f"{n:,} {word}{'s' * (n != 1)}"
+
+
 class Evaluator:
     """Evaluates the adapters of a `Job` given one stack per group."""
 
-    def __init__(self, job: Job, ev: EvalSection):
-        self.job, self.ev = job, ev
+    def __init__(self, job: Job, ev: EvalSection, progress: bool = False):
+        self.job, self.ev, self.progress = job, ev, progress
         self.tok = job.model.tokenizer
         self.eos, self.pad = eos_and_pad(self.tok, job.model.config)
 
@@ -196,38 +254,51 @@ class Evaluator:
 
     def run(self, stacks: Sequence[AdapterStack]) -> tuple[list[dict], list[dict]]:
         rows, predictions = [], []
-        for g, local, stack in zip(self.job.groups, self.job.local, stacks, strict=True):
-            t0 = time.perf_counter()
-            asked = {i: self.questions(self.job.plans[i]) for i in local}
-            outputs = self._decode(g, stack, asked)
-            efficacy = self._efficacy(g, stack, asked)
-            seconds = (time.perf_counter() - t0) / max(len(g.real), 1)
-            for slot, i in g.real:
-                if i not in asked:
-                    continue
-                plan = self.job.plans[i]
-                scores = []
-                for k, (q, out) in enumerate(zip(asked[i], outputs[slot], strict=True)):
-                    text = self.tok.decode(out, skip_special_tokens=True)
-                    s = score(plan.cell.config.data.dataset, text, q.answer, q.source)
-                    if efficacy.get(slot) is not None and efficacy[slot][k] is not None:
-                        s["efficacy"] = float(efficacy[slot][k])
-                    scores.append(s)
-                    predictions.append(
-                        {
-                            "adapter": plan.name,
-                            "index": k,
-                            "prompt": self.tok.decode(q.prompt),
-                            "answer": q.answer,
-                            "prediction": text,
-                            **s,
-                        }
-                    )
-                sources = [q.source for q in asked[i]]
-                rows.append(self._row(plan, scores, sources, seconds))
+        asked_by_group = [
+            {i: self.questions(self.job.plans[i]) for i in local} for local in self.job.local
+        ]
+        total = sum(len(qs) for asked in asked_by_group for qs in asked.values())
+        n = sum(len(asked) for asked in asked_by_group)
+        desc = f"evaluating {plural(n, 'adapter')}"
+        with progress_bar(total, desc, "q", self.progress) as bar:
+            for g, asked, stack in zip(self.job.groups, asked_by_group, stacks, strict=True):
+                t0 = time.perf_counter()
+                with CompileClock() as clock:
+                    outputs = self._decode(g, stack, asked, bar)
+                    efficacy = self._efficacy(g, stack, asked)
+                timing = clock.split(time.perf_counter() - t0)
+                rows += self._group_rows(g, asked, outputs, efficacy, timing, predictions)
         return rows, predictions
 
-    def _row(self, plan, scores, sources, seconds) -> dict[str, Any]:
+    def _group_rows(self, g, asked, outputs, efficacy, timing, predictions) -> list[dict]:
+        """The rows of a group's adapters (their predictions appended to `predictions`)."""
+        rows = []
+        for slot, i in g.real:
+            if i not in asked:
+                continue
+            plan = self.job.plans[i]
+            scores = []
+            for k, (q, out) in enumerate(zip(asked[i], outputs[slot], strict=True)):
+                text = self.tok.decode(out, skip_special_tokens=True)
+                s = score(plan.cell.config.data.dataset, text, q.answer, q.source)
+                if efficacy.get(slot) is not None and efficacy[slot][k] is not None:
+                    s["efficacy"] = float(efficacy[slot][k])
+                scores.append(s)
+                predictions.append(
+                    {
+                        "adapter": plan.name,
+                        "index": k,
+                        "prompt": self.tok.decode(q.prompt),
+                        "answer": q.answer,
+                        "prediction": text,
+                        **s,
+                    }
+                )
+            sources = [q.source for q in asked[i]]
+            rows.append(self._row(plan, scores, sources, timing))
+        return rows
+
+    def _row(self, plan, scores, sources, timing: tuple[float, float]) -> dict[str, Any]:
         c = plan.cell.config
         means = scoring.aggregate(c.data.dataset, scores, sources)
         n_facts = len(sources)
@@ -245,14 +316,15 @@ class Evaluator:
             "n_facts": n_facts,
             "trainable_params": plan.lora.num_params(self.job.model.config),
             **means,
-            "eval_seconds": round(seconds, 3),
+            "group_eval_seconds": round(timing[1], 3),
+            "group_compile_seconds": round(timing[0], 3),
         }
 
     def _rounds(self, g, asked):
         n_max = max((len(asked.get(i, ())) for _, i in g.real), default=0)
         return range(math.ceil(n_max / self.ev.batch_size))
 
-    def _decode(self, g, stack: AdapterStack, asked) -> dict[int, list[list[int]]]:
+    def _decode(self, g, stack: AdapterStack, asked, bar=None) -> dict[int, list[list[int]]]:
         """Greedy outputs (token ids, up to EOS) of every local adapter's questions."""
         Q, n = self.ev.batch_size, len(g.slots)
         lengths = [len(q.prompt) for qs in asked.values() for q in qs]
@@ -281,6 +353,8 @@ class Evaluator:
             for slot, i in g.real:
                 for k in range(len(asked.get(i, [])[r * Q : (r + 1) * Q])):
                     outputs[slot].append(until_eos(out[slot, k], self.eos))
+            if bar is not None:  # this process's questions of the round
+                bar.update(sum(len(qs[r * Q : (r + 1) * Q]) for qs in asked.values()))
         return outputs
 
     def _efficacy(self, g, stack: AdapterStack, asked) -> dict[int, list[bool | None]]:
@@ -371,14 +445,19 @@ def gather_rows(rows: list[dict]) -> list[dict]:
 
 
 def evaluate_run(
-    job: Job, stacks: Sequence[AdapterStack], run_dir: Path, ev: EvalSection
+    job: Job,
+    stacks: Sequence[AdapterStack],
+    run_dir: Path,
+    ev: EvalSection,
+    progress: bool = False,
 ) -> list[dict]:
-    """Evaluate, then write results.csv, predictions.jsonl and the capacity report."""
+    """Evaluate (a progress bar on stderr with `progress`), then write results.csv,
+    predictions.jsonl and the capacity report."""
     import logging
 
     from jaxlora.report import write_report
 
-    rows, predictions = Evaluator(job, ev).run(stacks)
+    rows, predictions = Evaluator(job, ev, progress).run(stacks)
     rows, predictions = gather_rows(rows), gather_rows(predictions)
     if ev.judge and jax.process_index() == 0:
         from jaxlora.llm.judge import judge_results
@@ -420,9 +499,12 @@ def load_stacks(job: Job, run_dir: Path) -> list[AdapterStack]:
 
 
 def run_eval(
-    run_dir: str | Path, overrides: Sequence[str] = (), devices: Sequence[jax.Device] | None = None
+    run_dir: str | Path,
+    overrides: Sequence[str] = (),
+    devices: Sequence[jax.Device] | None = None,
+    progress: bool = False,
 ) -> list[dict]:
-    """`jaxlora eval RUN_DIR`: evaluate every adapter of a finished run."""
+    """`jaxlora eval RUN_DIR [--no-progress]`: evaluate every adapter of a finished run."""
     from jaxlora.config import load_config
 
     run_dir = Path(run_dir)
@@ -433,7 +515,7 @@ def run_eval(
     stacks = load_stacks(job, run_dir)
     lock = RunLock(run_dir).acquire() if jax.process_index() == 0 else None
     try:
-        return evaluate_run(job, stacks, run_dir, config.eval or EvalSection())
+        return evaluate_run(job, stacks, run_dir, config.eval or EvalSection(), progress)
     finally:
         if lock is not None:
             lock.release()
