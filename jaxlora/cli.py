@@ -93,7 +93,8 @@ def _train(args: argparse.Namespace) -> int:
     _setup_distributed(args)
     import jax
 
-    from jaxlora.sweep import SweepJob
+    from jaxlora.evaluate import plural
+    from jaxlora.sweep import SweepJob, output_lines
 
     job = SweepJob(
         config,
@@ -114,21 +115,26 @@ def _train(args: argparse.Namespace) -> int:
         )
         return 0
     print(
-        f"trained {len(result['summary'])} adapters -> {out / 'adapters'}; "
+        f"trained {plural(len(result['summary']), 'adapter')} -> {out / 'adapters'}; "
         f"summary: {out / 'train_summary.csv'}"
     )
+    for line in output_lines(out):  # the job's last lines: results, reports, plots
+        print(line)
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
     _setup_distributed(args)
-    from jaxlora.evaluate import run_eval
+    from jaxlora.evaluate import plural, run_eval
+    from jaxlora.sweep import output_lines
 
-    rows = run_eval(args.run_dir, args.set or ())
+    rows = run_eval(args.run_dir, args.set or (), progress=not args.no_progress)
     import jax
 
     if jax.process_index() == 0:
-        print(f"evaluated {len(rows)} adapters -> {Path(args.run_dir) / 'results.csv'}")
+        print(f"evaluated {plural(len(rows), 'adapter')}")
+        for line in output_lines(args.run_dir):
+            print(line)
     return 0
 
 
@@ -369,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a key of the run's config, e.g. --set eval.max_new_tokens=20",
     )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_distributed_args(p)
     p.set_defaults(func=_eval)
 

@@ -21,6 +21,7 @@ import logging
 import math
 import shutil
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,6 +43,7 @@ from jaxlora.checkpoint import RunCheckpoints
 from jaxlora.config import Config, DistillSection
 from jaxlora.data.stream import choose_packing
 from jaxlora.errors import DataError, JaxloraError
+from jaxlora.evaluate import plural
 from jaxlora.fsutil import RunLock, atomic_write, check_new_dir
 from jaxlora.job import Job
 from jaxlora.lora import AdapterStack, init_adapters
@@ -53,6 +55,31 @@ from jaxlora.sharding import logical_spec
 from jaxlora.train import GroupState, Hyper, StepConfig, TrainState, compile_step
 
 log = logging.getLogger(__name__)
+
+
+# What a job leaves for a reader, in the order its last lines name them (`output_lines`).
+OUTPUTS = (
+    ("results", "results.csv"),
+    ("report", "report.md"),
+    ("memory results", "memory_results.csv"),
+    ("memory report", "memory_report.md"),
+)
+
+
+def output_lines(run_dir: str | Path) -> list[str]:
+    """The last lines of `jaxlora train` / `eval`: each table, report and plot of the run that
+    exists, with its path (`results: runs/pb/results.csv`); the plots are named by their PNG
+    files, each with an SVG twin beside it."""
+    run_dir = Path(run_dir)
+    lines = [f"{what}: {run_dir / name}" for what, name in OUTPUTS if (run_dir / name).is_file()]
+    pngs = sorted((run_dir / "plots").glob("*.png"))
+    for what, mine in (
+        ("plots", [p for p in pngs if not p.name.startswith("memory_")]),
+        ("memory plots", [p for p in pngs if p.name.startswith("memory_")]),
+    ):
+        if mine:
+            lines.append(f"{what} (png, and svg beside): {', '.join(str(p) for p in mine)}")
+    return lines
 
 
 class SweepJob(Job):
@@ -366,11 +393,14 @@ class SweepJob(Job):
         with Interrupts(every=t.log_every) as interrupts:
             for step in range(start, t.steps):
                 batches, n_tokens = self.batches(step)
+                if compile_s is None:  # the one program of every group, before its first step
+                    self._say(bar, f"compiling the training step ({self._what()}) ...")
                 state, losses = step_fn(self.model.params, state, batches)
                 tokens_seen += n_tokens
                 if compile_s is None:
                     jax.block_until_ready(losses)
                     compile_s = time.perf_counter() - t0
+                    self._say(bar, f"compiled the training step in {compile_s:.1f} s")
                     t0, tokens_seen = time.perf_counter(), 0
                 done = step + 1
                 if done % t.log_every == 0 or done == t.steps:
@@ -407,7 +437,7 @@ class SweepJob(Job):
                 )
                 for g, gs in zip(self.groups, state.groups, strict=True)
             ]
-            results = evaluate_run(self, stacks, self.run_dir, self.config.eval)
+            results = evaluate_run(self, stacks, self.run_dir, self.config.eval, self.progress)
         memory = None
         if self.config.memory is not None:
             memory = self._evaluate_memory()
@@ -451,6 +481,19 @@ class SweepJob(Job):
         kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
         atomic_write(path, "".join(ln + "\n" for ln in kept))
 
+    def _what(self) -> str:
+        """`4 adapters in 2 groups`: what the training step trains."""
+        return f"{plural(len(self.plans), 'adapter')} in {plural(len(self.groups), 'group')}"
+
+    @staticmethod
+    def _say(bar, line: str) -> None:
+        """A line of progress: above the bar on stderr (as the bar, only with progress), else a
+        log record (`jaxlora train -v`)."""
+        if bar is None:
+            log.info("%s", line)
+        else:
+            bar.write(f"jaxlora: {line}", file=sys.stderr)
+
     def _progress_bar(self, start: int):
         if not self.progress or jax.process_index() != 0:
             return None
@@ -461,8 +504,9 @@ class SweepJob(Job):
             total=self.config.training.steps,
             initial=start,
             unit="step",
-            desc=f"training {n} adapter{'s' * (n != 1)}",
+            desc=f"training {plural(n, 'adapter')}",
             dynamic_ncols=True,
+            file=sys.stderr,
         )
 
     @staticmethod
