@@ -545,6 +545,57 @@ def test_target_names_match_the_lora_module():
     assert tuple(TARGET_GROUPS) == config_module.TARGET_GROUPS
 
 
+def test_combination_types_match_the_merging_module():
+    from jaxlora.memory import grammar
+    from jaxlora.memory.merging import COMBINATION_TYPES
+
+    assert grammar.COMBINATION_TYPES == COMBINATION_TYPES
+
+
+# Imports jaxlora.config with JAX and flax unimportable, the jaxlora package standing in for its
+# __init__ (which exports the models), and validates a memory section's methods with it.
+NO_JAX = """
+import importlib.abc, sys, types
+
+class Blocked(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("jax", "jaxlib", "flax", "numpy"):
+            raise ImportError(f"config validation imported {name}")
+
+sys.meta_path.insert(0, Blocked())
+package = types.ModuleType("jaxlora")
+package.__path__ = [sys.argv[1]]
+sys.modules["jaxlora"] = package
+
+from jaxlora.config import parse_section
+from jaxlora.errors import ConfigError
+
+parse_section("memory", {"methods": ["oracle", "bm25@3/ties", "base+rag@3"], "template": "quality"})
+try:
+    parse_section("memory", {"methods": ["bm25@3"]})
+except ConfigError as e:
+    assert "memory.methods[0]" in str(e) and "needs a combiner" in str(e), e
+else:
+    raise AssertionError("bm25@3 passed")
+print("ok", sorted(m for m in sys.modules if m.startswith("jaxlora")))
+"""
+
+
+def test_config_validation_imports_no_jax():
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", NO_JAX, str(REPO / "jaxlora")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "jaxlora.memory.grammar" in out.stdout
+    assert "jaxlora.memory.merging" not in out.stdout
+
+
 def test_readme_documents_every_key():
     readme = REPO / "configs" / "README.md"
     text = readme.read_text()

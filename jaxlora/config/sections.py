@@ -28,6 +28,7 @@ from jaxlora.config.schema import (
     rule,
     show,
 )
+from jaxlora.memory import grammar
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 Remat = Literal["none", "block"]
@@ -461,17 +462,14 @@ class EvalSection(Section):
 
 
 def _memory_rule(check: str):
-    """A check by jaxlora.memory.compose (imported when a memory section is read: the grammar of
-    methods and templates lives with the code that runs them)."""
+    """A check by the memory method grammar (jaxlora/memory/grammar.py, pure Python)."""
 
     def run(value: Any, path: str) -> None:
-        from jaxlora.memory import compose
-
         values = value if isinstance(value, tuple) else (value,)
         for i, v in enumerate(values):
             try:
-                getattr(compose, check)(v)
-            except compose.MethodError as e:
+                getattr(grammar, check)(v)
+            except grammar.MethodError as e:
                 where = f"{path}[{i}]" if isinstance(value, tuple) else path
                 raise FieldError(where, str(e)) from None
 
@@ -481,7 +479,7 @@ def _memory_rule(check: str):
 @dataclasses.dataclass(frozen=True)
 class MemorySection(Section):
     """The adapter library as a memory, evaluated after training (or by `jaxlora memory`):
-    every method (jaxlora/memory/compose.py) on every question, in batched passes."""
+    every method (jaxlora/memory/grammar.py) on every question, in batched passes."""
 
     _fixed: ClassVar[str] = "the memory is evaluated once, over the whole library"
 
