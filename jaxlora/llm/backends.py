@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from jaxlora.config import LLMSection, parse_section
-from jaxlora.errors import ConfigError
+from jaxlora.errors import ConfigError, JaxloraError
 from jaxlora.llm.engine import Engine, LLMError, Row, resolve_source
 
 __all__ = [
@@ -60,6 +60,8 @@ __all__ = [
     "Message",
     "OpenAIBackend",
     "make_backend",
+    "make_llm",
+    "read_yaml_section",
 ]
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": ...}
@@ -149,6 +151,38 @@ def make_backend(config: LLMConfig) -> Backend:
         max_retries=config.max_retries,
         backoff_s=config.backoff_s,
     )
+
+
+def make_llm(section: dict | None, overrides: dict[str, Any]) -> Backend:
+    """A backend from a config's `llm:` section with command-line values (not None) on top."""
+    merged = dict(section or {})
+    merged.update({k: v for k, v in overrides.items() if v is not None})
+    if not merged.get("backend"):
+        raise JaxloraError(
+            "no LLM backend: pass --llm-backend local|openai (and --llm-model) or give the "
+            "config an llm: section"
+        )
+    return make_backend(LLMConfig.from_dict(merged))
+
+
+def read_yaml_section(path: str | Path, name: str) -> dict | None:
+    """Section `name` of a YAML file (None when absent); other sections are not looked at, so
+    a run config can carry `llm:` and `synth:` beside its own sections."""
+    import yaml
+
+    p = Path(path).expanduser()
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise JaxloraError(f"cannot read {p}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise JaxloraError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise JaxloraError(f"{p}: expected a mapping of sections")
+    section = data.get(name)
+    if section is not None and not isinstance(section, dict):
+        raise JaxloraError(f"{p}: {name}: expected a mapping of settings")
+    return section
 
 
 # --------------------------------------------------------------------------- local

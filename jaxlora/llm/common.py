@@ -44,7 +44,6 @@ __all__ = [
     "ResultCache",
     "extract_json",
     "load_template",
-    "make_llm",
     "render_template",
     "strip_thinking",
 ]
@@ -280,37 +279,3 @@ def fill(text: str, values: dict[str, str], pattern: re.Pattern | None = None) -
 
 def _placeholders(values: dict[str, str]) -> re.Pattern:
     return re.compile("|".join(re.escape("{" + k + "}") for k in values) or r"(?!)")
-
-
-def make_llm(section: dict | None, overrides: dict[str, Any]) -> Backend:
-    """A backend from a config's `llm:` section with command-line values (not None) on top."""
-    from jaxlora.llm.backends import LLMConfig, make_backend
-
-    merged = dict(section or {})
-    merged.update({k: v for k, v in overrides.items() if v is not None})
-    if not merged.get("backend"):
-        raise JaxloraError(
-            "no LLM backend: pass --llm-backend local|openai (and --llm-model) or give the "
-            "config an llm: section"
-        )
-    return make_backend(LLMConfig.from_dict(merged))
-
-
-def read_yaml_section(path: str | Path, name: str) -> dict | None:
-    """Section `name` of a YAML file (None when absent); other sections are not looked at, so
-    a run config can carry `llm:` and `synth:` beside its own sections."""
-    import yaml
-
-    p = Path(path).expanduser()
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise JaxloraError(f"cannot read {p}: {e.strerror or e}") from None
-    except yaml.YAMLError as e:
-        raise JaxloraError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise JaxloraError(f"{p}: expected a mapping of sections")
-    section = data.get(name)
-    if section is not None and not isinstance(section, dict):
-        raise JaxloraError(f"{p}: {name}: expected a mapping of settings")
-    return section

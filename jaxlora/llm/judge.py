@@ -343,7 +343,8 @@ def run_judge(
 ) -> tuple[Path, dict[str, Any]]:
     """`jaxlora judge`: the backend from `config`'s `llm:` section and/or `llm` settings;
     `template` a preset name or a file; `max_tokens` the reply's budget (default 256)."""
-    from jaxlora.llm.common import load_template, make_llm, read_yaml_section
+    from jaxlora.llm.backends import make_llm, read_yaml_section
+    from jaxlora.llm.common import load_template
 
     read_predictions(path)  # a bad file fails before a model is loaded
     section = read_yaml_section(config, "llm") if config else None

@@ -409,7 +409,7 @@ def run_synth(
     `mixes` as `qa=0.5,summary=0.5`, `counts` and `templates` as FORMAT=VALUE, sampling
     `overrides`, `llm` settings) win over the config. Returns the output directory and the
     report."""
-    from jaxlora.llm.common import make_llm
+    from jaxlora.llm.backends import make_llm
     from jaxlora.llm.synth_config import parse_mix
 
     src = Path(source).expanduser()
@@ -476,7 +476,7 @@ def run_synth(
 
 
 def _read_config(path: Path) -> tuple[dict | None, dict]:
-    from jaxlora.llm.common import read_yaml_section
+    from jaxlora.llm.backends import read_yaml_section
 
     section = read_yaml_section(path, "synth")
     if section is None and read_yaml_section(path, "data") is not None:
