@@ -23,7 +23,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import jax
 import jax.numpy as jnp
@@ -32,14 +32,18 @@ from flax import nnx
 
 from jaxlora.errors import LoRAError
 from jaxlora.models.config import ModelConfig
-from jaxlora.models.model import Model, abstract_module, stack_forward
+from jaxlora.models.model import stack_forward
 from jaxlora.models.transformer import (
     ATTENTION_MODULES,
     LINEAR_MODULES,
     MLP_MODULES,
     LoRAPlacement,
+    abstract_module,
 )
 from jaxlora.sharding import variable_sharding
+
+if TYPE_CHECKING:
+    from jaxlora.models.model import Model
 
 Array = jax.Array
 Layout = Literal["groups", "padded"] | tuple[int, ...]

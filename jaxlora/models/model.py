@@ -27,10 +27,14 @@ from jaxlora.fsutil import staged_dir
 from jaxlora.models import convert, packaged
 from jaxlora.models.config import ConfigError, ModelConfig
 from jaxlora.models.gguf import GGUFFile, gguf_path, load_gguf_params
-from jaxlora.models.layers import LoRAConst, LoRAWeight
 from jaxlora.models.presets import PRESETS, Preset, shape_preset_for
 from jaxlora.models.tokenizer import train_tokenizer
-from jaxlora.models.transformer import LoRAPlacement, Remat, Transformer
+from jaxlora.models.transformer import (
+    LoRAPlacement,
+    Remat,
+    Transformer,
+    abstract_module,
+)
 from jaxlora.sharding import variable_sharding
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -42,34 +46,6 @@ def parse_dtype(dtype: str | jnp.dtype) -> jnp.dtype:
             raise ConfigError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
         return DTYPES[dtype]
     return jnp.dtype(dtype).type
-
-
-@functools.lru_cache(maxsize=64)
-def abstract_module(
-    config: ModelConfig,
-    lora: LoRAPlacement | None = None,
-    dtype=jnp.float32,
-    param_dtype=jnp.float32,
-    remat: Remat = "none",
-    scan_layers: bool = False,
-):
-    """(graphdef, abstract LoRA weights, abstract LoRA consts, abstract base) without allocating.
-
-    The split order (LoRAWeight, LoRAConst, Param) is the calling convention of every merge.
-    `remat` and `scan_layers` change the graph definition only, never the states.
-    """
-    module = nnx.eval_shape(
-        lambda: Transformer(
-            config,
-            lora=lora,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            remat=remat,
-            scan_layers=scan_layers,
-            rngs=None,
-        )
-    )
-    return nnx.split(module, LoRAWeight, LoRAConst, nnx.Param)
 
 
 def count_params(state: nnx.State) -> int:

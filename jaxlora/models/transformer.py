@@ -31,6 +31,7 @@ one block; parameters stay stored per layer, and the result equals the unrolled 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal
 
 import jax
@@ -527,3 +528,31 @@ class Transformer(nnx.Module):
             x = x[:, -1:]
         logits = self.logits(x)
         return (logits, cache) if hidden is None else (logits, cache, hidden)
+
+
+@functools.lru_cache(maxsize=64)
+def abstract_module(
+    config: ModelConfig,
+    lora: LoRAPlacement | None = None,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    remat: Remat = "none",
+    scan_layers: bool = False,
+):
+    """(graphdef, abstract LoRA weights, abstract LoRA consts, abstract base) without allocating.
+
+    The split order (LoRAWeight, LoRAConst, Param) is the calling convention of every merge.
+    `remat` and `scan_layers` change the graph definition only, never the states.
+    """
+    module = nnx.eval_shape(
+        lambda: Transformer(
+            config,
+            lora=lora,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            remat=remat,
+            scan_layers=scan_layers,
+            rngs=None,
+        )
+    )
+    return nnx.split(module, LoRAWeight, LoRAConst, nnx.Param)
