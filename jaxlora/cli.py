@@ -14,17 +14,7 @@ from typing import NoReturn
 from jaxlora import runtime
 from jaxlora.errors import JaxloraError
 from jaxlora.llm import status
-
-# Accelerators for `jaxlora plan --device`: memory in bytes and dense bf16 peak FLOP/s, from the
-# vendors' published specifications (H100/H200 SXM, TPU v4/v5e/v5p).
-DEVICES = {
-    "h100": (80e9, 989e12),
-    "h200": (141e9, 989e12),
-    "a100-80g": (80e9, 312e12),
-    "tpu-v4": (32 * 2**30, 275e12),
-    "tpu-v5e": (16 * 2**30, 197e12),
-    "tpu-v5p": (95 * 2**30, 459e12),
-}
+from jaxlora.plan import DEVICES
 
 
 class _Parser(argparse.ArgumentParser):

@@ -42,6 +42,17 @@ from jaxlora.sharding import logical_spec, mesh_sizes
 
 GIB = 1024**3
 
+# Accelerators for `jaxlora plan --device`: memory in bytes and dense bf16 peak FLOP/s, from the
+# vendors' published specifications (H100/H200 SXM, TPU v4/v5e/v5p).
+DEVICES = {
+    "h100": (80e9, 989e12),
+    "h200": (141e9, 989e12),
+    "a100-80g": (80e9, 312e12),
+    "tpu-v4": (32 * 2**30, 275e12),
+    "tpu-v5e": (16 * 2**30, 197e12),
+    "tpu-v5p": (95 * 2**30, 459e12),
+}
+
 
 class PlanError(JaxloraError):
     """The job does not fit the devices."""
