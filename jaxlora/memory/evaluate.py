@@ -13,7 +13,9 @@ For each library the evaluator
    and its prompt, then decodes `memory.batch_size` questions per pass: the base model alone,
    a per-question stack of routed adapters (vmap over questions, KV cache), a stack of
    per-question merges (`jaxlora.memory.merge`, one vmapped op per batch) or a mixture;
-4. scores the outputs with the dataset's metrics and routing accuracy against the oracle;
+4. scores the outputs with the dataset's metrics and routing accuracy against the oracle, and
+   times each method: `compile_seconds` (JAX's tracing and compiling, `CompileClock`) apart
+   from `questions_per_s`, the questions over the rest of its wall time (steady throughput);
 5. QuALITY (`memory.loglik`): scores every option by its log-likelihood as the answer after the
    same prompt, under the same base / adapters / merge / mixture (`option_logprobs`,
    jaxlora/memory/loglik.py).
@@ -35,19 +37,18 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from jaxlora import data as kdata
 from jaxlora.config import Config, MemorySection
 from jaxlora.errors import DataError
 from jaxlora.eval import scoring
-from jaxlora.evaluate import build_questions, score
+from jaxlora.evaluate import CompileClock, build_questions, plural, progress_bar, score
 from jaxlora.fsutil import RunLock
 from jaxlora.generate import DecodeSpec, _generate_base, decode_stack, eos_and_pad, until_eos
 from jaxlora.job import Job
 from jaxlora.memory import compose
 from jaxlora.memory.compose import Budget, Method, MethodError
-from jaxlora.memory.library import Library, MemoryQuestion, load_libraries
+from jaxlora.memory.library import Library, MemoryQuestion, legacy_label, load_libraries
 from jaxlora.memory.loglik import OptionScoring, prompt_width
 from jaxlora.memory.merging import merge
 from jaxlora.memory.results import ResultSet, question_fields, result_key, set_dir
@@ -417,15 +418,16 @@ class MemoryEvaluator(OptionScoring):
         self._plan_routes(methods)
         rows, predictions = [], []
         total = len(methods) * len(self.questions)
-        desc = f"memory {self.lib.label}".strip()
-        with tqdm(total=total, desc=desc, unit="q", disable=not progress) as bar:
+        desc = f"memory {self.lib.label}: {plural(len(methods), 'method')}"
+        with progress_bar(total, desc, "q", progress) as bar:
             for method in methods:
                 t0 = time.perf_counter()
-                contexts, truncated = self.contexts(method)
-                prompts = self.prompts(contexts)
-                outputs = self.decode(method, prompts, bar)
-                options = self.option_logprobs(method, prompts) if self.scores_options else None
-                seconds = time.perf_counter() - t0
+                with CompileClock() as clock:
+                    contexts, truncated = self.contexts(method)
+                    prompts = self.prompts(contexts)
+                    outputs = self.decode(method, prompts, bar)
+                    options = self.option_logprobs(method, prompts) if self.scores_options else None
+                timing = clock.split(time.perf_counter() - t0)
                 scores, mine = [], []
                 for i, (q, out) in enumerate(zip(self.questions, outputs, strict=True)):
                     text = self.tok.decode(out, skip_special_tokens=True)
@@ -447,13 +449,16 @@ class MemoryEvaluator(OptionScoring):
                             **s,
                         }
                     )
-                rows.append(self._row(method, scores, truncated, seconds))
+                rows.append(self._row(method, scores, truncated, timing))
                 predictions += mine
                 if commit is not None:
                     commit(rows[-1], mine)
         return rows, predictions
 
-    def _row(self, method: Method, scores, truncated: int, seconds: float) -> dict[str, Any]:
+    def _row(
+        self, method: Method, scores, truncated: int, timing: tuple[float, float]
+    ) -> dict[str, Any]:
+        """A method's row; `timing` is (compile, steady) seconds (`CompileClock.split`)."""
         sources = [q.source for q in self.questions]
         means = scoring.aggregate(self.data.dataset, scores, sources)
         return {
@@ -469,7 +474,8 @@ class MemoryEvaluator(OptionScoring):
             **self.routing(method),
             "truncated": truncated,
             "n_questions": len(self.questions),
-            "questions_per_s": round(len(self.questions) / max(seconds, 1e-9), 2),
+            "compile_seconds": round(timing[0], 3),
+            "questions_per_s": round(len(self.questions) / max(timing[1], 1e-9), 2),
         }
 
 
@@ -492,6 +498,8 @@ def evaluate_memory(
     for ev in evaluators:
         ev.check(methods)
     store = ResultSet.open(run_dir, out, [k for k, _ in libraries[0].values])
+    for lib in libraries:  # a set from before key=value labels keeps its rows under the new ones
+        store.relabel(legacy_label(lib.values), lib.label)
 
     def commit(row: dict, predictions: list[dict]) -> None:
         if section.judge:  # judged before its commit: a committed method is complete

@@ -3,7 +3,8 @@
 A run whose data was cut into units (`data.units`) is an adapter *library*: one adapter per
 unit, plus `units.jsonl` (each unit's key, text, document and questions). When the grid has
 other axes (units x ranks), each combination of them is its own library (`load_libraries`),
-labelled by those values.
+labelled by those values as key=value (`library_label`: `objective=ntp`, `rank=8,objective=ntp`),
+or by its units (`units=sectors`) when it is the run's only library: a label is never empty.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from jaxlora.memory.validate import read_units
 @dataclasses.dataclass(frozen=True)
 class Library:
     """One library: adapters in unit order (a stack) and their units' ids, documents, keys and
-    texts. `label` names the other sweep values it was trained with ("" when there are none)."""
+    texts. `label` names the other sweep values it was trained with as key=value, or its units
+    (`units=sectors`) when there are none (`library_label`)."""
 
     label: str
     stack: AdapterStack
@@ -70,7 +72,7 @@ def load_libraries(job: Job, run_dir: Path) -> list[Library]:
     groups: dict[str, list] = {}
     for plan in job.plans:
         others = [(k, v) for k, v in plan.cell.values if k != "data.unit"]
-        label = "-".join(f"{k.rpartition('.')[2]}{_plain(v)}" for k, v in others)
+        label = library_label(others, job.config.data.units)
         groups.setdefault(label, []).append(plan)
     libraries = []
     for label, plans in groups.items():
@@ -98,6 +100,25 @@ def load_libraries(job: Job, run_dir: Path) -> list[Library]:
             )
         )
     return libraries
+
+
+def library_label(values, units: str | None) -> str:
+    """A library's label: its other sweep values as key=value joined by ",", each key by its last
+    part unless two share it (`objective=ntp`, `rank=8,objective=ntp`, `lora.alpha=8,data.alpha=2`),
+    or `units=...` for a run's only library (never "": the `library` column always names one)."""
+    if not values:
+        return f"units={units}"
+    short = [k.rpartition(".")[2] for k, _ in values]
+    return ",".join(
+        f"{s if short.count(s) == 1 else k}={_plain(v)}"
+        for (k, v), s in zip(values, short, strict=True)
+    )
+
+
+def legacy_label(values) -> str:
+    """The label a library had before key=value (`rank8-objectiventp`, "" for a run's only one),
+    so that a result set written then is relabelled, not duplicated (`ResultSet.relabel`)."""
+    return "-".join(f"{k.rpartition('.')[2]}{_plain(v)}" for k, v in values)
 
 
 def _plain(v: Any) -> str:

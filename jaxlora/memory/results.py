@@ -21,7 +21,7 @@ methods or dataset ran; a cell is blank where its metric does not apply:
 
 | columns | what |
 |---|---|
-| library | the library's label: its other sweep values ("" for a run's only library) |
+| library | the library's label: its other sweep values as key=value (`objective=ntp`), or `units=...` for a run's only library (`memory.library.library_label`); never blank |
 | one per sweep axis | the library's value of each sweep axis but `data.unit` (`lora.rank`, ...) |
 | method, router, k, combiner, context | the method and its parts (`jaxlora.memory.compose`) |
 | questions | `memory.questions` when given; blank: the library's own questions |
@@ -31,7 +31,8 @@ methods or dataset ran; a cell is blank where its metric does not apply:
 | rouge1, rouge2, rougeL, rougeLsum, n_documents | NarrativeQA (best over references) |
 | judge, judge_failed, judge_failure_rate, judge_levelL | memory.judge (0-10; failures apart) |
 | routing_top1, routing_recall | routing agreement with the oracle (routed methods) |
-| truncated, n_questions, questions_per_s | contexts cut to the budget; questions; speed |
+| truncated, n_questions | contexts cut to the budget; questions asked |
+| compile_seconds, questions_per_s | the method's JAX tracing and compiling; questions per second of the rest of its time (steady throughput, compilation excluded) |
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ METRIC_COLUMNS = (
     "routing_top1",
     "routing_recall",
 )
-RUN_COLUMNS = ("truncated", "n_questions", "questions_per_s")
+RUN_COLUMNS = ("truncated", "n_questions", "compile_seconds", "questions_per_s")
 
 
 def columns(axes: Sequence[str]) -> tuple[str, ...]:
@@ -165,6 +166,26 @@ class ResultSet:
                 self.directory,
             )
         return todo
+
+    def relabel(self, old: str, new: str) -> None:
+        """Library `old`'s rows and predictions under the label `new`, in place (a set written
+        before labels were key=value: `rank8-objectiventp`, or "" for a run's only library);
+        written with the next commit. A key already under `new` wins over the old one."""
+        if old == new:
+            return
+        for table in (self.rows, self.predictions):
+            moved: dict[tuple[str, str], Any] = {}
+            for (lib, method), value in table.items():
+                if lib != old:
+                    moved.setdefault((lib, method), value)
+                elif (new, method) not in table:
+                    moved[(new, method)] = (
+                        {**value, "library": new}
+                        if isinstance(value, dict)
+                        else [{**p, "library": new} for p in value]
+                    )
+            table.clear()
+            table.update(moved)
 
     def commit(self, row: dict[str, Any], predictions: Sequence[dict[str, Any]]) -> None:
         """Replace (or add) one key's row and predictions, predictions first (the ledger last).
