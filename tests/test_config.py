@@ -603,6 +603,28 @@ def test_readme_documents_every_key():
         assert f"`{key.partition('.')[2]}`" in text, f"{key} is not documented in {readme}"
 
 
+def test_the_generated_reference_is_current():
+    from jaxlora.config.reference import reference
+
+    page = REPO / "docs" / "config.md"
+    assert page.read_text() == reference(), (
+        f"{page} is stale: python -m jaxlora.config.reference > docs/config.md"
+    )
+
+
+def test_the_reference_shows_every_key_with_its_schema():
+    from jaxlora.config.reference import reference
+
+    text = reference()
+    for key in config_keys():
+        section, _, name = key.partition(".")
+        assert f"## `{section}`" in text and f"| `{name}` |" in text, key
+    # types, bounds, defaults, sweepability and the schema's own comments
+    assert "| `rank` | int, > 0 | `8` | yes |" in text
+    assert "| `dtype` | `float32` \\| `bfloat16` \\| `float16` | `float32` | no |" in text
+    assert "The column naming each row's document" in text
+
+
 @pytest.mark.parametrize(
     "path",
     # Training configs (a `jaxlora synth` config is parsed by tests/test_synth.py).

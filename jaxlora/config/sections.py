@@ -5,7 +5,8 @@ Each section is a `Section` (jaxlora/config/schema.py): a field's type hint and 
 its whole specification, and rules that involve several fields of one section are in its
 `_check`, so an invalid section cannot be built, by a file or by `dataclasses.replace`. Rules
 that involve several sections are `Config`'s (jaxlora/config/grid.py). Every key is documented
-in configs/README.md.
+in configs/README.md, and docs/config.md is generated from these classes (their docstrings, and
+the comments above and beside each field: jaxlora/config/reference.py).
 """
 
 from __future__ import annotations
