@@ -545,13 +545,6 @@ def test_target_names_match_the_lora_module():
     assert tuple(TARGET_GROUPS) == config_module.TARGET_GROUPS
 
 
-def test_combination_types_match_the_merging_module():
-    from jaxlora.memory import grammar
-    from jaxlora.memory.merging import COMBINATION_TYPES
-
-    assert grammar.COMBINATION_TYPES == COMBINATION_TYPES
-
-
 # Imports jaxlora.config with JAX and flax unimportable, the jaxlora package standing in for its
 # __init__ (which exports the models), and validates a memory section's methods with it.
 NO_JAX = """

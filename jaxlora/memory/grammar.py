@@ -37,12 +37,14 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Sequence
+from typing import Literal
 
 from jaxlora.errors import JaxloraError
 
 ROUTER_KINDS = ("oracle", "bm25", "embedding")
-# jaxlora.memory.merging.COMBINATION_TYPES, PEFT's combination types and delta_sum.
-COMBINATION_TYPES = (
+# PEFT's combination types (add_weighted_adapter) and delta_sum: what jaxlora.memory.merging
+# merges by.
+CombinationType = Literal[
     "svd",
     "linear",
     "cat",
@@ -55,7 +57,8 @@ COMBINATION_TYPES = (
     "magnitude_prune",
     "magnitude_prune_svd",
     "delta_sum",
-)
+]
+COMBINATION_TYPES: tuple[str, ...] = CombinationType.__args__
 COMBINERS = ("one", "mixture", *COMBINATION_TYPES)
 CONTEXTS = ("none", "icl", "icl_doc", "rag")
 

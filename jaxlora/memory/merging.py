@@ -64,24 +64,10 @@ from jaxlora.lora import (
     place_stacked,
     union_placement,
 )
+from jaxlora.memory.grammar import COMBINATION_TYPES, CombinationType
 from jaxlora.models.model import Model, abstract_module
 
 Array = jax.Array
-CombinationType = Literal[
-    "svd",
-    "linear",
-    "cat",
-    "ties",
-    "ties_svd",
-    "dare_ties",
-    "dare_linear",
-    "dare_ties_svd",
-    "dare_linear_svd",
-    "magnitude_prune",
-    "magnitude_prune_svd",
-    "delta_sum",
-]
-COMBINATION_TYPES: tuple[str, ...] = CombinationType.__args__
 EQUAL_RANK_TYPES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 SVD_TYPES = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
 CONCAT_TYPES = ("cat", "delta_sum")
