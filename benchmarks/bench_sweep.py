@@ -6,7 +6,7 @@ trained three ways on the same token batches:
   (a) one jaxlora job: every adapter in one jitted, vmapped step;
   (b) jaxlora, one adapter at a time: a one-cell job per adapter, run back to back
       (`--no-single` skips it, and with it (c));
-  (c) PyTorch + PEFT, one adapter at a time, the study's recipe (DESIGN.md section 3: LoRA on all
+  (c) PyTorch + PEFT, one adapter at a time, the study's recipe (docs/study.md §1: LoRA on all
       linear layers, alpha = r, dropout 0.1; AdamW with weight decay 0.01, cosine decay, gradient
       clipping at 1.0; loss on every non-pad token of the chat-formatted row).
 

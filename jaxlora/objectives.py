@@ -5,7 +5,7 @@ training step computes it from the final hidden states a chunk of positions at a
 (`chunked_token_mean_ce`), so no step holds a whole batch's [B, T, V] logits. Distillation
 still does (its KL reads the teacher's logits, cached or computed, over the whole sample).
 
-**Distillation** ("knowledge modules", STUDY.md §6): the teacher is the frozen base model with
+**Distillation** ("knowledge modules", docs/study.md §6): the teacher is the frozen base model with
 the adapter's unit (its document or chunk) in context before the sample; the student is the
 base plus the adapter on the sample alone. The student learns to behave, without the document,
 as the base does with it:

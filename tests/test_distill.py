@@ -26,7 +26,7 @@ PRESETS = ("release_a", "release_b", "knowledge_modules")
 
 
 def torch_reference(d: DistillSection, student, teacher, valid, loss) -> torch.Tensor:
-    """STUDY.md §6 as written: KL(teacher || student) at temperature T over the counted
+    """docs/study.md §6 as written: KL(teacher || student) at temperature T over the counted
     positions (position j counts when token j + 1 is a target), plus the L1 of hidden states,
     sum|s - t| / sum|t| per state, averaged over states or pooled."""
     counted = (loss if d.response_only else valid)[:, 1:].float()

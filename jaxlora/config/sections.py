@@ -366,7 +366,7 @@ def _check_hidden_layers(value: str | tuple[int, ...], path: str) -> None:
 
 
 _TEACHER = "one job computes its teacher one way"
-# The study's two released variants and the Knowledge Modules paper's recipe (STUDY.md §6).
+# The study's two released variants and the Knowledge Modules paper's recipe (docs/study.md §6).
 DISTILL_PRESETS: dict[str, dict[str, Any]] = {
     # (a): KL per response token, no T^2; L1 the mean over every hidden state of mean|s-t|/mean|t|.
     "release_a": dict(layers="all", l1_norm="layer_mean", t_squared=False, response_only=True),

@@ -6,7 +6,7 @@ into a `DocumentSet`: the training records (each carrying its document, so `data
 documents` gives one adapter per paper and `chunks` cuts windows within each book or article)
 and the dataset's evaluation questions (each with its document). The evaluators ask those
 questions, never the training records, so what is trained and what is asked cannot be mixed up
-(STUDY §7: the releases trained on evaluation questions when a path was unset).
+(docs/study.md §7: the releases trained on evaluation questions when a path was unset).
 
 Training formats (`data.format`):
 - `text`: the documents themselves. PaperQA introductions behind the study's ID header

@@ -5,7 +5,7 @@ dataset's EVALUATION questions as `EvalQuestion`s (id, document, question as ask
 question for routers and the leakage guard, reference answers, and the dataset's extras: the
 PaperQA level, the QuALITY options, gold index and `hard` flag). Documents are never cut here:
 chunking is `jaxlora/data/units.py` (`chunks`, `windows`), so a long book is one record and a
-budget or a chunker decides what happens to it, never a silent truncation (STUDY §7).
+budget or a chunker decides what happens to it, never a silent truncation (docs/study.md §7).
 
 Schemas (what each reader expects; errors name the columns found):
 
@@ -55,7 +55,7 @@ from jaxlora.errors import DataError
 Header = Literal["bracket", "natural", "none"]
 QATurns = Literal["assistant", "user"]
 
-# The study's ID headers (STUDY §4), as format strings of the paper id and its introduction.
+# The study's ID headers (docs/study.md §4), as format strings of the paper id and its introduction.
 ID_HEADERS: dict[str, str] = {
     "bracket": "[Paper ID: {id}]\n\n{text}",
     "natural": "This paper {id} discusses:\n\n{text}",
@@ -422,7 +422,7 @@ def read_narrativeqa(
     """NarrativeQA (the `deepmind/narrativeqa` schema): whole stories and their questions,
     each with both reference answers. `kinds` keeps books only by default (the study used
     Gutenberg books); `documents` keeps those ids. The Wikipedia summaries are not returned:
-    the questions were written from them, so training on them would leak (STUDY §7)."""
+    the questions were written from them, so training on them would leak (docs/study.md §7)."""
     ds = load_split(source, split)
     name = str(source)
     _columns(ds, name, ("document", "question", "answers"), "deepmind/narrativeqa")

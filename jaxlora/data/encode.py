@@ -1,6 +1,6 @@
 """Encoding: records to right-padded token arrays with explicit validity and loss masks.
 
-Formats follow the study (DESIGN §3), minus its flaws:
+Formats follow the study (docs/study.md §1, §4), minus its flaws:
 
 | record | chat_template=True                                   | chat_template=False           |
 |--------|------------------------------------------------------|-------------------------------|

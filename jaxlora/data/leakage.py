@@ -1,10 +1,11 @@
 """Leakage guard: training records checked against the evaluation questions.
 
 The study trained on evaluation questions when a path was unset and on QA written from the
-summaries the test questions came from (STUDY §7); synthetic QA made from the same document as
-the evaluation set can also restate an evaluation question almost word for word. This guard
-finds such records before training. A hit is an error (`policy="error"`, one line naming the
-record, the question and the fix) or the record is dropped and counted (`policy="drop"`).
+summaries the test questions came from (docs/study.md §7); synthetic QA made from the same
+document as the evaluation set can also restate an evaluation question almost word for word.
+This guard finds such records before training. A hit is an error (`policy="error"`, one line
+naming the record, the question and the fix) or the record is dropped and counted
+(`policy="drop"`).
 
 What is compared. Text is normalised (NFKC, casefolded, the study's paper-ID prefixes and
 "Question:" labels removed, split into alphanumeric words). An evaluation question is compared

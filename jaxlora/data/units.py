@@ -1,7 +1,7 @@
 """Units of a memory: a corpus cut into pieces, one adapter per piece.
 
 The study's memory experiments train one adapter per *unit* of knowledge: a contiguous sector
-of a phonebook, a paper, a chunk of a book. A unit is a cell like any other (DESIGN.md §2), so
+of a phonebook, a paper, a chunk of a book. A unit is a cell like any other (docs/design.md §2), so
 `expand_units` turns `data.units` into one more sweep axis, `data.unit`, varying fastest:
 units x ranks is one grid, trained in one job.
 

@@ -1,6 +1,6 @@
 """The LLM judge: the study's 0-10 rubric over (question, gold answer, candidate answer).
 
-The default prompt (`prompts/judge.txt`) is the study's rubric (STUDY.md §5): Factual
+The default prompt (`prompts/judge.txt`) is the study's rubric (docs/study.md §5): Factual
 Alignment, Completeness and Relevance; 10 perfect, 7-9 mostly correct, 4-6 partially correct,
 1-3 on topic but wrong, 0 nonsensical; `[QUESTION]`, `[GOLD ANSWER]` and `[CANDIDATE ANSWER]`
 blocks; the reply `{"score": <int 0-10>, "rationale": "<one sentence>"}`. It is asked at
@@ -12,7 +12,7 @@ with an integral value (7.0) or a string of digits ("7"). Anything else -- no ob
 `score`, 7.5, "seven", true, 11, -1, or a request the backend gave up on -- is a *judge
 failure*: counted as `judge_failed` and left out of the mean. The study scored failures 0,
 which cannot be told apart from a wrong answer and drags the mean down by the failure rate
-(STUDY.md §7). With no score at all, the mean is None, not 0.
+(docs/study.md §7). With no score at all, the mean is None, not 0.
 
 Results are cached by request (`common.CachedBackend`), so judging the same predictions again,
 or after an interruption, costs nothing. `judge_file` checks every record and the template, and

@@ -1,6 +1,6 @@
 """Synthetic training formats for each unit of a corpus: QA, summary, rewrite, paraphrase, mixes.
 
-The study (STUDY.md §4) trained adapters on a unit's original text and on LLM-written formats
+The study (docs/study.md §4) trained adapters on a unit's original text and on LLM-written formats
 of it: a rewrite, a paraphrase, 5 summaries, 20 QA pairs, list formats (facts, propositions,
 implications, relational QA) and mixes of these, written by Qwen3-8B at temperature 0.6,
 top-p 0.9. Those are the defaults here (`PRESETS`); every setting and every prompt can be

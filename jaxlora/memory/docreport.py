@@ -1,4 +1,4 @@
-"""The study's tables for a document dataset, from `memory_results.csv` (STUDY.md §3-4).
+"""The study's tables for a document dataset, from `memory_results.csv` (docs/study.md §3-4).
 
 The dataset is recognised from the metric columns (`jaxlora/eval/scoring.py` writes them):
 PaperQA by `bleu_level1`, NarrativeQA by `rougeLsum`, QuALITY by `hard_accuracy`. Then:

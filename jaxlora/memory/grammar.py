@@ -1,7 +1,7 @@
 """The memory method grammar: a method is (router, k, combiner, context), written as one short
 string.
 
-DESIGN.md §2: composition is data, not code paths. Every method of the study's grid -- the
+docs/design.md §2: composition is data, not code paths. Every method of the study's grid -- the
 base model alone, the oracle adapter, routed top-k merges, ICL, RAG and their hybrids -- is a
 point of one grammar, and `jaxlora/memory/evaluate.py` evaluates any list of them in batch:
 
@@ -62,7 +62,7 @@ COMBINATION_TYPES: tuple[str, ...] = CombinationType.__args__
 COMBINERS = ("one", "mixture", *COMBINATION_TYPES)
 CONTEXTS = ("none", "icl", "icl_doc", "rag")
 
-# The study's prompt templates (STUDY.md §3). The question slot receives what the question
+# The study's prompt templates (docs/study.md §3). The question slot receives what the question
 # record asks: for PhoneBook rows the trained prefix "Question: ... Answer:" itself.
 TEMPLATES: dict[str, str] = {
     "phonebook": "Based on the context below, answer the question.\n\nContext:\n{context}\n\n"

@@ -7,7 +7,7 @@ writes a separate one under `RUN/memory_sets/NAME/` and leaves the default set u
     memory_predictions.jsonl   one line per question of each (library, method)
     memory_report.md, plots/memory_*.png|svg   the report (`jaxlora/memory/report.py`)
 
-Merging (DESIGN.md, "Results are keyed, not files"). A call evaluates some methods; each
+Merging (docs/design.md §2, "Results are keyed, not files"). A call evaluates some methods; each
 (library, method) it finishes replaces that key's row and predictions, and every other key is
 kept. A key is committed as soon as its method has finished: its predictions first, then the
 results, each file written whole through a temporary name and a rename

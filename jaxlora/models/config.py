@@ -31,7 +31,7 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of one decoder. Letters in comments follow DESIGN.md's alphabet."""
+    """Architecture of one decoder. Letters in comments follow docs/design.md §4's alphabet."""
 
     model_type: str
     vocab_size: int  # V
