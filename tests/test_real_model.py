@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import jaxlora
-from jaxlora.generate import eos_and_pad, generate
+from jaxlora.generate import eos_and_pad, generate, until_eos
 from jaxlora.models import packaged
 from tests.llm_servers import API_KEY, Server
 
@@ -160,9 +160,9 @@ def test_serve_answers_a_chat_as_local_generation(smol):
     chat = [{"role": "user", "content": "What is the capital of France?"}]
     prompt = smol.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
     ids = np.asarray([smol.tokenizer(prompt, add_special_tokens=False).input_ids])
-    out = generate(smol, ids, np.ones_like(ids), max_new_tokens=16)[0].tolist()
+    out = generate(smol, ids, np.ones_like(ids), max_new_tokens=16)[0]
     eos, _ = eos_and_pad(smol.tokenizer, smol.config)
-    kept = out[: next((i for i, t in enumerate(out) if t in eos), len(out))]
+    kept = until_eos(out, eos)
     expected = smol.tokenizer.decode(kept, skip_special_tokens=True)
     assert "Paris" in expected  # the model knows it: "The capital of France is Paris."
 
