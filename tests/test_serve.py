@@ -18,7 +18,7 @@ import openai
 import pytest
 
 import jaxlora
-from jaxlora.generate import eos_and_pad, generate, generate_routed
+from jaxlora.generate import eos_and_pad, generate, generate_routed, until_eos
 from tests.llm_servers import API_KEY, Server, make_adapters
 
 PROMPTS = ["Question: What is the phone number of", "The capital of", "Once upon a time there"]
@@ -59,11 +59,7 @@ def local(served):
         else:
             slot = [stack.names.index(name)]
             out = generate_routed(model, stack, slot, row, mask, max_new_tokens=NEW)[0]
-        kept = []
-        for t in out.tolist():
-            if t in eos:
-                break
-            kept.append(t)
+        kept = until_eos(out, eos)
         return model.tokenizer.decode(kept, skip_special_tokens=True), len(kept)
 
     return expected
