@@ -129,13 +129,16 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _memory(args: argparse.Namespace) -> int:
+    from jaxlora.evaluate import plural
     from jaxlora.memory.evaluate import run_memory
-    from jaxlora.memory.results import REPORT, RESULTS, set_dir
+    from jaxlora.memory.results import RESULTS, set_dir
+    from jaxlora.sweep import output_lines
 
     rows = run_memory(args.run_dir, args.set or (), not args.no_progress, args.out, args.resume)
     out = set_dir(Path(args.run_dir), args.out)
-    n = f"{len(rows)} memory method{'s' * (len(rows) != 1)}"
-    print(f"evaluated {n} -> {out / RESULTS}; report: {out / REPORT}")
+    print(f"evaluated {plural(len(rows), 'memory method')} -> {out / RESULTS}")
+    for line in output_lines(out, memory_only=True):  # the set's results, report and plots
+        print(line)
     return 0
 
 

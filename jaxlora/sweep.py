@@ -66,15 +66,17 @@ OUTPUTS = (
 )
 
 
-def output_lines(run_dir: str | Path) -> list[str]:
+def output_lines(run_dir: str | Path, memory_only: bool = False) -> list[str]:
     """The last lines of `jaxlora train` / `eval`: each table, report and plot of the run that
     exists, with its path (`results: runs/pb/results.csv`); the plots are named by their PNG
-    files, each with an SVG twin beside it."""
+    files, each with an SVG twin beside it. `memory_only`: those of `jaxlora memory`'s result
+    set (a run directory or its memory_sets/NAME) alone."""
     run_dir = Path(run_dir)
-    lines = [f"{what}: {run_dir / name}" for what, name in OUTPUTS if (run_dir / name).is_file()]
+    outputs = [(w, n) for w, n in OUTPUTS if not memory_only or n.startswith("memory_")]
+    lines = [f"{what}: {run_dir / name}" for what, name in outputs if (run_dir / name).is_file()]
     pngs = sorted((run_dir / "plots").glob("*.png"))
     for what, mine in (
-        ("plots", [p for p in pngs if not p.name.startswith("memory_")]),
+        ("plots", [] if memory_only else [p for p in pngs if not p.name.startswith("memory_")]),
         ("memory plots", [p for p in pngs if p.name.startswith("memory_")]),
     ):
         if mine:

@@ -64,6 +64,22 @@ def test_one_more_method_keeps_the_methods_training_evaluated(memory_run, tmp_pa
     n = int(after["oracle"].split(",")[results.columns(()).index("n_questions")])
     assert sum(p["method"] == "oracle" for p in predictions) == n > 0
     assert "| oracle |" in (copy / results.REPORT).read_text()
+    # The last lines name the memory set's results, report and plots, not training's.
+    lines = proc.stdout.splitlines()
+    assert lines[-3:-1] == [
+        f"memory results: {copy / results.RESULTS}",
+        f"memory report: {copy / results.REPORT}",
+    ]
+    assert _named_plots(lines[-1]) == sorted((copy / "plots").glob("memory_*.png"))
+    assert not any(line.startswith(("results:", "report:", "plots ")) for line in lines)
+
+
+def _named_plots(line: str) -> list[Path]:
+    """The plots a `memory plots (png, and svg beside): A, B` line names, each with its SVG."""
+    assert line.startswith("memory plots (png, and svg beside): "), line
+    named = [Path(p) for p in line.partition(": ")[2].split(", ")]
+    assert named and all(p.is_file() and p.with_suffix(".svg").is_file() for p in named)
+    return named
 
 
 def test_a_method_evaluated_again_replaces_its_rows(memory_run, tmp_path):
@@ -90,6 +106,9 @@ def test_out_writes_a_separate_set_and_the_schema_is_fixed(memory_run, tmp_path)
     assert after == before  # the default set (and everything else) byte-identical
     assert [r["method"] for r in _rows(probe)] == ["oracle"]
     assert (probe / results.REPORT).exists() and (probe / "plots" / "memory_by_method.png").exists()
+    lines = proc.stdout.splitlines()
+    assert f"memory report: {probe / results.REPORT}" in lines
+    assert probe / "plots" / "memory_by_method.png" in _named_plots(lines[-1])
     # One schema whichever methods ran: the oracle alone (no routing, no context) and training's
     # three have the same header, blank where a metric does not apply.
     header = (copy / results.RESULTS).read_text().splitlines()[0]
