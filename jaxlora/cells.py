@@ -82,6 +82,7 @@ def plan_cells(config: Config, model_config: ModelConfig) -> list[CellPlan]:
             b1=t.adam_b1,
             b2=t.adam_b2,
             eps=t.adam_eps,
+            lr_ratio=c.lora.lr_ratio,
         )
         lora_d, data_d = dataclasses.asdict(c.lora), dataclasses.asdict(c.data)
         objective = None

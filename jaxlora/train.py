@@ -47,6 +47,9 @@ from jaxlora.sharding import compiling_for
 
 Array = jax.Array
 Schedule = Literal["cosine", "linear", "constant"]
+# The LoRA weights that LoRA+ trains at `lr_ratio` times the learning rate: PEFT's group B
+# (`create_loraplus_optimizer`: the B factors and every 1-D parameter, DoRA's magnitudes).
+FAST_FACTORS = frozenset({"lora_b", "lora_magnitude"})
 
 
 @jax.tree_util.register_dataclass
@@ -61,6 +64,7 @@ class Hyper:
     b1: Array
     b2: Array
     eps: Array
+    lr_ratio: Array  # LoRA+: B's (and DoRA magnitudes') learning rate over A's
 
     @classmethod
     def stack(cls, hypers: Sequence[dict[str, float]]) -> Hyper:
@@ -234,21 +238,25 @@ class ByLayer:
     index: tuple[tuple[int, ...], ...]  # per stack, its leaves' positions in the tree
     # per stack of layer leaves, their path within a layer and their layers (None: not a layer's)
     within: tuple[tuple[tuple, tuple[int, ...]] | None, ...]
+    # per stack, whether LoRA+ gives it B's learning rate (B factors, DoRA's magnitude vectors)
+    fast: tuple[bool, ...]
 
     @classmethod
     def of(cls, tree) -> tuple[list[Array], ByLayer]:
         leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
         stacks: dict[tuple, list[int]] = {}
         layers: dict[tuple, list[int]] = {}
+        fast: dict[tuple, bool] = {}
         for i, (path, x) in enumerate(leaves):
             keys = path_keys(path)
             in_layer = keys[0] == "layers"
             key = (*(("layers", *keys[2:]) if in_layer else (i,)), x.shape, x.dtype)
             stacks.setdefault(key, []).append(i)
+            fast[key] = bool(FAST_FACTORS & set(keys))
             if in_layer:
                 layers.setdefault(key, []).append(keys[1])
         within = tuple((k[1:-2], tuple(layers[k])) if k in layers else None for k in stacks)
-        by = cls(treedef, tuple(tuple(v) for v in stacks.values()), within)
+        by = cls(treedef, tuple(tuple(v) for v in stacks.values()), within, tuple(fast.values()))
         return by.join(tree), by
 
     def join(self, tree) -> list[Array]:
@@ -450,6 +458,9 @@ def _train_step(cfg: StepConfig, base, state: TrainState, batches):
             finite."""
             tx = make_optimizer(h, cfg.schedule, cfg.total_steps)
             upd, new_opt = tx.update(gr, opt, w)
+            # LoRA+ (PEFT's `create_loraplus_optimizer`): B's parameter group runs at lr x ratio,
+            # its decoupled decay included, which is the whole AdamW update scaled by the ratio.
+            upd = [u * h.lr_ratio if f else u for u, f in zip(upd, g.by_layer.fast, strict=True)]
             finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.isfinite(x).all() for x in gr]))
             keep = live & finite
             kept = lambda new, old: jnp.where(keep, new, old)  # noqa: E731

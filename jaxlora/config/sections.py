@@ -169,6 +169,8 @@ class LoRASection(Section):
     dropout: float = field(default=0.1, metadata=rule(check=UNIT))
     use_rslora: bool = False
     init: InitKind = "kaiming"
+    # LoRA+: B's learning rate as a multiple of A's (training.lr), per adapter; 1 is plain LoRA.
+    lr_ratio: float = field(default=1.0, metadata=rule(check=POSITIVE))
 
 
 _UNITS = "all adapters of a job are units of one corpus (data.unit is the unit axis)"
