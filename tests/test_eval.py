@@ -192,7 +192,9 @@ ROME = [
             ("{} is written in", "Lenta.ru", "Italian", "Russian"),
             ("The capital of {} is", "Norway", "Paris", "Oslo"),
             ("{} plays the", "Maria Garcia", "piano", "guitar"),
-            ("{} was born in", "John Smith", "Tokyo", "London"),
+            # Both targets begin with the tiny tokenizer's token " L": the same first token
+            # scores the same, a tie, which is a failure whatever the adapter learned.
+            ("{} was born in", "John Smith", "Lisbon", "London"),
         ]
     )
 ]
@@ -253,6 +255,8 @@ def test_counterfact_efficacy_equals_torch_probabilities(tmp_path):
                 first.append(torch.log_softmax(logits, -1)[full[k]].item())
             expected.append(float(first[0] > first[1]))
         assert [p["efficacy"] for p in mine] == expected
+        # Both outcomes occur: the trained new targets win, the tie (the last fact) fails.
+        assert expected[-1] == 0.0 and 1.0 in expected, expected
         # a float mean read back from the CSV: rounding only; one wrong outcome moves it by 1/n
         assert float(row["efficacy"]) == pytest.approx(np.mean(expected))
 
