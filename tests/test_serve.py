@@ -7,6 +7,7 @@ SIGTERM lets in-flight requests finish and exits 0."""
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import threading
 import urllib.error
@@ -50,7 +51,7 @@ def local(served):
     eos, _ = eos_and_pad(model.tokenizer, model.config)
 
     @functools.cache
-    def expected(name: str, ids: tuple[int, ...]) -> tuple[str, int]:
+    def tokens(name: str, ids: tuple[int, ...]) -> tuple[int, ...]:
         # one width for every prompt (left padding changes no logit): one compile per path
         row, mask = np.zeros((1, WIDTH), np.int32), np.zeros((1, WIDTH), bool)
         row[0, WIDTH - len(ids) :], mask[0, WIDTH - len(ids) :] = ids, True
@@ -59,10 +60,23 @@ def local(served):
         else:
             slot = [stack.names.index(name)]
             out = generate_routed(model, stack, slot, row, mask, max_new_tokens=NEW)[0]
-        kept = until_eos(out, eos)
+        return tuple(int(t) for t in until_eos(out, eos))
+
+    def expected(name: str, ids: tuple[int, ...]) -> tuple[str, int]:
+        kept = tokens(name, ids)
         return model.tokenizer.decode(kept, skip_special_tokens=True), len(kept)
 
+    expected.tokens = tokens  # the generated ids themselves, for the streamed pieces
     return expected
+
+
+def token_pieces(model, tokens: tuple[int, ...]) -> list[str]:
+    """The text each generated token adds, token by token (the streamed deltas, one per token
+    whose text is whole; the tiny tokenizer's pieces are ASCII, so none waits for the next)."""
+    texts = [
+        model.tokenizer.decode(tokens[:k], skip_special_tokens=True) for k in range(1 + len(tokens))
+    ]
+    return [b[len(a) :] for a, b in itertools.pairwise(texts) if b != a]
 
 
 def encode(model, prompt: str) -> tuple[int, ...]:
@@ -113,18 +127,32 @@ def test_greedy_chat_equals_local_generation_and_streams_the_same_text(served, c
     assert r.choices[0].message.content == text
     assert r.choices[0].message.role == "assistant"
 
+    # Streamed: one event that opens the assistant's message, one per generated token with
+    # that token's text, one that closes with the finish reason; counted against the tokens.
+    pieces = token_pieces(model, local.tokens(name, encode_chat(model, CHAT)))
+    assert len(pieces) == r.usage.completion_tokens > 0  # every token adds text here
     chunks = list(
         client.chat.completions.create(
             model=name, messages=CHAT, max_tokens=NEW, temperature=0, stream=True
         )
     )
-    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
-    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    first, *middle, last = (c.choices[0] for c in chunks)
+    assert (first.delta.role, first.delta.content, first.finish_reason) == ("assistant", "", None)
+    assert [c.delta.content for c in middle] == pieces
+    assert all(c.finish_reason is None for c in middle)
+    assert last.delta.content is None and last.finish_reason == r.choices[0].finish_reason
+    assert "".join(pieces) == text
 
+    ids = encode(model, PROMPTS[1])
+    whole = client.completions.create(model=name, prompt=PROMPTS[1], max_tokens=NEW, temperature=0)
+    pieces = token_pieces(model, local.tokens(name, ids))
+    assert len(pieces) == whole.usage.completion_tokens > 0
     stream = client.completions.create(
         model=name, prompt=PROMPTS[1], max_tokens=NEW, temperature=0, stream=True
     )
-    assert "".join(c.choices[0].text for c in stream) == local(name, encode(model, PROMPTS[1]))[0]
+    *middle, last = (c.choices[0] for c in stream)
+    assert [c.text for c in middle] == pieces and "".join(pieces) == local(name, ids)[0]
+    assert last.text == "" and last.finish_reason == whole.choices[0].finish_reason
 
 
 def test_stop_strings_cut_the_text(served, client, local):
