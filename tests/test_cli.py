@@ -154,7 +154,10 @@ def test_a_bad_environment_variable_is_one_line(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # property: mutated configs and flags
 
-FIELDS = [(s, f) for s, cls in SECTIONS.items() for f in cls.yaml_fields() if s != "eval"]
+FIELDS = [(s, f) for s, cls in SECTIONS.items() for f in cls.yaml_fields()]
+# VALID evaluated after training, with few new tokens: a successful run writes results.csv,
+# predictions.jsonl and report.md, which the property then checks.
+EVALUATED = {**VALID, "eval": {"max_new_tokens": 4, "batch_size": 4}}
 # Small values only: a mutation that happens to be valid must still be a short run (no
 # steps=10**6), and the train step's shapes come from few values, so compiled programs repeat.
 ODD_VALUES = st.sampled_from(
@@ -169,7 +172,7 @@ def _misspell(word: str, i: int) -> str:
 
 @st.composite
 def mutations(draw) -> tuple[dict, list[str]]:
-    raw = copy.deepcopy(VALID)
+    raw = copy.deepcopy(EVALUATED)
     for _ in range(draw(st.integers(1, 3))):
         kind = draw(st.sampled_from(["drop", "retype", "misspell", "section", "set", "flag"]))
         section, field = draw(st.sampled_from(FIELDS))
@@ -214,11 +217,35 @@ def test_a_mutated_config_runs_or_stops_with_one_line(mutation):
             ["train", str(cfg), "--out", str(root / "run"), "--no-progress", *extra]
         )
         if code == 0:
-            assert (root / "run" / "train_summary.csv").exists()
+            _check_outputs(root / "run")
             assert {k: v for k, v in tree(root).items() if not k.startswith("run/")} == before
         else:
             assert_refused(code, err)
             assert tree(root) == before
+
+
+def _check_outputs(run: Path) -> None:
+    """A run that succeeded trained and evaluated every adapter it names: one results row per
+    adapter of train_summary.csv, with finite metrics in range, its predictions and report."""
+    import csv
+    import json
+    import math
+
+    with (run / "train_summary.csv").open(newline="") as f:
+        trained = list(csv.DictReader(f))
+    with (run / "results.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert trained and [r["name"] for r in rows] == [r["name"] for r in trained]
+    for row in rows:
+        assert row["rank"] and int(row["n_facts"]) > 0 and int(row["trainable_params"]) > 0
+        assert 0 <= float(row["accuracy"]) <= 1  # a NaN fails both comparisons
+        for column in ("group_eval_seconds", "group_compile_seconds"):
+            assert math.isfinite(float(row[column])) and float(row[column]) >= 0
+    predictions = [json.loads(x) for x in (run / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == sum(int(r["n_facts"]) for r in rows)
+    assert all(isinstance(p["prediction"], str) for p in predictions)
+    report = (run / "report.md").read_text()
+    assert all(f"| {r['rank']} |" in report for r in rows)
 
 
 def test_verbose_train_prints_the_auto_choices(tmp_path):
