@@ -47,7 +47,10 @@ if TYPE_CHECKING:
 
 Array = jax.Array
 Layout = Literal["groups", "padded"] | tuple[int, ...]
-InitKind = Literal["kaiming", "gaussian"]
+InitKind = Literal["kaiming", "gaussian", "pissa", "olora"]
+# Initialisations from the base weight (PEFT's `init_lora_weights`): the adapter starts at the
+# weight's leading SVD (`pissa`) or QR (`olora`) factors and trains on the residual.
+RESIDUAL_INITS = frozenset({"pissa", "olora"})
 
 TARGET_GROUPS: dict[str, tuple[str, ...]] = {
     "all-linear": LINEAR_MODULES,
@@ -118,6 +121,11 @@ class LoRAConfig:
     def modules(self) -> frozenset[str]:
         return frozenset(self.targets)
 
+    @property
+    def residual(self) -> bool:
+        """Whether the adapter starts from the base weight and carries its frozen correction."""
+        return self.init in RESIDUAL_INITS
+
     def validate(self, config: ModelConfig) -> LoRAConfig:
         if not isinstance(self.rank, int) or self.rank <= 0:
             raise LoRAError(f"LoRA rank must be a positive integer, got {self.rank!r}")
@@ -125,8 +133,10 @@ class LoRAConfig:
             raise LoRAError(f"LoRA alpha must be positive, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise LoRAError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
-        if self.init not in ("kaiming", "gaussian"):
-            raise LoRAError(f"LoRA init must be 'kaiming' or 'gaussian', got {self.init!r}")
+        if self.init not in ("kaiming", "gaussian", *sorted(RESIDUAL_INITS)):
+            raise LoRAError(
+                f"LoRA init must be 'kaiming', 'gaussian', 'pissa' or 'olora', got {self.init!r}"
+            )
         if self.layers is not None:
             bad = [i for i in self.layers if not 0 <= i < config.num_layers]
             if bad or not self.layers:
@@ -150,7 +160,7 @@ class LoRAConfig:
 
     def placement(self) -> LoRAPlacement:
         layers = None if self.layers is None else frozenset(self.layers)
-        return LoRAPlacement(self.rank, self.modules, layers)
+        return LoRAPlacement(self.rank, self.modules, layers, self.residual)
 
 
 def placement_params(config: ModelConfig, placement: LoRAPlacement) -> int:
@@ -168,6 +178,7 @@ def union_placement(configs: Sequence[LoRAConfig]) -> LoRAPlacement:
         rank=max(c.rank for c in configs),
         modules=frozenset(m for c in configs for m in c.modules),
         layers=layers,
+        residual=any(c.residual for c in configs),
     )
 
 
@@ -233,16 +244,44 @@ def init_lora_a(config: LoRAConfig, seed: int, module_index: int, d_in: int) -> 
     return a.astype(np.float32)
 
 
+def base_decomposition(init: str, kernel) -> tuple[np.ndarray, ...]:
+    """The factorisation of a frozen kernel [in, out] that a `pissa` or `olora` adapter starts
+    from, of the weight as PEFT holds it ([out, in]), in float64: the SVD (V, S, U^T) or the
+    QR (Q, R). Every rank and scale of that init slices the same factorisation."""
+    w = np.asarray(kernel, np.float64).T
+    if init == "pissa":
+        return tuple(np.linalg.svd(w, full_matrices=False))
+    return tuple(np.linalg.qr(w))
+
+
+def base_factors(config: LoRAConfig, parts: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
+    """PEFT's initial (A [in, r], B [r, out]) of a `pissa` or `olora` adapter from its kernel's
+    `base_decomposition`: PiSSA A = sqrt(S_r / s) U_r^T, B = V_r sqrt(S_r / s), so that
+    s B A is the rank-r principal part of the weight; OLoRA A = R_r, B = Q_r."""
+    r = config.rank
+    if config.init == "pissa":
+        v, sv, uh = parts
+        root = np.sqrt(sv[:r] / config.scale)
+        a, b = root[:, None] * uh[:r], v[:, :r] * root
+    else:
+        q, upper = parts
+        a, b = upper[:r], q[:, :r]
+    return a.T.astype(np.float32), b.T.astype(np.float32)
+
+
 def init_adapters(
     model: Model,
     configs: Sequence[LoRAConfig],
     seeds: Sequence[int],
     names: Sequence[str] | None = None,
 ) -> AdapterStack:
-    """A stack of freshly initialised adapters (A as PEFT does, B = 0), sharded on `adapter`.
+    """A stack of freshly initialised adapters, sharded on `adapter`.
 
-    Adapter i's A comes from `np.random.default_rng([seeds[i], projection number])` at its own
-    rank, then zero-padded: it depends on nothing but its seed and config. Each device's slice is
+    `kaiming`/`gaussian`: A as PEFT draws it, B = 0. Adapter i's A comes from
+    `np.random.default_rng([seeds[i], projection number])` at its own rank, then zero-padded:
+    it depends on nothing but its seed and config. `pissa`/`olora`: A and B from the base
+    weight (`base_factors`), and the same values as the adapter's frozen residual correction
+    (`lora_a0`, `lora_b0`; zero for the stack's other adapters). Each device's slice is
     generated where it is needed (`make_array_from_callback`), so a process builds only its own
     adapters.
     """
@@ -260,21 +299,42 @@ def init_adapters(
         model.config, placement, model.dtype, model.param_dtype
     )
     numbers = _module_index(model.config)
+    kernels = dict(nnx.to_flat_state(model.params)) if placement.residual else {}
+    decompositions: dict[tuple, tuple[np.ndarray, ...]] = {}
     n = len(configs)
 
-    def weight(path, var):
-        module_path, which = path[:-1], path[-1]
+    def start(a: int, module_path: tuple, factor: str) -> np.ndarray | None:
+        """Adapter a's initial `lora_a` [in, r] or `lora_b` [r, out] of a projection (None:
+        zeros)."""
+        c = configs[a]
+        if not c.placement().rank_for(module_path[1], module_path[3]):
+            return None
+        if not c.residual:
+            if factor == "lora_b":
+                return None
+            d_in = module_dims(model.config, module_path[3])[0]
+            return init_lora_a(c, seeds[a], numbers[module_path], d_in)
+        key = (module_path, c.init)
+        if key not in decompositions:
+            kernel = kernels[(*module_path, "kernel")].get_value()
+            decompositions[key] = base_decomposition(c.init, kernel)
+        return base_factors(c, decompositions[key])[factor == "lora_b"]
+
+    def stacked(path, var, factor: str, *, residual_only: bool):
         shape = (n, *var.get_value().shape)
-        if which == "lora_b":
-            return place_stacked(var, np.zeros(shape, np.float32), model)
+        module_path = path[:-1]
 
         def block(index):
             rows = range(*index[0].indices(n))
             out = np.zeros((len(rows), *shape[1:]), np.float32)
             for k, a in enumerate(rows):
-                c = configs[a]
-                if c.placement().rank_for(module_path[1], module_path[3]):
-                    out[k, :, : c.rank] = init_lora_a(c, seeds[a], numbers[module_path], shape[1])
+                x = (
+                    None
+                    if residual_only and not configs[a].residual
+                    else start(a, module_path, factor)
+                )
+                if x is not None:
+                    out[k, : x.shape[0], : x.shape[1]] = x
             return out[(slice(None), *index[1:])]
 
         sharding = variable_sharding(
@@ -282,7 +342,12 @@ def init_adapters(
         )
         return var.replace(jax.make_array_from_callback(shape, sharding, block))
 
+    def weight(path, var):
+        return stacked(path, var, path[-1], residual_only=False)
+
     def const(path, var):
+        if path[-1] in ("lora_a0", "lora_b0"):
+            return stacked(path, var, path[-1][:-1], residual_only=True)
         values = [c.scale if path[-1] == "lora_scale" else c.dropout for c in configs]
         return place_stacked(var, np.asarray(values, np.float32), model)
 
@@ -314,24 +379,24 @@ def concatenate(model: Model, stacks: Sequence[AdapterStack]) -> AdapterStack:
 
 
 def pad_to(model: Model, stack: AdapterStack, placement: LoRAPlacement) -> AdapterStack:
-    """Zero-pad a stack's rank and fill modules it does not target with zeros."""
+    """Zero-pad a stack's rank (factors and residual corrections) and fill modules, or
+    corrections, it does not have with zeros."""
     _, w_abs, c_abs, _ = abstract_module(model.config, placement)
     have_w = dict(nnx.to_flat_state(stack.weights))
     have_c = dict(nnx.to_flat_state(stack.consts))
     n = len(stack)
 
-    def fill(path, var, have, is_weight):
+    def fill(path, var, have):
         shape = var.get_value().shape
         if path not in have:
             return var.replace(jnp.zeros((n, *shape), jnp.float32))
         x = have[path].get_value()
-        if is_weight:
-            x = jnp.pad(x, [(0, 0)] + [(0, t - s) for s, t in zip(x.shape[1:], shape, strict=True)])
+        x = jnp.pad(x, [(0, 0)] + [(0, t - s) for s, t in zip(x.shape[1:], shape, strict=True)])
         return var.replace(x)
 
     return AdapterStack(
-        nnx.map_state(lambda p, v: fill(p, v, have_w, True), w_abs),
-        nnx.map_state(lambda p, v: fill(p, v, have_c, False), c_abs),
+        nnx.map_state(lambda p, v: fill(p, v, have_w), w_abs),
+        nnx.map_state(lambda p, v: fill(p, v, have_c), c_abs),
         stack.configs,
         stack.names,
     )
@@ -401,7 +466,8 @@ def routed_logits(
 
 
 def delta_weights(stack: AdapterStack, index: int) -> dict[tuple, Array]:
-    """s * A @ B [in, out] of adapter `index` for every projection it carries, by kernel path."""
+    """s * (A @ B - A0 @ B0) [in, out] of adapter `index` for every projection it carries (A0 B0:
+    the residual correction of a PiSSA/OLoRA adapter, else none), by kernel path."""
     weights = dict(nnx.to_flat_state(stack.weights))
     consts = dict(nnx.to_flat_state(stack.consts))
     out = {}
@@ -412,7 +478,11 @@ def delta_weights(stack: AdapterStack, index: int) -> dict[tuple, Array]:
         a = var.get_value()[index]
         b = weights[(*module, "lora_b")].get_value()[index]
         s = consts[(*module, "lora_scale")].get_value()[index]
-        out[(*module, "kernel")] = s * (a @ b)
+        delta = a @ b
+        if (*module, "lora_a0") in consts:  # the residual base: W - s A0 B0
+            a0, b0 = (consts[(*module, f)].get_value()[index] for f in ("lora_a0", "lora_b0"))
+            delta = delta - a0 @ b0
+        out[(*module, "kernel")] = s * delta
     return out
 
 

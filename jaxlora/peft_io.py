@@ -74,11 +74,18 @@ def save_peft(
     *,
     overwrite: bool = False,
 ) -> Path:
-    """Write adapter `index` of the stack as a PEFT LoRA directory; returns its path."""
+    """Write adapter `index` of the stack as a PEFT LoRA directory; returns its path.
+
+    A PiSSA or OLoRA adapter is written as PEFT's `save_pretrained(...,
+    path_initial_model_for_weight_conversion=...)` converts one: a plain LoRA of rank 2r on
+    the unmodified base, A' = [A; A0], B' = [B, -B0] and alpha doubled (x sqrt 2 for rsLoRA), so
+    that its scale is unchanged and s B'A' = s (BA - B0A0) is the whole change to the weight."""
     if not 0 <= index < len(adapters):
         raise LoRAError(f"adapter index {index} out of range for a stack of {len(adapters)}")
     cfg = adapters.configs[index]
     weights = dict(nnx.to_flat_state(adapters.weights))
+    consts = dict(nnx.to_flat_state(adapters.consts))
+    r = cfg.rank
     tensors = {}
     for path, var in weights.items():
         module_path, which = path[:-1], path[-1]
@@ -86,16 +93,25 @@ def save_peft(
         if cfg.placement().rank_for(layer, module) == 0:
             continue
         x = np.asarray(var.get_value()[index], np.float32)
-        if which == "lora_a":
-            tensors[_peft_name(module_path, "A")] = np.ascontiguousarray(x[:, : cfg.rank].T)
-        else:
-            tensors[_peft_name(module_path, "B")] = np.ascontiguousarray(x[: cfg.rank, :].T)
+        x = x[:, :r].T if which == "lora_a" else x[:r, :].T  # PEFT's [r, in] and [out, r]
+        if cfg.residual:
+            x0 = np.asarray(consts[(*module_path, f"{which}0")].get_value()[index], np.float32)
+            x = (
+                np.concatenate([x, x0[:, :r].T], 0)
+                if which == "lora_a"
+                else (np.concatenate([x, -x0[:r, :].T], 1))
+            )
+        tensors[_peft_name(module_path, "A" if which == "lora_a" else "B")] = np.ascontiguousarray(
+            x
+        )
+    widen = 2 if cfg.residual else 1
+    alpha = cfg.alpha * (widen**0.5 if cfg.use_rslora else widen)
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": model.config.name_or_path or None,
-        "r": cfg.rank,
-        "lora_alpha": cfg.alpha,
+        "r": widen * r,
+        "lora_alpha": alpha,
         "lora_dropout": cfg.dropout,
         "use_rslora": cfg.use_rslora,
         "target_modules": list(cfg.targets),
@@ -103,7 +119,7 @@ def save_peft(
         "layers_pattern": None if cfg.layers is None else "layers",
         "bias": "none",
         "fan_in_fan_out": False,
-        "init_lora_weights": True if cfg.init == "kaiming" else "gaussian",
+        "init_lora_weights": "gaussian" if cfg.init == "gaussian" else True,
         "use_dora": False,
         "modules_to_save": None,
         "rank_pattern": {},
@@ -131,6 +147,13 @@ def _read_config(adapter_dir: Path) -> dict:
                 f"{adapter_dir}: {feature} ({key}={value!r}) is not supported by "
                 "jaxlora; use a plain LoRA adapter"
             )
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init != "gaussian":
+        raise LoRAError(
+            f"{adapter_dir}: init_lora_weights={init!r} adapters train on a modified base; "
+            "save them with PEFT's path_initial_model_for_weight_conversion (a plain LoRA on "
+            "the original base) and load that"
+        )
     if config.get("bias", "none") != "none":
         raise LoRAError(f"{adapter_dir}: bias={config['bias']!r} is not supported; use bias='none'")
     return config

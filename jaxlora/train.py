@@ -452,7 +452,7 @@ def _train_step(cfg: StepConfig, base, state: TrainState, batches):
             cfg.scan_layers,
         )
 
-        def update(gr, opt, w, h, live, loss):
+        def update(gr, opt, w, h, live, loss, fast=g.by_layer.fast):
             """One adapter's AdamW step on its layer stacks, elementwise on each (moments and
             weights split alike), kept only where it is live and its loss and gradients are
             finite."""
@@ -460,7 +460,7 @@ def _train_step(cfg: StepConfig, base, state: TrainState, batches):
             upd, new_opt = tx.update(gr, opt, w)
             # LoRA+ (PEFT's `create_loraplus_optimizer`): B's parameter group runs at lr x ratio,
             # its decoupled decay included, which is the whole AdamW update scaled by the ratio.
-            upd = [u * h.lr_ratio if f else u for u, f in zip(upd, g.by_layer.fast, strict=True)]
+            upd = [u * h.lr_ratio if f else u for u, f in zip(upd, fast, strict=True)]
             finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.isfinite(x).all() for x in gr]))
             keep = live & finite
             kept = lambda new, old: jnp.where(keep, new, old)  # noqa: E731

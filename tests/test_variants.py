@@ -66,7 +66,9 @@ def train_both(
     initial = jaxlora.init_adapters(job.model, [plan.lora], [plan.init_seed])
     jaxlora.save_peft(job.model, initial, 0, tmp_path / "initial")
     job.run()
-    ours = [json.loads(x)["loss"][plan.name] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    ours = [
+        json.loads(x)["loss"][plan.name] for x in (out / "metrics.jsonl").read_text().splitlines()
+    ]
 
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_pretrained(
@@ -130,3 +132,62 @@ def test_lora_plus_matches_pefts_loraplus_optimizer(tmp_path, base_dir):
     theirs = load_file(tmp_path / "peft_final" / "adapter_model.safetensors")
     mine = load_file(adapter_dir / "adapter_model.safetensors")
     assert_equal_to_rounding({"a": mine}, {"a": theirs}, bound)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_and_olora_train_and_export_as_peft_does(tmp_path, base_dir, init):
+    """PEFT's `init_lora_weights="pissa"/"olora"` (it rewrites the base to the residual) against
+    jaxlora's (each adapter carries its frozen correction, the base is shared): the initial
+    B @ A per module, the losses of training, and the export, which PEFT loads on the original
+    base and which equals PEFT's own conversion (`path_initial_model_for_weight_conversion`)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    def residual_model(hf, _initial):
+        config = LoraConfig(
+            r=4, lora_alpha=4, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=init
+        )
+        model = get_peft_model(hf, config)
+        model.peft_config["default"].init_lora_weights = True  # as PEFT's docs save the start
+        model.save_pretrained(tmp_path / "peft_initial")
+        model.peft_config["default"].init_lora_weights = init
+        return model
+
+    ours, ref, adapter_dir, model, bound = train_both(
+        tmp_path, base_dir, {"init": init}, residual_model
+    )
+    # The starts: B A of every module, PEFT's (float32 SVD/QR) against ours (float64, then
+    # float32). Both are exact factorisations; the tiny model's weights are N(0, 0.02), so
+    # entries of B A are below 0.1 and float32 rounding moves them by ~1e-8. The wrong
+    # factorisation (olora for pissa) misses by 0.05.
+    start_ours = load_file(tmp_path / "initial" / "adapter_model.safetensors")
+    start_peft = load_file(tmp_path / "peft_initial" / "adapter_model.safetensors")
+    for name, a in start_peft.items():
+        if name.endswith("lora_A.weight"):
+            b = start_peft[name.replace("lora_A", "lora_B")]
+            a2 = start_ours[name][:4]  # the trained half of the converted start (= the start)
+            b2 = start_ours[name.replace("lora_A", "lora_B")][:, :4]
+            np.testing.assert_allclose(b2 @ a2, b @ a, atol=1e-5, err_msg=name)
+    # torch and XLA order their float32 reductions differently: equal to rounding (runs.py).
+    np.testing.assert_allclose(ours, ref, rtol=bound)
+    model.save_pretrained(
+        tmp_path / "peft_final", path_initial_model_for_weight_conversion=tmp_path / "peft_initial"
+    )
+    theirs = load_file(tmp_path / "peft_final" / "adapter_model.safetensors")
+    mine = load_file(adapter_dir / "adapter_model.safetensors")
+    assert {k: v.shape for k, v in mine.items()} == {k: v.shape for k, v in theirs.items()}
+    assert_equal_to_rounding({"a": mine}, {"a": theirs}, bound)
+    assert json.loads((adapter_dir / "adapter_config.json").read_text())["r"] == 8
+
+    # PEFT loads jaxlora's export on the unmodified base and computes what PEFT's trained
+    # residual model computes.
+    hf = AutoModelForCausalLM.from_pretrained(
+        base_dir, dtype=torch.float32, attn_implementation="eager"
+    )
+    loaded = PeftModel.from_pretrained(hf, adapter_dir).eval()
+    model.eval()
+    ids = torch.arange(3, 40).reshape(1, -1)
+    with torch.no_grad():
+        got, want = loaded(input_ids=ids).logits, model(input_ids=ids).logits
+    # The trained adapters differ by `bound` of their delta; logits of unit scale move by less.
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=bound)

@@ -33,7 +33,8 @@ from jaxlora.memory import grammar
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 Remat = Literal["none", "block"]
-InitKind = Literal["kaiming", "gaussian"]
+# PEFT's `init_lora_weights`: `default` (its True) is `kaiming`, A Kaiming-uniform and B = 0.
+InitKind = Literal["default", "kaiming", "gaussian", "pissa", "olora"]
 DatasetKind = Literal["phonebook", "counterfact", "text", "qa", "paperqa", "narrativeqa", "quality"]
 PaperHeader = Literal["bracket", "natural", "none"]
 Leakage = Literal["error", "drop"]
@@ -168,7 +169,9 @@ class LoRASection(Section):
     )
     dropout: float = field(default=0.1, metadata=rule(check=UNIT))
     use_rslora: bool = False
-    init: InitKind = "kaiming"
+    init: InitKind = field(
+        default="kaiming", metadata=rule(normalize=lambda v: "kaiming" if v == "default" else v)
+    )
     # LoRA+: B's learning rate as a multiple of A's (training.lr), per adapter; 1 is plain LoRA.
     lr_ratio: float = field(default=1.0, metadata=rule(check=POSITIVE))
 

@@ -140,6 +140,7 @@ def weights_placement(stack: AdapterStack, num_layers: int) -> LoRAPlacement:
         rank=max(shape[-1] for p, shape in paths if p[-1] == "lora_a"),
         modules=frozenset(p[3] for p, _ in paths),
         layers=None if len(layers) == num_layers else layers,
+        residual=any(p[-1] == "lora_a0" for p, _ in nnx.to_flat_state(stack.consts)),
     )
 
 
@@ -151,6 +152,7 @@ def concat_stacks(model, stacks: Sequence[AdapterStack]) -> AdapterStack:
         rank=max(p.rank for p in placements),
         modules=frozenset().union(*(p.modules for p in placements)),
         layers=None if any(x is None for x in layers) else frozenset().union(*layers),
+        residual=any(p.residual for p in placements),
     )
     padded = [pad_to(model, s, union) for s in stacks]
     return AdapterStack(

@@ -136,7 +136,8 @@ class LoRAWeight(nnx.Variable):
 
 
 class LoRAConst(nnx.Variable):
-    """Per-adapter constants of a LoRA layer: `lora_scale` (alpha/r) and `lora_dropout`."""
+    """Per-adapter constants of a LoRA layer: `lora_scale` (alpha/r) and `lora_dropout`, and
+    with a residual correction the frozen initial factors `lora_a0` [in, R], `lora_b0` [R, out]."""
 
 
 def random_normal(rngs: nnx.Rngs | None, shape: tuple[int, ...], dtype, stddev: float = 0.02):
@@ -151,6 +152,12 @@ class LoRALinear(nnx.Module):
 
     `rank == 0` builds a plain linear layer. Dropout is applied only when a key is given, so
     evaluation is deterministic.
+
+    `residual`: y = x W + b - s x A0 B0 + s * dropout(x) A B, with (A0, B0) an adapter's frozen
+    initial factors. PiSSA and OLoRA start an adapter from the base weight's principal (SVD) or
+    QR directions and train on the residual W - s A0 B0 (PEFT rewrites the base so); here every
+    adapter carries its own correction and the shared base stays as it is. An adapter that
+    starts at B = 0 has A0 = B0 = 0.
     """
 
     def __init__(
@@ -161,6 +168,7 @@ class LoRALinear(nnx.Module):
         *,
         use_bias: bool = False,
         rank: int = 0,
+        residual: bool = False,
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs | None,
@@ -185,6 +193,15 @@ class LoRALinear(nnx.Module):
             self.lora_dropout = LoRAConst(jnp.zeros((), jnp.float32), axes=())
         else:
             self.lora_a = self.lora_b = self.lora_scale = self.lora_dropout = None
+        if rank and residual:
+            self.lora_a0 = LoRAConst(
+                jnp.zeros((in_features, rank), jnp.float32), axes=(axes[0], "rank")
+            )
+            self.lora_b0 = LoRAConst(
+                jnp.zeros((rank, out_features), jnp.float32), axes=("rank", axes[1])
+            )
+        else:
+            self.lora_a0 = self.lora_b0 = None
 
     @property
     def has_lora(self) -> bool:
@@ -205,6 +222,11 @@ class LoRALinear(nnx.Module):
                 scale = self.lora_scale[...].astype(self.dtype)
                 u = _factor_product(h, self.lora_a[...]) * scale
                 y = y + _factor_product(u, self.lora_b[...])
+                if self.lora_a0 is not None:  # the residual base W - s A0 B0, on x undropped
+                    a0, b0 = (f[...].astype(self.dtype) for f in (self.lora_a0, self.lora_b0))
+                    y = y - jnp.einsum(
+                        "...r,ro->...o", jnp.einsum("...i,ir->...r", x, a0) * scale, b0
+                    )
         return y
 
 

@@ -79,11 +79,13 @@ BTD = ("batch", "seq", None)
 
 @dataclasses.dataclass(frozen=True)
 class LoRAPlacement:
-    """Which projections carry an adapter, and its (stack-wide maximum) rank."""
+    """Which projections carry an adapter, its (stack-wide maximum) rank, and whether the
+    layers hold a frozen residual correction (PiSSA/OLoRA adapters in the stack)."""
 
     rank: int
     modules: frozenset[str]
     layers: frozenset[int] | None = None  # None: every layer
+    residual: bool = False
 
     def rank_for(self, layer: int, module: str) -> int:
         in_layer = self.layers is None or layer in self.layers
@@ -146,6 +148,7 @@ class Attention(nnx.Module):
                 axes,
                 use_bias=bias,
                 rank=rank,
+                residual=bool(rank) and lora.residual,
                 dtype=dtype,
                 param_dtype=param_dtype,
                 rngs=rngs,
@@ -208,7 +211,14 @@ class MLP(nnx.Module):
         def linear(name, d_in, d_out, axes):
             rank = lora.rank_for(layer, name) if lora else 0
             return LoRALinear(
-                d_in, d_out, axes, rank=rank, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+                d_in,
+                d_out,
+                axes,
+                rank=rank,
+                residual=bool(rank) and lora.residual,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                rngs=rngs,
             )
 
         D, F = config.hidden_size, config.intermediate_size
