@@ -27,7 +27,6 @@ from jaxlora.llm.common import (
     ResultCache,
     extract_json,
     render_template,
-    request_key,
 )
 from jaxlora.llm.synth import (
     SynthConfig,
@@ -253,10 +252,11 @@ def test_synth_end_to_end_writes_trainer_files_reports_failures_and_reruns_from_
     assert again.report["cache"] == {"hits": asked, "misses": 0}
 
 
-def test_qa_replies_become_records_the_trainer_reads(local, units_file, tmp_path):
-    """Replies a capable model would give, stored in the cache under the keys synth asks for:
-    the pipeline turns them into qa.jsonl (read as qa and as text) and retries the shortfall."""
-    from jaxlora.llm.synth import _messages, _seed
+def test_qa_replies_become_records_the_trainer_reads(units_file, tmp_path):
+    """Replies a capable model would give, from a real HTTP server on 127.0.0.1: the pipeline
+    turns them into qa.jsonl (read as qa and as text) and asks again for the shortfall."""
+    from jaxlora.llm.backends import OpenAIBackend
+    from tests.openai_http import OpenAIHTTP
 
     units = read_units(units_file)
     section = {
@@ -266,24 +266,34 @@ def test_qa_replies_become_records_the_trainer_reads(local, units_file, tmp_path
         "max_attempts": 2,
     }
     config = SynthConfig.from_dict(section)
-    spec = config.spec("qa")
     replies = {
-        "zorblax": '```json\n{"pairs": [{"question": "Who built the Zorblax reactor?", '
-        '"answer": "Ada"}, {"question": "", "answer": "x"}]}\n```',
-        "kelvar": '{"pairs": [{"question": "How high is Mount Kelvar?", "answer": "4,210 m"},'
-        ' {"question": "When was it first climbed?", "answer": "1911"}]}',
-        "ondel": 'Sure. [{"question": "Where does the Ondel end?", "answer": "Lake Mira"}, '
-        '{"question": "How long is it?", "answer": "300 km"}]',
+        # one valid pair of two: the second round asks for the missing one, and gets prose
+        "Zorblax": [
+            '```json\n{"pairs": [{"question": "Who built the Zorblax reactor?", '
+            '"answer": "Ada"}, {"question": "", "answer": "x"}]}\n```',
+            "I cannot think of another question.",
+        ],
+        "Kelvar": [
+            '{"pairs": [{"question": "How high is Mount Kelvar?", "answer": "4,210 m"},'
+            ' {"question": "When was it first climbed?", "answer": "1911"}]}'
+        ],
+        "Ondel": [
+            'Sure. [{"question": "Where does the Ondel end?", "answer": "Lake Mira"}, '
+            '{"question": "How long is it?", "answer": "300 km"}]'
+        ],
     }
-    cache = ResultCache(tmp_path / "cache.sqlite")
-    stored = {}
-    for ui, u in enumerate(units):
-        params = spec.params(_seed(config.seed, 0, 0) + ui)
-        stored[request_key(local.name, "chat", _messages(spec, u, 2), params)] = replies[u.id]
-    cache.put_many(stored)
-    counting = Counting(local)
-    result = synthesize(units, config, counting, cache=cache)
-    write_outputs(result, tmp_path / "out")
+    asked: dict[str, list[str]] = {name: [] for name in replies}
+
+    def reply(user: str) -> tuple[int, str]:
+        (name,) = [n for n in replies if n in user]  # the unit the prompt quotes
+        asked[name].append(user)
+        return 200, replies[name][len(asked[name]) - 1]
+
+    with OpenAIHTTP(reply) as server:
+        backend = OpenAIBackend("m", base_url=server.url, max_retries=0)
+        result = synthesize(units, config, backend, cache=tmp_path / "cache.sqlite")
+        write_outputs(result, tmp_path / "out")
+        assert server.requests == 4  # a request per unit, then zorblax's second round
 
     qa = read_records("qa", tmp_path / "out" / "qa.jsonl")
     assert [(r.question, r.answer) for r in qa][:2] == [
@@ -291,10 +301,11 @@ def test_qa_replies_become_records_the_trainer_reads(local, units_file, tmp_path
         ("[Paper ID: kelvar] How high is Mount Kelvar?", "4,210 m"),
     ]
     assert len(qa) == 5 and len(read_records("text", tmp_path / "out" / "qa.jsonl")) == 5
-    # zorblax's reply had one valid pair of two: one retry went to the (tiny) model and failed.
+    assert "write 2 question-answer pairs" in asked["Zorblax"][0]
+    assert "write 1 question-answer pairs" in asked["Zorblax"][1]  # only the missing one
     z = result.report["per_unit"]["zorblax"]["qa"]
     assert (z["produced"], z["short"], z["invalid_items"], z["requests"]) == (1, 1, 1, 2)
-    assert counting.requests == 1
+    assert z["errors"] == {"no JSON list in the reply": 1}
     mix = read_records("text", tmp_path / "out" / "qa_orig.jsonl")
     assert len(mix) == 8 and mix[1].text == UNITS[0]["text"]  # 2 qa + 1 original per unit
 
@@ -434,6 +445,42 @@ def test_synth_that_produced_everything_exits_0(units_file, tmp_path):
     assert server.requests == 5 * len(UNITS)
 
 
+def test_the_cache_answers_what_was_asked_before_and_only_that(units_file, tmp_path):
+    """Runs against one server that counts requests: the same run again asks nothing; a change
+    to anything that determines a generation (a sampling parameter, the seed, the model, the
+    template, a unit's text) asks again, for the items it changes only."""
+    from tests.openai_http import OpenAIHTTP
+
+    n = 2 * len(UNITS)  # --count summary=2
+    edited = tmp_path / "edited.jsonl"
+    edited.write_text(units_file.read_text().replace("built in 1987", "built in 1988"))
+    template = tmp_path / "summary.txt"
+    template.write_text("Summarise this in one line:\n{text}\n")
+    with OpenAIHTTP(lambda user: (200, "A short summary.")) as server:
+
+        def asked(*extra: str, units: Path = units_file) -> int:
+            before = server.requests
+            code, err, _ = _synth_http(
+                units, tmp_path / "out", server.url, "--formats", "summary", "--count",
+                "summary=2", *extra,
+            )  # fmt: skip
+            assert code == 0, err
+            return server.requests - before
+
+        assert asked() == n
+        assert asked() == 0  # every request from the cache
+        assert asked("--temperature", "0.7") == n
+        assert asked("--temperature", "0.7") == 0
+        assert asked("--top-p", "0.5") == n
+        assert asked("--max-tokens", "33") == n
+        assert asked("--seed", "5") == n
+        assert asked("--llm-model", "another") == n  # the last --llm-model wins
+        assert asked("--template", f"summary={template}") == n
+        assert asked(units=edited) == 2  # only the edited unit's two summaries
+        assert asked() == 0  # the first run's answers are all still there
+    assert len(read_records("text", tmp_path / "out" / "summary.jsonl")) == n
+
+
 def test_a_400_is_never_asked_again_and_the_shortfall_exits_3(units_file, tmp_path):
     """A prompt the server refuses (400) cannot succeed: one request per item, no retries, no
     second round; the files and the report are written, the status says incomplete."""
@@ -470,7 +517,7 @@ def test_a_refused_connection_stops_synth_at_once_with_one_line(units_file, tmp_
     assert_refused(code, err)
     assert "connection refused" in err and url in err
     assert seconds < 10  # not 5 retries x 3 rounds of backoff per request
-    assert not (tmp_path / "out" / "synth_report.json").exists()
+    assert not (tmp_path / "out").exists()  # no report, and no empty cache either
 
 
 def test_one_network_error_on_every_first_request_stops_synth_with_one_line(units_file, tmp_path):
@@ -485,4 +532,5 @@ def test_one_network_error_on_every_first_request_stops_synth_with_one_line(unit
         )
     assert_refused(code, err)
     assert f"every request to {server.url} failed: APIConnectionError" in err
-    assert seconds < 10
+    assert seconds < 10  # not 4 retries x 3 rounds of backoff (1 s doubling) per request
+    assert not (tmp_path / "out").exists()

@@ -53,19 +53,31 @@ _THINK_CLOSE = "</think>"
 
 
 class ResultCache:
-    """Request key -> generated text, in one SQLite file (created on first use)."""
+    """Request key -> generated text, in one SQLite file. An existing file is opened (and
+    checked) at once; a new one is created with the first answer stored, so a run that got no
+    answer (a server that is not there) leaves no empty cache behind."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path).expanduser()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self._db = sqlite3.connect(self.path)
-            self._db.execute("CREATE TABLE IF NOT EXISTS results (key TEXT PRIMARY KEY, text TEXT)")
-            self._db.commit()
-        except sqlite3.Error as e:
-            raise JaxloraError(f"cannot open the LLM cache {self.path}: {e}") from e
+        self._db: sqlite3.Connection | None = None
+        if self.path.exists():
+            self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        if self._db is None:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                db = sqlite3.connect(self.path)
+                db.execute("CREATE TABLE IF NOT EXISTS results (key TEXT PRIMARY KEY, text TEXT)")
+                db.commit()
+            except (OSError, sqlite3.Error) as e:
+                raise JaxloraError(f"cannot open the LLM cache {self.path}: {e}") from e
+            self._db = db
+        return self._db
 
     def get_many(self, keys: Sequence[str]) -> dict[str, str]:
+        if self._db is None:  # no file yet: nothing stored
+            return {}
         found: dict[str, str] = {}
         unique = list(dict.fromkeys(keys))
         for i in range(0, len(unique), 500):  # SQLite caps the number of bound parameters
@@ -77,14 +89,19 @@ class ResultCache:
 
     def put_many(self, items: dict[str, str]) -> None:
         """Store and commit at once: what is committed survives a kill a moment later."""
-        self._db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?)", items.items())
-        self._db.commit()
+        db = self._open()
+        db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?)", items.items())
+        db.commit()
 
     def __len__(self) -> int:
+        if self._db is None:
+            return 0
         return int(self._db.execute("SELECT COUNT(*) FROM results").fetchone()[0])
 
     def close(self) -> None:
-        self._db.close()
+        if self._db is not None:
+            self._db.close()
+            self._db = None
 
 
 def request_key(backend_name: str, kind: str, payload: Any, params: GenParams) -> str:
