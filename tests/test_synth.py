@@ -481,6 +481,34 @@ def test_the_cache_answers_what_was_asked_before_and_only_that(units_file, tmp_p
     assert len(read_records("text", tmp_path / "out" / "summary.jsonl")) == n
 
 
+def test_transient_errors_are_retried_then_asked_again_in_the_next_round(units_file, tmp_path):
+    """A server that answers one unit's requests 429, then 500, then 200: the backend retries
+    the 429, gives up after its one retry (a failure counted for that unit), and synth's second
+    round asks again and gets the summary; the other units are asked once."""
+    from jaxlora.llm.backends import OpenAIBackend
+    from tests.openai_http import OpenAIHTTP
+
+    statuses = iter([(429, "slow down"), (500, "overloaded"), (200, "Mount Kelvar, 4,210 m.")])
+
+    def reply(user: str) -> tuple[int, str]:
+        return next(statuses) if "Kelvar" in user else (200, "A short summary.")
+
+    config = SynthConfig.from_dict({"formats": {"summary": {"count": 1}}, "max_attempts": 2})
+    with OpenAIHTTP(reply) as server:
+        # backoff 10 ms: the test waits for no schedule, only for the order of the answers
+        backend = OpenAIBackend("m", base_url=server.url, max_retries=1, backoff_s=0.01)
+        result = synthesize(read_units(units_file), config, backend)
+        assert server.requests == 2 + 3  # the two other units once, kelvar three times
+    summary = result.report["formats"]["summary"]
+    assert (summary["requested"], summary["produced"], summary["short"]) == (3, 3, 0)
+    kelvar = result.report["per_unit"]["kelvar"]["summary"]
+    assert kelvar["requests"] == 2  # synth's two rounds; the backend's retry is inside the first
+    assert kelvar["errors"] == {"request failed: HTTP 500: overloaded (after 2 attempts)": 1}
+    write_outputs(result, tmp_path / "out")
+    texts = [r.text for r in read_records("text", tmp_path / "out" / "summary.jsonl")]
+    assert "Mount Kelvar, 4,210 m." in texts and len(texts) == 3
+
+
 def test_a_400_is_never_asked_again_and_the_shortfall_exits_3(units_file, tmp_path):
     """A prompt the server refuses (400) cannot succeed: one request per item, no retries, no
     second round; the files and the report are written, the status says incomplete."""
