@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
-import json
 import math
 import os
 import re
@@ -37,14 +36,21 @@ from flax import nnx
 from jax.experimental import topologies
 from jax.sharding import Mesh, NamedSharding
 
-from jaxlora.cells import Group, build_groups, count_passes, plan_cells, resolve_per_pass
-from jaxlora.config import Config
+from jaxlora.cells import (
+    Group,
+    build_groups,
+    count_passes,
+    expand_units,
+    plan_cells,
+    resolve_per_pass,
+)
+from jaxlora.config import Config, DistillSection
 from jaxlora.errors import JaxloraError
 from jaxlora.generate import DecodeSpec, decode_stack_for
 from jaxlora.lora import union_placement
-from jaxlora.models.model import abstract_module, model_config, parse_dtype
-from jaxlora.plan import GIB, Plan, make_plan
-from jaxlora.sharding import MESH_AXES, compiling_for, logical_spec, mesh_sizes
+from jaxlora.models.model import abstract_module, local_tokenizer, model_config, parse_dtype
+from jaxlora.plan import GIB, Plan
+from jaxlora.sharding import compiling_for, logical_spec
 from jaxlora.train import (
     GroupState,
     Hyper,
@@ -63,6 +69,14 @@ CHIPS: dict[str, tuple[str, float, float]] = {
     "v5p": ("TPU v5", 95 * GIB, 459e12),
     "v6e": ("TPU v6 lite", 32 * GIB, 918e12),
 }
+# HBM per device that the TPU compiler lets one program use (libtpu 0.0.42), as its refusal
+# states it ("... exceeds available HBM (15.75G)"): `usable_hbm` reads it from the compiler on
+# every run; these are its readings (2026-12-06), used only if the compiler's message changes.
+# v4: per device (libtpu describes a 32 GiB v4 chip as two devices). v5p: more than the 95
+# GiB of CHIPS, the figure as sold.
+USABLE_GIB: dict[str, float] = {"v4": 15.25, "v5e": 15.75, "v5p": 95.74, "v6e": 31.25}
+# Temporaries of the probe program: more than any chip's HBM, so the compiler refuses it.
+PROBE_BYTES = 256 * 2**30
 TOPOLOGY = re.compile(r"^(v4|v5e|v5p|v6e):(\d+)x(\d+)(?:x(\d+))?$")
 INSTALL = 'pip install -e ".[tpu-aot]"'
 # libtpu's start-up lines on a machine that is not a TPU VM: it looks for the VM's metadata.
@@ -124,6 +138,30 @@ def topology_devices(name: str) -> list[jax.Device]:
     return list(topo.devices)
 
 
+def usable_hbm(device: jax.Device) -> tuple[float, str]:
+    """(bytes, where from): the HBM per device the TPU compiler lets a program use, read from
+    its refusal of a probe whose temporaries (a sort of PROBE_BYTES) exceed any chip; the
+    USABLE_GIB reading of the chip if the refusal does not state it."""
+    rows = PROBE_BYTES // 4 // 2**20
+
+    def probe(x):  # the sort needs its whole [rows, 2^20] float32 input in temporaries
+        y = jnp.broadcast_to(x, (rows, 2**20)) * jnp.arange(2**20, dtype=jnp.float32)
+        return jnp.sort(y, axis=1)[:, :1]
+
+    arg = jax.ShapeDtypeStruct(
+        (1,), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(device)
+    )
+    try:
+        with _quiet_stderr():
+            jax.jit(probe).lower(arg).compile()
+    except Exception as e:  # the refusal we ask for
+        _, usable = parse_refusal(str(e))
+        if usable is not None:
+            return usable, "the compiler"
+    generation = next(k for k, (kind, *_) in CHIPS.items() if kind == device.device_kind)
+    return USABLE_GIB[generation] * GIB, "libtpu 0.0.42's reading"
+
+
 # ---------------------------------------------------------------------------------------------
 # the training step, abstract
 
@@ -175,12 +213,14 @@ def train_program(config: Config, mesh: Mesh, plan: Plan) -> Program:
     B, T = t.batch_size, max(p.cell.config.data.max_length for p in plans)
     platform = mesh.devices.flat[0].platform
     per_pass = resolve_per_pass(t.adapters_per_pass, platform, B * T)
+    # Distillation: the job caches the teacher's outputs (`distill.teacher: cache`, or `auto`
+    # when they fit host memory, which depends on the data) or runs the teacher in the step
+    # (`step`). `auto` is compiled as `step`: the step then holds the teacher's forward too.
+    cached = (config.distill or DistillSection()).teacher == "cache"
     *_, base = abstract_module(c, None, dtype, param_dtype)
     states, batches, graphdefs, passes = [], [], [], []
     for g in groups:
         members = [plans[i if i is not None else g.slots[0]] for i in g.slots]
-        if members[0].objective is not None:
-            raise AotError("--aot does not compile distilling groups yet (training.objective)")
         placement = union_placement([p.lora for p in members])
         graphdef, w_abs, c_abs, _ = abstract_module(
             c, placement, dtype, param_dtype, m.remat, m.scan_layers
@@ -224,7 +264,20 @@ def train_program(config: Config, mesh: Mesh, plan: Plan) -> Program:
         rows = jax.ShapeDtypeStruct((n, B, T), jnp.int32)
         flags = jax.ShapeDtypeStruct((n, B, T), bool)
         batch_axes = ("adapter", "batch", None)
-        batches.append(tuple(_sharded(x, mesh, batch_axes) for x in (rows, flags, flags)))
+        batch = [_sharded(x, mesh, batch_axes) for x in (rows, flags, flags)]
+        if (d := members[0].objective) is not None and cached:  # the teacher's outputs, read
+            V, D = c.vocab_size, c.hidden_size
+            batch.append(
+                _sharded(jax.ShapeDtypeStruct((n, B, T, V), jnp.float32), mesh, (*batch_axes, None))
+            )
+            if d.layers:
+                hidden = jax.ShapeDtypeStruct((n, B, len(d.layers), T, D), jnp.float32)
+                batch.append(_sharded(hidden, mesh, (*batch_axes, None, None)))
+        elif d is not None:  # each adapter's context: the step runs the teacher on it
+            C = teacher_context(config, c)
+            batch.append(_sharded(jax.ShapeDtypeStruct((n, C), jnp.int32), mesh, ("adapter", None)))
+            batch.append(_sharded(jax.ShapeDtypeStruct((n, C), bool), mesh, ("adapter", None)))
+        batches.append(tuple(batch))
         passes.append(count_passes(n // mesh.shape["adapter"], per_pass))
     cfg = StepConfig(
         graphdefs=tuple(graphdefs),
@@ -233,7 +286,9 @@ def train_program(config: Config, mesh: Mesh, plan: Plan) -> Program:
         use_dropout=any(p.lora.dropout > 0 for p in plans),
         spmd_axis_name="adapter",
         passes=tuple(passes),
-        objectives=tuple(None for _ in groups),
+        objectives=tuple(plans[g.slots[0]].objective for g in groups),
+        teacher_cached=cached,
+        context_offset=1 if c.bos_token_id is not None else 0,
         teacher_graphdef=abstract_module(c, None, dtype, param_dtype, m.remat, m.scan_layers)[0],
         scan_layers=m.scan_layers,
         mesh=mesh,  # platform paths follow the TPU devices, not this CPU host
@@ -254,6 +309,19 @@ def train_program(config: Config, mesh: Mesh, plan: Plan) -> Program:
         plan.flops_per_step / plan.devices,
         mesh,
     )
+
+
+def teacher_context(config: Config, c) -> int:
+    """Tokens of the widest teacher context (`cells.CellData.context_width`): the longest unit
+    text and its blank line, with BOS; the units are cut as the job cuts them (with the
+    model's tokenizer, or a shape preset's stand-in). Without a tokenizer or units: the
+    model's positions left after a training row, the most any context can take."""
+    tokenizer = local_tokenizer(config.model.path, c)
+    units = expand_units(config, tokenizer)[1] if tokenizer is not None else []
+    if not units:
+        return c.max_position_embeddings - config.data.max_length
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    return max(len(encode(u.text + "\n\n")) for u in units) + 1
 
 
 def _stacked(tree, n: int):
@@ -432,6 +500,8 @@ class Report:
     hbm_bytes: float
     plan: Plan
     programs: list[Compiled]
+    hbm_nominal: float = 0.0  # the chip's HBM as sold; `hbm_bytes` is what the compiler allows
+    hbm_source: str = "the compiler"
 
     @property
     def fits(self) -> bool:
@@ -441,7 +511,8 @@ class Report:
         gib = lambda b: f"{b / GIB:8.2f} GiB" if abs(b) >= GIB / 10 else f"{b / 2**20:8.2f} MiB"  # noqa: E731
         lines = [
             f"--aot {self.topology}: {self.devices} x {self.device_kind} "
-            f"({self.hbm_bytes / GIB:.2f} GiB HBM each), compiled by libtpu on this machine",
+            f"({self.hbm_nominal / GIB:.2f} GiB HBM each, {self.hbm_bytes / GIB:.2f} usable by a "
+            f"program, from {self.hbm_source}), compiled by libtpu on this machine",
         ]
         for p in self.programs:
             verdict = "fits" if not p.error and p.total <= self.hbm_bytes else "does NOT fit"
@@ -499,56 +570,3 @@ class Report:
                 for p in self.programs
             ],
         }
-
-
-def compile_job(
-    config: Config, topology: str, mfu: float = 0.4, context: int = 0, devices: int | None = None
-) -> Report:
-    """Plan `config` for the chips of `topology` and compile its programs for them (`devices`,
-    when given, must be the topology's chip count)."""
-    chips = topology_devices(topology)
-    if devices is not None and devices != len(chips):
-        raise AotError(f"--devices {devices} but {topology} has {len(chips)} chips; drop one")
-    devices = len(chips)
-    _, hbm, peak = CHIPS[topology.split(":")[0]]
-    kind = chips[0].device_kind  # what libtpu describes, e.g. "TPU v5 lite"
-    # libtpu may describe a chip as several devices (v4's two cores): they share its HBM.
-    per_chip = devices / math.prod(int(n) for n in topology.split(":")[1].split("x"))
-    hbm, peak = hbm / per_chip, peak / per_chip
-    plan = make_plan(config, devices, hbm / GIB, peak / 1e12, mfu, context)
-    c = plan.config.mesh
-    sizes = mesh_sizes(c.adapter, c.fsdp, c.tensor, devices)
-    mesh = Mesh(np.asarray(chips).reshape(tuple(sizes.values())), MESH_AXES)
-    # A persistent-cache hit would be no compile at all: this command measures the compiler.
-    jax.config.update("jax_enable_compilation_cache", False)
-    programs = [train_program(plan.config, mesh, plan), *eval_programs(plan.config, mesh, plan)]
-    programs = [compile_program(p) for p in programs]
-    return Report(topology, devices, kind, hbm, plan, programs)
-
-
-def run_cli(
-    config: Config,
-    topology: str,
-    devices: int | None,
-    device: str | None,
-    mfu: float,
-    context: int,
-    as_json: bool,
-) -> int:
-    """`jaxlora plan CONFIG --aot TOPOLOGY`: print plan and the compiler's figures (with
-    `as_json`, one JSON object last); a program that does not fit is an error (exit 2)."""
-    kind = topology.split(":")[0]
-    if device is not None and device != f"tpu-{kind}":
-        raise AotError(f"--device {device} is not the chip of --aot {topology}; drop --device")
-    report = compile_job(config, topology, mfu, context, devices=devices)
-    print(report.plan.render())
-    print(report.render())
-    if as_json:
-        print(json.dumps(report.to_json()))
-    if not report.fits:
-        worst = max(report.programs, key=lambda p: p.total)
-        raise AotError(
-            f"{worst.name} does not fit a {report.device_kind} chip of {topology}: "
-            f"{worst.total / GIB:.2f} GiB of {report.hbm_bytes / GIB:.2f} GiB"
-        )
-    return 0

@@ -181,7 +181,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _plan_aot(args: argparse.Namespace, config) -> int:
     """`plan --aot`, imported only here: libtpu probes for TPUs when its backend starts."""
-    from jaxlora.aot import run_cli
+    from jaxlora.aot_job import run_cli
 
     return run_cli(config, args.aot, args.devices, args.device, args.mfu, args.context, args.json)
 

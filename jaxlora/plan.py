@@ -164,7 +164,8 @@ def decode_rows(
 
     KV cache: 2 x L x K x H x (prompt + new_tokens) per row, in the model dtype (kv heads split
     over `tensor`). The prefill's working set is one layer's, as `prefill_rows` counts it, with
-    full attention's float32 logits and probabilities (N x prompt x cache per row). The weights
+    the attention's float32 working set (`_attention_bytes`: full logits and probabilities of
+    a short prompt, the blocked kernel's of a long one, per row). The weights
     live split over `fsdp`, so the program all-gathers each one whole where it is used: the
     largest, the vocabulary table of the logits (V x D), twice over (the gathered table and
     its copy for the product), and a layer's projections, which the compiler gathers a few
@@ -183,12 +184,23 @@ def decode_rows(
             2 * L * kv * H * cache * rows * dtype_bytes,
         ),
         ("prefill: a layer's activations", rows * prompt * per_token),
-        ("prefill: attention (float32)", 2 * rows * N * prompt * cache * 4),
+        ("prefill: attention (float32)", rows * _attention_bytes(N, H, prompt, cache)),
         ("vocab table gathered (2 copies)", 2 * V * D * dtype_bytes / t),
     ]
     if sizes["fsdp"] > 1:
         out.append((f"layers gathered ahead ({DECODE_LAYERS_AHEAD})", DECODE_LAYERS_AHEAD * layer))
     return out
+
+
+def _attention_bytes(N: int, H: int, prompt: int, keys: int) -> int:
+    """A prefill's float32 attention working set per row (`models.attention.attend`): full
+    [N, prompt, keys] logits and probabilities below LONG_CONTEXT keys, from it the blocked
+    kernel's [N, prompt, KEY_BLOCK] pair and its [N, prompt, H] accumulator."""
+    from jaxlora.models.attention import KEY_BLOCK, LONG_CONTEXT
+
+    if keys < LONG_CONTEXT:
+        return 2 * N * prompt * keys * 4
+    return N * prompt * (2 * KEY_BLOCK + H) * 4
 
 
 # Layers whose weights a decoding step's all-gathers hold at once on an fsdp mesh: the TPU

@@ -13,7 +13,7 @@ import re
 
 import pytest
 
-from jaxlora import aot
+from jaxlora import aot, aot_job
 from jaxlora.cli import main as cli
 from jaxlora.config import load_config
 from jaxlora.plan import make_plan
@@ -43,13 +43,15 @@ def _config(*extra: str):
 
 @pytest.fixture(scope="module")
 def report() -> aot.Report:
-    return aot.compile_job(_config(), TOPOLOGY)
+    return aot_job.compile_job(_config(), TOPOLOGY)
 
 
 @pytest.mark.tpu_aot
 def test_tiny_step_and_decoding_compile_for_v5e_and_fit(report):
     assert report.devices == 8 and report.device_kind == "TPU v5 lite"
-    assert report.hbm_bytes == 16 * 2**30
+    # fits are judged against what the compiler lets a program use, not the HBM as sold
+    assert report.hbm_nominal == 16 * 2**30 and report.hbm_source == "the compiler"
+    assert report.hbm_bytes == 15.75 * 2**30
     print(report.render())
     p, decoding = report.programs  # the step; the quickstart's eval: one group's decoding
     assert p.name.startswith("train_step") and decoding.name.startswith("eval_decode")
@@ -148,6 +150,79 @@ def test_a_step_that_does_not_fit_names_its_largest_buffers(capsys):
     assert code == 2
     assert "does not fit" in captured.err and len(captured.err.strip().splitlines()) == 1
     assert "refused by the compiler" in captured.out and "largest buffers" in captured.out
+
+
+@pytest.mark.tpu_aot
+@pytest.mark.parametrize("generation", sorted(aot.USABLE_GIB))
+def test_usable_hbm_is_read_from_the_compiler(generation):
+    """The compiler's refusal of the probe states its usable HBM (e.g. "exceeds available HBM
+    (15.75G)", two decimals): the reading, not the fallback table, and it agrees with the
+    table to the message's rounding (0.005 GiB)."""
+    shape = "2x2x1" if generation in ("v4", "v5p") else "2x4"
+    (device, *_) = aot.topology_devices(f"{generation}:{shape}")
+    usable, source = aot.usable_hbm(device)
+    assert source == "the compiler"
+    assert abs(usable / 2**30 - aot.USABLE_GIB[generation]) <= 0.005, usable / 2**30
+
+
+def test_a_program_over_the_usable_hbm_does_not_fit():
+    """15.80 GiB fits a v5e's 16 GiB as sold but not the 15.75 the compiler allows."""
+    gib = 2**30
+    program = aot.Compiled("p", 0.0, 0.0, 1.0, arguments=int(3 * gib), temporaries=int(12.8 * gib))
+    report = aot.Report("v5e:2x4", 8, "TPU v5 lite", 15.75 * gib, None, [program], 16 * gib)
+    assert not report.fits and not report.to_json()["programs"][0]["fits"]
+    program.temporaries = int(12.7 * gib)
+    assert report.fits
+
+
+@pytest.mark.tpu_aot
+def test_the_memorys_decoding_programs_compile_for_v5e(capsys):
+    """configs/memory_quickstart.yaml's memory methods (tiny model): the base alone with and
+    without a context (ICL, RAG: 400 + 256 tokens, cut to the 496 that the model's 512
+    positions leave before 16 new tokens, pad to 512), a rank-16 adapter
+    per row (top-1 routes and the linear/TIES merges), a rank-48 one (the 3-source `cat`
+    merge). Each is compiled and fits; plan's estimate is there for each."""
+    code = cli(["plan", "configs/memory_quickstart.yaml", "--aot", TOPOLOGY, "--json"])
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0 and got["fits"]
+    names = [p["name"] for p in got["programs"]]
+    print("\n".join(names))
+    memory = {
+        n.split("[")[0] + " " + n.split(": ")[1].split(",")[0].rstrip("]")
+        for n in names
+        if n.startswith("memory")
+    }
+    assert memory == {
+        "memory_base 32 x 512 + 16 tokens",
+        "memory_base 32 x 256 + 16 tokens",
+        "memory_adapters 32 x 256 + 16 tokens",
+    }, names
+    assert any("rank-48" in n and "bm25@3/cat" in n for n in names)
+    assert any("rank-16" in n and "bm25@3/ties" in n and "oracle" in n for n in names)
+    for p in got["programs"]:
+        assert p["compiled_bytes"] > 0 and p["estimated_bytes"] > 0 and p["fits"], p
+
+
+@pytest.mark.tpu_aot
+def test_distillation_compiles_with_its_teacher():
+    """configs/distill_tiny.yaml (NTP and distilling groups, tiny model). `distill.teacher:
+    step`: the teacher runs inside the step, which takes each adapter's context. `cache`: the
+    step reads the teacher's float32 logits [A, B, T, V] instead (more arguments), and the
+    teacher compiles as its own program."""
+    got = {}
+    for mode in ("step", "cache"):
+        config = load_config(
+            "configs/distill_tiny.yaml", [f"distill.teacher={mode}", "memory=null"]
+        )
+        got[mode] = aot_job.compile_job(config, TOPOLOGY)
+        print(got[mode].render())
+    step, cache = got["step"], got["cache"]
+    assert [p.name.split("[")[0] for p in step.programs] == ["train_step"]
+    assert [p.name.split("[")[0] for p in cache.programs] == ["train_step", "teacher"]
+    assert step.fits and cache.fits
+    assert cache.programs[0].arguments > step.programs[0].arguments
+    # the teacher returns its logits (and hidden states) for the host cache
+    assert cache.programs[1].outputs > 0 and cache.programs[1].estimated_bytes > 0
 
 
 def _one_line_error(capsys, argv) -> str:

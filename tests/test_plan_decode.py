@@ -47,3 +47,19 @@ def test_more_fsdp_or_fewer_prompts_shrink_the_per_device_cache():
     assert cache(_plan(2, 4, 16)) == base / 4
     # 8B on 2/4/1 with 64 prompts per adapter: a 2.78 GiB cache (the compiler's buffers)
     assert round(base / GIB, 2) == 2.78
+
+
+def test_a_long_prompt_counts_the_blocked_attention_not_full_logits():
+    """Past LONG_CONTEXT keys the prefill attends in KEY_BLOCK-key blocks (models/attention.py):
+    [N, T, 512] float32 logits and probabilities and an [N, T, H] accumulator per row, not the
+    [N, T, S] pair (which at 25,600 tokens would be 168 GB a row). Below it, the full pair."""
+    from jaxlora.models.model import model_config
+    from jaxlora.plan import decode_rows
+
+    c = model_config("llama-3.1-8b-shape")
+    sizes = {"adapter": 1, "fsdp": 1, "tensor": 1}
+    N, H = 32, 128
+    long = dict(decode_rows(c, sizes, 2, 25600, 50, 2, 0, 0))
+    assert long["prefill: attention (float32)"] == 2 * N * 25600 * (2 * 512 + H) * 4
+    short = dict(decode_rows(c, sizes, 2, 128, 50, 2, 0, 0))
+    assert short["prefill: attention (float32)"] == 2 * 2 * N * 128 * 178 * 4

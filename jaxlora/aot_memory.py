@@ -1,0 +1,142 @@
+"""The memory's decoding programs for `jaxlora plan CONFIG --aot TOPOLOGY` (`jaxlora.aot`).
+
+`memory.MemoryEvaluator` decodes every method of `memory.methods` greedily, a pass of rows at a
+time: the base model alone for `base[+CONTEXT]` (`generate._generate_base`; ICL and RAG put a
+long context in front of the question), one adapter per row for a top-1 route
+(`generate.decode_stack`), a merged adapter per row for a top-k merge (the merge's rank: the
+sources' for linear/TIES, their sum for cat), and k adapters per row whose softmaxes are mixed
+for `/mixture` (`compose.decode_mixture`). Each distinct program is built here over abstract
+inputs at its bound: prompts of the widest width the method can take, rows per pass as the
+evaluator picks them (`memory.batch_size`, fewer under `memory.max_batch_tokens`).
+
+The widths come from data the plan does not read, so they are bounds: a prompt with a context
+is `memory.context_tokens` of context plus QUESTION_TOKENS (RAG over chunks: `rag_k` chunks of
+`data.unit_tokens`), a prompt without one QUESTION_TOKENS, each rounded up as the evaluator
+rounds (`loglik.prompt_width`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxlora.aot import Program, _stacked, _variables
+from jaxlora.cells import plan_cells
+from jaxlora.config import Config
+from jaxlora.generate import DecodeSpec, _generate_base, decode_stack_for
+from jaxlora.lora import union_placement
+from jaxlora.memory.compose import decode_mixture
+from jaxlora.memory.grammar import parse_method
+from jaxlora.memory.loglik import prompt_width
+from jaxlora.memory.merging import CONCAT_TYPES
+from jaxlora.models.model import abstract_module, model_config, parse_dtype
+from jaxlora.plan import Plan, decode_rows, shard_bytes
+
+# A question with its chat template and the study's template words, in tokens: the study's
+# questions are one or two sentences (PhoneBook's "Question: ... Answer:" row is under 128
+# tokens); the width rounds up to 1024s past 1024, so 256 only decides a short prompt's width.
+QUESTION_TOKENS = 256
+
+
+def rows_per_pass(batch_size: int, max_batch_tokens: int, width: int, new_tokens: int) -> int:
+    """Rows of one decoding pass as `MemoryEvaluator.decode` picks them: `batch_size`, fewer
+    for long prompts (`max_batch_tokens`), a power of two."""
+    fit = max(1, max_batch_tokens // (width + new_tokens))
+    return 1 << (min(batch_size, fit).bit_length() - 1)
+
+
+def width(config: Config, method, positions: int) -> int:
+    """The widest prompt (tokens, as the evaluator pads it) of a memory method; the evaluator
+    refuses a prompt that leaves the model's `positions` no room for the new tokens."""
+    m, d = config.memory, config.data
+    longest = QUESTION_TOKENS
+    if method.context != "none":
+        context = m.context_tokens
+        if method.context == "rag" and d.units == "chunks" and d.unit_tokens:
+            context = min(context, method.rag_k * d.unit_tokens)
+        longest += context
+    return prompt_width(min(longest, positions - m.max_new_tokens))
+
+
+def memory_programs(config: Config, mesh: Mesh, plan: Plan) -> list[Program]:
+    """Each distinct decoding program of `memory.methods`, widest prompts first; none without a
+    `memory:` section. Prompts are placed on the job's mesh (replicated) and every program is
+    traced for it: the model's activation constraints and its platform's paths apply."""
+    if config.memory is None:
+        return []
+    m = config.memory
+    c = model_config(config.model.path)
+    dtype = parse_dtype(config.model.dtype)
+    param_dtype = parse_dtype(config.model.param_dtype or config.model.dtype)
+    dtype_bytes = jnp.dtype(dtype).itemsize
+    sizes = dict(mesh.shape)
+    graph0, *_, base = abstract_module(c, None, dtype, param_dtype)
+    base_abs = _variables(base, mesh)
+    base_bytes = plan.rows[0][1]
+    # The largest rank of the job's libraries (one per sweep cell): the worst case of each.
+    lora = max((p.lora for p in plan_cells(config, c)), key=lambda lo: lo.rank)
+    spec = DecodeSpec(m.max_new_tokens, tuple(c.eos_token_ids) or (0,), c.pad_token_id)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def ids(shape):
+        return (
+            jax.ShapeDtypeStruct(shape, jnp.int32, sharding=replicated),
+            jax.ShapeDtypeStruct(shape, bool, sharding=replicated),
+        )
+
+    seen: dict[tuple, Program] = {}
+    methods: dict[tuple, list[str]] = {}  # the methods each program decodes
+    for text in m.methods:
+        method = parse_method(text)
+        W = width(config, method, c.max_position_embeddings)
+        B = rows_per_pass(m.batch_size, m.max_batch_tokens, W, m.max_new_tokens)
+        tokens = f"{B} x {W} + {m.max_new_tokens} tokens"
+        if not method.uses_adapters:
+            key = ("base", W, B)
+            methods.setdefault(key, []).append(text)
+            if key in seen:
+                continue
+            local = B // sizes["fsdp"] if B % sizes["fsdp"] == 0 else B
+            rows = decode_rows(c, sizes, local, W, m.max_new_tokens, dtype_bytes, base_bytes, 0)
+            seen[key] = Program(
+                f"memory_base[{{}}: {tokens}]",
+                _generate_base,
+                (graph0, base_abs, *ids((B, W)), spec, None),
+                sum(b for _, b in rows),
+                0.0,
+                mesh,
+            )
+            continue
+        k, combiner = method.k, method.combiner
+        if combiner == "mixture":
+            n, rank = B * k, lora.rank  # k adapters per row, the library's own
+        else:
+            n, rank = B, lora.rank * (k if combiner in CONCAT_TYPES else 1)
+        key = (combiner == "mixture", W, B, n, rank)
+        methods.setdefault(key, []).append(text)
+        if key in seen:
+            continue
+        placement = union_placement([dataclasses.replace(lora, rank=rank)])
+        graph, w_abs, c_abs, _ = abstract_module(c, placement, dtype, param_dtype)
+        weights = _variables(_stacked(w_abs, n), mesh, ("adapter",), leading_in_shape=True)
+        consts = _variables(_stacked(c_abs, n), mesh, ("adapter",), leading_in_shape=True)
+        adapter_bytes = shard_bytes(w_abs, sizes, leading=(("adapter", n),), dtype_bytes=4)
+        local = math.ceil(n / sizes["adapter"])
+        rows = decode_rows(
+            c, sizes, local, W, m.max_new_tokens, dtype_bytes, base_bytes, adapter_bytes
+        )
+        if combiner == "mixture":
+            name = f"memory_mixture[{{}}: {tokens}, {k} rank-{rank} adapters per row]"
+            args = (graph, base_abs, weights, consts, *ids((B, W)), spec, k)
+            fn = decode_mixture
+        else:
+            name = f"memory_adapters[{{}}: {tokens}, a rank-{rank} adapter per row]"
+            args = (graph, base_abs, weights, consts, *ids((B, 1, W)), spec, None, mesh)
+            fn = decode_stack_for
+        seen[key] = Program(name, fn, args, sum(b for _, b in rows), 0.0, mesh)
+    for key, p in seen.items():
+        p.name = p.name.format(", ".join(methods[key]))
+    return sorted(seen.values(), key=lambda p: -p.estimated_bytes)
