@@ -20,7 +20,14 @@ from jaxlora.train import GroupState, Hyper
 
 # The study's optimizer numbers, for the benchmarks that compile a training step.
 STEP_HYPER = dict(
-    lr=5e-5, warmup_ratio=0.0, weight_decay=0.01, clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8
+    lr=5e-5,
+    warmup_ratio=0.0,
+    weight_decay=0.01,
+    clip_norm=1.0,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    lr_ratio=1.0,
 )
 
 
