@@ -72,6 +72,7 @@ def plan_cells(config: Config, model_config: ModelConfig) -> list[CellPlan]:
             dropout=c.lora.dropout,
             use_rslora=c.lora.use_rslora,
             init=c.lora.init,
+            use_dora=c.lora.use_dora,
         ).validate(model_config)
         t = c.training
         hyper = dict(

@@ -103,6 +103,7 @@ class LoRAConfig:
     dropout: float = 0.0
     use_rslora: bool = False
     init: InitKind = "kaiming"
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         modules = resolve_targets(self.targets)
@@ -137,6 +138,11 @@ class LoRAConfig:
             raise LoRAError(
                 f"LoRA init must be 'kaiming', 'gaussian', 'pissa' or 'olora', got {self.init!r}"
             )
+        if self.use_dora and self.residual:
+            raise LoRAError(
+                f"DoRA with init {self.init!r} is not supported: DoRA's magnitudes would be "
+                "taken from the residual base; use init 'kaiming' or 'gaussian' with DoRA"
+            )
         if self.layers is not None:
             bad = [i for i in self.layers if not 0 <= i < config.num_layers]
             if bad or not self.layers:
@@ -160,13 +166,16 @@ class LoRAConfig:
 
     def placement(self) -> LoRAPlacement:
         layers = None if self.layers is None else frozenset(self.layers)
-        return LoRAPlacement(self.rank, self.modules, layers, self.residual)
+        return LoRAPlacement(self.rank, self.modules, layers, self.residual, self.use_dora)
 
 
 def placement_params(config: ModelConfig, placement: LoRAPlacement) -> int:
-    """LoRA parameters of one adapter laid out as `placement` (its rank, modules and layers)."""
+    """LoRA parameters of one adapter laid out as `placement` (its rank, modules and layers;
+    with DoRA a magnitude per output of each module)."""
     layers = config.num_layers if placement.layers is None else len(placement.layers)
-    return layers * placement.rank * sum(sum(module_dims(config, m)) for m in placement.modules)
+    dims = [module_dims(config, m) for m in placement.modules]
+    magnitudes = sum(d_out for _, d_out in dims) if placement.dora else 0
+    return layers * (placement.rank * sum(map(sum, dims)) + magnitudes)
 
 
 def union_placement(configs: Sequence[LoRAConfig]) -> LoRAPlacement:
@@ -179,6 +188,7 @@ def union_placement(configs: Sequence[LoRAConfig]) -> LoRAPlacement:
         modules=frozenset(m for c in configs for m in c.modules),
         layers=layers,
         residual=any(c.residual for c in configs),
+        dora=any(c.use_dora for c in configs),
     )
 
 
@@ -277,7 +287,8 @@ def init_adapters(
 ) -> AdapterStack:
     """A stack of freshly initialised adapters, sharded on `adapter`.
 
-    `kaiming`/`gaussian`: A as PEFT draws it, B = 0. Adapter i's A comes from
+    `kaiming`/`gaussian`: A as PEFT draws it, B = 0; with DoRA the magnitudes start at the
+    base weight's column norms ||W||_c, as PEFT's do (the norm of W + s B A with B = 0). Adapter i's A comes from
     `np.random.default_rng([seeds[i], projection number])` at its own rank, then zero-padded:
     it depends on nothing but its seed and config. `pissa`/`olora`: A and B from the base
     weight (`base_factors`), and the same values as the adapter's frozen residual correction
@@ -299,7 +310,7 @@ def init_adapters(
         model.config, placement, model.dtype, model.param_dtype
     )
     numbers = _module_index(model.config)
-    kernels = dict(nnx.to_flat_state(model.params)) if placement.residual else {}
+    kernels = dict(nnx.to_flat_state(model.params)) if placement.residual or placement.dora else {}
     decompositions: dict[tuple, tuple[np.ndarray, ...]] = {}
     n = len(configs)
 
@@ -309,6 +320,11 @@ def init_adapters(
         c = configs[a]
         if not c.placement().rank_for(module_path[1], module_path[3]):
             return None
+        if factor == "lora_magnitude":
+            if not c.use_dora:
+                return None
+            kernel = np.asarray(kernels[(*module_path, "kernel")].get_value(), np.float32)
+            return np.linalg.norm(kernel, axis=0)
         if not c.residual:
             if factor == "lora_b":
                 return None
@@ -334,7 +350,7 @@ def init_adapters(
                     else start(a, module_path, factor)
                 )
                 if x is not None:
-                    out[k, : x.shape[0], : x.shape[1]] = x
+                    out[(k, *(slice(0, d) for d in x.shape))] = x
             return out[(slice(None), *index[1:])]
 
         sharding = variable_sharding(
@@ -348,12 +364,22 @@ def init_adapters(
     def const(path, var):
         if path[-1] in ("lora_a0", "lora_b0"):
             return stacked(path, var, path[-1][:-1], residual_only=True)
-        values = [c.scale if path[-1] == "lora_scale" else c.dropout for c in configs]
-        return place_stacked(var, np.asarray(values, np.float32), model)
+        return place_stacked(var, const_values(configs, path), model)
 
     return AdapterStack(
         nnx.map_state(weight, weights_abs), nnx.map_state(const, consts_abs), configs, names
     )
+
+
+def const_values(configs: Sequence[LoRAConfig], path: tuple) -> np.ndarray:
+    """A scalar LoRA constant of each adapter at a projection's `path`: its scale, dropout rate,
+    or whether it is a DoRA adapter there."""
+    if path[-1] == "lora_dora":
+        layer, module = path[1], path[3]
+        values = [c.use_dora and bool(c.placement().rank_for(layer, module)) for c in configs]
+    else:
+        values = [c.scale if path[-1] == "lora_scale" else c.dropout for c in configs]
+    return np.asarray(values, np.float32)
 
 
 def place_stacked(var: nnx.Variable, host: np.ndarray, model: Model) -> nnx.Variable:
@@ -465,11 +491,16 @@ def routed_logits(
 # merging into the base
 
 
-def delta_weights(stack: AdapterStack, index: int) -> dict[tuple, Array]:
-    """s * (A @ B - A0 @ B0) [in, out] of adapter `index` for every projection it carries (A0 B0:
-    the residual correction of a PiSSA/OLoRA adapter, else none), by kernel path."""
+def delta_weights(
+    stack: AdapterStack, index: int, base: nnx.State | None = None
+) -> dict[tuple, Array]:
+    """The change adapter `index` makes to each kernel [in, out] it carries, by kernel path:
+    s (A B - A0 B0) (A0 B0: the residual correction of a PiSSA/OLoRA adapter, else none), or
+    for a DoRA adapter g (W + s A B) - W, with g = m / ||W + s A B|| per column, which needs the
+    `base` weights W."""
     weights = dict(nnx.to_flat_state(stack.weights))
     consts = dict(nnx.to_flat_state(stack.consts))
+    kernels = {} if base is None else dict(nnx.to_flat_state(base))
     out = {}
     for path, var in weights.items():
         if path[-1] != "lora_a":
@@ -478,17 +509,29 @@ def delta_weights(stack: AdapterStack, index: int) -> dict[tuple, Array]:
         a = var.get_value()[index]
         b = weights[(*module, "lora_b")].get_value()[index]
         s = consts[(*module, "lora_scale")].get_value()[index]
-        delta = a @ b
+        delta = s * (a @ b)
         if (*module, "lora_a0") in consts:  # the residual base: W - s A0 B0
             a0, b0 = (consts[(*module, f)].get_value()[index] for f in ("lora_a0", "lora_b0"))
-            delta = delta - a0 @ b0
-        out[(*module, "kernel")] = s * delta
+            delta = delta - s * (a0 @ b0)
+        if (*module, "lora_dora") in consts and consts[(*module, "lora_dora")].get_value()[index]:
+            if base is None:
+                raise LoRAError("a DoRA adapter's change to a weight depends on it: pass the base")
+            w = kernels[(*module, "kernel")].get_value().astype(jnp.float32)
+            m = weights[(*module, "lora_magnitude")].get_value()[index]
+            delta = (m / jnp.linalg.norm(w + delta, axis=0)) * (w + delta) - w
+        out[(*module, "kernel")] = delta
     return out
 
 
 def merge(model: Model, stack: AdapterStack, index: int, *, sign: float = 1.0) -> Model:
-    """A model whose base weights include adapter `index` (sign=-1 removes it again)."""
-    deltas = delta_weights(stack, index)
+    """A model whose base weights include adapter `index` (sign=-1 removes it again; a DoRA
+    adapter cannot be removed so: its column scaling is not known from the merged weights)."""
+    if sign < 0 and stack.configs[index].use_dora:
+        raise LoRAError(
+            "a merged DoRA adapter cannot be removed from the merged weights alone; keep the "
+            "unmerged model"
+        )
+    deltas = delta_weights(stack, index, model.params)
 
     def add(path, var):
         if path not in deltas:
@@ -500,5 +543,5 @@ def merge(model: Model, stack: AdapterStack, index: int, *, sign: float = 1.0) -
 
 
 def unmerge(model: Model, stack: AdapterStack, index: int) -> Model:
-    """Inverse of `merge` (exact up to float rounding)."""
+    """Inverse of `merge` (exact up to float rounding) for every adapter but DoRA's."""
     return merge(model, stack, index, sign=-1.0)

@@ -26,6 +26,7 @@ from jaxlora.lora import (
     AdapterStack,
     LoRAConfig,
     LoRAError,
+    const_values,
     module_dims,
     place_stacked,
     union_placement,
@@ -40,7 +41,6 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 
 # PEFT LoraConfig fields that change the computation, with the value jaxlora implements.
 _UNSUPPORTED = {
-    "use_dora": (False, "DoRA"),
     "use_qalora": (False, "QA-LoRA"),
     "lora_bias": (False, "LoRA bias"),
     "fan_in_fan_out": (False, "fan_in_fan_out"),
@@ -54,7 +54,9 @@ _UNSUPPORTED = {
     "use_bdlora": (None, "BD-LoRA"),
     "arrow_config": (None, "Arrow routing"),
 }
-_NAME = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.weight$")
+_NAME = re.compile(
+    r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.lora_(?:([AB])\.weight|(magnitude)_vector)$"
+)
 
 
 def _module_path(layer: int, parent: str, module: str) -> tuple:
@@ -62,7 +64,10 @@ def _module_path(layer: int, parent: str, module: str) -> tuple:
 
 
 def _peft_name(module_path: tuple, factor: str) -> str:
+    """PEFT's tensor name of factor `A`, `B` or DoRA's `magnitude` of a projection."""
     base = hf_name((*module_path, "kernel"))[0].removesuffix(".weight")
+    if factor == "magnitude":
+        return f"{PREFIX}{base}.lora_magnitude_vector"
     return f"{PREFIX}{base}.lora_{factor}.weight"
 
 
@@ -93,6 +98,9 @@ def save_peft(
         if cfg.placement().rank_for(layer, module) == 0:
             continue
         x = np.asarray(var.get_value()[index], np.float32)
+        if which == "lora_magnitude":
+            tensors[_peft_name(module_path, "magnitude")] = x
+            continue
         x = x[:, :r].T if which == "lora_a" else x[:r, :].T  # PEFT's [r, in] and [out, r]
         if cfg.residual:
             x0 = np.asarray(consts[(*module_path, f"{which}0")].get_value()[index], np.float32)
@@ -120,7 +128,7 @@ def save_peft(
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": "gaussian" if cfg.init == "gaussian" else True,
-        "use_dora": False,
+        "use_dora": cfg.use_dora,
         "modules_to_save": None,
         "rank_pattern": {},
         "alpha_pattern": {},
@@ -172,7 +180,8 @@ def _read_tensors(adapter_dir: Path, model: Model) -> dict[tuple, dict[str, np.n
                     f"{adapter_dir}: tensor {name} is not a LoRA factor of a "
                     "projection jaxlora supports (q/k/v/o/gate/up/down_proj)"
                 )
-            layer, parent, module, factor = int(match[1]), match[2], match[3], match[4]
+            layer, parent, module = int(match[1]), match[2], match[3]
+            factor = match[4] or "M"
             if layer >= model.config.num_layers:
                 raise LoRAError(
                     f"{adapter_dir}: {name} targets layer {layer}, but the base model "
@@ -197,9 +206,22 @@ def _config_from(adapter_dir: Path, peft: dict, factors: dict, model: Model) -> 
     rank = peft["r"]
     for path, pair in factors.items():
         d_in, d_out = module_dims(model.config, path[3])
-        if set(pair) != {"A", "B"}:
+        use_dora = bool(peft.get("use_dora", False))
+        needed = {"A", "B", "M"} if use_dora else {"A", "B"}
+        if set(pair) - needed:
             raise LoRAError(
-                f"{adapter_dir}: {path[3]} of layer {path[1]} lacks lora_{'AB'[len(pair) % 2]}"
+                f"{adapter_dir}: {path[3]} of layer {path[1]} has a lora_magnitude_vector, but "
+                "the adapter's config has no use_dora"
+            )
+        if needed - set(pair):
+            missing = ", ".join(f"lora_{f}" for f in sorted(needed - set(pair)))
+            raise LoRAError(
+                f"{adapter_dir}: {path[3]} of layer {path[1]} lacks {missing.replace('_M', '_magnitude_vector')}"
+            )
+        if use_dora and pair["M"].shape != (d_out,):
+            raise LoRAError(
+                f"{adapter_dir}: {path[3]} of layer {path[1]} has lora_magnitude_vector "
+                f"{pair['M'].shape}, but the base model needs ({d_out},)"
             )
         if pair["A"].shape != (rank, d_in) or pair["B"].shape != (d_out, rank):
             raise LoRAError(
@@ -215,6 +237,7 @@ def _config_from(adapter_dir: Path, peft: dict, factors: dict, model: Model) -> 
         layers=None if all_layers else tuple(layers),
         dropout=float(peft.get("lora_dropout", 0.0)),
         use_rslora=bool(peft.get("use_rslora", False)),
+        use_dora=bool(peft.get("use_dora", False)),
     ).validate(model.config)
 
 
@@ -248,13 +271,14 @@ def load_peft(
             r = configs[a].rank
             if path[-1] == "lora_a":
                 out[a, :, :r] = pair["A"].T
-            else:
+            elif path[-1] == "lora_b":
                 out[a, :r, :] = pair["B"].T
+            elif "M" in pair:
+                out[a] = pair["M"]
         return place_stacked(var, out, model)
 
     def const(path, var):
-        values = [c.scale if path[-1] == "lora_scale" else c.dropout for c in configs]
-        return place_stacked(var, np.asarray(values, np.float32), model)
+        return place_stacked(var, const_values(configs, path), model)
 
     names = tuple(names) if names is not None else tuple(d.name for d in dirs)
     return AdapterStack(

@@ -403,7 +403,8 @@ def test_bad_lora_configs_give_one_line_errors(kw, needle):
 @pytest.mark.parametrize(
     ("change", "needle"),
     [
-        ({"use_dora": True}, "DoRA"),
+        ({"use_dora": True}, "lacks lora_magnitude_vector"),
+        ({"init_lora_weights": "pissa"}, "path_initial_model_for_weight_conversion"),
         ({"bias": "all"}, "bias='all'"),
         ({"rank_pattern": {"q_proj": 8}}, "rank_pattern"),
         ({"modules_to_save": ["lm_head"]}, "modules_to_save"),

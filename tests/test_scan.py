@@ -170,7 +170,7 @@ def _group(model, configs, seed) -> tuple[GroupState, lora.LoRAPlacement]:
     hyper = Hyper.stack(
         [
             dict(lr=1e-2, warmup_ratio=0.0, weight_decay=0.01, clip_norm=1.0)
-            | dict(b1=0.9, b2=0.999, eps=1e-8)
+            | dict(b1=0.9, b2=0.999, eps=1e-8, lr_ratio=1.0)
         ]
         * len(configs)
     )

@@ -4,6 +4,7 @@ and the same adapters to rounding."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from safetensors.numpy import load_file
 
 import jaxlora
@@ -191,3 +193,99 @@ def test_pissa_and_olora_train_and_export_as_peft_does(tmp_path, base_dir, init)
         got, want = loaded(input_ids=ids).logits, model(input_ids=ids).logits
     # The trained adapters differ by `bound` of their delta; logits of unit scale move by less.
     np.testing.assert_allclose(got.numpy(), want.numpy(), atol=bound)
+
+
+def dora_adapter(path: Path, out_dir: Path, seed: int = 0, **kw):
+    """A PEFT DoRA adapter with random non-zero A, B and magnitudes away from ||W + s B A||
+    (PEFT starts them there, where DoRA equals LoRA), saved to out_dir."""
+    from peft import LoraConfig, get_peft_model
+
+    from tests.hf_factory import load_hf_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, use_dora=True, **kw)
+    model = get_peft_model(load_hf_model(path), config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(torch.empty_like(p).uniform_(0.5, 1.5))
+    model.eval()
+    model.save_pretrained(out_dir)
+    return model
+
+
+@pytest.mark.parametrize(
+    ("family", "kw"),
+    [
+        ("llama", dict(target_modules="all-linear")),
+        # Qwen2's q/k/v carry a bias, which DoRA's column scaling must leave out.
+        ("qwen2", dict(target_modules=["q_proj", "v_proj", "down_proj"], layers_to_transform=[1])),
+    ],
+)
+def test_a_peft_dora_adapter_gives_pefts_logits(hf_checkpoint, tmp_path, family, kw):
+    from tests.test_lora import peft_logits
+    from tests.test_model_parity import padded_batch
+
+    path = hf_checkpoint(family)
+    peft_model = dora_adapter(path, tmp_path / "dora", **kw)
+    model = jaxlora.load_pretrained(path)
+    stack = jaxlora.load_peft(model, [tmp_path / "dora"])
+    ids, mask = padded_batch("right")
+    ours = np.asarray(model(ids[None], attention_mask=mask[None], adapters=stack))[0]
+    ref = peft_logits(peft_model, ids, mask)
+    valid = mask.astype(bool)
+    # float32 forward, torch's reduction order vs XLA's: logits of size ~1-10 through 2 layers
+    # of <= 128-term sums agree to ~1e-6; DoRA read as plain LoRA misses by > 1e-2 (below).
+    assert np.abs(ours[valid] - ref[valid]).max() < 1e-4
+    # The same factors with DoRA switched off (`lora_dora` 0): plain LoRA, far from PEFT's.
+    consts = nnx.map_state(
+        lambda p, v: v.replace(v.get_value() * 0) if p[-1] == "lora_dora" else v, stack.consts
+    )
+    as_lora = dataclasses.replace(stack, consts=consts)
+    lora_only = np.asarray(model(ids[None], attention_mask=mask[None], adapters=as_lora))[0]
+    assert np.abs(lora_only[valid] - ref[valid]).max() > 1e-2
+
+    # Written back, PEFT's tensors and config come out unchanged.
+    jaxlora.save_peft(model, stack, 0, tmp_path / "again")
+    before = load_file(tmp_path / "dora" / "adapter_model.safetensors")
+    after = load_file(tmp_path / "again" / "adapter_model.safetensors")
+    assert before.keys() == after.keys()
+    for key in before:
+        np.testing.assert_array_equal(after[key], before[key], err_msg=key)
+    assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["use_dora"]
+
+
+@pytest.mark.parametrize("ratio", [1.0, 4.0])
+def test_dora_trains_as_peft_does(tmp_path, base_dir, ratio):
+    """`lora.use_dora` from jaxlora's start (magnitudes ||W||, exported and loaded by PEFT):
+    the losses, B A and the magnitudes after training equal PEFT's; with LoRA+ the magnitudes
+    (1-D) train at B's rate, as PEFT's create_loraplus_optimizer groups them."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    def loraplus(model):
+        return create_loraplus_optimizer(
+            model,
+            torch.optim.AdamW,
+            lr=LR,
+            loraplus_lr_ratio=ratio,
+            loraplus_weight_decay=WD,
+            betas=(0.9, 0.999),
+            eps=1e-8,
+        )
+
+    ours, ref, adapter_dir, model, bound = train_both(
+        tmp_path, base_dir, {"use_dora": True, "lr_ratio": ratio}, from_initial, loraplus
+    )
+    # torch and XLA order their float32 reductions differently: equal to rounding (runs.py).
+    np.testing.assert_allclose(ours, ref, rtol=bound)
+    model.save_pretrained(tmp_path / "peft_final")
+    theirs = load_file(tmp_path / "peft_final" / "adapter_model.safetensors")
+    mine = load_file(adapter_dir / "adapter_model.safetensors")
+    assert mine.keys() == theirs.keys()
+    assert_equal_to_rounding({"a": mine}, {"a": theirs}, bound)
+    start = load_file(tmp_path / "initial" / "adapter_model.safetensors")
+    for key in (k for k in mine if k.endswith("lora_magnitude_vector")):
+        moved = np.linalg.norm(theirs[key] - start[key])
+        assert moved > 0  # the magnitudes trained
+        # Their training moves by `moved`; the reduction order changes that by `bound` of it.
+        assert np.linalg.norm(mine[key] - theirs[key]) <= bound * moved, key

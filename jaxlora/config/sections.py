@@ -172,6 +172,8 @@ class LoRASection(Section):
     init: InitKind = field(
         default="kaiming", metadata=rule(normalize=lambda v: "kaiming" if v == "default" else v)
     )
+    # DoRA (PEFT's use_dora): a learned magnitude per output over the normalised W + s B A.
+    use_dora: bool = False
     # LoRA+: B's learning rate as a multiple of A's (training.lr), per adapter; 1 is plain LoRA.
     lr_ratio: float = field(default=1.0, metadata=rule(check=POSITIVE))
 

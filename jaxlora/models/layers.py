@@ -132,12 +132,14 @@ _summed_in_f32.defvjp(_summed_in_f32_fwd, _summed_in_f32_bwd)
 
 
 class LoRAWeight(nnx.Variable):
-    """Trainable LoRA factors: `lora_a` [in, R] and `lora_b` [R, out]."""
+    """Trainable LoRA factors: `lora_a` [in, R] and `lora_b` [R, out], and DoRA's magnitude
+    vector `lora_magnitude` [out]."""
 
 
 class LoRAConst(nnx.Variable):
     """Per-adapter constants of a LoRA layer: `lora_scale` (alpha/r) and `lora_dropout`, and
-    with a residual correction the frozen initial factors `lora_a0` [in, R], `lora_b0` [R, out]."""
+    with a residual correction the frozen initial factors `lora_a0` [in, R], `lora_b0` [R, out];
+    with DoRA `lora_dora` (1: this adapter is a DoRA adapter here, 0: a plain one)."""
 
 
 def random_normal(rngs: nnx.Rngs | None, shape: tuple[int, ...], dtype, stddev: float = 0.02):
@@ -169,6 +171,7 @@ class LoRALinear(nnx.Module):
         use_bias: bool = False,
         rank: int = 0,
         residual: bool = False,
+        dora: bool = False,
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs | None,
@@ -202,6 +205,11 @@ class LoRALinear(nnx.Module):
             )
         else:
             self.lora_a0 = self.lora_b0 = None
+        if rank and dora:
+            self.lora_magnitude = LoRAWeight(jnp.zeros((out_features,), jnp.float32), axes=axes[1:])
+            self.lora_dora = LoRAConst(jnp.zeros((), jnp.float32), axes=())
+        else:
+            self.lora_magnitude = self.lora_dora = None
 
     @property
     def has_lora(self) -> bool:
@@ -209,25 +217,54 @@ class LoRALinear(nnx.Module):
 
     def __call__(self, x: Array, rng: Array | None = None) -> Array:
         x = x.astype(self.dtype)
-        y = dense(x, self.kernel[...].astype(self.dtype))
+        kernel = self.kernel[...].astype(self.dtype)
+        y = dense(x, kernel)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
-        if self.has_lora:
-            with jax.named_scope("lora"):
-                h = x
-                if rng is not None:
-                    h = _dropout(rng, self.lora_dropout[...], x)
-                # Scaling the rank-r intermediate rather than the output keeps the backward pass
-                # free of an elementwise pass over the [..., out] cotangent.
-                scale = self.lora_scale[...].astype(self.dtype)
-                u = _factor_product(h, self.lora_a[...]) * scale
-                y = y + _factor_product(u, self.lora_b[...])
-                if self.lora_a0 is not None:  # the residual base W - s A0 B0, on x undropped
-                    a0, b0 = (f[...].astype(self.dtype) for f in (self.lora_a0, self.lora_b0))
-                    y = y - jnp.einsum(
-                        "...r,ro->...o", jnp.einsum("...i,ir->...r", x, a0) * scale, b0
-                    )
+        if not self.has_lora:
+            return y
+        with jax.named_scope("lora"):
+            h = x
+            if rng is not None:
+                h = _dropout(rng, self.lora_dropout[...], x)
+            # Scaling the rank-r intermediate rather than the output keeps the backward pass
+            # free of an elementwise pass over the [..., out] cotangent.
+            scale = self.lora_scale[...].astype(self.dtype)
+            u = _factor_product(h, self.lora_a[...]) * scale
+            lora = _factor_product(u, self.lora_b[...])
+            if self.lora_magnitude is not None:
+                # On an undropped x, h W is y less its bias (PEFT reuses its base result so).
+                base = y if self.bias is None else y - self.bias[...].astype(self.dtype)
+                lora = self._dora(kernel, base if rng is None else dense(h, kernel), lora)
+            y = y + lora
+            if self.lora_a0 is not None:  # the residual base W - s A0 B0, on x undropped
+                a0, b0 = (f[...].astype(self.dtype) for f in (self.lora_a0, self.lora_b0))
+                y = y - jnp.einsum("...r,ro->...o", jnp.einsum("...i,ir->...r", x, a0) * scale, b0)
         return y
+
+    def _dora(self, kernel: Array, base: Array, lora: Array) -> Array:
+        """DoRA's change to the output, as PEFT computes it: (g - 1) h W + g s h A B with
+        g = m / ||W + s A B||, the norm over each output's column (the input dimension) and
+        outside the gradient (the paper's section 4.3). `base` is h W, `lora` is s h A B.
+
+        The norm is expanded, ||w + s A b||^2 = ||w||^2 + 2 s b . (A^T w) + s^2 b^T (A^T A) b,
+        so that no [in, out] matrix is formed per adapter: the products are [r, out] and [r, r].
+        An adapter that is not a DoRA adapter here (`lora_dora` 0) gets g = 1, plain LoRA."""
+        a = self.lora_a[...]
+        b = self.lora_b[...]
+        s = self.lora_scale[...]
+        w = kernel.astype(jnp.float32)
+        at_w = jnp.einsum("ir,io->ro", a, w)
+        squared = (
+            jnp.sum(w * w, axis=0)
+            + 2 * s * jnp.sum(b * at_w, axis=0)
+            + s * s * jnp.einsum("ro,rq,qo->o", b, a.T @ a, b)
+        )
+        norm = jax.lax.stop_gradient(jnp.sqrt(jnp.maximum(squared, 0.0)))
+        dora = self.lora_dora[...] > 0
+        g = jnp.where(dora, self.lora_magnitude[...] / jnp.where(dora, norm, 1.0), 1.0)
+        g = g.astype(base.dtype)
+        return (g - 1) * base + g * lora
 
 
 class RMSNorm(nnx.Module):

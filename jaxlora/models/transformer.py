@@ -80,12 +80,14 @@ BTD = ("batch", "seq", None)
 @dataclasses.dataclass(frozen=True)
 class LoRAPlacement:
     """Which projections carry an adapter, its (stack-wide maximum) rank, and whether the
-    layers hold a frozen residual correction (PiSSA/OLoRA adapters in the stack)."""
+    layers hold a frozen residual correction (PiSSA/OLoRA adapters in the stack) or DoRA's
+    magnitudes."""
 
     rank: int
     modules: frozenset[str]
     layers: frozenset[int] | None = None  # None: every layer
     residual: bool = False
+    dora: bool = False  # DoRA adapters in the stack: the layers hold magnitude vectors
 
     def rank_for(self, layer: int, module: str) -> int:
         in_layer = self.layers is None or layer in self.layers
@@ -149,6 +151,7 @@ class Attention(nnx.Module):
                 use_bias=bias,
                 rank=rank,
                 residual=bool(rank) and lora.residual,
+                dora=bool(rank) and lora.dora,
                 dtype=dtype,
                 param_dtype=param_dtype,
                 rngs=rngs,
@@ -216,6 +219,7 @@ class MLP(nnx.Module):
                 axes,
                 rank=rank,
                 residual=bool(rank) and lora.residual,
+                dora=bool(rank) and lora.dora,
                 dtype=dtype,
                 param_dtype=param_dtype,
                 rngs=rngs,
