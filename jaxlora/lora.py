@@ -138,11 +138,6 @@ class LoRAConfig:
             raise LoRAError(
                 f"LoRA init must be 'kaiming', 'gaussian', 'pissa' or 'olora', got {self.init!r}"
             )
-        if self.use_dora and self.residual:
-            raise LoRAError(
-                f"DoRA with init {self.init!r} is not supported: DoRA's magnitudes would be "
-                "taken from the residual base; use init 'kaiming' or 'gaussian' with DoRA"
-            )
         if self.layers is not None:
             bad = [i for i in self.layers if not 0 <= i < config.num_layers]
             if bad or not self.layers:

@@ -99,7 +99,8 @@ def save_peft(
             continue
         x = np.asarray(var.get_value()[index], np.float32)
         if which == "lora_magnitude":
-            tensors[_peft_name(module_path, "magnitude")] = x
+            if cfg.use_dora:
+                tensors[_peft_name(module_path, "magnitude")] = x
             continue
         x = x[:, :r].T if which == "lora_a" else x[:r, :].T  # PEFT's [r, in] and [out, r]
         if cfg.residual:

@@ -136,18 +136,25 @@ def test_lora_plus_matches_pefts_loraplus_optimizer(tmp_path, base_dir):
     assert_equal_to_rounding({"a": mine}, {"a": theirs}, bound)
 
 
-@pytest.mark.parametrize("init", ["pissa", "olora"])
-def test_pissa_and_olora_train_and_export_as_peft_does(tmp_path, base_dir, init):
+@pytest.mark.parametrize(("init", "dora"), [("pissa", False), ("olora", False), ("pissa", True)])
+def test_pissa_and_olora_train_and_export_as_peft_does(tmp_path, base_dir, init, dora):
     """PEFT's `init_lora_weights="pissa"/"olora"` (it rewrites the base to the residual) against
     jaxlora's (each adapter carries its frozen correction, the base is shared): the initial
     B @ A per module, the losses of training, and the export, which PEFT loads on the original
-    base and which equals PEFT's own conversion (`path_initial_model_for_weight_conversion`)."""
+    base and which equals PEFT's own conversion (`path_initial_model_for_weight_conversion`).
+    With DoRA too: PEFT's conversion keeps A and B and drops the magnitudes, jaxlora's keeps
+    them, and only it gives the trained model's logits on the original base."""
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
     def residual_model(hf, _initial):
         config = LoraConfig(
-            r=4, lora_alpha=4, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=init
+            r=4,
+            lora_alpha=4,
+            lora_dropout=0.0,
+            target_modules="all-linear",
+            init_lora_weights=init,
+            use_dora=dora,
         )
         model = get_peft_model(hf, config)
         model.peft_config["default"].init_lora_weights = True  # as PEFT's docs save the start
@@ -156,7 +163,7 @@ def test_pissa_and_olora_train_and_export_as_peft_does(tmp_path, base_dir, init)
         return model
 
     ours, ref, adapter_dir, model, bound = train_both(
-        tmp_path, base_dir, {"init": init}, residual_model
+        tmp_path, base_dir, {"init": init, "use_dora": dora}, residual_model
     )
     # The starts: B A of every module, PEFT's (float32 SVD/QR) against ours (float64, then
     # float32). Both are exact factorisations; the tiny model's weights are N(0, 0.02), so
@@ -177,7 +184,9 @@ def test_pissa_and_olora_train_and_export_as_peft_does(tmp_path, base_dir, init)
     )
     theirs = load_file(tmp_path / "peft_final" / "adapter_model.safetensors")
     mine = load_file(adapter_dir / "adapter_model.safetensors")
-    assert {k: v.shape for k, v in mine.items()} == {k: v.shape for k, v in theirs.items()}
+    factors = {k: v.shape for k, v in mine.items() if "magnitude" not in k}
+    assert factors == {k: v.shape for k, v in theirs.items()}
+    assert len(mine) - len(factors) == (len(factors) // 2 if dora else 0)
     assert_equal_to_rounding({"a": mine}, {"a": theirs}, bound)
     assert json.loads((adapter_dir / "adapter_config.json").read_text())["r"] == 8
 
@@ -289,3 +298,29 @@ def test_dora_trains_as_peft_does(tmp_path, base_dir, ratio):
         assert moved > 0  # the magnitudes trained
         # Their training moves by `moved`; the reduction order changes that by `bound` of it.
         assert np.linalg.norm(mine[key] - theirs[key]) <= bound * moved, key
+
+
+def test_variants_sweep_as_one_job_equal_to_each_alone(tmp_path):
+    """`sweep: {lora.use_dora: [false, true], lora.init: [default, pissa]}` (dropout 0.1, LoRA+
+    ratio 4) trains as one job, and each adapter equals its cell trained alone to rounding: in a
+    stack, plain adapters hold zero corrections and switched-off magnitudes."""
+    from tests.runs import adapters, run
+
+    sweep = {"lora.use_dora": [False, True], "lora.init": ["default", "pissa"]}
+    sets = {"lora.lr_ratio": 4.0, "training.lr": 3.0e-3}
+    config = load_config(write_config(tmp_path / "grid.yaml", sweep=sweep, **sets))
+    assert len(config.cells()) == 4
+    run(config, tmp_path / "grid")
+    grid = adapters(tmp_path / "grid")
+    base_file = write_config(tmp_path / "one.yaml", **sets)
+    for cell in config.cells():
+        alone = load_config(base_file, [f"{k}={v}" for k, v in cell.values])
+        run(alone, tmp_path / cell.name)
+        (single,) = adapters(tmp_path / cell.name).values()
+        # XLA compiles a stack of 4 and a stack of 1 to different kernels (runs.py).
+        bound = rounding_bound(alone)
+        assert single.keys() == grid[cell.name].keys()
+        assert_equal_to_rounding({cell.name: single}, {cell.name: grid[cell.name]}, bound)
+        for key in (k for k in single if "magnitude" in k):
+            gap = np.linalg.norm(single[key] - grid[cell.name][key])
+            assert gap <= bound * np.linalg.norm(single[key]), key

@@ -160,6 +160,9 @@ class LoRALinear(nnx.Module):
     QR directions and train on the residual W - s A0 B0 (PEFT rewrites the base so); here every
     adapter carries its own correction and the shared base stays as it is. An adapter that
     starts at B = 0 has A0 = B0 = 0.
+
+    `dora`: DoRA (PEFT's `use_dora`), a learned magnitude per output over the direction of
+    W + s A B (`_dora`); an adapter of the stack that is not a DoRA adapter is plain LoRA.
     """
 
     def __init__(
@@ -232,26 +235,40 @@ class LoRALinear(nnx.Module):
             scale = self.lora_scale[...].astype(self.dtype)
             u = _factor_product(h, self.lora_a[...]) * scale
             lora = _factor_product(u, self.lora_b[...])
+            a, b = self.lora_a[...], self.lora_b[...]
+            if self.lora_a0 is not None:  # the residual base W - s A0 B0
+                a0, b0 = (f[...].astype(self.dtype) for f in (self.lora_a0, self.lora_b0))
+
+                def residual(z):
+                    return jnp.einsum(
+                        "...r,ro->...o", jnp.einsum("...i,ir->...r", z, a0) * scale, b0
+                    )
+
+                y = y - residual(x)  # on x undropped, as PEFT's base layer sees it
+                # DoRA's W + s A B is then W - s A0 B0 + s A B: rank-2r factors [A, A0], [B; -B0]
+                a, b = jnp.concatenate([a, a0], 1), jnp.concatenate([b, -b0], 0)
             if self.lora_magnitude is not None:
                 # On an undropped x, h W is y less its bias (PEFT reuses its base result so).
-                base = y if self.bias is None else y - self.bias[...].astype(self.dtype)
-                lora = self._dora(kernel, base if rng is None else dense(h, kernel), lora)
+                if rng is None:
+                    base = y if self.bias is None else y - self.bias[...].astype(self.dtype)
+                else:
+                    base = dense(h, kernel)
+                    if self.lora_a0 is not None:
+                        base = base - residual(h)
+                lora = self._dora(kernel, a, b, base, lora)
             y = y + lora
-            if self.lora_a0 is not None:  # the residual base W - s A0 B0, on x undropped
-                a0, b0 = (f[...].astype(self.dtype) for f in (self.lora_a0, self.lora_b0))
-                y = y - jnp.einsum("...r,ro->...o", jnp.einsum("...i,ir->...r", x, a0) * scale, b0)
         return y
 
-    def _dora(self, kernel: Array, base: Array, lora: Array) -> Array:
+    def _dora(self, kernel: Array, a: Array, b: Array, base: Array, lora: Array) -> Array:
         """DoRA's change to the output, as PEFT computes it: (g - 1) h W + g s h A B with
         g = m / ||W + s A B||, the norm over each output's column (the input dimension) and
-        outside the gradient (the paper's section 4.3). `base` is h W, `lora` is s h A B.
+        outside the gradient (the paper's section 4.3). `base` is h W, `lora` is s h A B; with
+        a residual correction W is W - s A0 B0 and (a, b) are [A, A0] and [B; -B0].
 
         The norm is expanded, ||w + s A b||^2 = ||w||^2 + 2 s b . (A^T w) + s^2 b^T (A^T A) b,
         so that no [in, out] matrix is formed per adapter: the products are [r, out] and [r, r].
         An adapter that is not a DoRA adapter here (`lora_dora` 0) gets g = 1, plain LoRA."""
-        a = self.lora_a[...]
-        b = self.lora_b[...]
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
         s = self.lora_scale[...]
         w = kernel.astype(jnp.float32)
         at_w = jnp.einsum("ir,io->ro", a, w)
