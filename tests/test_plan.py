@@ -81,7 +81,12 @@ def test_plan_flops_add_remat_recompute_and_attention_by_hand():
         remat: make_plan(
             load_config(
                 "configs/phonebook_capacity_llama3_8b.yaml",
-                ["model.path=llama-3.1-8b-shape", f"model.remat={remat}", "sweep.lora.rank=[8]"],
+                [
+                    "model.path=llama-3.1-8b-shape",
+                    f"model.remat={remat}",
+                    "sweep.lora.rank=[8]",
+                    "mesh.fsdp=1",  # one device (the config splits over 8)
+                ],
             ),
             1,
             80,
@@ -97,16 +102,22 @@ def test_plan_flops_add_remat_recompute_and_attention_by_hand():
 
 
 def _grid(tmp_path, **sets):
+    """The capacity grid planned for GPUs: the config splits the base over 8 chips (fsdp 8, for
+    a v5e-8); these plans keep it whole per device (fsdp 1) unless a test sets it."""
     config = load_config(
         "configs/phonebook_capacity_llama3_8b.yaml",
-        ["model.path=llama-3.1-8b-shape", *(f"{k}={v}" for k, v in sets.items())],
+        [
+            "model.path=llama-3.1-8b-shape",
+            "mesh.fsdp=1",
+            *(f"{k}={v}" for k, v in sets.items()),
+        ],
     )
     return config
 
 
 def test_base_weights_are_the_model_size_split_over_fsdp(tmp_path):
     params = 8_030_261_248  # Llama-3.1-8B
-    one = make_plan(_grid(tmp_path, **{"mesh.adapter": 1}), 1, 80, 989, 0.4)
+    one = make_plan(_grid(tmp_path, **{"mesh.adapter": 1, "mesh.fsdp": 1}), 1, 80, 989, 0.4)
     assert dict(one.rows)["base weights"] == params * 2
     sharded = make_plan(_grid(tmp_path, **{"mesh.adapter": 1, "mesh.fsdp": 8}), 8, 80, 989, 0.4)
     # norm vectors stay whole on every device (not split over fsdp): a few 1e-5 of the model
@@ -144,6 +155,8 @@ def test_a_small_job_fits(capsys):
             "sweep.lora.rank=[4, 8]",
             "--set",
             "sweep.data.size_tokens=[1000, 2000, 4000, 8000]",
+            "--set",
+            "mesh.fsdp=1",  # a copy of the base per H100
         ]
     )
     out, _ = capsys.readouterr()
