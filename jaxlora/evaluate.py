@@ -457,9 +457,14 @@ def evaluate_run(
 
     from jaxlora.report import write_report
 
+    judge = None
+    if ev.judge and jax.process_index() == 0:  # its rubric checked before the evaluation
+        from jaxlora.llm.judge import metric_judge
+
+        judge = metric_judge(job.config.llm)
     rows, predictions = Evaluator(job, ev, progress).run(stacks)
     rows, predictions = gather_rows(rows), gather_rows(predictions)
-    if ev.judge and jax.process_index() == 0:
+    if judge is not None:
         from jaxlora.llm.judge import judge_results
 
         judge_results(
@@ -469,6 +474,7 @@ def evaluate_run(
             lambda p: p["adapter"],
             job.config.llm,
             run_dir / "judge_cache.sqlite",
+            backend=judge,
         )
     if jax.process_index() == 0:
         write_results(run_dir, rows, predictions)

@@ -103,3 +103,13 @@ class HangingUp:
 
     def __exit__(self, *exc) -> None:
         self.sock.close()
+
+
+def rubric_fields(user: str) -> tuple[str, str, str]:
+    """(question, gold, candidate) as the judge's built-in rubric (prompts/judge.txt) quotes
+    them, stripped (a field's line is left out when it is empty): what a judge server reads."""
+    rest = user.split("[QUESTION]", 1)[1]
+    question, rest = rest.split("[GOLD ANSWER]", 1)
+    gold, rest = rest.split("[CANDIDATE ANSWER]", 1)
+    candidate = rest.split("Reply with a JSON object", 1)[0]
+    return question.strip(), gold.strip(), candidate.strip()

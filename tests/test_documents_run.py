@@ -56,11 +56,37 @@ def _jsonl(path: Path, rows: list[dict]) -> Path:
 def test_paperqa_tiny_twin_trains_a_memory_with_the_per_level_breakdown(tmp_path):
     """The shipped tiny twin, as `jaxlora train` runs it (fewer steps and methods): one adapter per paper,
     the generated corpus's questions asked, BLEU and ROUGE-L overall and per level."""
+    from tests.openai_http import OpenAIHTTP, rubric_fields
+
+    # The judge: a real HTTP server on 127.0.0.1 that scores by the question's level (9, 6, 3)
+    # and answers prose (a judge failure) to the level-3 questions of the even papers.
+    levels = {
+        qa["question"]: (qa["level"], qa["level"] == 3 and i % 2 == 0)
+        for i, paper in enumerate(generate_paperqa())
+        for qa in paper["QA"]
+    }
+
+    def reply(user: str) -> tuple[int, str]:
+        question = rubric_fields(user)[0]
+        ((level, fails),) = [v for q, v in levels.items() if q in question]
+        if fails:
+            return 200, "A fair attempt."
+        return 200, json.dumps({"score": 12 - 3 * level, "rationale": "by level"})
+
     out = tmp_path / "run"
     sets = ["training.steps=4", "memory.methods=[oracle,bm25@2/ties]", "memory.max_new_tokens=4"]
-    config = load_config(REPO / "configs" / "paperqa_memory_tiny.yaml", sets)
-    SweepJob(config, out, progress=False, devices=jax.devices()[:1]).run()
+    with OpenAIHTTP(reply) as server:
+        llm = ["llm.backend=openai", "llm.model=m", f"llm.base_url={server.url}"]
+        sets += ["memory.judge=true", *llm]
+        config = load_config(REPO / "configs" / "paperqa_memory_tiny.yaml", sets)
+        SweepJob(config, out, progress=False, devices=jax.devices()[:1]).run()
     rows = _rows(out / "memory_results.csv")
+    failed = sum(fails for _, fails in levels.values())
+    for row in rows.values():  # per level, the mean of the scored; failures counted apart
+        judge = [float(row[f"judge_level{lv}"]) for lv in (1, 2, 3)]
+        assert judge == [9.0, 6.0, 3.0] and int(row["judge_failed"]) == failed == 6
+        # 12 x 9 + 12 x 6 + 6 x 3 over 30 scored: a float mean read from the CSV, rounding only
+        assert float(row["judge"]) == pytest.approx(6.6)
     assert list(rows) == ["oracle", "bm25@2/ties"]
     for column in ("bleu", "rouge_l", "bleu_level1", "rouge_l_level3", "routing_top1"):
         assert column in rows["bm25@2/ties"], column

@@ -187,26 +187,75 @@ def test_bad_inputs_are_one_line_errors(tmp_path, content, extra, needle):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["T.txt", "p.jsonl"]  # no cache
 
 
-def test_the_judge_as_an_eval_metric(evaluated_run, tmp_path):
-    """eval.judge: each adapter's row gains judge / judge_failed from its own predictions (here
-    all failures: the tiny judge writes no JSON), and no failure is scored."""
-    import csv
+def _eval_with_judge(run_dir, tmp_path, *llm: str):
     import shutil
     import subprocess
 
     from tests.runs import jaxlora_cmd
 
-    _, run_dir = evaluated_run
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
-    sets = ["eval.judge=true", "llm.backend=local", "llm.model=tiny-llama"]
-    cmd = jaxlora_cmd("eval", copy, *[a for s in sets for a in ("--set", s)])
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    sets = ["eval.judge=true", *llm]
+    cmd = jaxlora_cmd("eval", copy, "--no-progress", *[a for s in sets for a in ("--set", s)])
+    return copy, subprocess.run(cmd, capture_output=True, text=True)
+
+
+def test_an_eval_judge_whose_rubric_cannot_fit_its_model_is_refused_before_evaluating(
+    evaluated_run, tmp_path
+):
+    """eval.judge with the tiny model as a local judge: the rubric plus 256 reply tokens cannot
+    fit its 512 positions. One line, exit 2, before the evaluation: the results stay as they
+    were, not every prediction a failed request."""
+    _, run_dir = evaluated_run
+    copy, proc = _eval_with_judge(run_dir, tmp_path, "llm.backend=local", "llm.model=tiny-llama")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "the judge's rubric cannot fit its model 'tiny-llama'" in lines[0]
+    for name in ("results.csv", "predictions.jsonl"):
+        assert (copy / name).read_bytes() == (run_dir / name).read_bytes()
+    assert not (copy / "judge_cache.sqlite").exists()
+
+
+def test_the_judge_as_an_eval_metric_over_http_scores_each_adapter(evaluated_run, tmp_path):
+    """eval.judge against a real HTTP judge on 127.0.0.1 that scores an answer by the parts of
+    the gold number it holds (3 each) and replies prose (a failure) to a blank one: each
+    adapter's row gains its own predictions' mean, failures counted and never scored."""
+    import csv
+
+    from tests.openai_http import OpenAIHTTP, rubric_fields
+
+    def score(gold: str, candidate: str) -> int:
+        return 3 * sum(part in candidate for part in gold.split("-"))
+
+    def reply(user: str) -> tuple[int, str]:
+        _, gold, candidate = rubric_fields(user)
+        if not candidate:
+            return 200, "I cannot judge an empty answer."
+        return 200, json.dumps({"score": score(gold, candidate), "rationale": "parts found"})
+
+    _, run_dir = evaluated_run
+    with OpenAIHTTP(reply) as server:
+        llm = ["llm.backend=openai", "llm.model=m", f"llm.base_url={server.url}"]
+        copy, proc = _eval_with_judge(run_dir, tmp_path, *llm)
     assert proc.returncode == 0, proc.stderr
     rows = list(csv.DictReader((copy / "results.csv").open()))
-    assert len(rows) == 4
+    predictions = [json.loads(x) for x in (copy / "predictions.jsonl").read_text().splitlines()]
+    # at temperature 0 the same (question, gold, answer) is asked once, whichever adapter gave it
+    asked = {(p["prompt"], p["answer"], p["prediction"]) for p in predictions}
+    assert len(rows) == 4 and server.requests == len(asked) <= len(predictions)
     for row in rows:
-        assert int(row["judge_failed"]) == int(row["n_facts"]) > 0 and row["judge"] == ""
+        mine = [p for p in predictions if p["adapter"] == row["name"]]
+        assert len(mine) == int(row["n_facts"]) > 0
+        scored = [score(p["answer"], p["prediction"]) for p in mine if p["prediction"].strip()]
+        assert [p["judge"] for p in mine if p["prediction"].strip()] == scored
+        assert int(row["judge_failed"]) == len(mine) - len(scored)
+        # a mean of small integers read back from the CSV: rounding only
+        assert (
+            row["judge"] == ""
+            if not scored
+            else float(row["judge"]) == pytest.approx(sum(scored) / len(scored))
+        )
+    assert any(p["judge"] is not None for p in predictions)  # the success path was taken
 
 
 # ---------------------------------------------------------------------------------------------

@@ -306,29 +306,74 @@ def test_a_memory_larger_than_the_library_fails_before_training(tmp_path):
     assert "k=3 is larger than the library (2 units)" in train_refuses(tmp_path, config)
 
 
-def test_the_judge_as_a_memory_metric_counts_failures_and_never_scores_them(library_run, tmp_path):
-    """memory.judge with a local judge that cannot answer (the tiny model writes no JSON): every
-    answer is a judge failure, counted and excluded; nothing is scored 0."""
+def test_a_judge_whose_rubric_cannot_fit_its_model_is_refused_before_evaluating(
+    library_run, tmp_path
+):
+    """memory.judge with the tiny model as a local judge: the rubric (~650 tokens) plus its
+    256 reply tokens cannot fit 512 positions, so no prediction could ever be judged. One line,
+    exit 2, before any method is evaluated or anything written."""
     _, _, run_dir = library_run
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
-    proc = _memory_cli(
-        copy,
-        "memory.methods=[base]",
-        "memory.judge=true",
-        "llm.backend=local",
-        "llm.model=tiny-llama",
-    )
-    assert proc.returncode == 0, proc.stderr
-    (row,) = [
-        r for r in csv.DictReader((copy / "memory_results.csv").open()) if r["method"] == "base"
-    ]
-    assert int(row["judge_failed"]) == int(row["n_questions"]) > 0
-    assert row["judge"] == "" and float(row["judge_failure_rate"]) == 1.0
+    before = {str(p.relative_to(copy)): p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    sets = ["memory.methods=[oracle]", "memory.judge=true", "llm.backend=local"]
+    proc = _memory_cli(copy, *sets, "llm.model=tiny-llama")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "the judge's rubric cannot fit its model 'tiny-llama'" in lines[0]
+    assert "max_tokens is 256" in lines[0] and "512 positions" in lines[0]
+    after = {str(p.relative_to(copy)): p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_the_judge_as_a_memory_metric_over_http_scores_and_counts_failures(library_run, tmp_path):
+    """memory.judge against a real HTTP judge on 127.0.0.1 that scores an answer by the parts
+    of the gold number it holds (3 each), and replies prose (a judge failure) to a blank one:
+    each method's mean over its scored answers, failures counted and excluded, never 0."""
+    from tests.openai_http import OpenAIHTTP, rubric_fields
+
+    def score(gold: str, candidate: str) -> int:
+        return 3 * sum(part in candidate for part in gold.split("-"))
+
+    def reply(user: str) -> tuple[int, str]:
+        _, gold, candidate = rubric_fields(user)
+        if not candidate:
+            return 200, "I cannot judge an empty answer."
+        return 200, json.dumps({"score": score(gold, candidate), "rationale": "parts found"})
+
+    _, _, run_dir = library_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    with OpenAIHTTP(reply) as server:
+        llm = ["llm.backend=openai", "llm.model=m", f"llm.base_url={server.url}"]
+        proc = _memory_cli(copy, "memory.methods=[base,oracle]", "memory.judge=true", *llm)
+        assert proc.returncode == 0, proc.stderr
+    rows = {r["method"]: r for r in csv.DictReader((copy / "memory_results.csv").open())}
     predictions = [
         json.loads(x) for x in (copy / "memory_predictions.jsonl").read_text().splitlines()
     ]
-    assert all(p["judge"] is None for p in predictions if p["method"] == "base")
+    judged = [p for p in predictions if p["method"] in ("base", "oracle")]
+    assert (
+        server.requests
+        == len(judged)
+        == sum(int(rows[m]["n_questions"]) for m in ("base", "oracle"))
+    )
+    for method in ("base", "oracle"):
+        mine = [p for p in judged if p["method"] == method]
+        failed = [p for p in mine if not p["prediction"].strip()]
+        scored = [score(p["answer"], p["prediction"]) for p in mine if p not in failed]
+        assert [p["judge"] for p in mine if p not in failed] == scored
+        assert all(p["judge"] is None for p in failed)
+        row = rows[method]
+        assert int(row["judge_failed"]) == len(failed)
+        # means of small integers read back from the CSV: rounding only
+        assert float(row["judge_failure_rate"]) == pytest.approx(len(failed) / len(mine))
+        if scored:
+            assert float(row["judge"]) == pytest.approx(sum(scored) / len(scored))
+        else:  # nothing scored: blank, never 0
+            assert row["judge"] == ""
+    # Both outcomes occur: answers scored (the oracle's numbers) and answers failed (blanks).
+    assert any(p["judge"] is None for p in judged) and any(p["judge"] for p in judged)
 
 
 def test_the_judge_needs_an_llm_section():

@@ -166,6 +166,26 @@ def judge_conversations(
     return [judge_messages(q, g, c, template, system) for q, g, c in triples]
 
 
+def metric_judge(llm: Any) -> Backend:
+    """The judge of an evaluator (`eval.judge`, `memory.judge`) from the config's `llm:`
+    section, checked before any evaluation: the study's rubric with empty fields plus the
+    reply's 256 tokens must fit the judge model (`preflight`: the local model's positions),
+    else one error now rather than a failed request per prediction once the answers exist."""
+    from jaxlora.llm.backends import LLMConfig, LLMError, make_backend
+    from jaxlora.llm.common import load_template
+
+    backend = make_backend(LLMConfig.from_dict(llm.to_dict()))
+    preflight = getattr(backend, "preflight", None)  # a backend that cannot know: None
+    bare = judge_messages("", "", "", load_template("judge"))
+    if preflight is not None and (why := preflight([bare], judge_params())) is not None:
+        raise LLMError(
+            f"the judge's rubric cannot fit its model {llm.model!r} with no question or answer "
+            f"in it: {why.removeprefix('item 0: ')}; use a judge model with a longer context "
+            "(llm.model) or an endpoint (llm.backend: openai)"
+        )
+    return backend
+
+
 def judge_results(
     rows: Sequence[dict[str, Any]],
     predictions: Sequence[dict[str, Any]],
@@ -174,14 +194,14 @@ def judge_results(
     llm: Any,
     cache: str | Path | None = None,
     progress: bool = False,
+    backend: Backend | None = None,
 ) -> None:
     """The judge as a metric of an evaluator: every prediction gains `judge` (its 0-10 score,
     None when the judge failed) and every result row its predictions' `judge` mean (failures
-    excluded), `judge_failed` and `judge_failure_rate`. `llm` is the config's `llm:` section;
-    rows and predictions are matched by `key` and `prediction_key`."""
-    from jaxlora.llm.backends import LLMConfig, make_backend
-
-    backend = make_backend(LLMConfig.from_dict(llm.to_dict()))
+    excluded), `judge_failed` and `judge_failure_rate`. `llm` is the config's `llm:` section
+    (`backend`: the judge `metric_judge` made of it, checked); rows and predictions are matched
+    by `key` and `prediction_key`."""
+    backend = backend if backend is not None else metric_judge(llm)
     verdicts, _ = judge_predictions(predictions, backend, cache=cache, progress=progress)
     groups: dict[Any, list[Verdict]] = {}
     for p, v in zip(predictions, verdicts, strict=True):

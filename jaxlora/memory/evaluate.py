@@ -497,6 +497,11 @@ def evaluate_memory(
     evaluators = [MemoryEvaluator(job, section, lib, run_dir) for lib in libraries]
     for ev in evaluators:
         ev.check(methods)
+    judge = None
+    if section.judge:  # its rubric checked against its model before anything is evaluated
+        from jaxlora.llm.judge import metric_judge
+
+        judge = metric_judge(job.config.llm)
     store = ResultSet.open(run_dir, out, [k for k, _ in libraries[0].values])
     for lib in libraries:  # a set from before key=value labels keeps its rows under the new ones
         store.relabel(legacy_label(lib.values), lib.label)
@@ -506,7 +511,7 @@ def evaluate_memory(
             from jaxlora.llm.judge import judge_results
 
             cache, key = run_dir / "memory" / "judge_cache.sqlite", result_key
-            judge_results([row], predictions, key, key, job.config.llm, cache, progress)
+            judge_results([row], predictions, key, key, job.config.llm, cache, progress, judge)
             scoring.judge_per_level([row], predictions, key, key)
         store.commit(row, predictions)
 
