@@ -328,6 +328,31 @@ def test_a_refused_connection_stops_the_judge_at_once_with_one_line(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.jsonl"]  # not even a cache
 
 
+def test_one_network_error_on_every_first_request_stops_the_judge_with_one_line(tmp_path):
+    """A server that hangs up on every connection: the judge stops at once, creating nothing,
+    instead of retrying each request (4 retries with 1 s doubling backoff)."""
+    from tests.openai_http import HangingUp
+    from tests.test_cli import assert_refused
+
+    preds = _predictions(tmp_path / "predictions.jsonl")
+    t0 = time.monotonic()
+    with HangingUp() as server:
+        code, _, err = _judge_http(preds, server.url)
+    assert_refused(code, err)
+    assert f"every request to {server.url} failed" in err and time.monotonic() - t0 < 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.jsonl"]
+
+
+@pytest.mark.parametrize("command", ["synth", "judge"])
+def test_the_help_documents_the_exit_statuses(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "--allow-short FRACTION" in text and "any shortfall exits 3" in text
+    assert "2 bad input or an unreachable LLM" in text and "3 incomplete:" in text
+
+
 def test_the_local_judge_refuses_a_prompt_its_model_cannot_read_before_sending(tmp_path):
     """The study's rubric (~650 tokens) plus 256 reply tokens cannot fit the tiny model's 512
     positions: one line naming the sizes, exit 2, nothing created, not 3 failed requests."""
