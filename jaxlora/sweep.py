@@ -112,6 +112,10 @@ class SweepJob(Job):
             from jaxlora.memory.compose import check_library
 
             check_library(self.config.memory.methods, len(self.units))
+        if any(s is not None and s.judge for s in (self.config.eval, self.config.memory)):
+            from jaxlora.llm.judge import metric_judge  # a judge that cannot fit: before training
+
+            metric_judge(self.config.llm)
         self.data.prepare(sorted({i for g in self.local for i in g}))
         self.packed, why = choose_packing(
             self.config.training.packing,

@@ -306,6 +306,20 @@ def test_a_memory_larger_than_the_library_fails_before_training(tmp_path):
     assert "k=3 is larger than the library (2 units)" in train_refuses(tmp_path, config)
 
 
+def test_a_judge_that_cannot_fit_its_rubric_fails_before_training(tmp_path):
+    """memory.judge with the tiny model as a local judge (512 positions for a ~650-token rubric
+    and 256 reply tokens): refused in one line before a step is trained or a file written."""
+    config = {
+        "data": {"size_tokens": 200, "units": "sectors", "unit_count": 2, "max_length": 64},
+        "training": {"steps": 2},
+        "mesh": {"adapter": 1},
+        "memory": {"methods": ["oracle"], "judge": True},
+        "llm": {"backend": "local", "model": "tiny-llama"},
+    }
+    err = train_refuses(tmp_path, config).strip().splitlines()
+    assert len(err) == 1 and "the judge's rubric cannot fit its model 'tiny-llama'" in err[0], err
+
+
 def test_a_judge_whose_rubric_cannot_fit_its_model_is_refused_before_evaluating(
     library_run, tmp_path
 ):
