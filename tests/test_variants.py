@@ -324,3 +324,51 @@ def test_variants_sweep_as_one_job_equal_to_each_alone(tmp_path):
         for key in (k for k in single if "magnitude" in k):
             gap = np.linalg.norm(single[key] - grid[cell.name][key])
             assert gap <= bound * np.linalg.norm(single[key]), key
+
+
+@pytest.mark.parametrize("combination_type", ["linear", "cat"])
+def test_merged_dora_adapters_match_peft_add_weighted_adapter(
+    hf_checkpoint, tmp_path, combination_type
+):
+    """Two DoRA adapters merged by `jaxlora.memory.merge` and by PEFT's add_weighted_adapter
+    (A and B merged, the first source's use_dora, fresh magnitudes ||W||) give the same
+    logits; a PiSSA source with its residual correction is refused with one line."""
+    from jaxlora.memory.merging import MergeError, merge
+    from tests.test_lora import peft_logits
+    from tests.test_model_parity import padded_batch
+
+    from peft import PeftModel
+
+    from tests.hf_factory import load_hf_model
+
+    path = hf_checkpoint("llama")
+    for seed in (0, 1):
+        dora_adapter(path, tmp_path / f"d{seed}", seed=seed, target_modules="all-linear")
+        # As trained adapters are saved: PEFT creates the merged adapter with its first
+        # source's init, and only from B = 0 (the default init) are its magnitudes ||W||; from
+        # init_lora_weights=False they would come from torch's global RNG.
+        config = tmp_path / f"d{seed}" / "adapter_config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), "init_lora_weights": True}))
+    peft_model = PeftModel.from_pretrained(load_hf_model(path), tmp_path / "d0")
+    peft_model.load_adapter(tmp_path / "d1", adapter_name="d1")
+    peft_model.add_weighted_adapter(["default", "d1"], [0.7, 0.5], "m", combination_type)
+    peft_model.set_adapter("m")
+    ids, mask = padded_batch("right")
+    ref = peft_logits(peft_model, ids, mask)
+
+    model = jaxlora.load_pretrained(path)
+    stack = jaxlora.load_peft(model, [tmp_path / "d0", tmp_path / "d1"])
+    merged = merge(model, stack, [[0, 1]], [[0.7, 0.5]], combination_type)
+    assert merged.configs[0].use_dora
+    ours = np.asarray(model(ids[None], attention_mask=mask[None], adapters=merged))[0]
+    base = np.asarray(model(ids, mask))
+    valid = mask.astype(bool)
+    # float32 forwards in torch and XLA (different sum orders): logits of size ~5 agree to
+    # ~2e-5; a merge that kept the sources' magnitudes or dropped DoRA moves them by > 1e-2.
+    assert np.abs(ours[valid] - ref[valid]).max() < 1e-4
+    assert np.abs(ref[valid] - base[valid]).max() > 1e-2
+
+    pissa = jaxlora.init_adapters(model, [jaxlora.LoRAConfig(rank=2, init="pissa")], [0])
+    with pytest.raises(MergeError, match="merge its PEFT export instead") as e:
+        merge(model, pissa, [[0]], [[1.0]], "linear")
+    assert "\n" not in str(e.value)

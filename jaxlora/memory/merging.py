@@ -24,6 +24,10 @@ against. With c_i = w_i s_i (s_i = alpha_i / r_i, or alpha_i / sqrt(r_i) with rs
   (sum / max(1, count)). DARE keeps each entry with probability `density` and rescales by
   1/density; `density >= 1` prunes nothing (no rescale), as in PEFT.
 - One source (k = 1) is always `linear` (PEFT's rule): B'A' = w s BA at the source's rank.
+- DoRA: PEFT merges the sources' A and B alone and gives the new adapter the first source's
+  `use_dora` with fresh magnitudes ||W|| (those of an adapter created at B = 0, before its
+  factors are filled in); so do we. PiSSA/OLoRA sources of a training stack carry a residual
+  correction that PEFT never sees: merge their exports (`save_peft`, `load_peft`) instead.
 - The new adapter has r = alpha = new rank and inherits the first source's dropout and
   use_rslora. The latter is PEFT's: a first source with rsLoRA gives the merged adapter scale
   alpha/sqrt(r) = sqrt(r), not 1, and we reproduce that rather than diverge from PEFT.
@@ -60,6 +64,7 @@ from jaxlora.lora import (
     AdapterStack,
     LoRAConfig,
     _module_index,
+    const_values,
     module_dims,
     place_stacked,
     union_placement,
@@ -213,6 +218,12 @@ def _merged_config(
     src = [stack.configs[i] for i in row]
     ranks = [c.rank for c in src]
     first = src[0]
+    residual = [int(i) for i, c in zip(row, src, strict=True) if c.residual]
+    if residual:
+        raise MergeError(
+            f"row {q}: adapter {residual[0]} is a {stack.configs[residual[0]].init} adapter with "
+            "its residual correction; merge its PEFT export instead (save_peft, then load_peft)"
+        )
     num_layers = model.config.num_layers
     for i, c in zip(row[1:], src[1:], strict=True):
         if not _layers(c, num_layers) <= _layers(first, num_layers):
@@ -241,6 +252,7 @@ def _merged_config(
         dropout=first.dropout,
         use_rslora=first.use_rslora and kind != "delta_sum",
         init=first.init,
+        use_dora=first.use_dora,
     )
     if kind in SVD_TYPES:
         small = [
@@ -327,13 +339,18 @@ def _as_stack(model: Model, merged: dict, configs, names) -> AdapterStack:
     placement = union_placement(configs)
     _, w_abs, c_abs, _ = abstract_module(model.config, placement, model.dtype, model.param_dtype)
 
+    kernels = dict(nnx.to_flat_state(model.params)) if placement.dora else {}
+
     def weight(path, var):
+        if path[-1] == "lora_magnitude":  # PEFT's fresh magnitudes: ||W|| per output
+            kernel = np.asarray(kernels[(*path[:-1], "kernel")].get_value(), np.float32)
+            norms = np.linalg.norm(kernel, axis=0)
+            return place_stacked(var, np.stack([norms] * len(configs)), model)
         a, b = merged[path[:-1]]
         return place_stacked(var, a if path[-1] == "lora_a" else b, model)
 
     def const(path, var):
-        values = [c.scale if path[-1] == "lora_scale" else c.dropout for c in configs]
-        return place_stacked(var, np.asarray(values, np.float32), model)
+        return place_stacked(var, const_values(configs, path), model)
 
     return AdapterStack(nnx.map_state(weight, w_abs), nnx.map_state(const, c_abs), configs, names)
 
