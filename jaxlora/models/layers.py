@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxlora.models import arrow as arrow_math
+from jaxlora.models.arrow import ArrowSpec
 from jaxlora.models.config import ModelConfig
 from jaxlora.sharding import target_platform
 
@@ -139,7 +141,8 @@ class LoRAWeight(nnx.Variable):
 class LoRAConst(nnx.Variable):
     """Per-adapter constants of a LoRA layer: `lora_scale` (alpha/r) and `lora_dropout`, and
     with a residual correction the frozen initial factors `lora_a0` [in, R], `lora_b0` [R, out];
-    with DoRA `lora_dora` (1: this adapter is a DoRA adapter here, 0: a plain one)."""
+    with DoRA `lora_dora` (1: this adapter is a DoRA adapter here, 0: a plain one); with Arrow
+    the experts' prototypes `lora_proto` [E, in]."""
 
 
 def random_normal(rngs: nnx.Rngs | None, shape: tuple[int, ...], dtype, stddev: float = 0.02):
@@ -163,6 +166,10 @@ class LoRALinear(nnx.Module):
 
     `dora`: DoRA (PEFT's `use_dora`), a learned magnitude per output over the direction of
     W + s A B (`_dora`); an adapter of the stack that is not a DoRA adapter is plain LoRA.
+
+    `arrow`: Arrow routing (`jaxlora.models.arrow`): the layer holds a library of E experts,
+    `lora_a` [E, in, R], `lora_b` [E, R, out], `lora_scale` [E] and prototypes `lora_proto`
+    [E, in], and adds each token's mixture of them; training-free, so no dropout.
     """
 
     def __init__(
@@ -175,6 +182,7 @@ class LoRALinear(nnx.Module):
         rank: int = 0,
         residual: bool = False,
         dora: bool = False,
+        arrow: ArrowSpec | None = None,
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs | None,
@@ -188,7 +196,10 @@ class LoRALinear(nnx.Module):
             if use_bias
             else None
         )
-        if rank:
+        self.arrow = arrow if rank else None
+        if rank and arrow is not None:
+            self._init_arrow(in_features, out_features, axes, rank, arrow.experts)
+        elif rank:
             self.lora_a = LoRAWeight(
                 jnp.zeros((in_features, rank), jnp.float32), axes=(axes[0], "rank")
             )
@@ -199,7 +210,7 @@ class LoRALinear(nnx.Module):
             self.lora_dropout = LoRAConst(jnp.zeros((), jnp.float32), axes=())
         else:
             self.lora_a = self.lora_b = self.lora_scale = self.lora_dropout = None
-        if rank and residual:
+        if rank and residual and arrow is None:
             self.lora_a0 = LoRAConst(
                 jnp.zeros((in_features, rank), jnp.float32), axes=(axes[0], "rank")
             )
@@ -208,11 +219,23 @@ class LoRALinear(nnx.Module):
             )
         else:
             self.lora_a0 = self.lora_b0 = None
-        if rank and dora:
+        if rank and dora and arrow is None:
             self.lora_magnitude = LoRAWeight(jnp.zeros((out_features,), jnp.float32), axes=axes[1:])
             self.lora_dora = LoRAConst(jnp.zeros((), jnp.float32), axes=())
         else:
             self.lora_magnitude = self.lora_dora = None
+
+    def _init_arrow(self, d_in: int, d_out: int, axes, rank: int, experts: int) -> None:
+        E = experts
+        self.lora_a = LoRAWeight(
+            jnp.zeros((E, d_in, rank), jnp.float32), axes=(None, axes[0], "rank")
+        )
+        self.lora_b = LoRAWeight(
+            jnp.zeros((E, rank, d_out), jnp.float32), axes=(None, "rank", axes[1])
+        )
+        self.lora_scale = LoRAConst(jnp.zeros((E,), jnp.float32), axes=(None,))
+        self.lora_dropout = None
+        self.lora_proto = LoRAConst(jnp.zeros((E, d_in), jnp.float32), axes=(None, axes[0]))
 
     @property
     def has_lora(self) -> bool:
@@ -226,6 +249,14 @@ class LoRALinear(nnx.Module):
             y = y + self.bias[...].astype(self.dtype)
         if not self.has_lora:
             return y
+        if self.arrow is not None:
+            with jax.named_scope("arrow"):
+                spec = self.arrow
+                coeff = arrow_math.coefficients(
+                    x, self.lora_proto[...], spec.top_k, spec.temperature
+                )
+                a, b, s = self.lora_a[...], self.lora_b[...], self.lora_scale[...]
+                return y + arrow_math.mixture(x, a, b, s, coeff)
         with jax.named_scope("lora"):
             h = x
             if rng is not None:

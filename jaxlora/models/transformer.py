@@ -39,6 +39,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxlora.errors import LoRAError
+from jaxlora.models.arrow import ArrowSpec
 from jaxlora.models.attention import (  # noqa: F401 (KEY_BLOCK, PACK_CHUNK, kernels: re-exported)
     ATTENTION_IMPLS,
     KEY_BLOCK,
@@ -81,13 +83,21 @@ BTD = ("batch", "seq", None)
 class LoRAPlacement:
     """Which projections carry an adapter, its (stack-wide maximum) rank, and whether the
     layers hold a frozen residual correction (PiSSA/OLoRA adapters in the stack) or DoRA's
-    magnitudes."""
+    magnitudes. With `arrow` each adapted projection holds a library of experts and routes
+    every token among them (`jaxlora.models.arrow`; plain LoRA experts only)."""
 
     rank: int
     modules: frozenset[str]
     layers: frozenset[int] | None = None  # None: every layer
     residual: bool = False
     dora: bool = False  # DoRA adapters in the stack: the layers hold magnitude vectors
+    arrow: ArrowSpec | None = None
+
+    def __post_init__(self) -> None:
+        if self.arrow is not None and (self.residual or self.dora):
+            raise LoRAError(
+                "Arrow routes plain LoRA adapters; the library holds PiSSA/OLoRA or DoRA ones"
+            )
 
     def rank_for(self, layer: int, module: str) -> int:
         in_layer = self.layers is None or layer in self.layers
@@ -152,6 +162,7 @@ class Attention(nnx.Module):
                 rank=rank,
                 residual=bool(rank) and lora.residual,
                 dora=bool(rank) and lora.dora,
+                arrow=lora.arrow if rank else None,
                 dtype=dtype,
                 param_dtype=param_dtype,
                 rngs=rngs,
@@ -220,6 +231,7 @@ class MLP(nnx.Module):
                 rank=rank,
                 residual=bool(rank) and lora.residual,
                 dora=bool(rank) and lora.dora,
+                arrow=lora.arrow if rank else None,
                 dtype=dtype,
                 param_dtype=param_dtype,
                 rngs=rngs,
