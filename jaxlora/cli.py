@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from jaxlora import runtime
+from jaxlora import __version__, runtime
 from jaxlora.errors import JaxloraError
 from jaxlora.llm import status
 from jaxlora.plan import DEVICES
@@ -234,6 +234,7 @@ def _serve(args: argparse.Namespace) -> int:
         batch_wait_ms=args.batch_wait_ms,
         memory=memory,
         model=model,
+        timeout_s=args.request_timeout,
     )
     return serve(service, args.host, args.port, args.api_key)
 
@@ -340,6 +341,7 @@ def _add_distributed_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jaxlora", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"jaxlora {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="train every adapter of a config's grid in one job")
@@ -467,18 +469,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing out_dir")
     p.set_defaults(func=_convert)
 
-    p = sub.add_parser("serve", help="an OpenAI-compatible endpoint over a model and its adapters")
+    p = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible endpoint over a model and its adapters",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument(
         "model", help="a run directory (its base + adapters), model dir, hub id or preset"
     )
     p.add_argument("--adapters", nargs="+", metavar="NAME=PEFT_DIR", help="more adapters to serve")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind")
     p.add_argument("--port", type=_port, default=8000, help="0: any free port")
-    p.add_argument("--api-key", help="require this bearer key (default: none)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype")
+    p.add_argument("--api-key", help="require this bearer key (default: %(default)s, no key)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="compute dtype (default: %(default)s, the run's or the checkpoint's)",
+    )
     p.add_argument("--max-batch", type=_int_at_least(1), default=32, help="rows per decode pass")
     p.add_argument(
         "--batch-wait-ms", type=float, default=2.0, help="how long a pass waits for more requests"
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=_positive_float,
+        default=600.0,
+        help="seconds a request may wait for its decoding before a 504",
     )
     p.add_argument(
         "--memory",

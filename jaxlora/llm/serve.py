@@ -19,9 +19,13 @@ Design:
   compiled loop, so a streamed response sends its per-token chunks when its pass ends; the
   format (and the text) is OpenAI's, time to first token is the pass's time.
 - **Errors are OpenAI's JSON** `{"error": {"message", "type", "param", "code"}}`: 401 for a
-  wrong key, 404 for an unknown model or route, 400 for bad parameters (checked before any
-  decoding, including "prompt + max_tokens exceeds the model's positions"), 500 when decoding
-  raised; the server keeps serving after any of them.
+  wrong key, 404 for an unknown model or route, 400 for bad parameters (`requests.py`: every
+  field strictly typed, token ids in the vocabulary, checked before any decoding, including
+  "prompt + max_tokens exceeds the model's positions"), 500 when decoding raised, 504 past the
+  request timeout; the server keeps serving after any of them. A request whose client has gone
+  (cancelled, timed out) is skipped by the decoder, never answered into.
+- **Access log**: one line per request on stderr (client, method, path, status, model, prompt
+  and completion tokens, milliseconds).
 - **Shutdown**: SIGTERM (or Ctrl-C) stops accepting connections, lets in-flight requests finish
   (the decoder thread stops only after uvicorn has drained them) and exits 0.
 - **Memory hook.** `serve(..., memory=fn)` enables model `memory`: `fn(questions)` gets the
@@ -59,6 +63,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from jaxlora.llm.engine import Engine, LLMError, Output, Row, concat_stacks, resolve_source
+from jaxlora.llm.requests import APIError, flag, prompts, sampling
+from jaxlora.llm.requests import messages as parse_messages
 from jaxlora.lora import AdapterStack
 
 log = logging.getLogger(__name__)
@@ -76,30 +82,6 @@ class MemoryRoute:
 Memory = Callable[[Sequence[str]], Sequence[MemoryRoute]]
 
 
-# OpenAI's error types: an unknown model is an invalid request (code model_not_found).
-_ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    404: "invalid_request_error",
-}
-
-
-class APIError(Exception):
-    """An error answered as OpenAI's JSON."""
-
-    def __init__(
-        self, status: int, message: str, param: str | None = None, code: str | None = None
-    ):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-    def body(self) -> dict:
-        kind = _ERROR_TYPES.get(self.status, "server_error")
-        return {
-            "error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}
-        }
-
-
 # --------------------------------------------------------------------------- batching
 
 
@@ -112,11 +94,21 @@ class _Work:
     build: Callable[[int, MemoryRoute], Row] | None = None
 
 
+def _settle(future: Future, result: Any = None, error: BaseException | None = None) -> None:
+    """Answer a request's future unless its client has gone (a cancelled future): a request that
+    was cancelled or timed out never touches the decoder thread again."""
+    if not future.done() and future.set_running_or_notify_cancel():
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+
+
 def _deliver(batch: list[_Work], outputs: list) -> None:
     """Each request's share of a pass's outputs (its rows, in order)."""
     start = 0
     for w in batch:
-        w.future.set_result(outputs[start : start + len(w.rows)])
+        _settle(w.future, outputs[start : start + len(w.rows)])
         start += len(w.rows)
 
 
@@ -152,8 +144,14 @@ class Batcher:
                     stop = True
                     break
                 batch.append(nxt)
-            self._decode([w for w in batch if w.questions is None])
-            self._decode_memory([w for w in batch if w.questions is not None])
+            live = [w for w in batch if not w.future.cancelled()]  # their clients have gone
+            try:
+                self._decode([w for w in live if w.questions is None])
+                self._decode_memory([w for w in live if w.questions is not None])
+            except Exception as e:  # nothing ends the thread: the pass's requests get a 500
+                log.exception("the decoder failed")
+                for w in live:
+                    _settle(w.future, error=e)
             if stop:
                 return
 
@@ -165,7 +163,7 @@ class Batcher:
         except Exception as e:  # answered as 500 for these requests; the thread lives on
             log.exception("decoding failed")
             for w in batch:
-                w.future.set_exception(e)
+                _settle(w.future, error=e)
             return
         _deliver(batch, outputs)
 
@@ -190,109 +188,9 @@ class Batcher:
         except Exception as e:
             log.exception("memory decoding failed")
             for w in batch:
-                w.future.set_exception(e)
+                _settle(w.future, error=e)
             return
         _deliver(batch, outputs)
-
-
-# --------------------------------------------------------------------------- requests
-
-
-def _number(body: dict, key: str, default: float, low: float, high: float, *, low_open=False):
-    value = body.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise APIError(400, f"{key} must be a number, got {value!r}", key)
-    if value < low or value > high or (low_open and value == low):
-        bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
-        raise APIError(400, f"{key} must be in {bound}, got {value}", key)
-    return float(value)
-
-
-def _sampling(body: dict, default_max: int) -> dict[str, Any]:
-    """The per-row settings of a request body (shared by both routes), validated."""
-    n = body.get("n", 1)
-    if n != 1:
-        raise APIError(400, f"n={n} is not supported: send one request per sample", "n")
-    for key, off in (
-        ("logprobs", (None, False, 0)),
-        ("echo", (None, False)),
-        ("suffix", (None,)),
-        ("best_of", (None, 1)),
-        ("tools", (None, [])),
-        ("logit_bias", (None, {})),
-        ("presence_penalty", (None, 0)),
-        ("frequency_penalty", (None, 0)),
-    ):
-        if body.get(key) not in off:
-            raise APIError(400, f"{key} is not supported by jaxlora serve", key)
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is None:
-        max_tokens = default_max
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise APIError(400, f"max_tokens must be an integer >= 1, got {max_tokens!r}", "max_tokens")
-    stop = body.get("stop") or ()
-    stop = (stop,) if isinstance(stop, str) else stop
-    if not isinstance(stop, list | tuple) or not all(isinstance(s, str) for s in stop):
-        raise APIError(400, "stop must be a string or a list of strings", "stop")
-    if len(stop) > 4:
-        raise APIError(400, f"stop takes at most 4 strings, got {len(stop)}", "stop")
-    seed = body.get("seed")
-    if seed is None:
-        seed = secrets.randbits(31)
-    elif isinstance(seed, bool) or not isinstance(seed, int):
-        raise APIError(400, f"seed must be an integer, got {seed!r}", "seed")
-    return dict(
-        max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
-        seed=int(seed) % 2**63,
-        stop=tuple(stop),
-    )
-
-
-def _prompts(body: dict, engine: Engine) -> list[tuple[int, ...]] | list[str]:
-    prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        return [prompt]
-    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        return list(prompt)
-    if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
-        return [tuple(prompt)]
-    if (
-        isinstance(prompt, list)
-        and prompt
-        and all(isinstance(p, list) and p and all(type(t) is int for t in p) for p in prompt)
-    ):
-        return [tuple(p) for p in prompt]
-    raise APIError(400, "prompt must be a string, a list of strings or token ids", "prompt")
-
-
-def _messages(body: dict) -> list[dict[str, str]]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise APIError(400, "messages must be a non-empty list", "messages")
-    out = []
-    for i, m in enumerate(messages):
-        role, content = (m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None)
-        if role not in ("system", "user", "assistant"):
-            raise APIError(400, f"messages[{i}].role must be system, user or assistant", "messages")
-        if isinstance(content, list):  # content parts: only text ones
-            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-                raise APIError(400, f"messages[{i}]: only text content is supported", "messages")
-            content = "".join(str(p.get("text", "")) for p in content)
-        if not isinstance(content, str):
-            raise APIError(400, f"messages[{i}].content must be a string", "messages")
-        out.append({"role": role, "content": content})
-    fmt = body.get("response_format")
-    if fmt is not None and (
-        not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object")
-    ):
-        raise APIError(
-            400, "response_format must be {'type': 'text' | 'json_object'}", "response_format"
-        )
-    return out
 
 
 # --------------------------------------------------------------------------- the app
@@ -301,8 +199,15 @@ def _messages(body: dict) -> list[dict[str, str]]:
 class Service:
     """The engine, its model names and the batcher: what the routes serve."""
 
-    def __init__(self, engine: Engine, base_name: str, memory: Memory | None, wait_s: float):
-        self.engine, self.base_name = engine, base_name
+    def __init__(
+        self,
+        engine: Engine,
+        base_name: str,
+        memory: Memory | None,
+        wait_s: float,
+        timeout_s: float = 600.0,
+    ):
+        self.engine, self.base_name, self.timeout_s = engine, base_name, timeout_s
         names = engine.stack.names[1:] if engine.stack is not None else ()
         self.slots = {base_name: 0, **{n: i + 1 for i, n in enumerate(names)}}
         self.memory = memory
@@ -332,13 +237,13 @@ class Service:
     async def generate(self, body: dict, chat: bool) -> tuple[list[Output], int]:
         """Validate, tokenize, decode (in the batcher): outputs and prompt token count."""
         slot = self.slot(body)
-        settings = _sampling(body, 256 if chat else 16)
+        settings = sampling(body, 256 if chat else 16)
         if chat:
-            messages = _messages(body)
+            messages = parse_messages(body)
             texts: list = [messages]
             encode = self.engine.encode_chat
         else:
-            texts = _prompts(body, self.engine)
+            texts = prompts(body, self.engine.model.config.vocab_size)
             encode = self.engine.encode
 
         def tokens(item) -> tuple[int, ...]:
@@ -356,7 +261,13 @@ class Service:
 
             work = _Work(work.rows, Future(), questions, build)
         try:
-            outputs = await asyncio.wrap_future(self.batcher.submit(work))
+            outputs = await asyncio.wait_for(
+                asyncio.wrap_future(self.batcher.submit(work)), self.timeout_s
+            )
+        except TimeoutError:  # the wait cancelled the future: the decoder will skip it
+            raise APIError(
+                504, f"decoding did not finish within the server's {self.timeout_s:g} s"
+            ) from None
         except Exception as e:
             raise APIError(500, f"decoding failed: {type(e).__name__}: {e}") from e
         return outputs, sum(len(r.tokens) for r in work.rows)
@@ -391,6 +302,23 @@ def build_app(service: Service, api_key: str | None = None):
         service.batcher.stop()  # after uvicorn drained the in-flight requests
 
     app = FastAPI(title="jaxlora serve", lifespan=lifespan)
+
+    @app.middleware("http")
+    async def access_log(request: Request, call_next):
+        """One line per request on stderr: client, method, path, status, model, tokens, time."""
+        start = time.monotonic()
+        request.state.model, request.state.tokens = "-", ("-", "-")
+        response = await call_next(request)
+        prompt, completion = request.state.tokens
+        client = request.client.host if request.client else "-"
+        print(
+            f'jaxlora: {client} "{request.method} {request.url.path}" {response.status_code} '
+            f"model={request.state.model} prompt_tokens={prompt} "
+            f"completion_tokens={completion} {1e3 * (time.monotonic() - start):.0f} ms",
+            file=sys.stderr,
+            flush=True,
+        )
+        return response
 
     def error(e: APIError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status)
@@ -440,8 +368,11 @@ def build_app(service: Service, api_key: str | None = None):
     async def respond(request: Request, chat: bool):
         check_key(request)
         body = await json_body(request)
-        stream = bool(body.get("stream", False))
+        stream = flag(body, "stream")
+        if isinstance(body.get("model"), str):
+            request.state.model = body["model"]
         outputs, prompt_tokens = await service.generate(body, chat)
+        request.state.tokens = (prompt_tokens, sum(len(o.tokens) for o in outputs))
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         common = {"id": rid, "created": int(time.time()), "model": body["model"]}
         if stream:
@@ -517,6 +448,7 @@ def load_service(
     batch_wait_ms: float = 2.0,
     memory: Memory | None = None,
     model=None,
+    timeout_s: float = 600.0,
 ) -> Service:
     """Load the model and its adapters (the run's, then `adapters`) into a Service; `model`,
     when given, is the already loaded base (the memory's job shares it)."""
@@ -535,9 +467,8 @@ def load_service(
     if model is None:
         model = load_pretrained(source.model, dtype=dtype or source.dtype)
     stack = load_peft(model, list(library.values()), list(library)) if library else None
-    return Service(
-        Engine(model, stack, max_batch=max_batch), base_name, memory, batch_wait_ms / 1e3
-    )
+    engine = Engine(model, stack, max_batch=max_batch)
+    return Service(engine, base_name, memory, batch_wait_ms / 1e3, timeout_s)
 
 
 def serve(
