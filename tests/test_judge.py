@@ -339,6 +339,7 @@ def test_one_network_error_on_every_first_request_stops_the_judge_with_one_line(
     with HangingUp() as server:
         code, _, err = _judge_http(preds, server.url)
     assert_refused(code, err)
+    # seconds, not 4 retries with 1 s doubling backoff per request (15 s and more)
     assert f"every request to {server.url} failed" in err and time.monotonic() - t0 < 10
     assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.jsonl"]
 
