@@ -38,6 +38,20 @@ def stable_seed(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256(blob).digest()[:8], "big") >> 2
 
 
+# LoRA settings added after adapters' seeds were first derived from the `lora:` section, with
+# the value that section held implicitly before: at that value they stay out of the hash, so
+# a config that does not use them trains the same adapters as before they existed.
+LATER_LORA_FIELDS = {"use_dora": False, "lr_ratio": 1.0}
+
+
+def _seed_fields(section: Any) -> dict[str, Any]:
+    """The `lora:` fields an adapter's seeds hash (`LATER_LORA_FIELDS` only where set)."""
+    fields = dataclasses.asdict(section)
+    return {
+        k: v for k, v in fields.items() if k not in LATER_LORA_FIELDS or v != LATER_LORA_FIELDS[k]
+    }
+
+
 def seed_key(seed: int) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed & 0x7FFFFFFF), (seed >> 31) & 0x7FFFFFFF)
 
@@ -85,7 +99,7 @@ def plan_cells(config: Config, model_config: ModelConfig) -> list[CellPlan]:
             eps=t.adam_eps,
             lr_ratio=c.lora.lr_ratio,
         )
-        lora_d, data_d = dataclasses.asdict(c.lora), dataclasses.asdict(c.data)
+        lora_d, data_d = _seed_fields(c.lora), dataclasses.asdict(c.data)
         objective = None
         if t.objective == "distill":
             objective = Distill.from_section(c.distill or DistillSection(), model_config.num_layers)

@@ -372,3 +372,22 @@ def test_merged_dora_adapters_match_peft_add_weighted_adapter(
     with pytest.raises(MergeError, match="merge its PEFT export instead") as e:
         merge(model, pissa, [[0]], [[1.0]], "linear")
     assert "\n" not in str(e.value)
+
+
+def test_variant_settings_at_their_defaults_keep_the_seeds_of_before():
+    """An adapter's seeds hash its `lora:` section. The variant keys came later: at their
+    defaults they stay out of the hash, so a config that does not use them trains exactly the
+    adapters it trained before they existed (the hash of the seven original fields)."""
+    from jaxlora.cells import stable_seed
+    from jaxlora.models.model import model_config
+
+    config = load_config("configs/quickstart.yaml")
+    plans = plan_cells(config, model_config(config.model.path))
+    original = ("rank", "alpha", "targets", "layers", "dropout", "use_rslora", "init")
+    for plan in plans:
+        lora = plan.cell.config.lora
+        before = {k: getattr(lora, k) for k in original}
+        seed = plan.cell.config.training.seed
+        assert plan.init_seed == stable_seed(seed, "init", before)
+    dora = load_config("configs/quickstart.yaml", ["lora.use_dora=true"])
+    assert plan_cells(dora, model_config(dora.model.path))[0].init_seed != plans[0].init_seed
