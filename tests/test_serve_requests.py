@@ -11,20 +11,32 @@ import sys
 import time
 from concurrent.futures import Future
 
+import jax
+import numpy as np
 import openai
 import pytest
 
 import jaxlora
+from jaxlora import lora
 from jaxlora.llm.engine import Engine, Row
 from jaxlora.llm.serve import Batcher, _Work
-from tests.llm_servers import API_KEY, Server
+from tests.llm_servers import API_KEY, Server, make_adapters
 
 
 @pytest.fixture(scope="module")
-def server():
-    server = Server(["tiny-llama", "--api-key", API_KEY])
-    yield server
+def served(tmp_path_factory):
+    """The tiny model, its two adapters (a stack, as the server loads them) and the server."""
+    model = jaxlora.load_pretrained("tiny-llama")
+    dirs = make_adapters(model, tmp_path_factory.mktemp("adapters"))
+    adapters = [f"{name}={path}" for name, path in dirs.items()]
+    server = Server(["tiny-llama", "--adapters", *adapters, "--api-key", API_KEY])
+    yield model, jaxlora.load_peft(model, list(dirs.values()), list(dirs)), server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    return served[2]
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +139,101 @@ def test_version_and_every_default_in_serves_help():
     for default in ("(default: 8000)", "(default: 32)", "(default: 2.0)", "(default: 600.0)"):
         assert default in flat
     assert "(default: None, the run's or the checkpoint's)" in flat  # --dtype
+
+
+def local_logprobs(served, name: str, ids) -> np.ndarray:
+    """log_softmax of the model's own logits [T, V] for `ids` under model `name`."""
+    model, stack, _ = served
+    row = np.asarray([ids], np.int32)
+    if name == "tiny-llama":
+        logits = model(row)
+    else:
+        logits = lora.routed_logits(model, stack, [stack.names.index(name)], row)
+    return np.asarray(jax.nn.log_softmax(np.asarray(logits, np.float64)[0], axis=-1))
+
+
+# float32 logits of size ~1-10 through 2 layers (torch-free: XLA on both sides, but another
+# batch and width, so other kernels): log-probabilities agree to ~1e-6; 1e-4 is the issue's.
+LOGPROB_BOUND = 1e-4
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "fact-a", "fact-b"])
+def test_echo_scores_the_prompt_with_the_models_own_log_softmax(served, client, name):
+    """lm-evaluation-harness's loglikelihood request: echo, max_tokens 0, logprobs N."""
+    ids = [1, 17, 23, 5, 99, 42, 7]
+    r = client.completions.create(
+        model=name, prompt=ids, max_tokens=0, echo=True, logprobs=3, temperature=0
+    )
+    lp = r.choices[0].logprobs
+    want = local_logprobs(served, name, ids)
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(ids)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    got = np.asarray(lp.token_logprobs[1:])
+    expected = want[np.arange(len(ids) - 1), ids[1:]]
+    assert np.abs(got - expected).max() < LOGPROB_BOUND
+    for t in range(1, len(ids)):
+        top = sorted(lp.top_logprobs[t].values(), reverse=True)
+        assert len(top) <= 3  # distinct texts: two ids of one text collapse into one key
+        assert abs(top[0] - want[t - 1].max()) < LOGPROB_BOUND
+    assert r.usage.completion_tokens == 0
+    assert r.choices[0].text == served[0].tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_generated_tokens_carry_their_logprobs(served, client):
+    """Greedy: every generated token is its position's most likely one, and its logprob is the
+    model's over prompt + the tokens before it; chat's logprobs/top_logprobs the same way."""
+    ids = [1, 8, 30, 4]
+    r = client.completions.create(
+        model="fact-a", prompt=ids, max_tokens=5, logprobs=2, temperature=0
+    )
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == r.usage.completion_tokens > 0
+    # Greedy decoding, replayed with full forwards: token k is the argmax given the prompt and
+    # tokens before it; the server's text piece and logprob for it are that token's.
+    seq = list(ids)
+    for k, piece in enumerate(lp.tokens):
+        want = local_logprobs(served, "fact-a", seq)[-1]
+        g = int(want.argmax())
+        assert piece == served[0].tokenizer.decode([g])
+        assert abs(lp.token_logprobs[k] - want[g]) < LOGPROB_BOUND
+        seq.append(g)
+
+    chat = client.chat.completions.create(
+        model="fact-b",
+        messages=[{"role": "user", "content": "Who?"}],
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens > 0
+    for entry in content:
+        assert len(entry.top_logprobs) == 2
+        assert abs(entry.logprob - entry.top_logprobs[0].logprob) < LOGPROB_BOUND  # greedy
+        assert bytes(entry.bytes).decode() == entry.token
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"logprobs": 6}, "logprobs"),
+        ({"max_tokens": 0}, "max_tokens"),  # scoring only with echo
+        ({"logprobs": 1, "stream": True}, "logprobs"),
+        ({"echo": True, "stream": True}, "echo"),
+    ],
+)
+def test_bad_logprobs_requests_are_400(client, extra, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(
+            **{"model": "tiny-llama", "prompt": "hi", "max_tokens": 2, **extra}
+        )
+    assert e.value.body["param"] == param
+
+
+def test_chat_top_logprobs_needs_logprobs(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            model="tiny-llama", messages=[{"role": "user", "content": "hi"}], top_logprobs=2
+        )
+    assert e.value.body["param"] == "top_logprobs"

@@ -47,7 +47,7 @@ from jaxlora.generate import (
     make_sampler,
     until_eos,
 )
-from jaxlora.lora import AdapterStack, pad_to
+from jaxlora.lora import AdapterStack, pad_to, routed_logits
 from jaxlora.models.transformer import LoRAPlacement
 
 FinishReason = Literal["stop", "length"]
@@ -70,6 +70,23 @@ class Row:
     top_p: float = 1.0
     seed: int = 0
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # None: no log-probabilities; N: the token's and the top N
+    echo: bool = False  # the prompt's tokens scored too
+
+
+# The most alternatives a scored token carries (OpenAI's chat allows 20, completions 5).
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Scores:
+    """Log-probabilities under the row's model of `tokens` (the prompt's with echo, then the
+    generated ones): `logprobs[i]` of token i given those before it (None for a first token),
+    and `top[i]` the N most likely (id, log-probability) at that position."""
+
+    tokens: tuple[int, ...]
+    logprobs: tuple[float | None, ...]
+    top: tuple[tuple[tuple[int, float], ...] | None, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +94,7 @@ class Output:
     tokens: tuple[int, ...]  # generated ids, up to (without) EOS
     text: str  # decoded, cut before the first stop string
     finish_reason: FinishReason
+    scores: Scores | None = None  # when the row asked for logprobs (`Engine.score`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +181,16 @@ def concat_stacks(model, stacks: Sequence[AdapterStack]) -> AdapterStack:
     )
 
 
+@jax.jit
+def _token_scores(logits, ids):
+    """log p(ids[t] | ids[:t]) [B, T] (0 at t = 0) and the top MAX_TOP_LOGPROBS log-probabilities
+    and ids [B, T, K] of each position's next token."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logp[:, :-1], ids[:, 1:, None], axis=-1)[..., 0]
+    top_lp, top_ids = jax.lax.top_k(logp, MAX_TOP_LOGPROBS)
+    return jnp.pad(picked, ((0, 0), (1, 0))), top_lp, top_ids
+
+
 def _pow2(n: int, low: int) -> int:
     return max(low, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
@@ -230,13 +258,60 @@ class Engine:
             if (why := self.problem(row, slots)) is not None:
                 raise LLMError(why)
         # Similar lengths share a pass, so a long prompt does not widen every row.
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i].tokens))
         outputs: list[Output | None] = [None] * len(rows)
+        for i, row in enumerate(rows):  # scoring only (echo): nothing to decode
+            if row.max_tokens == 0:
+                outputs[i] = Output((), "", "length")
+        order = sorted(
+            (i for i in range(len(rows)) if outputs[i] is None), key=lambda i: len(rows[i].tokens)
+        )
         for start in range(0, len(order), self.max_batch):
             chunk = order[start : start + self.max_batch]
             for i, out in zip(chunk, self._pass([rows[i] for i in chunk], adapters), strict=True):
                 outputs[i] = out
         return outputs  # type: ignore[return-value]
+
+    def score(
+        self, rows: Sequence[Row], outputs: Sequence[Output], adapters: AdapterStack | None = None
+    ) -> list[Output]:
+        """`outputs` with the `Scores` their rows asked for (`Row.logprobs`): one forward pass
+        over prompt + generated tokens under the row's adapter, log_softmax of its logits."""
+        want = [i for i, r in enumerate(rows) if r.logprobs is not None]
+        scored = list(outputs)
+        for start in range(0, len(want), self.max_batch):
+            chunk = want[start : start + self.max_batch]
+            seqs = [rows[i].tokens + outputs[i].tokens for i in chunk]
+            B, T = self._rows_bucket(len(chunk)), _pow2(max(map(len, seqs)), MIN_WIDTH)
+            ids, mask = np.full((B, T), self.pad, np.int32), np.zeros((B, T), bool)
+            for b, seq in enumerate(seqs):
+                ids[b, : len(seq)], mask[b, : len(seq)] = seq, True
+            stack = adapters if adapters is not None else self.stack
+            if stack is None:
+                logits = self.model(ids, mask)
+            else:
+                slots = [rows[i].adapter for i in chunk] + [0] * (B - len(chunk))
+                logits = routed_logits(self.model, stack, slots, ids, mask)
+            picked, top_lp, top_ids = (np.asarray(x) for x in _token_scores(logits, ids))
+            for b, i in enumerate(chunk):
+                r, n, first = rows[i], len(seqs[b]), 0 if rows[i].echo else len(rows[i].tokens)
+                positions = range(first, n)
+                scored[i] = dataclasses.replace(
+                    outputs[i],
+                    scores=Scores(
+                        tokens=seqs[b][first:],
+                        logprobs=tuple(float(picked[b, t]) if t else None for t in positions),
+                        top=tuple(
+                            tuple(
+                                (int(top_ids[b, t - 1, k]), float(top_lp[b, t - 1, k]))
+                                for k in range(r.logprobs)
+                            )
+                            if t
+                            else None
+                            for t in positions
+                        ),
+                    ),
+                )
+        return scored
 
     def _rows_bucket(self, n: int) -> int:
         buckets = [b for b in (4, 16) if b < self.max_batch] + [self.max_batch]

@@ -68,14 +68,35 @@ def _number(body: dict, key: str, default: float, low: float, high: float, *, lo
     return float(value)
 
 
-def sampling(body: dict, default_max: int) -> dict[str, Any]:
+def _logprobs(body: dict, chat: bool) -> tuple[int | None, bool]:
+    """(top alternatives per token or None for no log-probabilities, echo) as OpenAI defines
+    them: completions `logprobs: N` (0-5) and `echo`; chat `logprobs: true` and
+    `top_logprobs: N` (0-20)."""
+    if chat:
+        top = _integer(body, "top_logprobs", None)
+        if top is not None and not 0 <= top <= 20:
+            raise APIError(400, f"top_logprobs must be in [0, 20], got {top}", "top_logprobs")
+        if not flag(body, "logprobs"):
+            if top is not None:
+                raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+            return None, False
+        return top or 0, False
+    top = _integer(body, "logprobs", None)
+    if top is not None and not 0 <= top <= 5:
+        raise APIError(400, f"logprobs must be in [0, 5], got {top}", "logprobs")
+    return top, flag(body, "echo")
+
+
+def sampling(body: dict, default_max: int, chat: bool = False) -> dict[str, Any]:
     """The per-row settings of a request body (shared by both routes), validated."""
     n = _integer(body, "n", 1)
     if n != 1:
         raise APIError(400, f"n={n} is not supported: send one request per sample", "n")
+    logprobs, echo = _logprobs(body, chat)
+    if (logprobs is not None or echo) and flag(body, "stream"):
+        key = "logprobs" if logprobs is not None else "echo"
+        raise APIError(400, f"{key} is not streamed: send stream: false", key)
     for key, off in (
-        ("logprobs", (None, False, 0)),
-        ("echo", (None, False)),
         ("suffix", (None,)),
         ("best_of", (None, 1)),
         ("tools", (None, [])),
@@ -87,8 +108,9 @@ def sampling(body: dict, default_max: int) -> dict[str, Any]:
             raise APIError(400, f"{key} is not supported by jaxlora serve", key)
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _integer(body, key, default_max)
-    if max_tokens < 1:
-        raise APIError(400, f"{key} must be an integer >= 1, got {max_tokens!r}", "max_tokens")
+    if max_tokens < (0 if echo else 1):
+        least = "0 (with echo)" if echo else "1"
+        raise APIError(400, f"{key} must be an integer >= {least}, got {max_tokens}", "max_tokens")
     stop = body.get("stop") or ()
     stop = (stop,) if isinstance(stop, str) else stop
     if not isinstance(stop, list | tuple) or not all(isinstance(s, str) for s in stop):
@@ -104,6 +126,8 @@ def sampling(body: dict, default_max: int) -> dict[str, Any]:
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
         seed=int(seed) % 2**63,
         stop=tuple(stop),
+        logprobs=logprobs,
+        echo=echo,
     )
 
 

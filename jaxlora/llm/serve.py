@@ -24,6 +24,8 @@ Design:
   "prompt + max_tokens exceeds the model's positions"), 500 when decoding raised, 504 past the
   request timeout; the server keeps serving after any of them. A request whose client has gone
   (cancelled, timed out) is skipped by the decoder, never answered into.
+- **Log-probabilities** (`logprobs`, `echo`, chat `top_logprobs`): the decoder thread scores
+  each such row after its pass with one forward over prompt + completion (`Engine.score`).
 - **Access log**: one line per request on stderr (client, method, path, status, model, prompt
   and completion tokens, milliseconds).
 - **Shutdown**: SIGTERM (or Ctrl-C) stops accepting connections, lets in-flight requests finish
@@ -62,7 +64,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from jaxlora.llm.engine import Engine, LLMError, Output, Row, concat_stacks, resolve_source
+from jaxlora.llm.engine import (
+    Engine,
+    LLMError,
+    Output,
+    Row,
+    Scores,
+    concat_stacks,
+    resolve_source,
+)
 from jaxlora.llm.requests import APIError, flag, prompts, sampling
 from jaxlora.llm.requests import messages as parse_messages
 from jaxlora.lora import AdapterStack
@@ -159,7 +169,8 @@ class Batcher:
         if not batch:
             return
         try:
-            outputs = self.engine.run([r for w in batch for r in w.rows])
+            rows = [r for w in batch for r in w.rows]
+            outputs = self.engine.score(rows, self.engine.run(rows))
         except Exception as e:  # answered as 500 for these requests; the thread lives on
             log.exception("decoding failed")
             for w in batch:
@@ -184,7 +195,7 @@ class Batcher:
                 ]
                 rows.extend(w.rows)
                 k += len(w.rows)
-            outputs = self.engine.run(rows, adapters=stack)
+            outputs = self.engine.score(rows, self.engine.run(rows, adapters=stack), stack)
         except Exception as e:
             log.exception("memory decoding failed")
             for w in batch:
@@ -237,7 +248,7 @@ class Service:
     async def generate(self, body: dict, chat: bool) -> tuple[list[Output], int]:
         """Validate, tokenize, decode (in the batcher): outputs and prompt token count."""
         slot = self.slot(body)
-        settings = sampling(body, 256 if chat else 16)
+        settings = sampling(body, 256 if chat else 16, chat)
         if chat:
             messages = parse_messages(body)
             texts: list = [messages]
@@ -270,6 +281,11 @@ class Service:
             ) from None
         except Exception as e:
             raise APIError(500, f"decoding failed: {type(e).__name__}: {e}") from e
+        if settings["echo"]:  # the prompts' text leads each choice's text
+            texts = [t if isinstance(t, str) else self.engine.decode_text(t) for t in texts]
+            outputs = [
+                dataclasses.replace(o, text=t + o.text) for t, o in zip(texts, outputs, strict=True)
+            ]
         return outputs, sum(len(r.tokens) for r in work.rows)
 
 
@@ -385,19 +401,25 @@ def build_app(service: Service, api_key: str | None = None):
             "completion_tokens": completion,
             "total_tokens": prompt_tokens + completion,
         }
+        engine = service.engine
         if chat:
             choices = [
                 {
                     "index": i,
                     "message": {"role": "assistant", "content": o.text},
-                    "logprobs": None,
+                    "logprobs": o.scores and _chat_logprobs(engine, o.scores),
                     "finish_reason": o.finish_reason,
                 }
                 for i, o in enumerate(outputs)
             ]
             return {**common, "object": "chat.completion", "choices": choices, "usage": usage}
         choices = [
-            {"index": i, "text": o.text, "logprobs": None, "finish_reason": o.finish_reason}
+            {
+                "index": i,
+                "text": o.text,
+                "logprobs": o.scores and _completion_logprobs(engine, o.scores),
+                "finish_reason": o.finish_reason,
+            }
             for i, o in enumerate(outputs)
         ]
         return {**common, "object": "text_completion", "choices": choices, "usage": usage}
@@ -411,6 +433,51 @@ def build_app(service: Service, api_key: str | None = None):
         return await respond(request, chat=True)
 
     return app
+
+
+def _piece(engine: Engine, token: int) -> str:
+    return engine.tok.decode([token], skip_special_tokens=False)
+
+
+def _completion_logprobs(engine: Engine, scores: Scores) -> dict:
+    """OpenAI's completions `logprobs`: each token's text and log-probability (None for a
+    first token), its top alternatives by text, and its offset in the choice's text."""
+    pieces = [_piece(engine, t) for t in scores.tokens]
+    offsets, at = [], 0
+    for t in scores.tokens:
+        offsets.append(at)
+        at += len(engine.decode_text([t]))
+    return {
+        "tokens": pieces,
+        "token_logprobs": list(scores.logprobs),
+        "top_logprobs": [None if top is None else _by_text(engine, top) for top in scores.top],
+        "text_offset": offsets,
+    }
+
+
+def _by_text(engine: Engine, top: tuple[tuple[int, float], ...]) -> dict[str, float]:
+    """Top alternatives keyed by their text, most likely first; of ids that decode to the same
+    text (byte pieces, special tokens) the most likely one keeps the key."""
+    out: dict[str, float] = {}
+    for t, lp in top:
+        out.setdefault(_piece(engine, t), lp)
+    return out
+
+
+def _chat_logprobs(engine: Engine, scores: Scores) -> dict:
+    """OpenAI's chat `logprobs`: per generated token its text, bytes, log-probability and top
+    alternatives."""
+
+    def entry(token: int, logprob: float) -> dict:
+        piece = _piece(engine, token)
+        return {"token": piece, "logprob": logprob, "bytes": list(piece.encode())}
+
+    return {
+        "content": [
+            {**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in top or ()]}
+            for t, lp, top in zip(scores.tokens, scores.logprobs, scores.top, strict=True)
+        ]
+    }
 
 
 def _events(engine: Engine, outputs: list[Output], common: dict, chat: bool):
