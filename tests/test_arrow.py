@@ -244,6 +244,22 @@ def test_decoding_continues_the_arrow_forward(library):
     np.testing.assert_array_equal(out, logits[:, 4:].argmax(-1))
 
 
+def test_a_library_of_one_is_its_adapter(library):
+    """E = 1, top_k = 1: every coefficient is exactly 1 (a softmax over one score), so the Arrow
+    forward is the plain adapter's: the same float32 products on XLA (measured equal; 1e-5
+    allows another fusion's summation order on logits ~1-10), while the base is > 1e-2 off.
+    """
+    path, tasks, _ = library
+    model = jaxlora.load_pretrained(path)
+    stack = jaxlora.load_peft(model, tasks[:1])
+    ids, mask = padded_batch("right")
+    valid = mask.astype(bool)
+    plain = np.asarray(model(ids[None], attention_mask=mask[None], adapters=stack))[0]
+    ours = np.asarray(arrow_logits(model, arrow_library(model, stack, 1), ids, mask))
+    assert np.abs(ours[valid] - plain[valid]).max() < 1e-5
+    assert np.abs(np.asarray(model(ids, mask))[valid] - plain[valid]).max() > 1e-2
+
+
 def test_bad_libraries_are_refused(library):
     path, tasks, _ = library
     model = jaxlora.load_pretrained(path)
