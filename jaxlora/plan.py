@@ -344,14 +344,20 @@ def job_memory(
     param_bytes = np.dtype(parse_dtype(config.model.param_dtype or config.model.dtype)).itemsize
     *_, base = abstract_module(c)
     base_b = shard_bytes(base, sizes, dtype_bytes=param_bytes)
-    adapter_b = act_b = teacher_b = 0.0
+    adapter_b = act_b = teacher_b = residual_b = 0.0
     B, T = config.training.batch_size, max(p.cell.config.data.max_length for p in plans)
     lora_flops = 0.0
     for g in groups:
         members = [plans[i] for i in g.slots if i is not None]
         placement = union_placement([p.lora for p in members])
-        _, weights, _, _ = abstract_module(c, placement)
-        adapter_b += shard_bytes(weights, sizes, leading=(("adapter", len(g.slots)),))
+        _, weights, consts, _ = abstract_module(c, placement)
+        leading = (("adapter", len(g.slots)),)
+        adapter_b += shard_bytes(weights, sizes, leading=leading)
+        if placement.residual:  # PiSSA/OLoRA: each adapter's frozen A0, B0 (as its A, B)
+            frozen = nnx.from_flat_state(
+                [(k, v) for k, v in nnx.to_flat_state(consts) if k[-1] in ("lora_a0", "lora_b0")]
+            )
+            residual_b += shard_bytes(frozen, sizes, leading=leading)
         slots_local = math.ceil(len(g.slots) / sizes["adapter"])
         # Activations live one pass at a time; a plan is for accelerators, where auto trains a
         # group's adapters all at once.
@@ -372,6 +378,8 @@ def job_memory(
         ("adapter gradients (float32)", adapter_b),
         (f"activations (estimate, remat={config.model.remat})", act_b),
     ]
+    if residual_b:
+        rows.append(("residual corrections (float32)", residual_b))
     if teacher_b:  # the teacher's own forward keeps nothing for the backward pass
         rows.append(("teacher outputs (float32)", teacher_b))
     return rows, lora_flops

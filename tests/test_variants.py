@@ -391,3 +391,28 @@ def test_variant_settings_at_their_defaults_keep_the_seeds_of_before():
         assert plan.init_seed == stable_seed(seed, "init", before)
     dora = load_config("configs/quickstart.yaml", ["lora.use_dora=true"])
     assert plan_cells(dora, model_config(dora.model.path))[0].init_seed != plans[0].init_seed
+
+
+def test_plan_counts_doras_magnitudes_and_the_residual_corrections():
+    """`jaxlora plan`'s adapter rows: DoRA adds a float32 magnitude per output of every adapted
+    module (weights; moments and gradients follow them), PiSSA/OLoRA a frozen A0, B0 as large
+    as the adapter's A, B."""
+    from jaxlora.lora import module_dims
+    from jaxlora.models.model import model_config
+    from jaxlora.plan import make_plan
+
+    def rows(**sets):
+        config = load_config("configs/quickstart.yaml", [f"{k}={v}" for k, v in sets.items()])
+        return dict(make_plan(config, 1, 80, 989, 0.4).rows), config
+
+    plain, config = rows()
+    dora, _ = rows(**{"lora.use_dora": "true"})
+    pissa, _ = rows(**{"lora.init": "pissa"})
+    c = model_config(config.model.path)
+    outs = sum(module_dims(c, m)[1] for m in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    outs += sum(module_dims(c, m)[1] for m in ("gate_proj", "up_proj", "down_proj"))
+    magnitudes = 4 * len(config.cells()) * c.num_layers * outs
+    key = "adapter weights (float32)"
+    assert dora[key] - plain[key] == magnitudes
+    assert "residual corrections (float32)" not in plain
+    assert pissa["residual corrections (float32)"] == plain[key]
