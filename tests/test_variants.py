@@ -333,13 +333,12 @@ def test_merged_dora_adapters_match_peft_add_weighted_adapter(
     """Two DoRA adapters merged by `jaxlora.memory.merge` and by PEFT's add_weighted_adapter
     (A and B merged, the first source's use_dora, fresh magnitudes ||W||) give the same
     logits; a PiSSA source with its residual correction is refused with one line."""
-    from jaxlora.memory.merging import MergeError, merge
-    from tests.test_lora import peft_logits
-    from tests.test_model_parity import padded_batch
-
     from peft import PeftModel
 
+    from jaxlora.memory.merging import MergeError, merge
     from tests.hf_factory import load_hf_model
+    from tests.test_lora import peft_logits
+    from tests.test_model_parity import padded_batch
 
     path = hf_checkpoint("llama")
     for seed in (0, 1):
