@@ -6,8 +6,13 @@ and the adapters (so concurrent passes mix adapters: routed decoding), first one
 all at once from 32 threads. Both rounds are warmed up first (every bucketed program compiled),
 timed `--repeat` times (median), and must return the same texts.
 
+With `--first-burst`: the first burst instead, sent the moment a fresh server reports ready,
+with and without its warm-up (`--no-warmup`), against the same requests one at a time once
+everything is compiled (16 new tokens each: what the warm-up compiles).
+
     python -m benchmarks.bench_serve                      # tiny-llama, 32 requests, 32 tokens
     python -m benchmarks.bench_serve --model small-llama --max-tokens 64
+    python -m benchmarks.bench_serve --first-burst        # cold start, warm-up off and on
 """
 
 from __future__ import annotations
@@ -85,8 +90,12 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--batch-wait-ms", type=float, default=2.0)
     p.add_argument("--base-only", action="store_true", help="every request to the base model")
+    p.add_argument("--first-burst", action="store_true", help="the first burst, cold and warm")
     args = p.parse_args()
 
+    if args.first_burst:
+        first_burst(args)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         adapters = make_adapters(args.model, Path(tmp))
         server_args = [args.model, "--adapters", *adapters]
@@ -100,7 +109,48 @@ def main() -> None:
     report("serve: 32 concurrent requests vs one at a time", results)
 
 
-def run(args, url: str) -> dict:
+def first_burst(args) -> None:
+    """The first burst of `--requests` concurrent requests to a server that has just reported
+    ready, with its warm-up off and on, against the same requests one at a time afterwards."""
+    args.max_tokens = 16
+    with tempfile.TemporaryDirectory() as tmp:
+        adapters = make_adapters(args.model, Path(tmp))
+        for warm in (False, True):
+            server_args = [args.model, "--adapters", *adapters]
+            server_args += ["--batch-wait-ms", str(args.batch_wait_ms)]
+            t0 = time.perf_counter()
+            proc, url = start_server(server_args + ([] if warm else ["--no-warmup"]))
+            start_s = time.perf_counter() - t0
+            try:
+                ask, jobs = _asker(args, url)
+                t0 = time.perf_counter()
+                with ThreadPoolExecutor(len(jobs)) as pool:
+                    burst = list(pool.map(ask, jobs))
+                burst_s = time.perf_counter() - t0
+                for _ in range(2):  # compiled by now; the second round is timed
+                    t0 = time.perf_counter()
+                    sequential = [ask(j) for j in jobs]
+                    seq_s = time.perf_counter() - t0
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(60)
+            if burst != sequential:
+                raise SystemExit("the burst's answers differ from one-at-a-time answers")
+            report(
+                f"serve: the first burst, warm-up {'on' if warm else 'off'}",
+                {
+                    "model": args.model,
+                    "requests": len(jobs),
+                    "max_tokens": args.max_tokens,
+                    "start_to_ready_s": round(start_s, 1),
+                    "first_burst_s": round(burst_s, 3),
+                    "one_at_a_time_warm_s": round(seq_s, 3),
+                    "speedup": round(seq_s / burst_s, 2),
+                },
+            )
+
+
+def _asker(args, url: str):
     client = openai.OpenAI(base_url=url, api_key="EMPTY", max_retries=0, timeout=600)
     models = [args.model] if args.base_only else [args.model, "a1", "a2"]
     jobs = [
@@ -114,6 +164,12 @@ def run(args, url: str) -> dict:
             model=model, prompt=prompt, max_tokens=args.max_tokens, temperature=0
         )
         return r.choices[0].text, r.usage.completion_tokens
+
+    return ask, jobs
+
+
+def run(args, url: str) -> dict:
+    ask, jobs = _asker(args, url)
 
     def one_at_a_time():
         return [ask(j) for j in jobs]

@@ -236,7 +236,7 @@ def _serve(args: argparse.Namespace) -> int:
         model=model,
         timeout_s=args.request_timeout,
     )
-    return serve(service, args.host, args.port, args.api_key)
+    return serve(service, args.host, args.port, args.api_key, warm_up=not args.no_warmup)
 
 
 def _llm_settings(args: argparse.Namespace) -> dict:
@@ -489,6 +489,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=_int_at_least(1), default=32, help="rows per decode pass")
     p.add_argument(
         "--batch-wait-ms", type=float, default=2.0, help="how long a pass waits for more requests"
+    )
+    p.add_argument(
+        "--no-warmup",
+        action="store_true",
+        help="report ready without compiling the common decoding programs first",
     )
     p.add_argument(
         "--request-timeout",

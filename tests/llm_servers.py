@@ -60,10 +60,18 @@ class Counting:
 
 
 class Server:
-    """`jaxlora serve` in a subprocess; `url` is its /v1 base URL."""
+    """`jaxlora serve` in a subprocess; `url` is its /v1 base URL. Without `warm_up` it starts
+    with --no-warmup: tests pay compilation only for the programs they use."""
 
-    def __init__(self, args: list[str], timeout: float = 120.0):
-        env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    def __init__(
+        self,
+        args: list[str],
+        timeout: float = 120.0,
+        warm_up: bool = False,
+        env: dict | None = None,
+    ):
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
+        args = [*args, *(() if warm_up else ("--no-warmup",))]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "jaxlora.cli", "serve", *args, "--port", "0"],
             stdout=subprocess.DEVNULL,

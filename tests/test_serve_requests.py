@@ -237,3 +237,27 @@ def test_chat_top_logprobs_needs_logprobs(client):
             model="tiny-llama", messages=[{"role": "user", "content": "hi"}], top_logprobs=2
         )
     assert e.value.body["param"] == "top_logprobs"
+
+
+def test_warm_up_compiles_what_the_first_requests_use():
+    """With warm-up (the default), the server compiles its decoding programs before it reports
+    ready: greedy and sampled requests of short prompts then compile nothing (jax logs every
+    compilation with JAX_LOG_COMPILES). One rows bucket (--max-batch 4) keeps it to 2 programs."""
+    server = Server(["tiny-llama", "--max-batch", "4"], warm_up=True, env={"JAX_LOG_COMPILES": "1"})
+    try:
+        lines = server.lines
+        ready = next(i for i, x in enumerate(lines) if "serving http://" in x)
+        warm = [x for x in lines[:ready] if "warm-up: " in x and "programs" in x]
+        assert len(warm) == 1 and "2 decoding programs (rows 4; base;" in warm[0], warm
+        assert any("Compiling" in x for x in lines[:ready])  # the log can show compilations
+        client = openai.OpenAI(base_url=server.url, api_key="-", max_retries=0, timeout=120)
+        for temperature in (0.0, 0.7):
+            r = client.completions.create(
+                model="tiny-llama", prompt="The capital of", max_tokens=8, temperature=temperature
+            )
+            assert r.usage.completion_tokens > 0
+        time.sleep(0.5)  # the access-log lines flush before the test reads them
+        after = [x for x in server.lines[ready:] if "Compiling" in x]
+        assert not after, after[:3]
+    finally:
+        server.stop()

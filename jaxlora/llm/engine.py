@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -313,9 +314,31 @@ class Engine:
                 )
         return scored
 
+    def _rows_buckets(self) -> list[int]:
+        return [b for b in (4, 16) if b < self.max_batch] + [self.max_batch]
+
     def _rows_bucket(self, n: int) -> int:
-        buckets = [b for b in (4, 16) if b < self.max_batch] + [self.max_batch]
-        return next(b for b in buckets if b >= n)
+        return next(b for b in self._rows_buckets() if b >= n)
+
+    def warm_up(self) -> str:
+        """Compile the passes that requests with prompts of up to MIN_WIDTH tokens and up to
+        MIN_NEW_TOKENS new tokens use: every rows bucket, base and routed, greedy and sampled.
+        Returns what was compiled. Longer prompts or completions compile on first use."""
+        slots = [0] if self.stack is None else [0, 1]
+        start = time.perf_counter()
+        n = 0
+        for rows in self._rows_buckets():
+            for slot in slots:
+                for temperature in (0.0, 1.0):
+                    row = Row((self.pad,), slot, MIN_NEW_TOKENS, temperature)
+                    self.run([row] * rows)
+                    n += 1
+        buckets = "/".join(map(str, self._rows_buckets()))
+        paths = "base and routed" if len(slots) > 1 else "base"
+        return (
+            f"{n} decoding programs (rows {buckets}; {paths}; greedy and sampled; prompts <= "
+            f"{MIN_WIDTH} tokens, <= {MIN_NEW_TOKENS} new) in {time.perf_counter() - start:.1f} s"
+        )
 
     def _pass(self, rows: Sequence[Row], adapters: AdapterStack | None) -> list[Output]:
         B = self._rows_bucket(len(rows))

@@ -539,9 +539,15 @@ def load_service(
 
 
 def serve(
-    service: Service, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None
+    service: Service,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    warm_up: bool = True,
 ) -> int:
-    """Run the server until SIGTERM or Ctrl-C; returns 0 once in-flight requests are answered."""
+    """Run the server until SIGTERM or Ctrl-C; returns 0 once in-flight requests are answered.
+    `warm_up`: compile the common decoding programs before reporting ready (`Engine.warm_up`),
+    so a first burst of requests does not wait for compilation."""
     import uvicorn
 
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
@@ -551,6 +557,9 @@ def serve(
     except OSError as e:
         raise LLMError(f"cannot listen on {host}:{port}: {e.strerror}") from None
     sock.listen(1024)
+    if warm_up:  # on this thread, before the decoder thread owns the engine
+        print("jaxlora: warm-up: compiling ...", file=sys.stderr, flush=True)
+        print(f"jaxlora: warm-up: {service.engine.warm_up()}", file=sys.stderr, flush=True)
     url = f"http://{host}:{sock.getsockname()[1]}/v1"
     print(
         f"jaxlora: serving {url} (models: {', '.join(service.model_names)})",
