@@ -273,3 +273,66 @@ def test_bad_libraries_are_refused(library):
     dora = jaxlora.init_adapters(model, [jaxlora.LoRAConfig(4, use_dora=True)], [0])
     with pytest.raises(LoRAError, match="plain LoRA adapters"):
         arrow_library(model, dora, 1)
+
+
+def test_memory_arrow_method_decodes_with_the_arrow_library(memory_run):
+    """`arrow@2` in the memory grammar: every question answered by the whole library routed
+    per token (its batched, padded passes equal `generate_arrow` on all prompts at once), not
+    the base model's answers; and the grammar's one-line refusals."""
+    import jax
+
+    from jaxlora.config import MemorySection, load_config
+    from jaxlora.generate import eos_and_pad, until_eos
+    from jaxlora.job import Job
+    from jaxlora.memory.compose import MethodError, parse_method
+    from jaxlora.memory.evaluate import MemoryEvaluator
+    from jaxlora.memory.library import load_libraries
+
+    method = parse_method("arrow@2")
+    assert (method.router, method.k, method.combiner, method.routes_questions) == (
+        "arrow",
+        2,
+        "arrow",
+        False,
+    )
+    assert parse_method("arrow@2+rag").context_router("bm25") == "bm25"
+    with pytest.raises(MethodError, match="takes no combiner"):
+        parse_method("arrow@2/ties")
+
+    job = Job(load_config(memory_run / "config.yaml"), jax.devices()[:1])
+    (library,) = load_libraries(job, memory_run)
+    section = MemorySection(max_new_tokens=6, batch_size=4, arrow_temperature=0.5)
+    ev = MemoryEvaluator(job, section, library, memory_run)
+    rows, _ = ev.run([method, parse_method("base")], progress=False)
+    assert (rows[0]["router"], rows[0]["k"], rows[0]["combiner"]) == ("arrow", 2, "arrow")
+
+    class Bar:
+        def update(self, n):
+            pass
+
+    prompts = ev.prompts([None] * len(ev.questions))
+    ours = ev.decode(method, prompts, Bar())
+    base = ev.decode(parse_method("base"), prompts, Bar())
+    model = job.model
+    lib = arrow_library(model, library.stack, 2, 0.5)
+    T = max(map(len, prompts))
+    ids = np.zeros((len(prompts), T), np.int32)
+    mask = np.zeros((len(prompts), T), bool)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p) :], mask[i, T - len(p) :] = p, True
+    eos, _ = eos_and_pad(model.tokenizer, model.config)
+    whole = generate_arrow(model, lib, ids, mask, max_new_tokens=6)
+    assert ours == [until_eos(row, eos) for row in whole]
+    assert ours != base  # the library changes the answers
+
+    # QuALITY's option scoring: every row runs the one library; log-probabilities of each
+    # row's last L tokens equal the Arrow forward's (float32 on both sides, the same XLA
+    # program pieces: 1e-5 covers a different fusion's rounding of log-probs ~ -1 to -10).
+    from jaxlora.memory.loglik import continuation_logprobs
+
+    graph, w, c, rows_ids = ev._option_adapters(method, None, [0, 1], 2)
+    assert rows_ids is None
+    lp = np.asarray(continuation_logprobs(graph, model.params, w, c, None, ids, mask, 3))
+    logp = jax.nn.log_softmax(arrow_logits(model, lib, ids, mask), axis=-1)
+    want = np.take_along_axis(np.asarray(logp)[:, -4:-1], ids[:, -3:, None], axis=-1)[..., 0]
+    assert np.abs(lp - want).max() < 1e-5

@@ -526,6 +526,9 @@ class MemorySection(Section):
     density: float = field(default=0.5, metadata=rule(check=FRACTION))
     majority_sign_method: SignMethod = "total"
     seed: int = 0
+    # arrow@K methods: the softmax temperature of Arrow's per-token coefficients (PEFT's
+    # router_temperature).
+    arrow_temperature: float = field(default=1.0, metadata=rule(check=POSITIVE))
     max_new_tokens: int = field(default=50, metadata=rule(check=POSITIVE))
     batch_size: int = field(default=64, metadata=rule(check=POSITIVE))
     # Score every answer with the LLM judge (the llm: section) beside the metrics.

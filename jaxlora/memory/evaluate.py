@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora import data as kdata
+from jaxlora.arrow import ArrowLibrary, arrow_library
 from jaxlora.config import Config, MemorySection
 from jaxlora.errors import DataError
 from jaxlora.eval import scoring
@@ -89,6 +90,7 @@ class MemoryEvaluator(OptionScoring):
         self._routers: dict[str, Any] = {}
         self._routes: dict[str, Route] = {}
         self._ks: dict[str, list[int]] = {}  # every k asked of each router by the methods
+        self._arrows: dict[int, ArrowLibrary] = {}  # the library as Arrow, by top-k
 
     # -- questions ------------------------------------------------------------------------
 
@@ -211,8 +213,9 @@ class MemoryEvaluator(OptionScoring):
     def routing(self, method: Method) -> dict[str, float]:
         """Routing accuracy of the method's adapters (or its RAG context) against the oracle."""
         router, k = method.router, method.k
-        if router is None and method.context == "rag":
-            router, k = self.m.rag_router, method.rag_k
+        if not method.routes_questions:  # the base model, or Arrow: no question routing
+            router = self.m.rag_router if method.context == "rag" else None
+            k = method.rag_k
         units = [q.unit for q in self.questions]
         if router in (None, "oracle") or any(u is None for u in units):
             return {}
@@ -304,7 +307,7 @@ class MemoryEvaluator(OptionScoring):
 
     def decode(self, method: Method, prompts: Sequence[tuple[int, ...]], bar) -> list[list[int]]:
         """Greedy outputs (up to EOS) of every question under `method`."""
-        route = self.route(method.router, method.k) if method.uses_adapters else None
+        route = self.route(method.router, method.k) if method.routes_questions else None
         n = len(prompts)
         width = prompt_width(max(len(p) for p in prompts))
         # Rows per pass: memory.batch_size, fewer for long prompts (max_batch_tokens), a power of
@@ -317,7 +320,9 @@ class MemoryEvaluator(OptionScoring):
             rows = list(range(start, min(start + B, n)))
             rows += [rows[0]] * (B - len(rows))  # a full batch: one compile per prompt width
             tokens, mask = self._pack([prompts[i] for i in rows], width)
-            if route is None:
+            if method.router == "arrow":
+                out = self._decode_arrow(method, tokens, mask, spec)
+            elif route is None:
                 out = _generate_base(
                     self.model.graph(), self.model.params, tokens, mask, spec, None
                 )
@@ -328,6 +333,22 @@ class MemoryEvaluator(OptionScoring):
             outputs.extend(until_eos(out[j], self.eos) for j in range(real))
             bar.update(real)
         return outputs
+
+    def arrow(self, k: int) -> ArrowLibrary:
+        """The whole library as Arrow routing with top-k k (built once per k)."""
+        if k not in self._arrows:
+            stack = self.lib.stack
+            self._arrows[k] = arrow_library(self.model, stack, k, self.m.arrow_temperature)
+        return self._arrows[k]
+
+    def _decode_arrow(self, method: Method, tokens, mask, spec):
+        """Every question of the pass decoded by the Arrow-routed library (a stack of one)."""
+        lib = self.arrow(method.k)
+        graph = self.model.graph(lib.placement)
+        out = decode_stack(
+            graph, self.model.params, lib.weights, lib.consts, tokens[None], mask[None], spec
+        )
+        return out[0]
 
     def _decode_adapters(self, method: Method, idx_BK, tokens, mask, spec):
         stack = self.lib.stack
@@ -388,7 +409,9 @@ class MemoryEvaluator(OptionScoring):
         self._plan_routes(methods)
         for method in methods:
             self.contexts(method)
-            if method.uses_adapters and method.combiner not in ("one", "mixture"):
+            if method.router == "arrow":
+                self.arrow(method.k)
+            elif method.uses_adapters and method.combiner not in ("one", "mixture"):
                 idx = self.route(method.router, method.k).indices[:1]
                 merge(
                     self.model,
@@ -403,7 +426,7 @@ class MemoryEvaluator(OptionScoring):
 
     def _plan_routes(self, methods: Sequence[Method]) -> None:
         for m in methods:
-            if m.uses_adapters:
+            if m.routes_questions:
                 self._ks.setdefault(m.router, []).append(m.k)
             if m.context == "rag":
                 self._ks.setdefault(m.context_router(self.m.rag_router), []).append(m.rag_k)

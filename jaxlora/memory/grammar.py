@@ -6,7 +6,7 @@ base model alone, the oracle adapter, routed top-k merges, ICL, RAG and their hy
 point of one grammar, and `jaxlora/memory/evaluate.py` evaluates any list of them in batch:
 
     METHOD   := ADAPTERS ["+" CONTEXT]
-    ADAPTERS := "base" | ROUTER ["@" K] ["/" COMBINER]
+    ADAPTERS := "base" | ROUTER ["@" K] ["/" COMBINER] | "arrow" ["@" K]
     CONTEXT  := "icl" | "icl_doc" | "rag" ["@" K]
 
     base            the base model, no adapter, no context
@@ -16,11 +16,15 @@ point of one grammar, and `jaxlora/memory/evaluate.py` evaluates any list of the
     base+icl        the base model with every unit's text in context (icl_doc: its document's)
     base+rag@3      the base model with the top 3 units' text (by `memory.rag_router`)
     oracle+rag      a hybrid: the oracle adapter with RAG context
+    arrow@3         Arrow: every token of every adapted module mixes its top 3 adapters of the
+                    whole library (jaxlora.arrow, PEFT's ArrowConfig; no question routing)
 
 A hybrid with a routed adapter and `rag` takes its context from the adapter's router (the
-study's QuALITY hybrids: the same top-k units); `oracle+rag@K` with K > 1 and `base+rag` use
-`memory.rag_router`, since an oracle knows only one unit. `one` is the only combiner of a
-single adapter and the default for k = 1; k > 1 needs a combiner.
+study's QuALITY hybrids: the same top-k units); `oracle+rag@K` with K > 1, `base+rag` and
+`arrow@K+rag` use `memory.rag_router`, since an oracle knows only one unit and Arrow routes
+tokens, not questions (its K is adapters per token; its `rag` takes 3 units unless `rag@N`
+says). `one` is the only combiner of a single adapter and the default for k = 1; k > 1 needs a
+combiner.
 
 Contexts are rendered by a prompt template with `{context}` and `{question}`; the study's
 templates are named presets. A context longer than the token budget is an error unless
@@ -42,6 +46,9 @@ from typing import Literal
 from jaxlora.errors import JaxloraError
 
 ROUTER_KINDS = ("oracle", "bm25", "embedding")
+# Routers of tokens, not questions: the whole library in every forward (`arrow@K`, K adapters
+# per token), with its own combiner of the same name.
+TOKEN_ROUTERS = ("arrow",)
 # PEFT's combination types (add_weighted_adapter) and delta_sum: what jaxlora.memory.merging
 # merges by.
 CombinationType = Literal[
@@ -101,11 +108,17 @@ class Method:
     def uses_adapters(self) -> bool:
         return self.router is not None
 
+    @property
+    def routes_questions(self) -> bool:
+        """Whether each question gets its own adapters from a question router (not the base
+        model, not Arrow's per-token routing over the whole library)."""
+        return self.router is not None and self.router not in TOKEN_ROUTERS
+
     def context_router(self, rag_router: str) -> str | None:
         """The router whose top `rag_k` units form a `rag` context (None: no rag context)."""
         if self.context != "rag":
             return None
-        if self.router is None or (self.router == "oracle" and self.rag_k > 1):
+        if not self.routes_questions or (self.router == "oracle" and self.rag_k > 1):
             return rag_router
         return self.router
 
@@ -130,10 +143,12 @@ def parse_method(text: str, *, default_rag_k: int = 3) -> Method:
         rag_k = int(m["ctx_k"] or default_rag_k) if context == "rag" else 0
         return Method(spec, None, 0, None, context, rag_k)
     router = m["router"]
+    if router in TOKEN_ROUTERS:
+        return _token_routed(text, spec, m, context, default_rag_k)
     if router not in ROUTER_KINDS:
         raise MethodError(
             f"memory method {text!r}: unknown router {router!r}; use base or one of "
-            f"{', '.join(ROUTER_KINDS)}"
+            f"{', '.join(ROUTER_KINDS + TOKEN_ROUTERS)}"
         )
     k = int(m["k"] or 1)
     if k < 1:
@@ -159,6 +174,21 @@ def parse_method(text: str, *, default_rag_k: int = 3) -> Method:
     if context == "rag":
         rag_k = int(m["ctx_k"]) if m["ctx_k"] is not None else k
     return Method(spec, router, k, combiner, context, rag_k)
+
+
+def _token_routed(text: str, spec: str, m: re.Match, context: str, default_rag_k: int) -> Method:
+    """`arrow@K[+CONTEXT]`: K adapters per token (default 1), combined by Arrow itself."""
+    router = m["router"]
+    if m["combiner"] not in (None, router):
+        raise MethodError(
+            f"memory method {text!r}: {router} mixes the adapters per token itself and takes "
+            f"no combiner; write {router}@K"
+        )
+    k = int(m["k"] or 1)
+    if k < 1:
+        raise MethodError(f"memory method {text!r}: k must be at least 1")
+    rag_k = (int(m["ctx_k"] or default_rag_k)) if context == "rag" else 0
+    return Method(spec, router, k, router, context, rag_k)
 
 
 def check_library(methods: Sequence[str], num_units: int) -> None:

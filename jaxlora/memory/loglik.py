@@ -75,7 +75,7 @@ class OptionScoring:
         L = min(
             W - 1, max(8, 1 << (max(len(o) for opts in options for o in opts) - 1).bit_length())
         )
-        route = self.route(method.router, method.k) if method.uses_adapters else None
+        route = self.route(method.router, method.k) if method.routes_questions else None
         K = method.k if method.combiner == "mixture" else 1
         fit = max(1, min(self.m.batch_size, self.m.max_batch_tokens // (W * K)) // n_opt)
         Q = 1 << (fit.bit_length() - 1)  # questions per pass, a power of two as in `decode`
@@ -102,6 +102,10 @@ class OptionScoring:
     def _option_adapters(self, method: Method, route: Route | None, qs: list[int], n_opt: int):
         """(graphdef, weights, consts, ids [rows, K]) of a pass over `qs` x `n_opt` options: the
         adapters row r runs with are ids[r] of the stack (None: the base model)."""
+        if method.router == "arrow":  # every row runs the one Arrow library (ids None)
+            lib = self.arrow(method.k)
+            w, c = (jax.tree.map(lambda x: x[0], s) for s in (lib.weights, lib.consts))
+            return self.model.graph(lib.placement), w, c, None
         if route is None:
             return self.model.graph(), None, None, None
         stack = self.lib.stack
@@ -128,7 +132,8 @@ class OptionScoring:
 @functools.partial(jax.jit, static_argnames=("graphdef", "L"))
 def continuation_logprobs(graphdef, base, weights, consts, ids_RK, tokens_RT, mask_RT, L: int):
     """[R, L] log-probabilities of each row's last L tokens, each given the tokens before it.
-    Row r runs with adapters `ids_RK[r]` of the stack (`weights` None: the base model); with
+    Row r runs with adapters `ids_RK[r]` of the stack (`weights` None: the base model; `ids_RK`
+    None: every row with the one adapter `weights`, unstacked: an Arrow library); with
     K > 1 each token's probability is the mean of the K adapters' (a per-token mixture).
 
     Only the last L positions reach the output head: the full [T, V] logits of a long ICL
@@ -144,8 +149,10 @@ def continuation_logprobs(graphdef, base, weights, consts, ids_RK, tokens_RT, ma
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         return jnp.take_along_axis(logp, t[:, -L:, None], axis=-1)[..., 0]
 
-    if weights is None:
-        return one(nnx.State({}), nnx.State({}), tokens_RT, mask_RT)
+    if ids_RK is None:  # every row alike: the base model (no weights) or one adapter's
+        if weights is None:
+            return one(nnx.State({}), nnx.State({}), tokens_RT, mask_RT)
+        return one(weights, consts, tokens_RT, mask_RT)
     R, K = ids_RK.shape
     flat = ids_RK.reshape(-1)
     w = jax.tree.map(lambda x: x[flat], weights)

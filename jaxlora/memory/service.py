@@ -35,8 +35,8 @@ class MemoryHook:
                 f"--memory {method}: a served memory routes its questions; use a router such "
                 "as bm25, bm25@3/ties or embedding+rag"
             )
-        if m.combiner == "mixture":
-            raise JaxloraError(f"--memory {method}: mixture is not served; use one or a merge")
+        if m.combiner in ("mixture", "arrow"):
+            raise JaxloraError(f"--memory {method}: {m.combiner} is not served; use one or a merge")
         if m.context == "icl_doc":
             raise JaxloraError(f"--memory {method}: a served question has no document; use icl")
         section = job.config.memory or MemorySection()
