@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import tempfile
@@ -24,6 +25,16 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 import yaml  # noqa: E402
 
 from tests.hf_factory import make_hf_checkpoint  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _compiled_programs_released():
+    """Each test module's compiled programs are dropped when it ends (later modules load theirs
+    from the session's compilation cache): one process runs the whole suite, and holding every
+    executable of ~950 tests at once is what the process's memory should not have to do."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(autouse=True)
