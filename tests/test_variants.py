@@ -102,19 +102,12 @@ def train_both(
     return ours, ref, out / "adapters" / plan.name, model, rounding_bound(config)
 
 
-def from_initial(hf, initial: Path):
-    from peft import PeftModel
+def loraplus(ratio: float) -> Callable:
+    """PEFT's LoRA+ optimizer (torch AdamW, B's group at lr x `ratio`) for `train_both`."""
 
-    return PeftModel.from_pretrained(hf, initial, is_trainable=True)
+    def make(model):
+        from peft.optimizers import create_loraplus_optimizer
 
-
-def test_lora_plus_matches_pefts_loraplus_optimizer(tmp_path, base_dir):
-    """`lora.lr_ratio` against PEFT's `create_loraplus_optimizer` (B at lr x ratio)."""
-    from peft.optimizers import create_loraplus_optimizer
-
-    ratio = 16.0
-
-    def loraplus(model):
         return create_loraplus_optimizer(
             model,
             torch.optim.AdamW,
@@ -125,8 +118,20 @@ def test_lora_plus_matches_pefts_loraplus_optimizer(tmp_path, base_dir):
             eps=1e-8,
         )
 
+    return make
+
+
+def from_initial(hf, initial: Path):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(hf, initial, is_trainable=True)
+
+
+def test_lora_plus_matches_pefts_loraplus_optimizer(tmp_path, base_dir):
+    """`lora.lr_ratio` against PEFT's `create_loraplus_optimizer` (B at lr x ratio)."""
+    ratio = 16.0
     ours, ref, adapter_dir, model, bound = train_both(
-        tmp_path, base_dir, {"lr_ratio": ratio}, from_initial, loraplus
+        tmp_path, base_dir, {"lr_ratio": ratio}, from_initial, loraplus(ratio)
     )
     # torch and XLA order their float32 reductions differently: equal to rounding (runs.py).
     np.testing.assert_allclose(ours, ref, rtol=bound)
@@ -269,21 +274,8 @@ def test_dora_trains_as_peft_does(tmp_path, base_dir, ratio):
     """`lora.use_dora` from jaxlora's start (magnitudes ||W||, exported and loaded by PEFT):
     the losses, B A and the magnitudes after training equal PEFT's; with LoRA+ the magnitudes
     (1-D) train at B's rate, as PEFT's create_loraplus_optimizer groups them."""
-    from peft.optimizers import create_loraplus_optimizer
-
-    def loraplus(model):
-        return create_loraplus_optimizer(
-            model,
-            torch.optim.AdamW,
-            lr=LR,
-            loraplus_lr_ratio=ratio,
-            loraplus_weight_decay=WD,
-            betas=(0.9, 0.999),
-            eps=1e-8,
-        )
-
     ours, ref, adapter_dir, model, bound = train_both(
-        tmp_path, base_dir, {"use_dora": True, "lr_ratio": ratio}, from_initial, loraplus
+        tmp_path, base_dir, {"use_dora": True, "lr_ratio": ratio}, from_initial, loraplus(ratio)
     )
     # torch and XLA order their float32 reductions differently: equal to rounding (runs.py).
     np.testing.assert_allclose(ours, ref, rtol=bound)
