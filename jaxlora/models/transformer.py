@@ -137,6 +137,36 @@ class KVCache:
         return self.k[0].shape[2]
 
 
+def lora_linear(
+    lora: LoRAPlacement | None,
+    layer: int,
+    name: str,
+    d_in: int,
+    d_out: int,
+    axes: tuple[str | None, str | None],
+    bias: bool,
+    dtype,
+    param_dtype,
+    rngs: nnx.Rngs | None,
+) -> LoRALinear:
+    """Projection `name` of a layer, carrying the placement's adapter where it has one (its
+    rank, and the residual, DoRA or Arrow parts the stack needs)."""
+    rank = lora.rank_for(layer, name) if lora else 0
+    return LoRALinear(
+        d_in,
+        d_out,
+        axes,
+        use_bias=bias,
+        rank=rank,
+        residual=bool(rank) and lora.residual,
+        dora=bool(rank) and lora.dora,
+        arrow=lora.arrow if rank else None,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
+
+
 class Attention(nnx.Module):
     def __init__(
         self,
@@ -153,20 +183,7 @@ class Attention(nnx.Module):
         self.dtype = dtype
 
         def linear(name, d_in, d_out, axes, bias=False):
-            rank = lora.rank_for(layer, name) if lora else 0
-            return LoRALinear(
-                d_in,
-                d_out,
-                axes,
-                use_bias=bias,
-                rank=rank,
-                residual=bool(rank) and lora.residual,
-                dora=bool(rank) and lora.dora,
-                arrow=lora.arrow if rank else None,
-                dtype=dtype,
-                param_dtype=param_dtype,
-                rngs=rngs,
-            )
+            return lora_linear(lora, layer, name, d_in, d_out, axes, bias, dtype, param_dtype, rngs)
 
         self.q_proj = linear(
             "q_proj", c.hidden_size, c.num_heads * c.head_dim, ("embed", "heads"), c.qkv_bias
@@ -223,18 +240,8 @@ class MLP(nnx.Module):
         rngs: nnx.Rngs | None,
     ):
         def linear(name, d_in, d_out, axes):
-            rank = lora.rank_for(layer, name) if lora else 0
-            return LoRALinear(
-                d_in,
-                d_out,
-                axes,
-                rank=rank,
-                residual=bool(rank) and lora.residual,
-                dora=bool(rank) and lora.dora,
-                arrow=lora.arrow if rank else None,
-                dtype=dtype,
-                param_dtype=param_dtype,
-                rngs=rngs,
+            return lora_linear(
+                lora, layer, name, d_in, d_out, axes, False, dtype, param_dtype, rngs
             )
 
         D, F = config.hidden_size, config.intermediate_size
