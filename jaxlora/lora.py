@@ -41,16 +41,25 @@ from jaxlora.models.transformer import (
     abstract_module,
 )
 from jaxlora.sharding import variable_sharding
+from jaxlora.svd import pissa_niter, randomized_svd
 
 if TYPE_CHECKING:
     from jaxlora.models.model import Model
 
 Array = jax.Array
 Layout = Literal["groups", "padded"] | tuple[int, ...]
-InitKind = Literal["kaiming", "gaussian", "pissa", "olora"]
+# PEFT's names; besides them `pissa_niter_N` (N >= 1 power iterations of a randomised SVD).
+InitKind = Literal["kaiming", "gaussian", "pissa", "olora"] | str
 # Initialisations from the base weight (PEFT's `init_lora_weights`): the adapter starts at the
-# weight's leading SVD (`pissa`) or QR (`olora`) factors and trains on the residual.
+# weight's leading SVD (`pissa`, and `pissa_niter_N` from a randomised SVD) or QR (`olora`)
+# factors and trains on the residual (`is_residual_init`).
 RESIDUAL_INITS = frozenset({"pissa", "olora"})
+
+
+def is_residual_init(init: str) -> bool:
+    """Whether `init` starts from the base weight: `pissa`, `olora` or `pissa_niter_N`."""
+    return init in RESIDUAL_INITS or pissa_niter(init) is not None
+
 
 TARGET_GROUPS: dict[str, tuple[str, ...]] = {
     "all-linear": LINEAR_MODULES,
@@ -125,7 +134,7 @@ class LoRAConfig:
     @property
     def residual(self) -> bool:
         """Whether the adapter starts from the base weight and carries its frozen correction."""
-        return self.init in RESIDUAL_INITS
+        return is_residual_init(self.init)
 
     def validate(self, config: ModelConfig) -> LoRAConfig:
         if not isinstance(self.rank, int) or self.rank <= 0:
@@ -134,9 +143,10 @@ class LoRAConfig:
             raise LoRAError(f"LoRA alpha must be positive, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise LoRAError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
-        if self.init not in ("kaiming", "gaussian", *sorted(RESIDUAL_INITS)):
+        if self.init not in ("kaiming", "gaussian") and not is_residual_init(self.init):
             raise LoRAError(
-                f"LoRA init must be 'kaiming', 'gaussian', 'pissa' or 'olora', got {self.init!r}"
+                "LoRA init must be 'kaiming', 'gaussian', 'pissa', 'olora' or 'pissa_niter_N' "
+                f"(N >= 1 power iterations), got {self.init!r}"
             )
         if self.layers is not None:
             bad = [i for i in self.layers if not 0 <= i < config.num_layers]
@@ -249,28 +259,33 @@ def init_lora_a(config: LoRAConfig, seed: int, module_index: int, d_in: int) -> 
     return a.astype(np.float32)
 
 
-def base_decomposition(init: str, kernel) -> tuple[np.ndarray, ...]:
-    """The factorisation of a frozen kernel [in, out] that a `pissa` or `olora` adapter starts
-    from, of the weight as PEFT holds it ([out, in]), in float64: the SVD (V, S, U^T) or the
-    QR (Q, R). Every rank and scale of that init slices the same factorisation."""
+def base_decomposition(init: str, kernel, rank: int) -> tuple[np.ndarray, ...]:
+    """The factorisation of a frozen kernel [in, out] that a residual adapter (`pissa`,
+    `pissa_niter_N`, `olora`) starts from, of the weight as PEFT holds it ([out, in]), in
+    float64: the SVD (V, S, U^T) or the QR (Q, R). The exact ones do not depend on `rank`:
+    every rank and scale of that init slices them. `pissa_niter_N`'s randomised SVD is
+    computed at the adapter's rank (jaxlora/svd.py), so it holds exactly `rank` triplets."""
     w = np.asarray(kernel, np.float64).T
+    niter = pissa_niter(init)
+    if niter is not None:
+        return randomized_svd(w, rank, niter)
     if init == "pissa":
         return tuple(np.linalg.svd(w, full_matrices=False))
     return tuple(np.linalg.qr(w))
 
 
 def base_factors(config: LoRAConfig, parts: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
-    """PEFT's initial (A [in, r], B [r, out]) of a `pissa` or `olora` adapter from its kernel's
-    `base_decomposition`: PiSSA A = sqrt(S_r / s) U_r^T, B = V_r sqrt(S_r / s), so that
-    s B A is the rank-r principal part of the weight; OLoRA A = R_r, B = Q_r."""
+    """PEFT's initial (A [in, r], B [r, out]) of a residual adapter from its kernel's
+    `base_decomposition`: PiSSA (either SVD) A = sqrt(S_r / s) U_r^T, B = V_r sqrt(S_r / s),
+    so that s B A is the rank-r principal part of the weight; OLoRA A = R_r, B = Q_r."""
     r = config.rank
-    if config.init == "pissa":
+    if config.init == "olora":
+        q, upper = parts
+        a, b = upper[:r], q[:, :r]
+    else:
         v, sv, uh = parts
         root = np.sqrt(sv[:r] / config.scale)
         a, b = root[:, None] * uh[:r], v[:, :r] * root
-    else:
-        q, upper = parts
-        a, b = upper[:r], q[:, :r]
     return a.T.astype(np.float32), b.T.astype(np.float32)
 
 
@@ -285,11 +300,11 @@ def init_adapters(
     `kaiming`/`gaussian`: A as PEFT draws it, B = 0; with DoRA the magnitudes start at the
     base weight's column norms ||W||_c, as PEFT's do (the norm of W + s B A with B = 0). Adapter i's A comes from
     `np.random.default_rng([seeds[i], projection number])` at its own rank, then zero-padded:
-    it depends on nothing but its seed and config. `pissa`/`olora`: A and B from the base
-    weight (`base_factors`), and the same values as the adapter's frozen residual correction
-    (`lora_a0`, `lora_b0`; zero for the stack's other adapters). Each device's slice is
-    generated where it is needed (`make_array_from_callback`), so a process builds only its own
-    adapters.
+    it depends on nothing but its seed and config. `pissa`/`pissa_niter_N`/`olora`: A and B
+    from the base weight (`base_factors`), and the same values as the adapter's frozen residual
+    correction (`lora_a0`, `lora_b0`; zero for the stack's other adapters). Each device's slice
+    is generated where it is needed (`make_array_from_callback`), so a process builds only its
+    own adapters.
     """
     configs = tuple(c.validate(model.config) for c in configs)
     names = (
@@ -325,10 +340,11 @@ def init_adapters(
                 return None
             d_in = module_dims(model.config, module_path[3])[0]
             return init_lora_a(c, seeds[a], numbers[module_path], d_in)
-        key = (module_path, c.init)
+        # The exact factorisations serve every rank; the randomised one is the rank's own.
+        key = (module_path, c.init, c.rank if pissa_niter(c.init) else None)
         if key not in decompositions:
             kernel = kernels[(*module_path, "kernel")].get_value()
-            decompositions[key] = base_decomposition(c.init, kernel)
+            decompositions[key] = base_decomposition(c.init, kernel, c.rank)
         return base_factors(c, decompositions[key])[factor == "lora_b"]
 
     def stacked(path, var, factor: str, *, residual_only: bool):

@@ -209,6 +209,198 @@ def test_pissa_and_olora_train_and_export_as_peft_does(tmp_path, base_dir, init,
     np.testing.assert_allclose(got.numpy(), want.numpy(), atol=bound)
 
 
+# PiSSA from a randomised SVD (`pissa_niter_N`, PEFT's `torch.svd_lowrank(W, q=r, niter=N)`).
+# Randomised subspace iteration turns its r test vectors towards the top-r singular subspace by
+# at least (s_{r+1} / s_r)^2 per power iteration (Halko et al. 2011, section 4.5): on the tiny
+# model's N(0, 0.02) weights the singular values have no gap and nothing converges, so these
+# tests give every projection a spectrum with gaps after the 2nd and the 4th value.
+def decaying_spectrum(n: int) -> np.ndarray:
+    """0.3 x [1, 0.9, 0.1, 0.09, 0.005 x 0.9^k...]: gaps 0.11 after s_2, 0.056 after s_4."""
+    tail = 0.005 * 0.9 ** np.arange(n - 4)
+    return 0.3 * np.concatenate([[1.0, 0.9, 0.1, 0.09], tail])
+
+
+def with_spectrum(shape: tuple[int, int], spectrum: np.ndarray, rng) -> np.ndarray:
+    """A random [out, in] matrix with the given singular values (random singular vectors)."""
+    n = min(shape)
+    u, _ = np.linalg.qr(rng.standard_normal((shape[0], n)))
+    v, _ = np.linalg.qr(rng.standard_normal((shape[1], n)))
+    return (u * spectrum[:n]) @ v.T
+
+
+@pytest.fixture(scope="module")
+def decaying_dir(base_dir, tmp_path_factory) -> Path:
+    """The tiny checkpoint with every projection's spectrum replaced by `decaying_spectrum`."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path_factory.mktemp("decaying") / "tiny"
+    shutil.copytree(base_dir, path)
+    hf = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    rng = np.random.default_rng(0)
+    with torch.no_grad():
+        for name, module in hf.named_modules():
+            if name.endswith("_proj"):
+                shape = tuple(module.weight.shape)
+                w = with_spectrum(shape, decaying_spectrum(min(shape)), rng)
+                module.weight.copy_(torch.from_numpy(w))
+    hf.save_pretrained(path)
+    return path
+
+
+def tan_angle(exact: np.ndarray, approx: np.ndarray) -> float:
+    """tan of the largest principal angle between two r-dimensional subspaces (orthonormal
+    columns): sin from the part of `approx` outside `exact`, cos from their overlap."""
+    sin = np.linalg.norm(approx - exact @ (exact.T @ approx), 2)
+    cos = np.linalg.svd(exact.T @ approx, compute_uv=False).min()
+    return sin / cos
+
+
+def residual_starts(model, configs) -> list[dict[tuple, np.ndarray]]:
+    """Each adapter's s B0 A0 [out, in] per projection, at its own rank, from one stack."""
+    stack = jaxlora.init_adapters(model, configs, list(range(len(configs))))
+    consts = dict(nnx.to_flat_state(stack.consts))
+    starts = [{} for _ in configs]
+    for path, var in consts.items():
+        if path[-1] == "lora_a0":
+            for i, c in enumerate(configs):
+                a0 = np.asarray(var.get_value()[i], np.float64)[:, : c.rank]
+                b0 = np.asarray(consts[(*path[:-1], "lora_b0")].get_value()[i], np.float64)
+                starts[i][path[:-1]] = c.scale * (a0 @ b0[: c.rank]).T
+    return starts
+
+
+def test_pissa_niter_converges_to_the_exact_pissa_start(decaying_dir):
+    """`lora.init: pissa_niter_N`: (1) the randomised SVD's singular subspaces approach the
+    exact top-r ones by the guaranteed factor (s_{r+1} / s_r)^2 per power iteration, for a tall
+    and a wide matrix (the same test matrix for every N); (2) every projection's s B0 A0 equals
+    exact PiSSA's, at each adapter's own rank, in one stack of ranks 2 and 4."""
+    from jaxlora.svd import randomized_svd
+
+    rng = np.random.default_rng(1)
+    spectrum = 0.5 ** np.arange(24)  # gap 0.5 after every value: each iteration counts
+    r, g = 4, 0.5
+    for shape in [(40, 24), (24, 40)]:
+        w = with_spectrum(shape, spectrum, rng)
+        u, _, vh = np.linalg.svd(w)
+        tans = {}
+        for niter in (1, 8):
+            ur, sr, vhr = randomized_svd(w, r, niter)
+            assert ur.shape == (shape[0], r) and sr.shape == (r,) and vhr.shape == (r, shape[1])
+            tans[niter] = max(tan_angle(u[:, :r], ur), tan_angle(vh[:r].T, vhr.T))
+        # tan(theta) after 8 iterations <= g^(2 x 7) of it after 1, in exact arithmetic; float64
+        # rounding adds ~1e-15 to angles whose guaranteed bound here is ~1e-5 (an
+        # implementation that ignored N would sit at the bound / g^14, 16000 times over).
+        assert tans[8] <= g**14 * tans[1] * (1 + 1e-9) + 1e-13, (shape, tans)
+
+    model = jaxlora.load_pretrained(str(decaying_dir))
+    configs = [
+        jaxlora.LoRAConfig(rank=rank, alpha=8.0, init=init)
+        for init in ("pissa", "pissa_niter_4")
+        for rank in (2, 4)
+    ]
+    exact2, exact4, fast2, fast4 = residual_starts(model, configs)
+    # s B A - s B0 A0 = (P - P_r) W: every entry is below its norm, sin(theta) s_1 with
+    # tan(theta) <= g^9 ||Omega_2 Omega_1^-1|| (g = 0.11 at r = 2, 0.056 at r = 4; s_1 = 0.3):
+    # under 2e-6 unless the Gaussian factor exceeds ~2500; float32's rounding of A and B adds
+    # ~1e-9 to entries of ~5e-3. Power iterations are what gets there: with N = 0 entries
+    # miss by up to 1e-2, with N = 1 by 2e-4; a rank-4 start sliced from the rank-2
+    # factorisation misses the 3rd and 4th directions by 4e-3.
+    worst = 0.0
+    for exact, fast in [(exact2, fast2), (exact4, fast4)]:
+        assert exact.keys() == fast.keys() and len(exact) == 14
+        for path, want in exact.items():
+            np.testing.assert_allclose(fast[path], want, atol=2e-6, err_msg=str(path))
+            worst = max(worst, np.abs(fast[path] - want).max())
+    print(f"pissa_niter_4 vs pissa: max |s B A| difference {worst:.2e}; tan {tans}")
+
+
+def test_pissa_niter_starts_as_pefts_and_keeps_the_base_logits(decaying_dir, tmp_path):
+    """PEFT's `init_lora_weights="pissa_niter_4"` (torch's randomised SVD, its own random test
+    matrix) against jaxlora's `pissa_niter_4` on the same checkpoint: the same s B A per module,
+    since both converge to the same top-r part; the residual model (PEFT: W - s B A + s B A;
+    jaxlora: W - s B0 A0 + s B A) gives the base logits at init; the export is rank 2r."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    def hf():
+        return AutoModelForCausalLM.from_pretrained(
+            decaying_dir, dtype=torch.float32, attn_implementation="eager"
+        ).eval()
+
+    torch.manual_seed(0)
+    peft = get_peft_model(
+        hf(),
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            lora_dropout=0.0,
+            target_modules="all-linear",
+            init_lora_weights="pissa_niter_4",
+        ),
+    ).eval()
+    ids = np.arange(3, 40).reshape(1, -1)
+    with torch.no_grad():
+        base_t = hf()(input_ids=torch.tensor(ids)).logits.numpy()
+        residual_t = peft(input_ids=torch.tensor(ids)).logits.numpy()
+
+    model = jaxlora.load_pretrained(str(decaying_dir))
+    config = jaxlora.LoRAConfig(rank=4, alpha=8.0, init="pissa_niter_4")
+    (ours,) = residual_starts(model, [config])
+    state = {k: v.numpy().astype(np.float64) for k, v in peft.state_dict().items()}
+    worst = 0.0
+    for name, a in state.items():
+        if "lora_A" in name:
+            b = state[name.replace("lora_A", "lora_B")]
+            parts = name.split(".")
+            i = parts.index("layers")
+            path = ("layers", int(parts[i + 1]), parts[i + 2], parts[i + 3])
+            # Each is within 2e-6 of the exact s B A (the bound in the test above, whatever the
+            # test matrix); torch's float32 QR and SVD add ~eps32 s_1 / (s_4 - s_5) = 7e-7:
+            # 1e-5 admits both, while a start without power iterations (N = 0) or from
+            # another rank's subspace misses by 1e-3 to 1e-2.
+            np.testing.assert_allclose(ours[path], config.scale * b @ a, atol=1e-5, err_msg=name)
+            worst = max(worst, np.abs(ours[path] - config.scale * b @ a).max())
+    assert len(ours) == 14
+
+    stack = jaxlora.init_adapters(model, [config], [0])
+    base = np.asarray(model(ids))
+    residual = np.asarray(model(ids[None], adapters=stack))[0]
+    # Logits of size ~1: float32 rounding of W - s B A (PEFT) or of the two opposite LoRA
+    # terms (jaxlora) moves them by ~1e-6; a start that forgot the correction adds the whole
+    # principal part of every weight (most of it) and moves them by ~1.
+    np.testing.assert_allclose(residual_t, base_t, atol=1e-4)
+    np.testing.assert_allclose(residual, base, atol=1e-4)
+    print(
+        f"PEFT vs jaxlora pissa_niter_4: max |s B A| difference {worst:.2e}; logits: "
+        f"PEFT {np.abs(residual_t - base_t).max():.1e}, jaxlora {np.abs(residual - base).max():.1e}"
+    )
+    jaxlora.save_peft(model, stack, 0, tmp_path / "export")
+    exported = json.loads((tmp_path / "export" / "adapter_config.json").read_text())
+    assert exported["r"] == 8 and exported["init_lora_weights"] is True
+
+
+def test_pissa_niter_config_loads_and_bad_counts_are_refused():
+    """`lora.init: pissa_niter_N` loads as a residual init; N = 0, a non-number or a missing
+    `_` are refused with one line, by the config and by `LoRAConfig`."""
+    from jaxlora.errors import ConfigError, LoRAError
+    from jaxlora.models.model import model_config
+
+    config = load_config("configs/quickstart.yaml", ["lora.init=pissa_niter_4"])
+    assert config.lora.init == "pissa_niter_4"
+    lora = jaxlora.LoRAConfig(rank=2, init=config.lora.init)
+    assert lora.residual and lora.validate(model_config(config.model.path)) is lora
+    for bad in ("pissa_niter_0", "pissa_niter_x", "pissa_niterx", "pissa_niter_-1"):
+        with pytest.raises(ConfigError, match=r"lora\.init: expected one of .*pissa_niter_N") as e:
+            load_config("configs/quickstart.yaml", [f"lora.init={bad}"])
+        assert "\n" not in str(e.value)
+        with pytest.raises(LoRAError, match=r"pissa_niter_N") as e:
+            jaxlora.LoRAConfig(rank=2, init=bad).validate(model_config(config.model.path))
+        assert "\n" not in str(e.value)
+        assert not jaxlora.LoRAConfig(rank=2, init=bad).residual
+
+
 def dora_adapter(path: Path, out_dir: Path, seed: int = 0, **kw):
     """A PEFT DoRA adapter with random non-zero A, B and magnitudes away from ||W + s B A||
     (PEFT starts them there, where DoRA equals LoRA), saved to out_dir."""
@@ -399,6 +591,7 @@ def test_plan_counts_doras_magnitudes_and_the_residual_corrections():
     plain, config = rows()
     dora, _ = rows(**{"lora.use_dora": "true"})
     pissa, _ = rows(**{"lora.init": "pissa"})
+    fast, _ = rows(**{"lora.init": "pissa_niter_2"})
     c = model_config(config.model.path)
     outs = sum(module_dims(c, m)[1] for m in ("q_proj", "k_proj", "v_proj", "o_proj"))
     outs += sum(module_dims(c, m)[1] for m in ("gate_proj", "up_proj", "down_proj"))
@@ -407,3 +600,4 @@ def test_plan_counts_doras_magnitudes_and_the_residual_corrections():
     assert dora[key] - plain[key] == magnitudes
     assert "residual corrections (float32)" not in plain
     assert pissa["residual corrections (float32)"] == plain[key]
+    assert fast["residual corrections (float32)"] == plain[key]

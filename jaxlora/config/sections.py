@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import typing
 from dataclasses import field
 from typing import Any, ClassVar, Literal
 
@@ -33,7 +34,8 @@ from jaxlora.memory import grammar
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 Remat = Literal["none", "block"]
-# PEFT's `init_lora_weights`: `default` (its True) is `kaiming`, A Kaiming-uniform and B = 0.
+# PEFT's `init_lora_weights`: `default` (its True) is `kaiming`, A Kaiming-uniform and B = 0;
+# besides these names, `pissa_niter_N` (`_check_init`).
 InitKind = Literal["default", "kaiming", "gaussian", "pissa", "olora"]
 DatasetKind = Literal["phonebook", "counterfact", "text", "qa", "paperqa", "narrativeqa", "quality"]
 PaperHeader = Literal["bracket", "natural", "none"]
@@ -112,6 +114,21 @@ def _check_targets(value: str | tuple[str, ...], path: str) -> None:
             )
 
 
+# PiSSA from a randomised SVD with N >= 1 power iterations (jaxlora/svd.py reads N).
+_PISSA_NITER = re.compile(r"pissa_niter_[1-9][0-9]*")
+
+
+def _check_init(value: str, path: str) -> None:
+    names = typing.get_args(InitKind)
+    if value in names or _PISSA_NITER.fullmatch(value):
+        return
+    raise FieldError(
+        path,
+        f"expected one of {', '.join(names)}, or pissa_niter_N with N >= 1 power iterations "
+        f"(pissa_niter_4); got {show(value)}{did_you_mean(value, [*names, 'pissa_niter_4'])}",
+    )
+
+
 def _module_name(name: str) -> str:
     return name if name.endswith("_proj") else f"{name}_proj"
 
@@ -169,8 +186,11 @@ class LoRASection(Section):
     )
     dropout: float = field(default=0.1, metadata=rule(check=UNIT))
     use_rslora: bool = False
-    init: InitKind = field(
-        default="kaiming", metadata=rule(normalize=lambda v: "kaiming" if v == "default" else v)
+    # default, kaiming, gaussian, pissa, olora, or pissa_niter_N (PiSSA from a randomised SVD
+    # with N >= 1 power iterations, PEFT's fast SVD).
+    init: str = field(
+        default="kaiming",
+        metadata=rule(check=_check_init, normalize=lambda v: "kaiming" if v == "default" else v),
     )
     # DoRA (PEFT's use_dora): a learned magnitude per output over the normalised W + s B A.
     use_dora: bool = False
