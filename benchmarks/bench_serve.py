@@ -1,8 +1,9 @@
 """`jaxlora serve` throughput: 32 concurrent requests vs the same requests one at a time.
 
-A real server (`jaxlora serve` in a subprocess on 127.0.0.1) with two adapters (random
-weights); the official `openai` client sends 32 greedy completions that cycle through the base
-and the adapters (so concurrent passes mix adapters: routed decoding), first one at a time, then
+A real server (`jaxlora serve` in a subprocess on 127.0.0.1) with `--adapters` adapters (2 by
+default; rank 8, random weights); the official `openai` client sends 32 greedy completions that
+cycle through the base and the adapters (`--no-base`: the adapters alone; so concurrent passes
+mix adapters: grouped decoding), first one at a time, then
 all at once from 32 threads. Both rounds are warmed up first (every bucketed program compiled),
 timed `--repeat` times (median), and must return the same texts.
 
@@ -12,7 +13,13 @@ everything is compiled (16 new tokens each: what the warm-up compiles).
 
     python -m benchmarks.bench_serve                      # tiny-llama, 32 requests, 32 tokens
     python -m benchmarks.bench_serve --model small-llama --max-tokens 64
+    python -m benchmarks.bench_serve --model small-llama --adapters 32 --no-base
     python -m benchmarks.bench_serve --first-burst        # cold start, warm-up off and on
+    python -m benchmarks.bench_serve --stream             # streamed vs not, 256 tokens
+
+With `--stream`: one long greedy completion (`--max-tokens`, default 256 here) streamed vs not:
+the time to its first content chunk and to its last, against the non-streamed request's time;
+then `--requests` such completions at once, streamed vs not (the throughput cost of streaming).
 """
 
 from __future__ import annotations
@@ -50,10 +57,10 @@ QUESTIONS = [
 ]
 
 
-def make_adapters(model_name: str, out: Path) -> list[str]:
+def make_adapters(model_name: str, out: Path, n: int = 2) -> list[str]:
     model = jaxlora.load_pretrained(model_name)
-    configs = [lora.LoRAConfig(rank=8), lora.LoRAConfig(rank=8)]
-    stack = lora.init_adapters(model, configs, [1, 2], ["a1", "a2"])
+    configs = [lora.LoRAConfig(rank=8)] * n
+    stack = lora.init_adapters(model, configs, range(1, n + 1), [f"a{i}" for i in range(1, n + 1)])
     rng = np.random.default_rng(0)
 
     def fill(path, var):  # B random: the adapters change the output
@@ -89,15 +96,21 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--batch-wait-ms", type=float, default=2.0)
+    p.add_argument("--adapters", type=int, default=2, help="adapters served (a1, a2, ...)")
     p.add_argument("--base-only", action="store_true", help="every request to the base model")
+    p.add_argument("--no-base", action="store_true", help="requests cycle through adapters only")
     p.add_argument("--first-burst", action="store_true", help="the first burst, cold and warm")
+    p.add_argument("--stream", action="store_true", help="streamed vs not: first chunk, total")
     args = p.parse_args()
 
+    if args.stream:
+        stream(args)
+        return
     if args.first_burst:
         first_burst(args)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        adapters = make_adapters(args.model, Path(tmp))
+        adapters = make_adapters(args.model, Path(tmp), args.adapters)
         server_args = [args.model, "--adapters", *adapters]
         server_args += ["--batch-wait-ms", str(args.batch_wait_ms)]
         proc, url = start_server(server_args)
@@ -114,7 +127,7 @@ def first_burst(args) -> None:
     ready, with its warm-up off and on, against the same requests one at a time afterwards."""
     args.max_tokens = 16
     with tempfile.TemporaryDirectory() as tmp:
-        adapters = make_adapters(args.model, Path(tmp))
+        adapters = make_adapters(args.model, Path(tmp), args.adapters)
         for warm in (False, True):
             server_args = [args.model, "--adapters", *adapters]
             server_args += ["--batch-wait-ms", str(args.batch_wait_ms)]
@@ -150,9 +163,67 @@ def first_burst(args) -> None:
             )
 
 
+def stream(args) -> None:
+    """Time to the first content chunk and to the last of a streamed long completion, against
+    the same completion not streamed; then `--requests` of them at once, streamed or not."""
+    if args.max_tokens == 32:  # the default: streaming wants a long completion
+        args.max_tokens = 256
+    proc, url = start_server([args.model, "--batch-wait-ms", str(args.batch_wait_ms)])
+    client = openai.OpenAI(base_url=url, api_key="EMPTY", max_retries=0, timeout=600)
+    kw = dict(model=args.model, max_tokens=args.max_tokens, temperature=0)
+
+    def plain(i: int = 0) -> tuple[float, str]:
+        t0 = time.perf_counter()
+        text = client.completions.create(prompt=f"{QUESTIONS[i % 8]} {i}", **kw).choices[0].text
+        return time.perf_counter() - t0, text
+
+    def streamed(i: int = 0) -> tuple[float, float, str]:
+        t0, first, pieces = time.perf_counter(), None, []
+        for c in client.completions.create(prompt=f"{QUESTIONS[i % 8]} {i}", stream=True, **kw):
+            if c.choices[0].text:
+                first = first or time.perf_counter() - t0
+                pieces.append(c.choices[0].text)
+        return first or 0.0, time.perf_counter() - t0, "".join(pieces)
+
+    def burst(fn) -> float:
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(args.requests) as pool:
+            list(pool.map(fn, range(args.requests)))
+        return time.perf_counter() - t0
+
+    try:
+        for _ in range(2):  # compile both programs and every rows bucket the bursts use
+            plain(), streamed(), burst(plain), burst(streamed)
+        if plain()[1] != streamed()[2]:
+            raise SystemExit("the streamed text differs from the non-streamed text")
+        one = [plain()[0] for _ in range(args.repeat)]
+        runs = [streamed()[:2] for _ in range(args.repeat)]
+        many = [burst(plain) for _ in range(args.repeat)]
+        many_streamed = [burst(streamed) for _ in range(args.repeat)]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    med = statistics.median
+    first, total = med(r[0] for r in runs), med(r[1] for r in runs)
+    report(
+        "serve: a streamed long completion vs not",
+        {
+            "model": args.model,
+            "max_tokens": args.max_tokens,
+            "not_streamed_s": round(med(one), 4),
+            "streamed_first_chunk_s": round(first, 4),
+            "streamed_total_s": round(total, 4),
+            "first_chunk_share": round(first / total, 3),
+            f"{args.requests}_at_once_not_streamed_s": round(med(many), 3),
+            f"{args.requests}_at_once_streamed_s": round(med(many_streamed), 3),
+        },
+    )
+
+
 def _asker(args, url: str):
     client = openai.OpenAI(base_url=url, api_key="EMPTY", max_retries=0, timeout=600)
-    models = [args.model] if args.base_only else [args.model, "a1", "a2"]
+    names = [f"a{i}" for i in range(1, args.adapters + 1)]
+    models = [args.model] if args.base_only else names if args.no_base else [args.model, *names]
     jobs = [
         (models[i % len(models)], f"{QUESTIONS[i % len(QUESTIONS)]} number {i}")
         for i in range(args.requests)
@@ -194,7 +265,9 @@ def run(args, url: str) -> dict:
     seq, conc = times["one_at_a_time"], times["concurrent"]
     return {
         "model": args.model,
-        "adapters": "base only" if args.base_only else "base, a1, a2 (cycled)",
+        "adapters": "base only"
+        if args.base_only
+        else f"{'' if args.no_base else 'base, '}{args.adapters} adapters (cycled)",
         "requests": len(jobs),
         "max_tokens": args.max_tokens,
         "generated_tokens": tokens,

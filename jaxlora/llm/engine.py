@@ -18,6 +18,11 @@ of rows in shared passes:
   gives the same text alone or batched.
 - Text is `tokenizer.decode(ids up to EOS, skip_special_tokens=True)`, cut before the earliest
   stop string; `finish_reason` is "stop" (EOS or a stop string) or "length".
+- Streaming: `run(rows, on_text=fn)` calls `fn(i, piece)` with row i's text as it is produced
+  for the rows that ask (`Row.stream`): their pass decodes with `DecodeSpec(stream=k)`, whose
+  compiled loop hands its tokens every k steps to a sink (`generate.streaming`) that
+  detokenises them incrementally (`stream.TextStream`); the pieces of a row concatenate to its
+  `Output.text`. A pass without such rows compiles and runs as it would without streaming.
 
 `resolve_source` reads what a model argument names: a model (path, hub id or preset) or a
 `jaxlora train` run directory (its base model and its trained adapters).
@@ -25,11 +30,12 @@ of rows in shared passes:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -46,14 +52,20 @@ from jaxlora.generate import (
     eos_and_pad,
     generate,
     make_sampler,
+    streaming,
     until_eos,
 )
+from jaxlora.llm.stream import TextStream
 from jaxlora.lora import AdapterStack, pad_to, routed_logits
 from jaxlora.models.transformer import LoRAPlacement
 
 FinishReason = Literal["stop", "length"]
 MIN_WIDTH = 32
 MIN_NEW_TOKENS = 16
+# Decode steps per stream callback (`DecodeSpec.stream`): one ~0.1 ms host callback per step
+# would triple a tiny model's decoding on CPU; 4 keep it within ~1.5x and the chunks within 4
+# steps of the device (the first token leaves right after the prefill). benchmarks/README.md.
+STREAM_BLOCK = 4
 
 
 class LLMError(JaxloraError):
@@ -73,6 +85,11 @@ class Row:
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # None: no log-probabilities; N: the token's and the top N
     echo: bool = False  # the prompt's tokens scored too
+    stream: bool = False  # its text goes to `run`'s on_text as it is produced
+
+
+# (row index, piece of its text) -> None: where `Engine.run` streams text.
+OnText = Callable[[int, str], None]
 
 
 # The most alternatives a scored token carries (OpenAI's chat allows 20, completions 5).
@@ -192,6 +209,11 @@ def _token_scores(logits, ids):
     return jnp.pad(picked, ((0, 0), (1, 0))), top_lp, top_ids
 
 
+def _forward(on_text: OnText, indices: Sequence[int], b: int, piece: str) -> None:
+    """A pass's row b is row indices[b] of the `run`."""
+    on_text(indices[b], piece)
+
+
 def _pow2(n: int, low: int) -> int:
     return max(low, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
@@ -251,9 +273,16 @@ class Engine:
 
     # ------------------------------------------------------------------ decoding
 
-    def run(self, rows: Sequence[Row], adapters: AdapterStack | None = None) -> list[Output]:
+    def run(
+        self,
+        rows: Sequence[Row],
+        adapters: AdapterStack | None = None,
+        on_text: OnText | None = None,
+    ) -> list[Output]:
         """Outputs of `rows`, in order. `adapters` replaces the library for this call (row i's
-        adapter indexes it directly, no base slot): the hook for per-request stacks."""
+        adapter indexes it directly, no base slot): the hook for per-request stacks. `on_text`
+        gets (i, piece) as row i's text is produced, for the rows with `stream` set (from the
+        runtime's callback thread during a pass, the last piece from this thread after it)."""
         slots = None if adapters is None else len(adapters)
         for row in rows:
             if (why := self.problem(row, slots)) is not None:
@@ -268,7 +297,9 @@ class Engine:
         )
         for start in range(0, len(order), self.max_batch):
             chunk = order[start : start + self.max_batch]
-            for i, out in zip(chunk, self._pass([rows[i] for i in chunk], adapters), strict=True):
+            emit = None if on_text is None else functools.partial(_forward, on_text, chunk)
+            passed = self._pass([rows[i] for i in chunk], adapters, emit)
+            for i, out in zip(chunk, passed, strict=True):
                 outputs[i] = out
         return outputs  # type: ignore[return-value]
 
@@ -340,7 +371,9 @@ class Engine:
             f"{MIN_WIDTH} tokens, <= {MIN_NEW_TOKENS} new) in {time.perf_counter() - start:.1f} s"
         )
 
-    def _pass(self, rows: Sequence[Row], adapters: AdapterStack | None) -> list[Output]:
+    def _pass(
+        self, rows: Sequence[Row], adapters: AdapterStack | None, on_text: OnText | None = None
+    ) -> list[Output]:
         B = self._rows_bucket(len(rows))
         T = _pow2(max(len(r.tokens) for r in rows), MIN_WIDTH)
         new = _pow2(max(r.max_tokens for r in rows), MIN_NEW_TOKENS)
@@ -351,26 +384,61 @@ class Engine:
         for b, r in enumerate(padded):
             ids[b, T - len(r.tokens) :], mask[b, T - len(r.tokens) :] = r.tokens, True
         sampled = any(r.temperature > 0 for r in rows)
+        streams = {
+            b: TextStream(self.decode_text, r.stop)
+            for b, r in enumerate(rows)
+            if r.stream and on_text is not None
+        }
         kwargs = dict(
             max_new_tokens=new,
             sampling=[Sampling(r.temperature, r.top_p) for r in padded] if sampled else None,
             seed=[r.seed for r in padded],
+            stream=STREAM_BLOCK if streams else 0,
         )
         stack = adapters if adapters is not None else self.stack
-        if adapters is None and all(r.adapter == 0 for r in padded):
-            out = generate(self.model, ids, mask, **kwargs)
-        else:
-            out = self._routed(stack, [r.adapter for r in padded], ids, mask, **kwargs)
-        return [self._finish(r, out[b]) for b, r in enumerate(rows)]
+        with streaming(self._sink(rows, streams, on_text)) if streams else contextlib.nullcontext():
+            if adapters is None and all(r.adapter == 0 for r in padded):
+                out = generate(self.model, ids, mask, **kwargs)
+            else:
+                out = self._routed(stack, [r.adapter for r in padded], ids, mask, **kwargs)
+        outputs = [self._finish(r, out[b]) for b, r in enumerate(rows)]
+        for b, text in streams.items():
+            if rest := text.finish(outputs[b].text):
+                on_text(b, rest)  # type: ignore[misc]
+        return outputs
 
-    def _routed(self, stack: AdapterStack, slots, ids, mask, *, max_new_tokens, sampling, seed):
+    def _sink(self, rows: Sequence[Row], streams: dict[int, TextStream], on_text):
+        """What a streamed pass's loop calls with its tokens so far: row b's new text to
+        on_text(b, piece), up to its own max_tokens and EOS."""
+        seen = dict.fromkeys(streams, 0)  # row b's tokens pushed so far (None: ended)
+
+        def sink(step: int, tokens: np.ndarray) -> None:
+            # [B, N] (base) or [B, 1, N] (routed: B one-row adapters), columns 0..step drawn
+            tokens = tokens.reshape(tokens.shape[0], -1)
+            for b, text in streams.items():
+                if (start := seen[b]) is None:
+                    continue
+                end = min(step + 1, rows[b].max_tokens)
+                for token in tokens[b, start:end].tolist():
+                    if token in self.eos:
+                        end = None
+                        break
+                    if piece := text.push(token):
+                        on_text(b, piece)
+                seen[b] = end
+
+        return sink
+
+    def _routed(
+        self, stack: AdapterStack, slots, ids, mask, *, max_new_tokens, sampling, seed, stream=0
+    ):
         """`generate_routed` with the per-row gather of adapter weights inside the compiled
         program (eagerly, its ~30 small gathers cost more than decoding a tiny model's pass)."""
         B = ids.shape[0]
         sampler = None
         if sampling is not None:
             sampler = jax.tree.map(lambda x: x[:, None], make_sampler(sampling, seed, (B,)))
-        spec = DecodeSpec(max_new_tokens, self.eos, self.pad)
+        spec = DecodeSpec(max_new_tokens, self.eos, self.pad, stream)
         out = _routed_decode(
             self.model.graph(weights_placement(stack, self.model.config.num_layers)),
             self.model.params,
@@ -393,21 +461,3 @@ class Engine:
         if cut >= 0:
             text, reason = text[:cut], "stop"
         return Output(tuple(ids), text, reason)
-
-    def deltas(self, output: Output) -> list[str]:
-        """The output's text as per-token pieces (for streaming): their concatenation is
-        `output.text`. A token that ends inside a multi-byte character waits for the next."""
-        pieces, sent = [], ""
-        for k in range(1, len(output.tokens) + 1):
-            text = self.decode_text(output.tokens[:k])
-            text = text[: len(output.text)]
-            # A token ending inside a character decodes to U+FFFD; cleanup may also rewrite a
-            # prefix: only ever send a prefix of the final text.
-            if text.endswith("\ufffd") or not output.text.startswith(text):
-                continue
-            if len(text) > len(sent):
-                pieces.append(text[len(sent) :])
-                sent = text
-        if sent != output.text:
-            pieces.append(output.text[len(sent) :])
-        return pieces

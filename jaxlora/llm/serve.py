@@ -10,14 +10,22 @@ with `data: [DONE]`). A request's `model` is the base model's name, an adapter's
 
 Design:
 
-- **One decoder thread, shared passes.** Handlers validate, tokenize, and hand `Row`s to a
-  `Batcher`; its thread takes everything queued, waits `batch_wait_ms` for more, and decodes
-  the lot with one `Engine.run` (base-only batches through the base program, mixed batches
-  routed over one stack [zero adapter, *adapters], see `engine.py`). JAX work never runs on
-  the event loop, and concurrent requests for different adapters share a pass.
-- **Streaming is chunked, not incremental**: a pass decodes every token of its rows inside one
-  compiled loop, so a streamed response sends its per-token chunks when its pass ends; the
-  format (and the text) is OpenAI's, time to first token is the pass's time.
+- **One decoder thread, shared passes.** Handlers validate and hand `Row`s to a `Batcher`; its
+  thread takes everything queued, waits `batch_wait_ms` for more, and decodes the lot with one
+  `Engine.run` (base-only batches through the base program, mixed batches routed over one
+  stack [zero adapter, *adapters], see `engine.py`). It is the only thread that runs JAX work;
+  concurrent requests for different adapters share a pass.
+- **Tokenizing off the event loop**: prompts are tokenized and checked, and log-probabilities
+  turned into text, on one tokenizer thread (`Service.tokenizer`), never on the event loop
+  (a `memory` row, whose prompt needs its route's context, on the decoder thread).
+- **Streaming is incremental**: a streamed request's rows decode with the compiled loop handing
+  its tokens to the host every few steps (`Engine.run(on_text=...)`: an ordered io_callback, an
+  incremental detokeniser, `stream.py`), so chunks leave as tokens are drawn; each request's
+  pieces reach its response through an asyncio queue fed from the decoder's side
+  (`call_soon_threadsafe`), what queued up meanwhile leaving as one chunk. The chunks
+  concatenate to exactly the non-streamed text (stop strings and `max_tokens` included). An
+  error after the response has started is an `error` event; a client that disconnects
+  mid-stream is dropped, and the server serves on.
 - **Errors are OpenAI's JSON** `{"error": {"message", "type", "param", "code"}}`: 401 for a
   wrong key, 404 for an unknown model or route, 400 for bad parameters (`requests.py`: every
   field strictly typed, token ids in the vocabulary, checked before any decoding, including
@@ -55,7 +63,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +83,7 @@ from jaxlora.llm.engine import (
 )
 from jaxlora.llm.requests import APIError, flag, prompts, sampling
 from jaxlora.llm.requests import messages as parse_messages
+from jaxlora.llm.stream import feeder, sse_events
 from jaxlora.lora import AdapterStack
 
 log = logging.getLogger(__name__)
@@ -102,6 +111,15 @@ class _Work:
     # memory requests: the questions, and how a route turns question i into its row
     questions: list[str] | None = None
     build: Callable[[int, MemoryRoute], Row] | None = None
+    emit: Callable[[int, str], None] | None = None  # streamed: (its row j, piece of its text)
+
+
+def _router(batch: list[_Work]) -> Callable[[int, str], None] | None:
+    """`Engine.run`'s on_text for a batch: its row i is row j of one streamed request."""
+    if all(w.emit is None for w in batch):
+        return None
+    rows = [(w.emit, j) for w in batch for j in range(len(w.rows))]
+    return lambda i, piece: rows[i][0] and rows[i][0](rows[i][1], piece)
 
 
 def _settle(future: Future, result: Any = None, error: BaseException | None = None) -> None:
@@ -170,7 +188,7 @@ class Batcher:
             return
         try:
             rows = [r for w in batch for r in w.rows]
-            outputs = self.engine.score(rows, self.engine.run(rows))
+            outputs = self.engine.score(rows, self.engine.run(rows, on_text=_router(batch)))
         except Exception as e:  # answered as 500 for these requests; the thread lives on
             log.exception("decoding failed")
             for w in batch:
@@ -195,7 +213,8 @@ class Batcher:
                 ]
                 rows.extend(w.rows)
                 k += len(w.rows)
-            outputs = self.engine.score(rows, self.engine.run(rows, adapters=stack), stack)
+            run = self.engine.run(rows, adapters=stack, on_text=_router(batch))
+            outputs = self.engine.score(rows, run, stack)
         except Exception as e:
             log.exception("memory decoding failed")
             for w in batch:
@@ -223,6 +242,8 @@ class Service:
         self.slots = {base_name: 0, **{n: i + 1 for i, n in enumerate(names)}}
         self.memory = memory
         self.batcher = Batcher(engine, memory, wait_s)
+        # The tokenizer's one thread (HF tokenizers are not for concurrent use from many).
+        self.tokenizer = ThreadPoolExecutor(1, thread_name_prefix="jaxlora-tokenizer")
         self.created = int(time.time())
 
     @property
@@ -245,10 +266,40 @@ class Service:
             )
         return self.slots[name]
 
+    async def off_loop(self, fn: Callable, *args):
+        """`fn(*args)` on the tokenizer thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizer, fn, *args)
+
+    async def start(
+        self, body: dict, chat: bool, emit: Callable[[int, str], None] | None = None
+    ) -> tuple[_Work, list[str] | None]:
+        """Validate and tokenize (on the tokenizer thread), then queue for the decoder: the
+        request's work and, with `echo`, its prompts' texts. `emit`: stream its rows' text."""
+        work, echoes = await self.off_loop(self._prepare, body, chat, emit)
+        self.batcher.submit(work)
+        return work, echoes
+
     async def generate(self, body: dict, chat: bool) -> tuple[list[Output], int]:
         """Validate, tokenize, decode (in the batcher): outputs and prompt token count."""
+        work, echoes = await self.start(body, chat)
+        try:
+            outputs = await asyncio.wait_for(asyncio.wrap_future(work.future), self.timeout_s)
+        except TimeoutError:  # the wait cancelled the future: the decoder will skip it
+            raise APIError(
+                504, f"decoding did not finish within the server's {self.timeout_s:g} s"
+            ) from None
+        except Exception as e:
+            raise APIError(500, f"decoding failed: {type(e).__name__}: {e}") from e
+        if echoes is not None:  # the prompts' text leads each choice's text
+            outputs = [
+                dataclasses.replace(o, text=t + o.text)
+                for t, o in zip(echoes, outputs, strict=True)
+            ]
+        return outputs, sum(len(r.tokens) for r in work.rows)
+
+    def _prepare(self, body: dict, chat: bool, emit) -> tuple[_Work, list[str] | None]:
         slot = self.slot(body)
-        settings = sampling(body, 256 if chat else 16, chat)
+        settings = {**sampling(body, 256 if chat else 16, chat), "stream": emit is not None}
         if chat:
             messages = parse_messages(body)
             texts: list = [messages]
@@ -260,7 +311,7 @@ class Service:
         def tokens(item) -> tuple[int, ...]:
             return item if isinstance(item, tuple) else encode(item)
 
-        work = _Work([Row(tokens(t), slot or 0, **settings) for t in texts], Future())
+        work = _Work([Row(tokens(t), slot or 0, **settings) for t in texts], Future(), emit=emit)
         for row in work.rows:
             if (why := self.engine.problem(row)) is not None:
                 raise APIError(400, why, "prompt" if not chat else "messages")
@@ -270,23 +321,11 @@ class Service:
             def build(i: int, route: MemoryRoute) -> Row:
                 return Row(tokens(_with_context(texts[i], route.context)), **settings)
 
-            work = _Work(work.rows, Future(), questions, build)
-        try:
-            outputs = await asyncio.wait_for(
-                asyncio.wrap_future(self.batcher.submit(work)), self.timeout_s
-            )
-        except TimeoutError:  # the wait cancelled the future: the decoder will skip it
-            raise APIError(
-                504, f"decoding did not finish within the server's {self.timeout_s:g} s"
-            ) from None
-        except Exception as e:
-            raise APIError(500, f"decoding failed: {type(e).__name__}: {e}") from e
-        if settings["echo"]:  # the prompts' text leads each choice's text
-            texts = [t if isinstance(t, str) else self.engine.decode_text(t) for t in texts]
-            outputs = [
-                dataclasses.replace(o, text=t + o.text) for t, o in zip(texts, outputs, strict=True)
-            ]
-        return outputs, sum(len(r.tokens) for r in work.rows)
+            work = _Work(work.rows, Future(), questions, build, emit)
+        echoes = None
+        if settings["echo"]:
+            echoes = [t if isinstance(t, str) else self.engine.decode_text(t) for t in texts]
+        return work, echoes
 
 
 def _question(item) -> str:
@@ -316,6 +355,7 @@ def build_app(service: Service, api_key: str | None = None):
         service.batcher.start()
         yield
         service.batcher.stop()  # after uvicorn drained the in-flight requests
+        service.tokenizer.shutdown()
 
     app = FastAPI(title="jaxlora serve", lifespan=lifespan)
 
@@ -387,42 +427,27 @@ def build_app(service: Service, api_key: str | None = None):
         stream = flag(body, "stream")
         if isinstance(body.get("model"), str):
             request.state.model = body["model"]
-        outputs, prompt_tokens = await service.generate(body, chat)
-        request.state.tokens = (prompt_tokens, sum(len(o.tokens) for o in outputs))
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         common = {"id": rid, "created": int(time.time()), "model": body["model"]}
         if stream:
-            return StreamingResponse(
-                _events(service.engine, outputs, common, chat), media_type="text/event-stream"
+            pieces: asyncio.Queue = asyncio.Queue()
+            work, _ = await service.start(body, chat, feeder(pieces))
+            request.state.tokens = (sum(len(r.tokens) for r in work.rows), "-")
+            events = sse_events(
+                work.future, len(work.rows), pieces, common, chat, service.timeout_s
             )
+            return StreamingResponse(events, media_type="text/event-stream")
+        outputs, prompt_tokens = await service.generate(body, chat)
+        request.state.tokens = (prompt_tokens, sum(len(o.tokens) for o in outputs))
         completion = sum(len(o.tokens) for o in outputs)
         usage = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion,
             "total_tokens": prompt_tokens + completion,
         }
-        engine = service.engine
-        if chat:
-            choices = [
-                {
-                    "index": i,
-                    "message": {"role": "assistant", "content": o.text},
-                    "logprobs": o.scores and _chat_logprobs(engine, o.scores),
-                    "finish_reason": o.finish_reason,
-                }
-                for i, o in enumerate(outputs)
-            ]
-            return {**common, "object": "chat.completion", "choices": choices, "usage": usage}
-        choices = [
-            {
-                "index": i,
-                "text": o.text,
-                "logprobs": o.scores and _completion_logprobs(engine, o.scores),
-                "finish_reason": o.finish_reason,
-            }
-            for i, o in enumerate(outputs)
-        ]
-        return {**common, "object": "text_completion", "choices": choices, "usage": usage}
+        if any(o.scores for o in outputs):  # token texts: the tokenizer's thread
+            return await service.off_loop(_body, service.engine, outputs, common, usage, chat)
+        return _body(service.engine, outputs, common, usage, chat)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -433,6 +458,21 @@ def build_app(service: Service, api_key: str | None = None):
         return await respond(request, chat=True)
 
     return app
+
+
+def _body(engine: Engine, outputs: list[Output], common: dict, usage: dict, chat: bool) -> dict:
+    """A non-streamed response."""
+    choices = []
+    for i, o in enumerate(outputs):
+        if chat:
+            text: dict = {"message": {"role": "assistant", "content": o.text}}
+            scored = o.scores and _chat_logprobs(engine, o.scores)
+        else:
+            text = {"text": o.text}
+            scored = o.scores and _completion_logprobs(engine, o.scores)
+        choices.append({"index": i, **text, "logprobs": scored, "finish_reason": o.finish_reason})
+    kind = "chat.completion" if chat else "text_completion"
+    return {**common, "object": kind, "choices": choices, "usage": usage}
 
 
 def _piece(engine: Engine, token: int) -> str:
@@ -478,29 +518,6 @@ def _chat_logprobs(engine: Engine, scores: Scores) -> dict:
             for t, lp, top in zip(scores.tokens, scores.logprobs, scores.top, strict=True)
         ]
     }
-
-
-def _events(engine: Engine, outputs: list[Output], common: dict, chat: bool):
-    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
-    kind = "chat.completion.chunk" if chat else "text_completion"
-
-    def chunk(i: int, piece: str | None, finish: str | None, first: bool = False) -> str:
-        if chat:
-            delta = {} if piece is None else {"content": piece}
-            if first:
-                delta = {"role": "assistant", "content": ""}
-            choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
-        else:
-            choice = {"index": i, "text": piece or "", "logprobs": None, "finish_reason": finish}
-        return f"data: {json.dumps({**common, 'object': kind, 'choices': [choice]})}\n\n"
-
-    for i, out in enumerate(outputs):
-        if chat:
-            yield chunk(i, None, None, first=True)
-        for piece in engine.deltas(out):
-            yield chunk(i, piece, None)
-        yield chunk(i, None, out.finish_reason)
-    yield "data: [DONE]\n\n"
 
 
 # --------------------------------------------------------------------------- entry point
