@@ -62,9 +62,10 @@ from jaxlora.models.transformer import LoRAPlacement
 FinishReason = Literal["stop", "length"]
 MIN_WIDTH = 32
 MIN_NEW_TOKENS = 16
-# Decode steps per stream callback (`DecodeSpec.stream`): one ~0.1 ms host callback per step
-# would triple a tiny model's decoding on CPU; 4 keep it within ~1.5x and the chunks within 4
-# steps of the device (the first token leaves right after the prefill). benchmarks/README.md.
+# Decode steps per stream callback (`DecodeSpec.stream`): a ~0.1 ms host callback (and the
+# detokenising) per step costs a tiny model 2.5x its decoding on CPU; every 4 steps 1.5-1.9x,
+# small-llama +13%, and the chunks stay within 4 steps of the device (the first token leaves
+# right after the prefill). benchmarks/README.md, "Streaming".
 STREAM_BLOCK = 4
 
 
