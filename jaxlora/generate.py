@@ -258,10 +258,23 @@ def until_eos(ids: np.ndarray, eos: Sequence[int]) -> list[int]:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "spec"))
-def _generate_base(graphdef, base, tokens, mask, spec: DecodeSpec, sampler: Sampler | None):
+def _generate_base(
+    graphdef,
+    base,
+    tokens,
+    mask,
+    spec: DecodeSpec,
+    sampler: Sampler | None,
+    weights=None,
+    consts=None,
+):
+    """Decoding of prompts [B, T] by one module: the base model, or with `weights` and `consts`
+    the LoRA variables its graph holds (a grouped library: `jaxlora.grouped`)."""
     from flax import nnx
 
-    module = nnx.merge(graphdef, nnx.State({}), nnx.State({}), base)
+    none = nnx.State({})
+    weights, consts = (none if x is None else x for x in (weights, consts))
+    module = nnx.merge(graphdef, weights, consts, base)
     cfg, dtype = module.config, module.dtype
 
     def forward(t, m, cache):

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlora.models import arrow as arrow_math
+from jaxlora.models import grouped
 from jaxlora.models.arrow import ArrowSpec
 from jaxlora.models.config import ModelConfig
 from jaxlora.sharding import target_platform
@@ -142,7 +143,8 @@ class LoRAConst(nnx.Variable):
     """Per-adapter constants of a LoRA layer: `lora_scale` (alpha/r) and `lora_dropout`, and
     with a residual correction the frozen initial factors `lora_a0` [in, R], `lora_b0` [R, out];
     with DoRA `lora_dora` (1: this adapter is a DoRA adapter here, 0: a plain one); with Arrow
-    the experts' prototypes `lora_proto` [E, in]."""
+    the experts' prototypes `lora_proto` [E, in]; with a grouped library the rows of the batch
+    per adapter, `lora_rows` [G]."""
 
 
 def random_normal(rngs: nnx.Rngs | None, shape: tuple[int, ...], dtype, stddev: float = 0.02):
@@ -170,6 +172,12 @@ class LoRALinear(nnx.Module):
     `arrow`: Arrow routing (`jaxlora.models.arrow`): the layer holds a library of E experts,
     `lora_a` [E, in, R], `lora_b` [E, R, out], `lora_scale` [E] and prototypes `lora_proto`
     [E, in], and adds each token's mixture of them; training-free, so no dropout.
+
+    `groups`: the layer holds a library of G adapters as a stack lays them out (`lora_a`
+    [G, in, R], `lora_b` [G, R, out], `lora_scale` [G], residual factors likewise) and row b
+    of the batch goes through its own adapter (`jaxlora.models.grouped`): the rows are sorted
+    by adapter and `lora_rows` [G] counts each adapter's rows. For decoding and scoring many
+    adapters in one batch; no dropout, no DoRA.
     """
 
     def __init__(
@@ -183,6 +191,7 @@ class LoRALinear(nnx.Module):
         residual: bool = False,
         dora: bool = False,
         arrow: ArrowSpec | None = None,
+        groups: int | None = None,
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs | None,
@@ -197,26 +206,28 @@ class LoRALinear(nnx.Module):
             else None
         )
         self.arrow = arrow if rank else None
+        self.groups = groups if rank else None
+        # A library of G adapters (`groups`) puts a leading axis on every adapter variable.
+        lead, lead_axes = ((groups,), (None,)) if self.groups else ((), ())
+
+        def factor(shape, names, kind=LoRAWeight):
+            return kind(jnp.zeros((*lead, *shape), jnp.float32), axes=(*lead_axes, *names))
+
         if rank and arrow is not None:
             self._init_arrow(in_features, out_features, axes, rank, arrow.experts)
         elif rank:
-            self.lora_a = LoRAWeight(
-                jnp.zeros((in_features, rank), jnp.float32), axes=(axes[0], "rank")
-            )
-            self.lora_b = LoRAWeight(
-                jnp.zeros((rank, out_features), jnp.float32), axes=("rank", axes[1])
-            )
-            self.lora_scale = LoRAConst(jnp.ones((), jnp.float32), axes=())
-            self.lora_dropout = LoRAConst(jnp.zeros((), jnp.float32), axes=())
+            self.lora_a = factor((in_features, rank), (axes[0], "rank"))
+            self.lora_b = factor((rank, out_features), ("rank", axes[1]))
+            self.lora_scale = LoRAConst(jnp.ones(lead, jnp.float32), axes=lead_axes)
+            self.lora_dropout = LoRAConst(jnp.zeros(lead, jnp.float32), axes=lead_axes)
         else:
             self.lora_a = self.lora_b = self.lora_scale = self.lora_dropout = None
+        self.lora_rows = (
+            LoRAConst(jnp.zeros(lead, jnp.int32), axes=lead_axes) if self.groups else None
+        )
         if rank and residual and arrow is None:
-            self.lora_a0 = LoRAConst(
-                jnp.zeros((in_features, rank), jnp.float32), axes=(axes[0], "rank")
-            )
-            self.lora_b0 = LoRAConst(
-                jnp.zeros((rank, out_features), jnp.float32), axes=("rank", axes[1])
-            )
+            self.lora_a0 = factor((in_features, rank), (axes[0], "rank"), LoRAConst)
+            self.lora_b0 = factor((rank, out_features), ("rank", axes[1]), LoRAConst)
         else:
             self.lora_a0 = self.lora_b0 = None
         if rank and dora and arrow is None:
@@ -257,6 +268,13 @@ class LoRALinear(nnx.Module):
                 )
                 a, b, s = self.lora_a[...], self.lora_b[...], self.lora_scale[...]
                 return y + arrow_math.mixture(x, a, b, s, coeff)
+        if self.groups is not None:
+            with jax.named_scope("lora_grouped"):
+                s, rows = self.lora_scale[...], self.lora_rows[...]
+                lora = grouped.product(x, self.lora_a[...], self.lora_b[...], s, rows)
+                if self.lora_a0 is not None:  # the residual base W - s A0 B0
+                    lora = lora - grouped.product(x, self.lora_a0[...], self.lora_b0[...], s, rows)
+                return y + lora
         with jax.named_scope("lora"):
             h = x
             if rng is not None:

@@ -84,7 +84,9 @@ class LoRAPlacement:
     """Which projections carry an adapter, its (stack-wide maximum) rank, and whether the
     layers hold a frozen residual correction (PiSSA/OLoRA adapters in the stack) or DoRA's
     magnitudes. With `arrow` each adapted projection holds a library of experts and routes
-    every token among them (`jaxlora.models.arrow`; plain LoRA experts only)."""
+    every token among them (`jaxlora.models.arrow`; plain LoRA experts only). With `groups`
+    each holds a library of that many adapters and each row takes its own
+    (`jaxlora.models.grouped`; no DoRA)."""
 
     rank: int
     modules: frozenset[str]
@@ -92,12 +94,15 @@ class LoRAPlacement:
     residual: bool = False
     dora: bool = False  # DoRA adapters in the stack: the layers hold magnitude vectors
     arrow: ArrowSpec | None = None
+    groups: int | None = None
 
     def __post_init__(self) -> None:
-        if self.arrow is not None and (self.residual or self.dora):
+        if self.arrow is not None and (self.residual or self.dora or self.groups):
             raise LoRAError(
                 "Arrow routes plain LoRA adapters; the library holds PiSSA/OLoRA or DoRA ones"
             )
+        if self.groups is not None and self.dora:
+            raise LoRAError("grouped (per-row) adapters cannot be DoRA adapters")
 
     def rank_for(self, layer: int, module: str) -> int:
         in_layer = self.layers is None or layer in self.layers
@@ -161,6 +166,7 @@ def lora_linear(
         residual=bool(rank) and lora.residual,
         dora=bool(rank) and lora.dora,
         arrow=lora.arrow if rank else None,
+        groups=lora.groups if rank else None,
         dtype=dtype,
         param_dtype=param_dtype,
         rngs=rngs,
