@@ -6,9 +6,12 @@ its own sampling settings, seed, token limit and stop strings. `Engine.run` deco
 of rows in shared passes:
 
 - Rows whose adapter is the base model alone go through `jaxlora.generate.generate` (the base
-  program, no LoRA work). A batch that mixes adapters is decoded as `generate_routed` does
-  (`decode_stack` over one-row adapters, the gather compiled in) over one stack whose slot 0 is an all-zero adapter (the base: B = 0 makes the LoRA term exactly zero)
-  and whose slots 1.. are the library's adapters, so different adapters share one pass.
+  program, no LoRA work). A batch that mixes adapters is decoded over one stack whose slot 0
+  is an all-zero adapter (the base: B = 0 makes the LoRA term exactly zero) and whose slots
+  1.. are the library's adapters, so different adapters share one pass: its rows sorted by
+  adapter, either each row's adapter gathered once per pass (`generate_routed`), or, on a TPU
+  when the rows share adapters, the pass's distinct adapters gathered once and every adapted
+  projection run as grouped products over them (`jaxlora.grouped`; `Engine`'s `grouped`).
 - Shapes are bucketed so that a server sees few distinct programs (each compiles once, ~1-2 s
   on CPU): the prompt width to a power of two (>= 32), the batch to 4, 16 or `max_batch` rows
   (filler rows are one-token prompts whose output is dropped; decoding is memory-bound on an
@@ -42,7 +45,6 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jaxlora.errors import JaxloraError
 from jaxlora.generate import (
@@ -55,11 +57,21 @@ from jaxlora.generate import (
     streaming,
     until_eos,
 )
+from jaxlora.grouped import (
+    active_set,
+    decode_active,
+    groupable,
+    grouped_logits,
+    library_graph,
+    weights_placement,
+)
 from jaxlora.llm.stream import TextStream
 from jaxlora.lora import AdapterStack, pad_to, routed_logits
 from jaxlora.models.transformer import LoRAPlacement
 
 FinishReason = Literal["stop", "length"]
+# Rows per distinct adapter from which a TPU pass runs grouped (Engine's `grouped`).
+GROUPED_ROWS_PER_ADAPTER = 4
 MIN_WIDTH = 32
 MIN_NEW_TOKENS = 16
 # Decode steps per stream callback (`DecodeSpec.stream`): a ~0.1 ms host callback (and the
@@ -160,25 +172,12 @@ def zero_slot_stack(adapters: AdapterStack | None) -> AdapterStack | None:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "spec"))
 def _routed_decode(graphdef, base, weights, consts, slots_B, tokens_BT, mask_BT, spec, sampler):
-    """Row b decoded by adapter slots_B[b]: a stack of B one-row adapters (`decode_stack`)."""
+    """Row b decoded by adapter slots_B[b]: a stack of B one-row adapters (`decode_stack`), for
+    stacks that cannot run grouped (DoRA)."""
     w = jax.tree.map(lambda x: x[slots_B], weights)
     c = jax.tree.map(lambda x: x[slots_B], consts)
     out = decode_stack(graphdef, base, w, c, tokens_BT[:, None], mask_BT[:, None], spec, sampler)
     return out[:, 0]
-
-
-def weights_placement(stack: AdapterStack, num_layers: int) -> LoRAPlacement:
-    """The placement a stack's weights are laid out for. The union of its configs can be
-    smaller (a `select`ed adapter keeps the padding of the stack it came from), and the
-    compiled graph must match the weights, not the configs."""
-    paths = [(p, v.get_value().shape) for p, v in nnx.to_flat_state(stack.weights)]
-    layers = frozenset(p[1] for p, _ in paths)
-    return LoRAPlacement(
-        rank=max(shape[-1] for p, shape in paths if p[-1] == "lora_a"),
-        modules=frozenset(p[3] for p, _ in paths),
-        layers=None if len(layers) == num_layers else layers,
-        residual=any(p[-1] == "lora_a0" for p, _ in nnx.to_flat_state(stack.consts)),
-    )
 
 
 def concat_stacks(model, stacks: Sequence[AdapterStack]) -> AdapterStack:
@@ -190,6 +189,7 @@ def concat_stacks(model, stacks: Sequence[AdapterStack]) -> AdapterStack:
         modules=frozenset().union(*(p.modules for p in placements)),
         layers=None if any(x is None for x in layers) else frozenset().union(*layers),
         residual=any(p.residual for p in placements),
+        dora=any(p.dora for p in placements),
     )
     padded = [pad_to(model, s, union) for s in stacks]
     return AdapterStack(
@@ -225,14 +225,32 @@ class Engine:
     `adapters` (optional) is the library; rows name slot 0 for the base and slot i for
     `adapters[i - 1]`. Not thread-safe: one thread (the server's batcher, or the caller of a
     local backend) drives it.
+
+    `grouped`: whether passes that mix adapters gather each row's adapter (`generate_routed`,
+    B copies for B rows) or gather the pass's U distinct adapters once and run every adapted
+    projection as grouped products over them (`jaxlora.grouped`). None: grouped on a TPU when
+    the rows share adapters (U <= B / GROUPED_ROWS_PER_ADAPTER), per row otherwise. Measured
+    (benchmarks/README.md): on a TPU v5e chip (the compiler's memory) grouping needs 14% less
+    than the per-row gather at U = B/4 and 62% less at U = 1, but 2.3x more at U = B (its
+    kernel pads rank-16 factors to 128-wide tiles); on a CPU (no grouped matmul in XLA:CPU)
+    it is 1.7-5.6x slower unless U = 1; GPUs are not measured. Stacks with DoRA adapters are
+    always decoded per row.
     """
 
-    def __init__(self, model, adapters: AdapterStack | None = None, *, max_batch: int = 32):
+    def __init__(
+        self,
+        model,
+        adapters: AdapterStack | None = None,
+        *,
+        max_batch: int = 32,
+        grouped: bool | None = None,
+    ):
         if model.tokenizer is None:
             raise LLMError(f"{model.config.name_or_path}: the model has no tokenizer to serve text")
         self.model, self.tok = model, model.tokenizer
         self.stack = zero_slot_stack(adapters)
         self.max_batch = max_batch
+        self.grouped = grouped
         self.eos, self.pad = eos_and_pad(self.tok, model.config)
         self.max_positions = int(model.config.max_position_embeddings)
 
@@ -297,7 +315,8 @@ class Engine:
             (i for i in range(len(rows)) if outputs[i] is None), key=lambda i: len(rows[i].tokens)
         )
         for start in range(0, len(order), self.max_batch):
-            chunk = order[start : start + self.max_batch]
+            # A pass's rows sorted by adapter: each adapter's rows run as one group (`_routed`).
+            chunk = sorted(order[start : start + self.max_batch], key=lambda i: rows[i].adapter)
             emit = None if on_text is None else functools.partial(_forward, on_text, chunk)
             passed = self._pass([rows[i] for i in chunk], adapters, emit)
             for i, out in zip(chunk, passed, strict=True):
@@ -323,7 +342,11 @@ class Engine:
                 logits = self.model(ids, mask)
             else:
                 slots = [rows[i].adapter for i in chunk] + [0] * (B - len(chunk))
-                logits = routed_logits(self.model, stack, slots, ids, mask)
+                if self._grouped_pass(stack, slots):
+                    active, rows_of = np.unique(slots, return_inverse=True)
+                    logits = grouped_logits(self.model, stack.select(active), rows_of, ids, mask)
+                else:
+                    logits = routed_logits(self.model, stack, slots, ids, mask)
             picked, top_lp, top_ids = (np.asarray(x) for x in _token_scores(logits, ids))
             for b, i in enumerate(chunk):
                 r, n, first = rows[i], len(seqs[b]), 0 if rows[i].echo else len(rows[i].tokens)
@@ -378,7 +401,7 @@ class Engine:
         B = self._rows_bucket(len(rows))
         T = _pow2(max(len(r.tokens) for r in rows), MIN_WIDTH)
         new = _pow2(max(r.max_tokens for r in rows), MIN_NEW_TOKENS)
-        filler = Row((self.pad,), adapter=0, max_tokens=1)
+        filler = Row((self.pad,), adapter=rows[-1].adapter, max_tokens=1)  # keeps rows sorted
         padded = [*rows, *[filler] * (B - len(rows))]
         ids = np.full((B, T), self.pad, np.int32)
         mask = np.zeros((B, T), bool)
@@ -433,25 +456,54 @@ class Engine:
     def _routed(
         self, stack: AdapterStack, slots, ids, mask, *, max_new_tokens, sampling, seed, stream=0
     ):
-        """`generate_routed` with the per-row gather of adapter weights inside the compiled
-        program (eagerly, its ~30 small gathers cost more than decoding a tiny model's pass)."""
+        """Row b decoded by adapter slots[b] of `stack`, the rows sorted by adapter (`run` sorts
+        each pass): a grouped library (`jaxlora.grouped`), no adapter copied per row; or (on a
+        CPU, or with DoRA adapters) as `generate_routed` does, each row's adapter gathered
+        inside the compiled program (eagerly, its ~30 small gathers cost more than decoding a
+        tiny model's pass)."""
         B = ids.shape[0]
-        sampler = None
-        if sampling is not None:
-            sampler = jax.tree.map(lambda x: x[:, None], make_sampler(sampling, seed, (B,)))
+        assert list(slots) == sorted(slots), "a pass's rows are sorted by adapter (`run`)"
+        sampler = None if sampling is None else make_sampler(sampling, seed, (B,))
         spec = DecodeSpec(max_new_tokens, self.eos, self.pad, stream)
+        tokens, mask = jnp.asarray(ids, jnp.int32), jnp.asarray(mask)
+        if self._grouped_pass(stack, slots):
+            active, rows = active_set(slots, lambda n: _pow2(n, 1))
+            out = decode_active(
+                library_graph(self.model, stack, len(active)),
+                self.model.params,
+                stack.weights,
+                stack.consts,
+                jnp.asarray(active, jnp.int32),
+                jnp.asarray(rows, jnp.int32),
+                tokens,
+                mask,
+                spec,
+                sampler,
+            )
+            return np.asarray(out)
+        if sampler is not None:
+            sampler = jax.tree.map(lambda x: x[:, None], sampler)
         out = _routed_decode(
             self.model.graph(weights_placement(stack, self.model.config.num_layers)),
             self.model.params,
             stack.weights,
             stack.consts,
             jnp.asarray(slots, jnp.int32),
-            jnp.asarray(ids, jnp.int32),
-            jnp.asarray(mask),
+            tokens,
+            mask,
             spec,
             sampler,
         )
         return np.asarray(out)
+
+    def _grouped_pass(self, stack: AdapterStack, slots: Sequence[int]) -> bool:
+        """Whether a pass whose rows use adapters `slots` runs grouped (see the class)."""
+        if not groupable(stack):
+            return False
+        if self.grouped is not None:
+            return self.grouped
+        shared = len(set(slots)) * GROUPED_ROWS_PER_ADAPTER <= len(slots)
+        return jax.default_backend() == "tpu" and shared
 
     def _finish(self, row: Row, out: np.ndarray) -> Output:
         generated = out[: row.max_tokens]
