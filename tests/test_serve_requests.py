@@ -74,8 +74,14 @@ def test_mistyped_fields_and_ids_outside_the_vocabulary_are_400(client, extra, p
 
 
 def test_every_request_leaves_one_access_log_line(server, client):
+    """Written once the response is sent: a streamed request's line has its completion
+    tokens (the same request not streamed says how many)."""
     ids = [1, 5, 9, 12]
     r = client.completions.create(model="tiny-llama", prompt=ids, max_tokens=3, temperature=0)
+    streamed = client.completions.create(
+        model="tiny-llama", prompt=ids, max_tokens=3, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed) == r.choices[0].text
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt="hi", max_tokens=3)
     deadline = time.monotonic() + 10
@@ -86,10 +92,10 @@ def test_every_request_leaves_one_access_log_line(server, client):
     want_404 = '"POST /v1/completions" 404 model=nope prompt_tokens=- completion_tokens=- '
     while time.monotonic() < deadline:
         lines = list(server.lines)
-        if any(want_ok in x for x in lines) and any(want_404 in x for x in lines):
+        if sum(want_ok in x for x in lines) == 2 and any(want_404 in x for x in lines):
             break
         time.sleep(0.1)
-    assert sum(want_ok in x for x in lines) == 1, "".join(lines[-5:])
+    assert sum(want_ok in x for x in lines) == 2, "".join(lines[-5:])  # plain and streamed
     assert sum(want_404 in x for x in lines) == 1, "".join(lines[-5:])
     assert all(x.rstrip().endswith(" ms") for x in lines if '"POST ' in x)
 
@@ -242,13 +248,14 @@ def test_chat_top_logprobs_needs_logprobs(client):
 def test_warm_up_compiles_what_the_first_requests_use():
     """With warm-up (the default), the server compiles its decoding programs before it reports
     ready: greedy and sampled requests of short prompts then compile nothing (jax logs every
-    compilation with JAX_LOG_COMPILES). One rows bucket (--max-batch 4) keeps it to 2 programs."""
+    compilation with JAX_LOG_COMPILES). One rows bucket (--max-batch 4) keeps it to 4 programs
+    (greedy and sampled, streamed and not)."""
     server = Server(["tiny-llama", "--max-batch", "4"], warm_up=True, env={"JAX_LOG_COMPILES": "1"})
     try:
         lines = server.lines
         ready = next(i for i, x in enumerate(lines) if "serving http://" in x)
         warm = [x for x in lines[:ready] if "warm-up: " in x and "programs" in x]
-        assert len(warm) == 1 and "2 decoding programs (rows 4; base;" in warm[0], warm
+        assert len(warm) == 1 and "4 decoding programs (rows 4; base;" in warm[0], warm
         assert any("Compiling" in x for x in lines[:ready])  # the log can show compilations
         client = openai.OpenAI(base_url=server.url, api_key="-", max_retries=0, timeout=120)
         for temperature in (0.0, 0.7):
@@ -256,6 +263,14 @@ def test_warm_up_compiles_what_the_first_requests_use():
                 model="tiny-llama", prompt="The capital of", max_tokens=8, temperature=temperature
             )
             assert r.usage.completion_tokens > 0
+            chunks = client.completions.create(
+                model="tiny-llama",
+                prompt="The capital of",
+                max_tokens=8,
+                temperature=temperature,
+                stream=True,
+            )
+            assert "".join(c.choices[0].text for c in chunks)
         time.sleep(0.5)  # the access-log lines flush before the test reads them
         after = [x for x in server.lines[ready:] if "Compiling" in x]
         assert not after, after[:3]

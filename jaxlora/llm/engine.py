@@ -377,22 +377,25 @@ class Engine:
 
     def warm_up(self) -> str:
         """Compile the passes that requests with prompts of up to MIN_WIDTH tokens and up to
-        MIN_NEW_TOKENS new tokens use: every rows bucket, base and routed, greedy and sampled.
-        Returns what was compiled. Longer prompts or completions compile on first use."""
+        MIN_NEW_TOKENS new tokens use: every rows bucket, base and routed, greedy and sampled,
+        streamed and not. Returns what was compiled. Longer prompts or completions compile on
+        first use."""
         slots = [0] if self.stack is None else [0, 1]
         start = time.perf_counter()
         n = 0
         for rows in self._rows_buckets():
             for slot in slots:
                 for temperature in (0.0, 1.0):
-                    row = Row((self.pad,), slot, MIN_NEW_TOKENS, temperature)
-                    self.run([row] * rows)
-                    n += 1
+                    for stream in (False, True):
+                        row = Row((self.pad,), slot, MIN_NEW_TOKENS, temperature, stream=stream)
+                        self.run([row] * rows, on_text=lambda i, piece: None)
+                        n += 1
         buckets = "/".join(map(str, self._rows_buckets()))
         paths = "base and routed" if len(slots) > 1 else "base"
         return (
-            f"{n} decoding programs (rows {buckets}; {paths}; greedy and sampled; prompts <= "
-            f"{MIN_WIDTH} tokens, <= {MIN_NEW_TOKENS} new) in {time.perf_counter() - start:.1f} s"
+            f"{n} decoding programs (rows {buckets}; {paths}; greedy and sampled; streamed and "
+            f"not; prompts <= {MIN_WIDTH} tokens, <= {MIN_NEW_TOKENS} new) in "
+            f"{time.perf_counter() - start:.1f} s"
         )
 
     def _pass(

@@ -34,8 +34,9 @@ Design:
   (cancelled, timed out) is skipped by the decoder, never answered into.
 - **Log-probabilities** (`logprobs`, `echo`, chat `top_logprobs`): the decoder thread scores
   each such row after its pass with one forward over prompt + completion (`Engine.score`).
-- **Access log**: one line per request on stderr (client, method, path, status, model, prompt
-  and completion tokens, milliseconds).
+- **Access log** (`access.py`): one line per request on stderr once its response has been
+  sent (client, method, path, status, model, prompt and completion tokens, milliseconds; a
+  stream's completion tokens and whole time included).
 - **Shutdown**: SIGTERM (or Ctrl-C) stops accepting connections, lets in-flight requests finish
   (the decoder thread stops only after uvicorn has drained them) and exits 0.
 - **Memory hook.** `serve(..., memory=fn)` enables model `memory`: `fn(questions)` gets the
@@ -72,6 +73,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from jaxlora.llm.access import add_access_log
 from jaxlora.llm.engine import (
     Engine,
     LLMError,
@@ -359,22 +361,7 @@ def build_app(service: Service, api_key: str | None = None):
 
     app = FastAPI(title="jaxlora serve", lifespan=lifespan)
 
-    @app.middleware("http")
-    async def access_log(request: Request, call_next):
-        """One line per request on stderr: client, method, path, status, model, tokens, time."""
-        start = time.monotonic()
-        request.state.model, request.state.tokens = "-", ("-", "-")
-        response = await call_next(request)
-        prompt, completion = request.state.tokens
-        client = request.client.host if request.client else "-"
-        print(
-            f'jaxlora: {client} "{request.method} {request.url.path}" {response.status_code} '
-            f"model={request.state.model} prompt_tokens={prompt} "
-            f"completion_tokens={completion} {1e3 * (time.monotonic() - start):.0f} ms",
-            file=sys.stderr,
-            flush=True,
-        )
-        return response
+    add_access_log(app)
 
     def error(e: APIError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status)
@@ -432,7 +419,15 @@ def build_app(service: Service, api_key: str | None = None):
         if stream:
             pieces: asyncio.Queue = asyncio.Queue()
             work, _ = await service.start(body, chat, feeder(pieces))
-            request.state.tokens = (sum(len(r.tokens) for r in work.rows), "-")
+            prompt_tokens = sum(len(r.tokens) for r in work.rows)
+            request.state.tokens = (prompt_tokens, "-")
+
+            def count(future: Future) -> None:  # on the decoder thread, before the last event
+                if not future.cancelled() and future.exception() is None:
+                    completion = sum(len(o.tokens) for o in future.result())
+                    request.state.tokens = (prompt_tokens, completion)
+
+            work.future.add_done_callback(count)
             events = sse_events(
                 work.future, len(work.rows), pieces, common, chat, service.timeout_s
             )
