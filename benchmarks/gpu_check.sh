@@ -8,7 +8,8 @@
 # Prints: MFU (against a bf16 matmul measured in the same run, and against the chip's peak)
 # for the 1B and 8B shapes at A = 1, 16, 64 adapters in bf16; adapters/hour of the one job vs
 # the PyTorch + PEFT loop on CUDA at batch 8; the batched-eval ratio vs transformers + PEFT;
-# peak memory per adapter; and the attention kernels checked against the reference on the GPU.
+# peak memory per adapter; the attention kernels checked against the reference on the GPU; and
+# many-adapter decoding per row vs grouped.
 # Every command has its own time limit, so one slow step cannot eat the whole budget.
 # Checked against the defaults of 2026-12-06 (model.remat none and scan_layers false unless set
 # here, the chunked loss always, mesh fsdp 1 on one device, platform paths from the mesh's
@@ -66,6 +67,10 @@ step eval_1b "$LIMIT" $PY -m benchmarks.bench_eval --model "$M1" --adapters "$EV
   --questions "$QUESTIONS" --transformers
 # 4. The attention kernels against the reference on this device (cuDNN included on a GPU).
 step attention "$LIMIT" $PY -m pytest -q -x tests/test_attention.py
+# 5. A pass of 64 rows over many adapters, per-row gather vs grouped (ragged_dot), at U = 64,
+#    16 and 1 distinct adapters: what Engine(grouped=None) should pick on a GPU (unmeasured).
+step grouped "$LIMIT" $PY -m benchmarks.bench_grouped --model "$M1" --adapters 65 --rows 64 \
+  --rank 16 --width 64 --new-tokens 32
 
 $PY - "$LOG.jsonl" <<'PY'
 """Summary: MFU per shape and A (vs the measured matmul and vs the chip's peak), adapters/hour
