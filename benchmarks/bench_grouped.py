@@ -24,22 +24,17 @@ memory per chip (arguments, temporaries).
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import math
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from jax.sharding import Mesh
 
 from benchmarks.common import report
 from jaxlora.generate import DecodeSpec
 from jaxlora.grouped import active_set, decode_active, library_graph, weights_placement
 from jaxlora.llm.engine import _routed_decode
-from jaxlora.sharding import MESH_AXES
 
 
 def mixes(rows: int, adapters: int) -> dict[int, np.ndarray]:
@@ -119,69 +114,26 @@ def on_this_backend(args) -> None:
 
 
 def on_a_tpu_chip(args) -> None:
-    from jaxlora.aot import (
-        Program,
-        _sharded,
-        _stacked,
-        _variables,
-        compile_program,
-        topology_devices,
-    )
-    from jaxlora.lora import LINEAR_MODULES
-    from jaxlora.models.model import abstract_module, model_config, parse_dtype
-    from jaxlora.models.transformer import LoRAPlacement
+    from jaxlora.aot import compile_program
+    from jaxlora.aot_serve import serving_programs
 
-    chip = topology_devices(args.aot)[0]
-    mesh = Mesh(np.asarray([chip]).reshape(1, 1, 1), MESH_AXES)
-    c, dtype = model_config(args.model), parse_dtype(args.dtype)
-    G, B = args.adapters, args.rows
-    placement = LoRAPlacement(args.rank, frozenset(LINEAR_MODULES))
-    spec = DecodeSpec(args.new_tokens, tuple(c.eos_token_ids) or (0,), c.pad_token_id or 0)
-
-    def array(shape, dt):
-        return _sharded(jax.ShapeDtypeStruct(shape, dt), mesh, (None,) * len(shape))
-
-    tokens, mask = array((B, args.width), jnp.int32), array((B, args.width), bool)
-    *_, base = abstract_module(c, None, dtype, dtype)
-    base = _variables(base, mesh)
-    graph, w_one, c_one, _ = abstract_module(c, placement, dtype, dtype)
-    weights = _variables(_stacked(w_one, G), mesh, ("adapter",), leading_in_shape=True)
-    consts = _variables(_stacked(c_one, G), mesh, ("adapter",), leading_in_shape=True)
-    one_adapter = sum(
-        math.prod(v.get_value().shape) * 4  # float32 factors
-        for v in jax.tree.leaves(w_one, is_leaf=lambda v: isinstance(v, nnx.Variable))
+    programs = serving_programs(
+        args.model,
+        args.aot,
+        adapters=args.adapters,
+        rows=args.rows,
+        rank=args.rank,
+        width=args.width,
+        new_tokens=args.new_tokens,
+        active=list(mixes(args.rows, args.adapters)),
+        dtype=args.dtype,
     )
     results = {
-        "topology": f"{args.aot}, one chip ({chip.device_kind})",
+        "topology": f"{args.aot}, one chip",
         "model": f"{args.model} ({args.dtype})",
-        "adapters x rank": f"{G} x {args.rank} (every linear module, float32)",
-        "one adapter MiB": round(one_adapter / 2**20, 1),
-        "rows x width + new": f"{B} x {args.width} + {args.new_tokens}",
+        "adapters x rank": f"{args.adapters} x {args.rank} (every linear module, float32)",
+        "rows x width + new": f"{args.rows} x {args.width} + {args.new_tokens}",
     }
-    slots = array((B,), jnp.int32)
-    programs = [
-        Program(
-            "per row",
-            _routed_decode,
-            (graph, base, weights, consts, slots, tokens, mask, spec, None),
-            0.0,
-            0.0,
-            mesh,
-        )
-    ]
-    for u in mixes(B, G):
-        g_graph = abstract_module(c, dataclasses.replace(placement, groups=u), dtype, dtype)[0]
-        args_u = (array((u,), jnp.int32), array((u,), jnp.int32), tokens, mask, spec, None)
-        programs.append(
-            Program(
-                f"grouped U={u}",
-                decode_active,
-                (g_graph, base, weights, consts, *args_u),
-                0.0,
-                0.0,
-                mesh,
-            )
-        )
     for p in programs:
         out = compile_program(p)
         if out.error:

@@ -204,6 +204,29 @@ def test_the_memorys_decoding_programs_compile_for_v5e(capsys):
 
 
 @pytest.mark.tpu_aot
+def test_grouped_serving_passes_compile_to_the_tpus_grouped_matmul():
+    """What `Engine(grouped=None)` picks on a TPU, by the TPU compiler: a pass of 16 rows of the
+    tiny model over 16 adapters, grouped over its U distinct adapters, compiles to the TPU's
+    ragged-dot kernel (not a dense product per group), and with every row on one adapter (U =
+    1) needs fewer temporaries than gathering each row's adapter. (That grouping costs more
+    than the gather at U = B shows at scale, benchmarks/README.md: not on a 64-wide model.)"""
+    from jaxlora import aot_serve
+    from jaxlora.sharding import compiling_for
+
+    programs = aot_serve.serving_programs(
+        "tiny-llama", "v5e:2x2", adapters=16, rows=16, rank=8, width=32, new_tokens=16,
+        active=(16, 1),
+    )  # fmt: skip
+    per_row, distinct, shared = (aot.compile_program(p) for p in programs)
+    assert not (per_row.error or distinct.error or shared.error)
+    assert 0 < shared.temporaries < per_row.temporaries
+    assert shared.temporaries <= distinct.temporaries
+    with compiling_for(programs[-1].mesh):
+        hlo = programs[-1].fn.lower(*programs[-1].args).compile().as_text()
+    assert "ragged_dot" in hlo
+
+
+@pytest.mark.tpu_aot
 def test_distillation_compiles_with_its_teacher():
     """configs/distill_tiny.yaml (NTP and distilling groups, tiny model). `distill.teacher:
     step`: the teacher runs inside the step, which takes each adapter's context. `cache`: the
