@@ -71,12 +71,15 @@ class Grouping:
     rows: np.ndarray
 
     @classmethod
-    def of(cls, adapter_ids, num_adapters: int) -> Grouping:
+    def of(cls, adapter_ids, num_adapters: int, batch: int) -> Grouping:
+        """The grouping of a batch of `batch` rows, row b on adapter adapter_ids[b]."""
         ids = np.asarray(adapter_ids)
         if ids.ndim != 1 or len(ids) == 0 or ids.min() < 0 or ids.max() >= num_adapters:
             raise LoRAError(
                 f"adapter_ids must be a list of indices in [0, {num_adapters}); got {ids.tolist()}"
             )
+        if len(ids) != batch:
+            raise LoRAError(f"{batch} rows need as many adapter ids, got {len(ids)}")
         order = np.argsort(ids, kind="stable")
         return cls(order, np.bincount(ids, minlength=num_adapters).astype(np.int32))
 
@@ -144,9 +147,7 @@ def grouped_logits(
     """Logits [B, T, V] of row b with adapter `adapter_ids[b]`, in the rows' order."""
     ids = np.asarray(input_ids_BT)
     mask = np.ones(ids.shape, bool) if attention_mask_BT is None else np.asarray(attention_mask_BT)
-    grouping = Grouping.of(adapter_ids, len(stack))
-    if len(grouping.order) != ids.shape[0]:
-        raise LoRAError(f"{ids.shape[0]} rows need as many adapter ids, got {len(grouping.order)}")
+    grouping = Grouping.of(adapter_ids, len(stack), ids.shape[0])
     graph, weights, consts = library(model, stack, grouping.rows)
     logits = _forward(
         graph,
@@ -177,9 +178,7 @@ def generate_grouped(
     ids = np.asarray(input_ids_BT)
     mask = np.ones(ids.shape, bool) if attention_mask_BT is None else np.asarray(attention_mask_BT)
     tokens, mask = left_align(ids, mask)
-    grouping = Grouping.of(adapter_ids, len(stack))
-    if len(grouping.order) != ids.shape[0]:
-        raise LoRAError(f"{ids.shape[0]} rows need as many adapter ids, got {len(grouping.order)}")
+    grouping = Grouping.of(adapter_ids, len(stack), ids.shape[0])
     sampler = None
     if sampling is not None:
         sampler = make_sampler(sampling, seed, tokens.shape[:1])

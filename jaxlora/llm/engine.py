@@ -173,7 +173,7 @@ def zero_slot_stack(adapters: AdapterStack | None) -> AdapterStack | None:
 @functools.partial(jax.jit, static_argnames=("graphdef", "spec"))
 def _routed_decode(graphdef, base, weights, consts, slots_B, tokens_BT, mask_BT, spec, sampler):
     """Row b decoded by adapter slots_B[b]: a stack of B one-row adapters (`decode_stack`), for
-    stacks that cannot run grouped (DoRA)."""
+    passes that do not run grouped (`Engine._grouped_pass`)."""
     w = jax.tree.map(lambda x: x[slots_B], weights)
     c = jax.tree.map(lambda x: x[slots_B], consts)
     out = decode_stack(graphdef, base, w, c, tokens_BT[:, None], mask_BT[:, None], spec, sampler)
@@ -460,10 +460,10 @@ class Engine:
         self, stack: AdapterStack, slots, ids, mask, *, max_new_tokens, sampling, seed, stream=0
     ):
         """Row b decoded by adapter slots[b] of `stack`, the rows sorted by adapter (`run` sorts
-        each pass): a grouped library (`jaxlora.grouped`), no adapter copied per row; or (on a
-        CPU, or with DoRA adapters) as `generate_routed` does, each row's adapter gathered
-        inside the compiled program (eagerly, its ~30 small gathers cost more than decoding a
-        tiny model's pass)."""
+        each pass): grouped over the pass's distinct adapters (`decode_active`) where
+        `_grouped_pass` says so; otherwise as `generate_routed` does, each row's adapter
+        gathered inside the compiled program (eagerly, its ~30 small gathers cost more than
+        decoding a tiny model's pass)."""
         B = ids.shape[0]
         assert list(slots) == sorted(slots), "a pass's rows are sorted by adapter (`run`)"
         sampler = None if sampling is None else make_sampler(sampling, seed, (B,))
