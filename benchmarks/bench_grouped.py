@@ -33,7 +33,7 @@ import numpy as np
 
 from benchmarks.common import report
 from jaxlora.generate import DecodeSpec
-from jaxlora.grouped import active_set, decode_active, library_graph, weights_placement
+from jaxlora.grouped import Grouping, decode_active, weights_placement
 from jaxlora.llm.engine import _routed_decode
 
 
@@ -96,10 +96,10 @@ def on_this_backend(args) -> None:
             return np.asarray(out)
 
         def grouped(slots=slots):
-            active, rows = active_set(slots, lambda n: n)
+            g = Grouping.of(slots, len(stack), len(slots))
             out = decode_active(
-                library_graph(model, stack, len(active)), model.params, stack.weights,
-                stack.consts, jnp.asarray(active), jnp.asarray(rows), ids, mask, spec, None,
+                g.graph(model, stack), model.params, stack.weights, stack.consts,
+                jnp.asarray(g.active), jnp.asarray(g.rows), ids, mask, spec, None,
             )  # fmt: skip
             return np.asarray(out)
 

@@ -5,10 +5,10 @@
 runs with adapter `adapter_ids[b]` of the stack. Those gather each row's adapter into a stack
 of B one-row adapters (B copies of the factors) and vmap the model over it. Here the rows are
 sorted by adapter and the model runs once over the batch, every adapted projection holding a
-library of adapters (`LoRAPlacement.groups`, `jaxlora.models.grouped`) through which each
-adapter's rows go in one grouped product. Outputs come back in the rows' order.
-`decode_active` is the engine's: it gathers only the U distinct adapters of a pass (U copies,
-not B) and decodes over them.
+library of the batch's U distinct adapters (`Grouping`: U copies of the factors, not B;
+`LoRAPlacement.groups`, `jaxlora.models.grouped`) through which each adapter's rows go in one
+grouped product. Outputs come back in the rows' order. The serving engine calls
+`decode_active` and `grouped_logits` the same way on its passes.
 
 Stacks with DoRA adapters are not grouped (`groupable`): their per-output norms would be
 computed for every adapter of the library at every step; they decode per row.
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -64,10 +64,13 @@ def groupable(stack: AdapterStack) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Grouping:
-    """Rows sorted by adapter: `order` (row i of the sorted batch is row order[i]) and `rows`
-    [G] (how many rows each adapter of the stack takes)."""
+    """A batch's rows sorted by adapter. Row i of the sorted batch is row order[i]; the sorted
+    batch runs over the library `active` [U] (its distinct adapters in order, padded to a power
+    of two by repeating the last, so that few library sizes compile), adapter active[u] taking
+    rows[u] consecutive rows (0 for the padding)."""
 
     order: np.ndarray
+    active: np.ndarray
     rows: np.ndarray
 
     @classmethod
@@ -80,8 +83,13 @@ class Grouping:
             )
         if len(ids) != batch:
             raise LoRAError(f"{batch} rows need as many adapter ids, got {len(ids)}")
-        order = np.argsort(ids, kind="stable")
-        return cls(order, np.bincount(ids, minlength=num_adapters).astype(np.int32))
+        active, rows = np.unique(ids, return_counts=True)
+        pad = (1 << (len(active) - 1).bit_length()) - len(active)
+        return cls(
+            np.argsort(ids, kind="stable"),
+            np.concatenate([active, np.repeat(active[-1:], pad)]).astype(np.int32),
+            np.pad(rows, (0, pad)).astype(np.int32),
+        )
 
     def sort(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(x)[self.order]
@@ -90,6 +98,10 @@ class Grouping:
         out = np.empty_like(np.asarray(x))
         out[self.order] = np.asarray(x)
         return out
+
+    def graph(self, model: Model, stack: AdapterStack) -> nnx.GraphDef:
+        """The model's graph holding this grouping's library of `stack`'s adapters."""
+        return library_graph(model, stack, len(self.active))
 
 
 def with_rows(consts: nnx.State, rows) -> nnx.State:
@@ -109,36 +121,25 @@ def library_graph(model: Model, stack: AdapterStack, groups: int) -> nnx.GraphDe
     return model.graph(dataclasses.replace(placement, groups=groups))
 
 
-def library(model: Model, stack: AdapterStack, rows) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-    """(graph, weights, consts) of the model holding the whole `stack` as a grouped library,
-    the sorted batch taking rows[g] rows of adapter g: the stack's own weights and consts,
-    plus `lora_rows`."""
-    graph = library_graph(model, stack, len(stack))
-    return graph, stack.weights, with_rows(stack.consts, rows)
-
-
-def active_set(slots: Sequence[int], bucket: Callable[[int], int]) -> tuple[np.ndarray, np.ndarray]:
-    """(adapters, rows) of a pass whose rows, sorted, use adapters `slots`: the distinct
-    adapters in order, padded to `bucket(count)` groups by repeating the last (with no rows),
-    and each one's number of rows."""
-    active, rows = np.unique(np.asarray(slots), return_counts=True)
-    pad = bucket(len(active)) - len(active)
-    return np.concatenate([active, np.repeat(active[-1:], pad)]), np.pad(rows, (0, pad))
+def _library(weights, consts, active, rows) -> tuple[nnx.State, nnx.State]:
+    """The stack's adapters `active` [U] gathered once (inside the compiled program), with
+    rows[u] sorted rows each."""
+    w = jax.tree.map(lambda x: x[active], weights)
+    return w, with_rows(jax.tree.map(lambda x: x[active], consts), rows)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "spec"))
 def decode_active(graphdef, base, weights, consts, active, rows, tokens, mask, spec, sampler):
-    """Decoding of sorted rows [B, T] over the pass's active adapters: `active` [U] of the
-    stack gathered once (U copies, not one per row), a grouped library of U with rows[u]
-    rows each (`library_graph(..., U)`)."""
-    w = jax.tree.map(lambda x: x[active], weights)
-    c = with_rows(jax.tree.map(lambda x: x[active], consts), rows)
+    """Decoding of sorted rows [B, T] over the library `active` [U] of the stack with rows[u]
+    rows each (a `Grouping`'s; `graphdef` its `graph`)."""
+    w, c = _library(weights, consts, active, rows)
     return _generate_base(graphdef, base, tokens, mask, spec, sampler, w, c)
 
 
 @functools.partial(jax.jit, static_argnames="graphdef")
-def _forward(graphdef, base, weights, consts, tokens_BT, mask_BT):
-    return nnx.merge(graphdef, weights, consts, base)(tokens_BT, mask_BT)[0]
+def _forward_active(graphdef, base, weights, consts, active, rows, tokens_BT, mask_BT):
+    w, c = _library(weights, consts, active, rows)
+    return nnx.merge(graphdef, w, c, base)(tokens_BT, mask_BT)[0]
 
 
 def grouped_logits(
@@ -148,12 +149,13 @@ def grouped_logits(
     ids = np.asarray(input_ids_BT)
     mask = np.ones(ids.shape, bool) if attention_mask_BT is None else np.asarray(attention_mask_BT)
     grouping = Grouping.of(adapter_ids, len(stack), ids.shape[0])
-    graph, weights, consts = library(model, stack, grouping.rows)
-    logits = _forward(
-        graph,
+    logits = _forward_active(
+        grouping.graph(model, stack),
         model.params,
-        weights,
-        consts,
+        stack.weights,
+        stack.consts,
+        jnp.asarray(grouping.active),
+        jnp.asarray(grouping.rows),
         jnp.asarray(grouping.sort(ids), jnp.int32),
         jnp.asarray(grouping.sort(mask), bool),
     )
@@ -184,15 +186,16 @@ def generate_grouped(
         sampler = make_sampler(sampling, seed, tokens.shape[:1])
         sampler = jax.tree.map(lambda x: x[jnp.asarray(grouping.order)], sampler)
     eos, pad = eos_and_pad(model.tokenizer, model.config, eos_token_ids)
-    graph, weights, consts = library(model, stack, grouping.rows)
-    out = _generate_base(
-        graph,
+    out = decode_active(
+        grouping.graph(model, stack),
         model.params,
+        stack.weights,
+        stack.consts,
+        jnp.asarray(grouping.active),
+        jnp.asarray(grouping.rows),
         jnp.asarray(grouping.sort(tokens), jnp.int32),
         jnp.asarray(grouping.sort(mask)),
         DecodeSpec(max_new_tokens, eos, pad),
         sampler,
-        weights,
-        consts,
     )
     return grouping.unsort(out)

@@ -114,7 +114,7 @@ def test_dora_stacks_decode_per_row_in_the_engine(model, prompts):
     stack = random_b(lora.init_adapters(model, configs, [1, 2], ["d", "p"]), seed=3)
     assert not grouped.groupable(stack)
     with pytest.raises(LoRAError, match="DoRA"):
-        grouped.library(model, stack, [1, 1])
+        grouped.library_graph(model, stack, 2)
     ids, _ = prompts
     engine = Engine(model, stack, grouped=True)  # asked for, but DoRA decodes per row
     slots = [1, 0, 2, 1]  # base, DoRA and plain rows in one pass
@@ -162,9 +162,13 @@ def test_engine_scores_grouped_equal_per_row(model, stack, prompts):
         np.testing.assert_allclose(got, np.array(b.scores.logprobs[1:], float), atol=LOGIT_ATOL)
 
 
-def test_active_set_pads_to_the_bucket_with_empty_groups():
-    active, rows = grouped.active_set([1, 1, 4, 4, 4, 7], lambda n: 4)
-    assert active.tolist() == [1, 4, 7, 7] and rows.tolist() == [2, 3, 1, 0]
+def test_grouping_sorts_rows_and_pads_the_library_to_a_power_of_two_with_empty_groups():
+    g = grouped.Grouping.of([4, 1, 7, 4, 1, 4], 8, 6)
+    assert g.order.tolist() == [1, 4, 0, 3, 5, 2]  # stable: equal ids keep their order
+    assert g.active.tolist() == [1, 4, 7, 7] and g.rows.tolist() == [2, 3, 1, 0]
+    assert g.unsort(g.sort(np.arange(6) * 10)).tolist() == [0, 10, 20, 30, 40, 50]
+    one = grouped.Grouping.of([5, 5], 8, 2)
+    assert one.active.tolist() == [5] and one.rows.tolist() == [2]
 
 
 def test_engine_chooses_per_row_unless_told(model, stack):
@@ -172,7 +176,7 @@ def test_engine_chooses_per_row_unless_told(model, stack):
     DoRA adapters never groups."""
     shared, distinct = [1] * 8, list(range(8))
     auto = Engine(model, stack)
-    on_tpu = jax.default_backend() == "tpu"
+    on_tpu = jax.tree.leaves(model.params)[0].devices().pop().platform == "tpu"  # the weights
     assert auto._grouped_pass(auto.stack, shared) is on_tpu
     assert not auto._grouped_pass(auto.stack, distinct)
     assert Engine(model, stack, grouped=True)._grouped_pass(auto.stack, distinct)

@@ -57,14 +57,7 @@ from jaxlora.generate import (
     streaming,
     until_eos,
 )
-from jaxlora.grouped import (
-    active_set,
-    decode_active,
-    groupable,
-    grouped_logits,
-    library_graph,
-    weights_placement,
-)
+from jaxlora.grouped import Grouping, decode_active, groupable, grouped_logits, weights_placement
 from jaxlora.llm.stream import TextStream
 from jaxlora.lora import AdapterStack, pad_to, routed_logits
 from jaxlora.models.transformer import LoRAPlacement
@@ -253,6 +246,8 @@ class Engine:
         self.grouped = grouped
         self.eos, self.pad = eos_and_pad(self.tok, model.config)
         self.max_positions = int(model.config.max_position_embeddings)
+        # the platform the model's weights are on (decides `grouped=None`), not the host's
+        self.platform = next(iter(jax.tree.leaves(model.params)[0].devices())).platform
 
     @property
     def num_slots(self) -> int:
@@ -343,8 +338,7 @@ class Engine:
             else:
                 slots = [rows[i].adapter for i in chunk] + [0] * (B - len(chunk))
                 if self._grouped_pass(stack, slots):
-                    active, rows_of = np.unique(slots, return_inverse=True)
-                    logits = grouped_logits(self.model, stack.select(active), rows_of, ids, mask)
+                    logits = grouped_logits(self.model, stack, slots, ids, mask)
                 else:
                     logits = routed_logits(self.model, stack, slots, ids, mask)
             picked, top_lp, top_ids = (np.asarray(x) for x in _token_scores(logits, ids))
@@ -470,14 +464,14 @@ class Engine:
         spec = DecodeSpec(max_new_tokens, self.eos, self.pad, stream)
         tokens, mask = jnp.asarray(ids, jnp.int32), jnp.asarray(mask)
         if self._grouped_pass(stack, slots):
-            active, rows = active_set(slots, lambda n: _pow2(n, 1))
+            grouping = Grouping.of(slots, len(stack), B)  # sorted already: order is 0..B-1
             out = decode_active(
-                library_graph(self.model, stack, len(active)),
+                grouping.graph(self.model, stack),
                 self.model.params,
                 stack.weights,
                 stack.consts,
-                jnp.asarray(active, jnp.int32),
-                jnp.asarray(rows, jnp.int32),
+                jnp.asarray(grouping.active),
+                jnp.asarray(grouping.rows),
                 tokens,
                 mask,
                 spec,
@@ -506,7 +500,7 @@ class Engine:
         if self.grouped is not None:
             return self.grouped
         shared = len(set(slots)) * GROUPED_ROWS_PER_ADAPTER <= len(slots)
-        return jax.default_backend() == "tpu" and shared
+        return self.platform == "tpu" and shared
 
     def _finish(self, row: Row, out: np.ndarray) -> Output:
         generated = out[: row.max_tokens]
