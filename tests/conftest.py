@@ -5,26 +5,77 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import shutil
 import tempfile
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# One fresh compilation cache per test session, shared with the jaxlora subprocesses it starts:
-# the same programs (a job, its resume, its multi-process twin) compile once.
-os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxlora-tests-xla-")
-os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
-import jax
-import pytest
+
+def _session_cache_dir() -> str:
+    """One fresh compilation cache per test session, shared by its pytest-xdist workers and
+    the jaxlora subprocesses they start: the same programs (a fixture's job, a job and its
+    resume, its multi-process twin) compile once."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")  # the same in every worker of one run
+    if run is None:
+        return tempfile.mkdtemp(prefix="jaxlora-tests-xla-")
+    shared = Path(tempfile.gettempdir()) / f"jaxlora-tests-xla-{run}"
+    shared.mkdir(exist_ok=True)
+    return str(shared)
+
+
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _session_cache_dir()
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+# A size bound turns on the cache's file lock: with several processes writing one cache, a
+# reader never sees an entry half-written. 64 GiB is far above what a session writes.
+os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(64 << 30)
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+from filelock import FileLock  # noqa: E402
 
 # Eight CPU devices for the mesh tests; everything else runs on device 0.
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update(
+    "jax_compilation_cache_max_size", int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"])
+)
 
 import yaml  # noqa: E402
 
 from tests.hf_factory import make_hf_checkpoint  # noqa: E402
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`pytest -n auto`: one worker per core, at most one per 3 GiB of memory (a worker
+    holding the real model and a tiny job's programs peaks near 2.5 GiB) and at most 8 (the
+    session-wide fixtures are built once, but each worker loads its own copies)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return max(1, min(cores or 1, memory // (3 << 30), 8))
+
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """A directory `build(path)` fills once per test session, copied into this process's own
+    temporary directory: pytest-xdist's workers share one build (under a file lock, in the
+    base directory they share) and each gets a private copy its tests may write into, as a
+    single process would."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    built = shared / f"{name}-built"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not (built / ".complete").exists():
+            shutil.rmtree(built, ignore_errors=True)
+            build(built)
+            (built / ".complete").touch()
+    own = tmp_path_factory.mktemp(name)
+    shutil.copytree(built, own, dirs_exist_ok=True)
+    (own / ".complete").unlink()
+    return own
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -83,16 +134,22 @@ RUN = {
 }
 
 
-@pytest.fixture(scope="session")
-def evaluated_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("evalrun")
+def _train(spec: dict, where: Path) -> None:
     from jaxlora.config import load_config
     from jaxlora.sweep import SweepJob
 
-    (tmp / "run.yaml").write_text(yaml.safe_dump(RUN, sort_keys=False))
-    config = load_config(tmp / "run.yaml")
-    SweepJob(config, tmp / "run", progress=False, devices=jax.devices()[:1]).run()
-    return config, tmp / "run"
+    where.mkdir(parents=True)
+    (where / "run.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    config = load_config(where / "run.yaml")
+    SweepJob(config, where / "run", progress=False, devices=jax.devices()[:1]).run()
+
+
+@pytest.fixture(scope="session")
+def evaluated_run(tmp_path_factory):
+    from jaxlora.config import load_config
+
+    tmp = built_once(tmp_path_factory, "evalrun", lambda where: _train(RUN, where))
+    return load_config(tmp / "run.yaml"), tmp / "run"
 
 
 # A 4-sector PhoneBook library trained briefly (adapters that differ) with its memory evaluated
@@ -117,12 +174,6 @@ MEMORY_RUN = {
 
 @pytest.fixture(scope="session")
 def memory_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("memoryrun")
-    from jaxlora.config import load_config
-    from jaxlora.sweep import SweepJob
-
-    (tmp / "run.yaml").write_text(yaml.safe_dump(MEMORY_RUN, sort_keys=False))
-    SweepJob(
-        load_config(tmp / "run.yaml"), tmp / "run", progress=False, devices=jax.devices()[:1]
-    ).run()
-    return tmp / "run"
+    return (
+        built_once(tmp_path_factory, "memoryrun", lambda where: _train(MEMORY_RUN, where)) / "run"
+    )
