@@ -104,7 +104,7 @@ def memory_programs(config: Config, mesh: Mesh, plan: Plan) -> list[Program]:
             seen[key] = Program(
                 f"memory_base[{{}}: {tokens}]",
                 _generate_base,
-                (graph0, base_abs, *ids((B, W)), spec, None),
+                (graph0, base_abs, *ids((B, W)), spec, None, None, None, mesh),
                 sum(b for _, b in rows),
                 0.0,
                 mesh,
@@ -130,7 +130,7 @@ def memory_programs(config: Config, mesh: Mesh, plan: Plan) -> list[Program]:
         )
         if combiner == "mixture":
             name = f"memory_mixture[{{}}: {tokens}, {k} rank-{rank} adapters per row]"
-            args = (graph, base_abs, weights, consts, *ids((B, W)), spec, k)
+            args = (graph, base_abs, weights, consts, *ids((B, W)), spec, k, mesh)
             fn = decode_mixture
         else:
             name = f"memory_adapters[{{}}: {tokens}, a rank-{rank} adapter per row]"

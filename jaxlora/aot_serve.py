@@ -61,7 +61,7 @@ def serving_programs(
         Program(
             "per row",
             _routed_decode,
-            (graph, base, weights, consts, array((rows,), jnp.int32), *prompts, spec, None),
+            (graph, base, weights, consts, array((rows,), jnp.int32), *prompts, spec, None, mesh),
             0.0,
             0.0,
             mesh,
@@ -74,7 +74,7 @@ def serving_programs(
             Program(
                 f"grouped U={u}",
                 decode_active,
-                (g_graph, base, weights, consts, *groups, *prompts, spec, None),
+                (g_graph, base, weights, consts, *groups, *prompts, spec, None, mesh),
                 0.0,
                 0.0,
                 mesh,

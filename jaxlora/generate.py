@@ -257,7 +257,7 @@ def until_eos(ids: np.ndarray, eos: Sequence[int]) -> list[int]:
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "spec"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "mesh"))
 def _generate_base(
     graphdef,
     base,
@@ -267,9 +267,12 @@ def _generate_base(
     sampler: Sampler | None,
     weights=None,
     consts=None,
+    mesh: Mesh | None = None,
 ):
     """Decoding of prompts [B, T] by one module: the base model, or with `weights` and `consts`
-    the LoRA variables its graph holds (a grouped library: `jaxlora.grouped`)."""
+    the LoRA variables its graph holds (a grouped library: `jaxlora.grouped`), traced for
+    `mesh` (`sharding.compiling_for`: the model's activation constraints and the platform of
+    its devices; None: no constraints, the default device's platform)."""
     from flax import nnx
 
     none = nnx.State({})
@@ -280,9 +283,15 @@ def _generate_base(
     def forward(t, m, cache):
         return module(t, m, cache=cache, last_only=True)
 
-    return decode(
-        forward, lambda n: KVCache.init(cfg, tokens.shape[0], n, dtype), tokens, mask, spec, sampler
-    )
+    with compiling_for(mesh):
+        return decode(
+            forward,
+            lambda n: KVCache.init(cfg, tokens.shape[0], n, dtype),
+            tokens,
+            mask,
+            spec,
+            sampler,
+        )
 
 
 # vmap axes of a stacked cache: everything per adapter except the shared write slot.

@@ -128,12 +128,14 @@ def _library(weights, consts, active, rows) -> tuple[nnx.State, nnx.State]:
     return w, with_rows(jax.tree.map(lambda x: x[active], consts), rows)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "spec"))
-def decode_active(graphdef, base, weights, consts, active, rows, tokens, mask, spec, sampler):
+@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "mesh"))
+def decode_active(
+    graphdef, base, weights, consts, active, rows, tokens, mask, spec, sampler, mesh=None
+):
     """Decoding of sorted rows [B, T] over the library `active` [U] of the stack with rows[u]
-    rows each (a `Grouping`'s; `graphdef` its `graph`)."""
+    rows each (a `Grouping`'s; `graphdef` its `graph`), traced for `mesh` (`_generate_base`)."""
     w, c = _library(weights, consts, active, rows)
-    return _generate_base(graphdef, base, tokens, mask, spec, sampler, w, c)
+    return _generate_base(graphdef, base, tokens, mask, spec, sampler, w, c, mesh)
 
 
 @functools.partial(jax.jit, static_argnames="graphdef")

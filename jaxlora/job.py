@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxlora.cells import CellPlan, Group, JobData, build_groups, expand_units, plan_cells
 from jaxlora.config import Config
@@ -71,6 +71,12 @@ class Job:
         """A [slots, rows, ...] host array as a global array; only local slices are read."""
         return jax.make_array_from_callback(
             host.shape, self.sharding(host.shape), lambda idx: host[idx]
+        )
+
+    def replicated_array(self, host: np.ndarray) -> jax.Array:
+        """A host array (the same on every process) whole on every device of the mesh."""
+        return jax.make_array_from_callback(
+            host.shape, NamedSharding(self.mesh, PartitionSpec()), lambda idx: host[idx]
         )
 
     def _local_cells(self) -> list[list[int]]:

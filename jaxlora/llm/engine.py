@@ -50,7 +50,7 @@ from jaxlora.errors import JaxloraError
 from jaxlora.generate import (
     DecodeSpec,
     Sampling,
-    decode_stack,
+    decode_stack_for,
     eos_and_pad,
     generate,
     make_sampler,
@@ -163,14 +163,16 @@ def zero_slot_stack(adapters: AdapterStack | None) -> AdapterStack | None:
     )
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "spec"))
-def _routed_decode(graphdef, base, weights, consts, slots_B, tokens_BT, mask_BT, spec, sampler):
-    """Row b decoded by adapter slots_B[b]: a stack of B one-row adapters (`decode_stack`), for
-    passes that do not run grouped (`Engine._grouped_pass`)."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "mesh"))
+def _routed_decode(
+    graphdef, base, weights, consts, slots_B, tokens_BT, mask_BT, spec, sampler, mesh=None
+):
+    """Row b decoded by adapter slots_B[b]: a stack of B one-row adapters (`decode_stack_for`
+    `mesh`), for passes that do not run grouped (`Engine._grouped_pass`)."""
     w = jax.tree.map(lambda x: x[slots_B], weights)
     c = jax.tree.map(lambda x: x[slots_B], consts)
-    out = decode_stack(graphdef, base, w, c, tokens_BT[:, None], mask_BT[:, None], spec, sampler)
-    return out[:, 0]
+    t, m = tokens_BT[:, None], mask_BT[:, None]
+    return decode_stack_for(graphdef, base, w, c, t, m, spec, sampler, mesh)[:, 0]
 
 
 def concat_stacks(model, stacks: Sequence[AdapterStack]) -> AdapterStack:

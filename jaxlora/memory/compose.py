@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from jaxlora.generate import CACHE_AXES, DecodeSpec, decode, stacked_cache
 from jaxlora.memory.grammar import (
@@ -32,6 +33,7 @@ from jaxlora.memory.grammar import (
     render,
     template_text,
 )
+from jaxlora.sharding import compiling_for
 
 __all__ = [
     "COMBINERS",
@@ -83,13 +85,29 @@ def join_units(texts: Sequence[str], ids: Sequence[str], unit_format: str) -> st
 # --------------------------------------------------------------------------- mixture decoding
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "k"))
-def decode_mixture(graphdef, base, weights, consts, tokens_QT, mask_QT, spec: DecodeSpec, k: int):
+@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "k", "mesh"))
+def decode_mixture(
+    graphdef,
+    base,
+    weights,
+    consts,
+    tokens_QT,
+    mask_QT,
+    spec: DecodeSpec,
+    k: int,
+    mesh: Mesh | None = None,
+):
     """Greedy continuations [Q, N] where question q decodes with adapters q*k .. q*k+k-1 of the
     stack together: at each step the next-token distribution is the mean of their softmaxes.
+    Traced for `mesh` (`sharding.compiling_for`; None: no constraints).
 
     Each adapter keeps its own KV cache (its own activations); the k members of a question
     always agree on the token, since they pick it from the same mixed distribution."""
+    with compiling_for(mesh):
+        return _decode_mixture(graphdef, base, weights, consts, tokens_QT, mask_QT, spec, k)
+
+
+def _decode_mixture(graphdef, base, weights, consts, tokens_QT, mask_QT, spec, k):
     from flax import nnx
 
     Q = tokens_QT.shape[0]

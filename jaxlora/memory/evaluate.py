@@ -35,7 +35,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 
 from jaxlora import data as kdata
@@ -77,6 +76,7 @@ class MemoryEvaluator(OptionScoring):
     ):
         """`with_questions=False` (serving) routes and composes for questions given later."""
         self.job, self.m, self.lib, self.run_dir = job, section, library, run_dir
+        self.mesh = job.mesh  # every decoding program is traced for it, as `plan --aot` builds them
         self.model, self.tok = job.model, job.model.tokenizer
         self.data = job.config.data
         self.eos, self.pad = eos_and_pad(self.tok, self.model.config)
@@ -324,7 +324,7 @@ class MemoryEvaluator(OptionScoring):
                 out = self._decode_arrow(method, tokens, mask, spec)
             elif route is None:
                 out = _generate_base(
-                    self.model.graph(), self.model.params, tokens, mask, spec, None
+                    self.model.graph(), self.model.params, tokens, mask, spec, None, mesh=self.mesh
                 )
             else:
                 out = self._decode_adapters(method, route.indices[rows], tokens, mask, spec)
@@ -364,6 +364,7 @@ class MemoryEvaluator(OptionScoring):
                 mask,
                 spec,
                 method.k,
+                self.mesh,
             )
         if method.combiner == "one":
             chosen, placement = stack.select(idx_BK[:, 0].tolist()), stack.placement
@@ -392,13 +393,15 @@ class MemoryEvaluator(OptionScoring):
         return out[:, 0]
 
     def _pack(self, prompts: Sequence[tuple[int, ...]], T: int):
-        """Left-padded [B, T]."""
+        """Left-padded [B, T], whole on every device of the job's mesh: the placement `jaxlora
+        plan --aot` compiles the memory's programs for (`aot_memory`), not one the compiler
+        picks; `decode_stack` traces for the mesh its prompts are on."""
         tokens = np.full((len(prompts), T), self.pad, np.int32)
         mask = np.zeros((len(prompts), T), bool)
         for j, p in enumerate(prompts):
             tokens[j, T - len(p) :] = p
             mask[j, T - len(p) :] = True
-        return jnp.asarray(tokens), jnp.asarray(mask)
+        return self.job.replicated_array(tokens), self.job.replicated_array(mask)
 
     # -- the grid -------------------------------------------------------------------------
 
