@@ -22,9 +22,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxlora-tests-xla-")
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
-from filelock import FileLock  # noqa: E402
+import jax
+import pytest
+from filelock import FileLock
 
 # Eight CPU devices for the mesh tests; everything else runs on device 0.
 jax.config.update("jax_num_cpu_devices", 8)
