@@ -18,10 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from jaxlora.memory.compose import Method, MethodError
 from jaxlora.memory.merging import merge
 from jaxlora.memory.routers import Route
+from jaxlora.sharding import compiling_for
 
 
 class OptionScoring:
@@ -88,7 +90,7 @@ class OptionScoring:
             graphdef, weights, consts, ids = self._option_adapters(method, route, qs, n_opt)
             lp = np.asarray(
                 continuation_logprobs(
-                    graphdef, self.model.params, weights, consts, ids, tokens, mask, L
+                    graphdef, self.model.params, weights, consts, ids, tokens, mask, L, self.mesh
                 )
             )
             for j, q in enumerate(qs[: min(Q, n - start)]):
@@ -129,15 +131,25 @@ class OptionScoring:
         return graphdef, stack.weights, stack.consts, jnp.asarray(ids, jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "L"))
-def continuation_logprobs(graphdef, base, weights, consts, ids_RK, tokens_RT, mask_RT, L: int):
+@functools.partial(jax.jit, static_argnames=("graphdef", "L", "mesh"))
+def continuation_logprobs(
+    graphdef, base, weights, consts, ids_RK, tokens_RT, mask_RT, L: int, mesh: Mesh | None = None
+):
     """[R, L] log-probabilities of each row's last L tokens, each given the tokens before it.
     Row r runs with adapters `ids_RK[r]` of the stack (`weights` None: the base model; `ids_RK`
     None: every row with the one adapter `weights`, unstacked: an Arrow library); with
     K > 1 each token's probability is the mean of the K adapters' (a per-token mixture).
+    Traced for `mesh` (`sharding.compiling_for`; None: no constraints).
 
     Only the last L positions reach the output head: the full [T, V] logits of a long ICL
     prompt would not fit (24K tokens x 128K vocabulary x 4 bytes is 12 GB per row)."""
+    with compiling_for(mesh):
+        return _continuation_logprobs(
+            graphdef, base, weights, consts, ids_RK, tokens_RT, mask_RT, L
+        )
+
+
+def _continuation_logprobs(graphdef, base, weights, consts, ids_RK, tokens_RT, mask_RT, L):
 
     def one(w, c, t, m):
         module = nnx.merge(graphdef, w, c, base)
