@@ -227,6 +227,41 @@ def test_grouped_serving_passes_compile_to_the_tpus_grouped_matmul():
 
 
 @pytest.mark.tpu_aot
+def test_serving_and_memory_passes_trace_for_the_tpu(monkeypatch):
+    """Every platform decision taken while tracing the serving engine's passes and the memory's
+    programs for TPU devices from this CPU host reads "tpu". Inside a jitted pass a nested
+    decode (`decode_stack` in `_routed_decode`) sees no mesh on its traced prompts, so each
+    takes the mesh as a static argument; one that did not would trace for the host's CPU."""
+    from jaxlora import aot_memory, aot_serve, sharding
+    from jaxlora.models import attention, layers
+    from jaxlora.sharding import compiling_for
+
+    seen: list[str] = []
+
+    def probe() -> str:
+        seen.append(sharding.target_platform())
+        return seen[-1]
+
+    monkeypatch.setattr(attention, "target_platform", probe)
+    monkeypatch.setattr(layers, "target_platform", probe)
+    # shapes no other test traces, so that no cached trace skips the probe
+    programs = aot_serve.serving_programs(
+        "tiny-llama", "v5e:2x2", adapters=4, rows=4, rank=4, width=24, new_tokens=8, active=(2,)
+    )
+    config = load_config("configs/memory_quickstart.yaml", ["memory.max_new_tokens=10"])
+    devices = aot.topology_devices(TOPOLOGY)
+    mesh = make_mesh(-1, 1, 1, devices)
+    plan = make_plan(config, len(devices), 16, 197, 0.4)
+    programs += aot_memory.memory_programs(config, mesh, plan)
+    for p in programs:
+        count = len(seen)
+        with compiling_for(p.mesh):
+            p.fn.lower(*p.args)
+        assert len(seen) > count, f"{p.name}: no platform decision traced (a cached trace?)"
+    assert set(seen) == {"tpu"}, sorted(set(seen))
+
+
+@pytest.mark.tpu_aot
 def test_distillation_compiles_with_its_teacher():
     """configs/distill_tiny.yaml (NTP and distilling groups, tiny model). `distill.teacher:
     step`: the teacher runs inside the step, which takes each adapter's context. `cache`: the
