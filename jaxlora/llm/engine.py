@@ -225,8 +225,8 @@ class Engine:
     B copies for B rows) or gather the pass's U distinct adapters once and run every adapted
     projection as grouped products over them (`jaxlora.grouped`). None: grouped on a TPU when
     the rows share adapters (U <= B / GROUPED_ROWS_PER_ADAPTER), per row otherwise. Measured
-    (benchmarks/README.md): on a TPU v5e chip (the compiler's memory) grouping needs 14% less
-    than the per-row gather at U = B/4 and 62% less at U = 1, but 2.3x more at U = B (its
+    (benchmarks/README.md): on a TPU v5e chip (the compiler's memory) grouping needs 16% less
+    than the per-row gather at U = B/4 and 63% less at U = 1, but 2.2x more at U = B (its
     kernel pads rank-16 factors to 128-wide tiles); on a CPU (no grouped matmul in XLA:CPU)
     it is 1.7-5.6x slower unless U = 1; GPUs are not measured. Stacks with DoRA adapters are
     always decoded per row.
