@@ -7,7 +7,11 @@ long context in front of the question), one adapter per row for a top-1 route
 sources' for linear/TIES, their sum for cat), and k adapters per row whose softmaxes are mixed
 for `/mixture` (`compose.decode_mixture`). Each distinct program is built here over abstract
 inputs at its bound: prompts of the widest width the method can take, rows per pass as the
-evaluator picks them (`memory.batch_size`, fewer under `memory.max_batch_tokens`).
+evaluator picks them (`memory.batch_size`, fewer under `memory.max_batch_tokens`). ICL over
+the whole book (`+icl`) starts every prompt of a pass with the same book, which the evaluator
+prefills once per pass (`_generate_base`'s prefix): that program, with the prompt's bound as the
+prefix and QUESTION_TOKENS after it. (`+icl_doc` shares one only when a pass's questions ask of
+one document: its bound is the program without a prefix.)
 
 The widths come from data the plan does not read, so they are bounds: a prompt with a context
 is `memory.context_tokens` of context plus QUESTION_TOKENS (RAG over chunks: `rag_k` chunks of
@@ -95,16 +99,25 @@ def memory_programs(config: Config, mesh: Mesh, plan: Plan) -> list[Program]:
         B = rows_per_pass(m.batch_size, m.max_batch_tokens, W, m.max_new_tokens)
         tokens = f"{B} x {W} + {m.max_new_tokens} tokens"
         if not method.uses_adapters:
-            key = ("base", W, B)
+            key = ("base", W, B, method.context == "icl")
             methods.setdefault(key, []).append(text)
             if key in seen:
                 continue
             local = B // sizes["fsdp"] if B % sizes["fsdp"] == 0 else B
-            rows = decode_rows(c, sizes, local, W, m.max_new_tokens, dtype_bytes, base_bytes, 0)
+            if method.context == "icl" and B > 1:  # the book, shared: prefilled once per pass
+                P, S = W, prompt_width(QUESTION_TOKENS)
+                tokens = f"{B} x {S} + {m.max_new_tokens} tokens after a shared {P}-token prefix"
+                args = (*ids((B, S)), spec, None, None, None, mesh, ids((P,)))
+            else:
+                P, S = 0, W
+                args = (*ids((B, W)), spec, None, None, None, mesh)
+            rows = decode_rows(
+                c, sizes, local, S, m.max_new_tokens, dtype_bytes, base_bytes, 0, prefix=P
+            )
             seen[key] = Program(
                 f"memory_base[{{}}: {tokens}]",
                 _generate_base,
-                (graph0, base_abs, *ids((B, W)), spec, None, None, None, mesh),
+                (graph0, base_abs, *args),
                 sum(b for _, b in rows),
                 0.0,
                 mesh,

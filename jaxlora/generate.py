@@ -257,6 +257,15 @@ def until_eos(ids: np.ndarray, eos: Sequence[int]) -> list[int]:
     return out
 
 
+def shared_start(prompts: Sequence[Sequence[int]]) -> int:
+    """The number of leading tokens every prompt shares, leaving each at least one of its own
+    (the pass's first logits come from the prompts' own last tokens)."""
+    shortest = min(len(p) for p in prompts)
+    ids = np.array([p[:shortest] for p in prompts])
+    differs = np.flatnonzero((ids != ids[0]).any(axis=0))
+    return min(int(differs[0]) if differs.size else shortest, shortest - 1)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "spec", "mesh"))
 def _generate_base(
     graphdef,
@@ -268,30 +277,41 @@ def _generate_base(
     weights=None,
     consts=None,
     mesh: Mesh | None = None,
+    prefix: tuple[Array, Array] | None = None,
 ):
     """Decoding of prompts [B, T] by one module: the base model, or with `weights` and `consts`
     the LoRA variables its graph holds (a grouped library: `jaxlora.grouped`), traced for
     `mesh` (`sharding.compiling_for`: the model's activation constraints and the platform of
-    its devices; None: no constraints, the default device's platform)."""
+    its devices; None: no constraints, the default device's platform).
+
+    `prefix` (tokens and mask [P], left-padded) is a start every row shares: each row's prompt
+    is the prefix followed by its own row of `tokens`. It is prefilled once, as one row, and
+    its cache copied to the B rows, so a long common context (ICL over a whole book) costs one
+    prefill instead of B. Only for one module: a grouped library's rows differ from the first
+    token on."""
     from flax import nnx
 
+    if prefix is not None and weights is not None:
+        raise ValueError("a shared prefix needs one module for every row, not a grouped library")
     none = nnx.State({})
     weights, consts = (none if x is None else x for x in (weights, consts))
     module = nnx.merge(graphdef, weights, consts, base)
     cfg, dtype = module.config, module.dtype
+    B = tokens.shape[0]
 
     def forward(t, m, cache):
         return module(t, m, cache=cache, last_only=True)
 
+    def init_cache(n: int) -> KVCache:  # room for n tokens after what it holds
+        if prefix is None:
+            return KVCache.init(cfg, B, n, dtype)
+        p_tokens, p_mask = prefix
+        one = KVCache.init(cfg, 1, p_tokens.shape[-1] + n, dtype)
+        _, one = forward(p_tokens[None], p_mask[None], one)
+        return jax.tree.map(lambda x: jnp.broadcast_to(x, (B, *x.shape[1:])) if x.ndim else x, one)
+
     with compiling_for(mesh):
-        return decode(
-            forward,
-            lambda n: KVCache.init(cfg, tokens.shape[0], n, dtype),
-            tokens,
-            mask,
-            spec,
-            sampler,
-        )
+        return decode(forward, init_cache, tokens, mask, spec, sampler)
 
 
 # vmap axes of a stacked cache: everything per adapter except the shared write slot.

@@ -157,10 +157,13 @@ def decode_rows(
     dtype_bytes: int,
     base_bytes: float,
     adapter_bytes: float,
+    prefix: int = 0,
 ) -> list[tuple[str, float]]:
     """Per-device memory of a stack's batched decoding (`generate.decode_stack` as evaluation
     runs it: `rows` prompts per device -- its adapters x their prompts over `fsdp` -- of
-    `prompt` tokens, `new_tokens` more).
+    `prompt` tokens, `new_tokens` more). `prefix` tokens that every row starts with
+    (`generate._generate_base`'s prefix) are prefilled once, as one row, before the rows' own
+    `prompt` tokens; every row's cache holds them.
 
     KV cache: 2 x L x K x H x (prompt + new_tokens) per row, in the model dtype (kv heads split
     over `tensor`). The prefill's working set is one layer's, as `prefill_rows` counts it, with
@@ -173,20 +176,24 @@ def decode_rows(
     D, F, N, K, H, L, V = _dims(c)
     t = sizes["tensor"]
     kv = K // t if K % t == 0 else K
-    cache = prompt + new_tokens
+    cache = prefix + prompt + new_tokens
     per_token = (4 * D + N * H + 2 * K * H + 3 * F) * dtype_bytes
     layer = (2 * D * N * H + 2 * D * K * H + 3 * D * F) * dtype_bytes / t
+    row_cache = 2 * L * kv * H * cache * dtype_bytes
+    # The prefix's prefill (one row) and the rows' own come one after the other.
+    attention = max(
+        _attention_bytes(N, H, prefix, cache), rows * _attention_bytes(N, H, prompt, cache)
+    )
     out = [
         ("base weights", base_bytes),
         ("adapter weights (float32)", adapter_bytes),
-        (
-            f"KV cache ({rows} rows x {cache})",
-            2 * L * kv * H * cache * rows * dtype_bytes,
-        ),
-        ("prefill: a layer's activations", rows * prompt * per_token),
-        ("prefill: attention (float32)", rows * _attention_bytes(N, H, prompt, cache)),
+        (f"KV cache ({rows} rows x {cache})", row_cache * rows),
+        ("prefill: a layer's activations", max(prefix, rows * prompt) * per_token),
+        ("prefill: attention (float32)", attention),
         ("vocab table gathered (2 copies)", 2 * V * D * dtype_bytes / t),
     ]
+    if prefix:
+        out.append(("the prefix's cache (1 row, before its copies)", row_cache))
     if sizes["fsdp"] > 1:
         out.append((f"layers gathered ahead ({DECODE_LAYERS_AHEAD})", DECODE_LAYERS_AHEAD * layer))
     return out

@@ -178,8 +178,9 @@ def test_a_program_over_the_usable_hbm_does_not_fit():
 @pytest.mark.tpu_aot
 def test_the_memorys_decoding_programs_compile_for_v5e(capsys):
     """configs/memory_quickstart.yaml's memory methods (tiny model): the base alone with and
-    without a context (ICL, RAG: 400 + 256 tokens, cut to the 496 that the model's 512
-    positions leave before 16 new tokens, pad to 512), a rank-16 adapter
+    without a context (RAG: 400 + 256 tokens, cut to the 496 that the model's 512 positions
+    leave before 16 new tokens, pad to 512; ICL: the same bound as a prefix all rows share,
+    prefilled once, then 256 tokens of each question), a rank-16 adapter
     per row (top-1 routes and the linear/TIES merges), a rank-48 one (the 3-source `cat`
     merge). Each is compiled and fits; plan's estimate is there for each."""
     code = cli(["plan", "configs/memory_quickstart.yaml", "--aot", TOPOLOGY, "--json"])
@@ -194,6 +195,7 @@ def test_the_memorys_decoding_programs_compile_for_v5e(capsys):
     }
     assert memory == {
         "memory_base 32 x 512 + 16 tokens",
+        "memory_base 32 x 256 + 16 tokens after a shared 512-token prefix",
         "memory_base 32 x 256 + 16 tokens",
         "memory_adapters 32 x 256 + 16 tokens",
     }, names

@@ -68,6 +68,31 @@ def test_batched_methods_equal_one_question_at_a_time(library_run):
     assert len({tuple(v) for v in batched.values()}) >= 4
 
 
+def test_icl_prefills_the_shared_book_once_and_answers_as_each_question_alone(
+    library_run, monkeypatch
+):
+    """A pass whose prompts share a long start prefills it once and copies its cache to every
+    row (`_generate_base`'s prefix): the answers equal each question decoded alone, in full."""
+    from jaxlora.memory import evaluate
+
+    monkeypatch.setattr(evaluate, "SHARED_PREFIX_MIN", 16)  # the test book is ~100 tokens
+    ev = _evaluator(library_run, batch_size=8)
+    prompts = ev.prompts(ev.contexts(parse_method("base+icl"))[0])
+    assert evaluate.shared_start(prompts[:8]) >= 16  # the batched pass takes the prefix path
+    batched = _predictions(ev, ["base+icl"])
+    alone = _predictions(_evaluator(library_run, batch_size=1), ["base+icl"])
+    assert batched == alone
+
+
+def test_shared_start_leaves_each_prompt_a_token_of_its_own():
+    from jaxlora.generate import shared_start
+
+    assert shared_start([(1, 2, 3, 4), (1, 2, 5)]) == 2
+    assert shared_start([(1, 2, 3), (1, 2, 3)]) == 2
+    assert shared_start([(1, 2), (1, 2, 3, 4)]) == 1
+    assert shared_start([(7, 2), (1, 2)]) == 0
+
+
 def test_mixture_decodes_the_mean_of_the_members_distributions(library_run):
     job, library, _ = library_run
     model = job.model

@@ -10,7 +10,8 @@ For each library the evaluator
 2. fits every router the methods name once on the keys and routes all questions at once,
    to the largest k any method asks of it (a top-k route is a prefix of a top-k' route);
 3. per method, builds each question's context (none, ICL, RAG; budgeted, truncation counted)
-   and its prompt, then decodes `memory.batch_size` questions per pass: the base model alone,
+   and its prompt, then decodes `memory.batch_size` questions per pass: the base model alone
+   (a start all of a pass's prompts share, such as ICL's book, prefilled once for the pass),
    a per-question stack of routed adapters (vmap over questions, KV cache), a stack of
    per-question merges (`jaxlora.memory.merge`, one vmapped op per batch) or a mixture;
 4. scores the outputs with the dataset's metrics and routing accuracy against the oracle, and
@@ -44,7 +45,14 @@ from jaxlora.errors import DataError
 from jaxlora.eval import scoring
 from jaxlora.evaluate import CompileClock, build_questions, plural, progress_bar, score
 from jaxlora.fsutil import RunLock
-from jaxlora.generate import DecodeSpec, _generate_base, decode_stack, eos_and_pad, until_eos
+from jaxlora.generate import (
+    DecodeSpec,
+    _generate_base,
+    decode_stack,
+    eos_and_pad,
+    shared_start,
+    until_eos,
+)
 from jaxlora.job import Job
 from jaxlora.memory import compose
 from jaxlora.memory.compose import Budget, Method, MethodError
@@ -56,6 +64,10 @@ from jaxlora.memory.routers import Route, make_router, routing_accuracy
 from jaxlora.memory.validate import parse_methods, read_questions
 
 log = logging.getLogger(__name__)
+
+# A start shared by every prompt of a pass is prefilled once when it is at least this long:
+# below it the second compiled program (prefix + rest) costs more time than the prefill saves.
+SHARED_PREFIX_MIN = 256
 
 _DATASET_TEMPLATE = {
     name: name for name in ("phonebook", "counterfact", "paperqa", "narrativeqa", "quality")
@@ -319,20 +331,36 @@ class MemoryEvaluator(OptionScoring):
         for start in range(0, n, B):
             rows = list(range(start, min(start + B, n)))
             rows += [rows[0]] * (B - len(rows))  # a full batch: one compile per prompt width
-            tokens, mask = self._pack([prompts[i] for i in rows], width)
+            batch = [prompts[i] for i in rows]
             if method.router == "arrow":
-                out = self._decode_arrow(method, tokens, mask, spec)
+                out = self._decode_arrow(method, *self._pack(batch, width), spec)
             elif route is None:
-                out = _generate_base(
-                    self.model.graph(), self.model.params, tokens, mask, spec, None, mesh=self.mesh
-                )
+                out = self._decode_base(batch, width, spec)
             else:
-                out = self._decode_adapters(method, route.indices[rows], tokens, mask, spec)
+                idx_BK = route.indices[rows]
+                out = self._decode_adapters(method, idx_BK, *self._pack(batch, width), spec)
             out = np.asarray(out)
             real = min(B, n - start)
             outputs.extend(until_eos(out[j], self.eos) for j in range(real))
             bar.update(real)
         return outputs
+
+    def _decode_base(self, batch: Sequence[tuple[int, ...]], width: int, spec: DecodeSpec):
+        """A pass decoded by the base model alone. A start that all its prompts share, of at
+        least SHARED_PREFIX_MIN tokens (ICL's whole book), is prefilled once for the pass, not
+        once per row (`_generate_base`'s prefix)."""
+        graph, params = self.model.graph(), self.model.params
+        P = shared_start(batch) if len(batch) > 1 else 0
+        if P < SHARED_PREFIX_MIN:
+            return _generate_base(
+                graph, params, *self._pack(batch, width), spec, None, mesh=self.mesh
+            )
+        (prefix,), (prefix_mask,) = self._pack([batch[0][:P]], prompt_width(P))
+        rest = [p[P:] for p in batch]
+        tokens, mask = self._pack(rest, prompt_width(max(map(len, rest))))
+        return _generate_base(
+            graph, params, tokens, mask, spec, None, mesh=self.mesh, prefix=(prefix, prefix_mask)
+        )
 
     def arrow(self, k: int) -> ArrowLibrary:
         """The whole library as Arrow routing with top-k k (built once per k)."""
@@ -369,17 +397,7 @@ class MemoryEvaluator(OptionScoring):
         if method.combiner == "one":
             chosen, placement = stack.select(idx_BK[:, 0].tolist()), stack.placement
         else:
-            w = self.merge_weights(method)
-            chosen = merge(
-                self.model,
-                stack,
-                indices=idx_BK.tolist(),
-                weights=[w] * len(idx_BK),
-                combination_type=method.combiner,
-                density=self.m.density,
-                majority_sign_method=self.m.majority_sign_method,
-                seed=self.m.seed,
-            )
+            chosen = self._merged(method, idx_BK)
             placement = chosen.placement
         out = decode_stack(
             self.model.graph(placement),
@@ -391,6 +409,19 @@ class MemoryEvaluator(OptionScoring):
             spec,
         )
         return out[:, 0]
+
+    def _merged(self, method: Method, idx_BK: np.ndarray):
+        """Each row's routed adapters merged by the method's combiner (`memory.merge`)."""
+        return merge(
+            self.model,
+            self.lib.stack,
+            indices=idx_BK.tolist(),
+            weights=[self.merge_weights(method)] * len(idx_BK),
+            combination_type=method.combiner,
+            density=self.m.density,
+            majority_sign_method=self.m.majority_sign_method,
+            seed=self.m.seed,
+        )
 
     def _pack(self, prompts: Sequence[tuple[int, ...]], T: int):
         """Left-padded [B, T], whole on every device of the job's mesh: the placement `jaxlora
@@ -415,17 +446,7 @@ class MemoryEvaluator(OptionScoring):
             if method.router == "arrow":
                 self.arrow(method.k)
             elif method.uses_adapters and method.combiner not in ("one", "mixture"):
-                idx = self.route(method.router, method.k).indices[:1]
-                merge(
-                    self.model,
-                    self.lib.stack,
-                    indices=idx.tolist(),
-                    weights=[self.merge_weights(method)],
-                    combination_type=method.combiner,
-                    density=self.m.density,
-                    majority_sign_method=self.m.majority_sign_method,
-                    seed=self.m.seed,
-                )
+                self._merged(method, self.route(method.router, method.k).indices[:1])
 
     def _plan_routes(self, methods: Sequence[Method]) -> None:
         for m in methods:
