@@ -464,13 +464,23 @@ def _task(plan: _Plan, t: Array, w: Array, keep: Array, x: dict, masks: Array | 
 
 def _magnitude_prune(t: Array, keep: Array) -> Array:
     """Keep the `keep` entries of largest |t| (PEFT: topk of |t|); zeros beyond a tensor's own
-    rank sort last, so padding never displaces a real entry."""
-    flat = jnp.abs(t).ravel()
-    ordered = jnp.sort(flat)
-    threshold = ordered[jnp.clip(flat.size - keep, 0, flat.size - 1)]
+    rank sort last, so padding never displaces a real entry.
+
+    The threshold, the keep-th largest |t|, is found by bisection over the bits of |t| (a
+    non-negative float32 orders as its bits do as an int32): 31 counting passes, 5-25x faster
+    than sorting each tensor on a 2-core CPU (benchmarks/bench_prune.py), and the same entry."""
+    bits = jax.lax.bitcast_convert_type(jnp.abs(t).astype(jnp.float32), jnp.int32)
+
+    def halve(_, bounds):  # count(bits >= lo) >= keep > count(bits >= hi)
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        enough = jnp.sum(bits >= mid) >= keep
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+
+    threshold, _ = jax.lax.fori_loop(0, 31, halve, (jnp.int32(0), jnp.int32(2**31 - 1)))
     # equal magnitudes at the threshold are kept together (topk would pick one): for real-valued
     # weights that needs two entries equal to the bit, and zeros are zero either way
-    return jnp.where((jnp.abs(t) >= threshold) & (keep > 0), t, 0.0)
+    return jnp.where((bits >= threshold) & (keep > 0), t, 0.0)
 
 
 __all__ = ["COMBINATION_TYPES", "MergeError", "merge"]
