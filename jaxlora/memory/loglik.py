@@ -3,8 +3,8 @@ scored as the answer after the same prompt, under the same base / top-1 adapter 
 mixture the method decodes with.
 
 `OptionScoring` is that part of `MemoryEvaluator` (jaxlora/memory/evaluate.py), which it is
-mixed into: it reads the evaluator's model, tokenizer, data section, questions, routes, merge
-weights and left-padded packing. Each pass puts [question x option] rows through one
+mixed into: it reads the evaluator's model, tokenizer, data section, questions, routes, merges
+and left-padded packing. Each pass puts [question x option] rows through one
 teacher-forced forward (`continuation_logprobs`) that takes only the last positions, where
 the options are, to the output head.
 """
@@ -21,7 +21,6 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxlora.memory.compose import Method, MethodError
-from jaxlora.memory.merging import merge
 from jaxlora.memory.routers import Route
 from jaxlora.sharding import compiling_for
 
@@ -116,16 +115,7 @@ class OptionScoring:
         elif method.combiner == "one":
             ids = np.repeat(route.indices[qs, :1], n_opt, axis=0)
         else:  # one merge per question of the pass
-            stack = merge(
-                self.model,
-                stack,
-                indices=route.indices[qs, : method.k].tolist(),
-                weights=[self.merge_weights(method)] * len(qs),
-                combination_type=method.combiner,
-                density=self.m.density,
-                majority_sign_method=self.m.majority_sign_method,
-                seed=self.m.seed,
-            )
+            stack = self._merged(method, route.indices[qs, : method.k])
             ids = np.repeat(np.arange(len(qs))[:, None], n_opt, axis=0)
         graphdef = self.model.graph(stack.placement)
         return graphdef, stack.weights, stack.consts, jnp.asarray(ids, jnp.int32)
