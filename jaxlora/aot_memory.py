@@ -5,7 +5,9 @@ time: the base model alone for `base[+CONTEXT]` (`generate._generate_base`; ICL 
 long context in front of the question), one adapter per row for a top-1 route
 (`generate.decode_stack`), a merged adapter per row for a top-k merge (the merge's rank: the
 sources' for linear/TIES, their sum for cat), and k adapters per row whose softmaxes are mixed
-for `/mixture` (`compose.decode_mixture`). Each distinct program is built here over abstract
+for `/mixture` (`compose.decode_mixture`); a merge is its own program before its decoding
+(`merging._merge_rows`: a pass's questions' top-k adapters merged in one call, `merge_program`).
+Each distinct program is built here over abstract
 inputs at its bound: prompts of the widest width the method can take, rows per pass as the
 evaluator picks them (`memory.batch_size`, fewer under `memory.max_batch_tokens`). ICL over
 the whole book (`+icl`) starts every prompt of a pass with the same book, which the evaluator
@@ -25,17 +27,19 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlora.aot import Program, _stacked, _variables
 from jaxlora.cells import plan_cells
 from jaxlora.config import Config
 from jaxlora.generate import DecodeSpec, _generate_base, decode_stack_for
-from jaxlora.lora import union_placement
+from jaxlora.lora import AdapterStack, LoRAConfig, union_placement
 from jaxlora.memory.compose import decode_mixture
 from jaxlora.memory.grammar import parse_method
 from jaxlora.memory.loglik import prompt_width
-from jaxlora.memory.merging import CONCAT_TYPES
+from jaxlora.memory.merging import CONCAT_TYPES, _merge_rows, merge_call
+from jaxlora.models.config import ModelConfig
 from jaxlora.models.model import abstract_module, model_config, parse_dtype
 from jaxlora.plan import Plan, decode_rows, shard_bytes
 
@@ -81,7 +85,9 @@ def memory_programs(config: Config, mesh: Mesh, plan: Plan) -> list[Program]:
     base_abs = _variables(base, mesh)
     base_bytes = plan.rows[0][1]
     # The largest rank of the job's libraries (one per sweep cell): the worst case of each.
-    lora = max((p.lora for p in plan_cells(config, c)), key=lambda lo: lo.rank)
+    cells = plan_cells(plan.config, c)  # one adapter per unit where the plan cut them
+    lora = max((p.lora for p in cells), key=lambda lo: lo.rank)
+    library = [p.lora for p in cells if p.lora.rank == lora.rank]
     spec = DecodeSpec(m.max_new_tokens, tuple(c.eos_token_ids) or (0,), c.pad_token_id)
     replicated = NamedSharding(mesh, PartitionSpec())
 
@@ -128,6 +134,11 @@ def memory_programs(config: Config, mesh: Mesh, plan: Plan) -> list[Program]:
             n, rank = B * k, lora.rank  # k adapters per row, the library's own
         else:
             n, rank = B, lora.rank * (k if combiner in CONCAT_TYPES else 1)
+        if method.router != "arrow" and combiner not in ("one", "mixture"):
+            merge_key = ("merge", combiner, k, B)
+            methods.setdefault(merge_key, []).append(text)
+            if merge_key not in seen:
+                seen[merge_key] = merge_program(config, c, mesh, library, method, B)
         key = (combiner == "mixture", W, B, n, rank)
         methods.setdefault(key, []).append(text)
         if key in seen:
@@ -153,3 +164,53 @@ def memory_programs(config: Config, mesh: Mesh, plan: Plan) -> list[Program]:
     for key, p in seen.items():
         p.name = p.name.format(", ".join(methods[key]))
     return sorted(seen.values(), key=lambda p: -p.estimated_bytes)
+
+
+def merge_program(
+    config: Config, c: ModelConfig, mesh: Mesh, library: list[LoRAConfig], method, B: int
+) -> Program:
+    """The merge of a pass's routed adapters (`merging._merge_rows`, one call per pass of B
+    questions, each merging its top k): the library's adapters split over `adapter` as the job
+    holds them, every question's k sources gathered, B merged adapters out. `library` bounds
+    the evaluator's: every adapter of the job at the largest rank.
+
+    Plan's estimate: the device's share of the library, every source gathered (B x k adapters,
+    each split as its factors are) and the B merged ones (the lax.map over projections holds
+    one projection's working set at a time; not counted)."""
+    m = config.memory
+    dtype = parse_dtype(config.model.dtype)
+    param_dtype = parse_dtype(config.model.param_dtype or config.model.dtype)
+    n, k, rank = len(library), method.k, library[0].rank
+    _, w_abs, c_abs, _ = abstract_module(c, union_placement(library), dtype, param_dtype)
+    stack = AdapterStack(
+        _variables(_stacked(w_abs, n), mesh, ("adapter",), leading_in_shape=True),
+        _variables(_stacked(c_abs, n), mesh, ("adapter",), leading_in_shape=True),
+        tuple(library),
+        tuple(f"unit{i}" for i in range(n)),
+    )
+    call = merge_call(
+        c,
+        stack,
+        np.arange(B * k).reshape(B, k) % n,  # which adapters is data: any valid indices
+        np.ones((B, k)),
+        method.combiner,
+        density=m.density,
+        majority_sign_method=m.majority_sign_method,
+    )
+    replicated = NamedSharding(mesh, PartitionSpec())
+    arrays, seed = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=replicated),
+        (call.arrays, call.seed),
+    )
+    sizes = dict(mesh.shape)
+    # a gathered source keeps its factors' own split (fsdp, tensor), not the library's adapter one
+    one = shard_bytes(w_abs, {**sizes, "adapter": 1}, dtype_bytes=4)
+    merged_rank = call.plan.rank
+    estimate = (
+        shard_bytes(w_abs, sizes, leading=(("adapter", n),), dtype_bytes=4)
+        + B * k * one
+        + B * one * merged_rank / rank
+    )
+    name = f"memory_merge[{{}}: {B} rows x {k} rank-{rank} sources -> rank-{merged_rank}]"
+    args = (call.plan, call.paths, call.sources, arrays, seed, call.layouts, call.mesh)
+    return Program(name, _merge_rows, args, estimate, 0.0, mesh)

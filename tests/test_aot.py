@@ -182,7 +182,8 @@ def test_the_memorys_decoding_programs_compile_for_v5e(capsys):
     leave before 16 new tokens, pad to 512; ICL: the same bound as a prefix all rows share,
     prefilled once, then 256 tokens of each question), a rank-16 adapter
     per row (top-1 routes and the linear/TIES merges), a rank-48 one (the 3-source `cat`
-    merge). Each is compiled and fits; plan's estimate is there for each."""
+    merge), and each merge itself (32 questions' top 3 of the library merged in one call).
+    Each is compiled and fits; plan's estimate is there for each."""
     code = cli(["plan", "configs/memory_quickstart.yaml", "--aot", TOPOLOGY, "--json"])
     got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0 and got["fits"]
@@ -198,11 +199,36 @@ def test_the_memorys_decoding_programs_compile_for_v5e(capsys):
         "memory_base 32 x 256 + 16 tokens after a shared 512-token prefix",
         "memory_base 32 x 256 + 16 tokens",
         "memory_adapters 32 x 256 + 16 tokens",
+        "memory_merge 32 rows x 3 rank-16 sources -> rank-16",  # linear, TIES
+        "memory_merge 32 rows x 3 rank-16 sources -> rank-48",  # cat
     }, names
     assert any("rank-48" in n and "bm25@3/cat" in n for n in names)
     assert any("rank-16" in n and "bm25@3/ties" in n and "oracle" in n for n in names)
     for p in got["programs"]:
         assert p["compiled_bytes"] > 0 and p["estimated_bytes"] > 0 and p["fits"], p
+
+
+@pytest.mark.tpu_aot
+def test_the_8b_memorys_cat_merge_keeps_the_library_split_and_fits_v5e():
+    """configs/phonebook_memory_llama3_8b.yaml (16 rank-64 adapters on mesh 1/8/1): 16 questions'
+    top 3 merged by `cat` into rank-192 adapters. Left to itself the compiler held the merged
+    MLP factors of all 32 layers whole on every chip (37.4 GiB of temporaries, refused); kept
+    split as the library is, the merge fits, and plan's estimate is within 20% of it."""
+    from jaxlora import aot_memory
+
+    config = load_config(
+        "configs/phonebook_memory_llama3_8b.yaml",
+        ["model.path=llama-3.1-8b-shape", "model.scan_layers=true", "memory.methods=[bm25@3/cat]"],
+    )
+    devices = aot.topology_devices(TOPOLOGY)
+    mesh = make_mesh(config.mesh.adapter, config.mesh.fsdp, config.mesh.tensor, devices)
+    plan = make_plan(config, len(devices), 16, 197, 0.4)
+    (merge,) = [p for p in aot_memory.memory_programs(config, mesh, plan) if "merge" in p.name]
+    assert "16 rows x 3 rank-64 sources -> rank-192" in merge.name
+    got = aot.compile_program(merge)
+    usable, _ = aot.usable_hbm(devices[0])
+    assert not got.error and got.total <= usable, (got.error, got.total / 2**30)
+    assert 0.8 <= merge.estimated_bytes / got.total <= 1.2, merge.estimated_bytes / got.total
 
 
 @pytest.mark.tpu_aot
@@ -259,6 +285,8 @@ def test_serving_and_memory_passes_trace_for_the_tpu(monkeypatch):
         count = len(seen)
         with compiling_for(p.mesh):
             p.fn.lower(*p.args)
+        if p.name.startswith("memory_merge"):  # arithmetic on the factors: no model, no choice
+            continue
         assert len(seen) > count, f"{p.name}: no platform decision traced (a cached trace?)"
     assert set(seen) == {"tpu"}, sorted(set(seen))
 
