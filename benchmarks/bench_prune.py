@@ -30,6 +30,10 @@ def sorted_prune(t: jax.Array, keep: jax.Array) -> jax.Array:
     return jnp.where((jnp.abs(t) >= threshold) & (keep > 0), t, 0.0)
 
 
+def seconds(fn, t: jax.Array, keep: jax.Array, repeat: int) -> float:
+    return timed(lambda: fn(t, keep).block_until_ready(), repeat)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--copies", type=int, default=128, help="tensors pruned per call (vmap)")
@@ -45,8 +49,8 @@ def main() -> None:
         keep = jnp.asarray(keep)
         bisect, by_sort = jax.jit(jax.vmap(_magnitude_prune)), jax.jit(jax.vmap(sorted_prune))
         np.testing.assert_array_equal(np.asarray(bisect(t, keep)), np.asarray(by_sort(t, keep)))
-        s_bisect = timed(lambda: bisect(t, keep).block_until_ready(), args.repeat)
-        s_sort = timed(lambda: by_sort(t, keep).block_until_ready(), args.repeat)
+        s_bisect = seconds(bisect, t, keep, args.repeat)
+        s_sort = seconds(by_sort, t, keep, args.repeat)
         name = "x".join(map(str, shape))
         results[f"{name}_bisect_ms"] = round(1e3 * s_bisect, 1)
         results[f"{name}_sort_ms"] = round(1e3 * s_sort, 1)
