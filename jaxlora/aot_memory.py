@@ -37,7 +37,7 @@ from jaxlora.generate import DecodeSpec, _generate_base, decode_stack_for
 from jaxlora.lora import AdapterStack, LoRAConfig, union_placement
 from jaxlora.memory.compose import decode_mixture
 from jaxlora.memory.grammar import parse_method
-from jaxlora.memory.loglik import prompt_width
+from jaxlora.memory.loglik import continuation_logprobs, prompt_width
 from jaxlora.memory.merging import CONCAT_TYPES, _merge_rows, merge_call
 from jaxlora.models.config import ModelConfig
 from jaxlora.models.model import abstract_module, model_config, parse_dtype
@@ -47,6 +47,10 @@ from jaxlora.plan import Plan, decode_rows, shard_bytes
 # questions are one or two sentences (PhoneBook's "Question: ... Answer:" row is under 128
 # tokens); the width rounds up to 1024s past 1024, so 256 only decides a short prompt's width.
 QUESTION_TOKENS = 256
+# A QuALITY option scored as the answer (`loglik.OptionScoring`): a phrase or a sentence of the
+# dataset's; the positions scored are its length rounded up to a power of two, so 128 of them.
+OPTION_TOKENS = 128
+QUALITY_OPTIONS = 4
 
 
 def rows_per_pass(batch_size: int, max_batch_tokens: int, width: int, new_tokens: int) -> int:
@@ -56,9 +60,10 @@ def rows_per_pass(batch_size: int, max_batch_tokens: int, width: int, new_tokens
     return 1 << (min(batch_size, fit).bit_length() - 1)
 
 
-def width(config: Config, method, positions: int) -> int:
+def width(config: Config, method, positions: int, answer: int | None = None) -> int:
     """The widest prompt (tokens, as the evaluator pads it) of a memory method; the evaluator
-    refuses a prompt that leaves the model's `positions` no room for the new tokens."""
+    refuses a prompt that leaves the model's `positions` no room for the new tokens. With
+    `answer`: a prompt followed by that many answer tokens, as QuALITY's options are scored."""
     m, d = config.memory, config.data
     longest = QUESTION_TOKENS
     if method.context != "none":
@@ -66,6 +71,8 @@ def width(config: Config, method, positions: int) -> int:
         if method.context == "rag" and d.units == "chunks" and d.unit_tokens:
             context = min(context, method.rag_k * d.unit_tokens)
         longest += context
+    if answer is not None:
+        return prompt_width(min(longest + answer, positions))
     return prompt_width(min(longest, positions - m.max_new_tokens))
 
 
@@ -99,8 +106,13 @@ def memory_programs(config: Config, mesh: Mesh, plan: Plan) -> list[Program]:
 
     seen: dict[tuple, Program] = {}
     methods: dict[tuple, list[str]] = {}  # the methods each program decodes
+    scores_options = m.loglik and config.data.dataset == "quality"
     for text in m.methods:
         method = parse_method(text)
+        if scores_options and method.router != "arrow":
+            key, program = option_program(config, c, mesh, plan, method, library)
+            methods.setdefault(key, []).append(text)
+            seen.setdefault(key, program)
         W = width(config, method, c.max_position_embeddings)
         B = rows_per_pass(m.batch_size, m.max_batch_tokens, W, m.max_new_tokens)
         tokens = f"{B} x {W} + {m.max_new_tokens} tokens"
@@ -214,3 +226,58 @@ def merge_program(
     name = f"memory_merge[{{}}: {B} rows x {k} rank-{rank} sources -> rank-{merged_rank}]"
     args = (call.plan, call.paths, call.sources, arrays, seed, call.layouts, call.mesh)
     return Program(name, _merge_rows, args, estimate, 0.0, mesh)
+
+
+def option_program(
+    config: Config, c: ModelConfig, mesh: Mesh, plan: Plan, method, library: list[LoRAConfig]
+) -> tuple[tuple, Program]:
+    """QuALITY's option scoring under a method (`loglik.continuation_logprobs`, as
+    `OptionScoring.option_logprobs` runs it): a pass of Q questions x 4 options, each row its
+    prompt and one option teacher-forced (OPTION_TOKENS after the method's widest prompt), the
+    last L positions scored; under the base, a top-1 adapter, a merge (one per question) or the
+    k adapters of a mixture per row. With its key: methods that run the same program share it.
+
+    Plan's estimate: `plan.decode_rows` of the rows' forward without a KV cache to keep, each
+    row's copy of its adapters, and the float32 log-softmax of the L scored positions."""
+    m = config.memory
+    dtype = parse_dtype(config.model.dtype)
+    param_dtype = parse_dtype(config.model.param_dtype or config.model.dtype)
+    sizes = dict(mesh.shape)
+    W = width(config, method, c.max_position_embeddings, answer=OPTION_TOKENS)
+    L = min(W - 1, OPTION_TOKENS)
+    K = method.k if method.combiner == "mixture" else 1
+    fit = max(1, min(m.batch_size, m.max_batch_tokens // (W * K)) // QUALITY_OPTIONS)
+    Q = 1 << (fit.bit_length() - 1)
+    R = Q * QUALITY_OPTIONS
+    replicated = NamedSharding(mesh, PartitionSpec())
+    rows = jax.ShapeDtypeStruct((R, W), jnp.int32, sharding=replicated)
+    mask = jax.ShapeDtypeStruct((R, W), bool, sharding=replicated)
+    rank = 0
+    if not method.uses_adapters:
+        graph, *_, base = abstract_module(c, None, dtype, param_dtype)
+        weights = consts = ids = None
+        adapter_bytes = 0.0
+    else:
+        lora = library[0]
+        merged = method.combiner not in ("one", "mixture")
+        rank = lora.rank * (method.k if method.combiner in CONCAT_TYPES else 1)
+        n = Q if merged else len(library)  # a merge per question, or the library itself
+        placement = union_placement([dataclasses.replace(lora, rank=rank)])
+        graph, w_abs, c_abs, base = abstract_module(c, placement, dtype, param_dtype)
+        weights = _variables(_stacked(w_abs, n), mesh, ("adapter",), leading_in_shape=True)
+        consts = _variables(_stacked(c_abs, n), mesh, ("adapter",), leading_in_shape=True)
+        ids = jax.ShapeDtypeStruct((R, K), jnp.int32, sharding=replicated)
+        one = shard_bytes(w_abs, {**sizes, "adapter": 1}, dtype_bytes=4)
+        adapter_bytes = shard_bytes(w_abs, sizes, leading=(("adapter", n),), dtype_bytes=4)
+        adapter_bytes += R * K * one  # every row's own copy of its adapters
+    local = R * K // sizes["fsdp"] if R * K % sizes["fsdp"] == 0 else R * K
+    dtype_bytes = jnp.dtype(dtype).itemsize
+    parts = decode_rows(c, sizes, local, W, 0, dtype_bytes, plan.rows[0][1], adapter_bytes)
+    estimate = sum(b for name, b in parts if not name.startswith("KV cache"))
+    estimate += 2 * local * L * c.vocab_size * 4  # the scored positions' logits and log-softmax
+    args = (graph, _variables(base, mesh), weights, consts, ids, rows, mask, L, mesh)
+    what = f"rank-{rank} adapter{'s' if K > 1 else ''}" if rank else "the base"
+    name = f"memory_options[{{}}: {Q} questions x {QUALITY_OPTIONS} options x {W} tokens, {what}"
+    name += f", {K} per row]" if K > 1 else "]"
+    key = ("options", W, Q, K, rank, method.uses_adapters and method.combiner == "one")
+    return key, Program(name, continuation_logprobs, args, estimate, 0.0, mesh)

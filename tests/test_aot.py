@@ -209,6 +209,27 @@ def test_the_memorys_decoding_programs_compile_for_v5e(capsys):
 
 
 @pytest.mark.tpu_aot
+def test_quality_option_scoring_compiles_for_v5e(capsys):
+    """configs/quality_memory_tiny.yaml scores QuALITY's 4 options by their log-likelihood
+    under every method (memory.loglik): its programs are built beside the decoding ones, for
+    the base, the top-1 adapters (the library) and the TIES merges (one rank-8 merge per
+    question), at the widest prompt (the 256-token context, the question and a 128-token
+    option, cut to the model's 512 positions), and each compiles, fits and has plan's
+    estimate."""
+    code = cli(["plan", "configs/quality_memory_tiny.yaml", "--aot", TOPOLOGY, "--json"])
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0 and got["fits"]
+    options = [p for p in got["programs"] if p["name"].startswith("memory_options")]
+    print("\n".join(p["name"] for p in options))
+    kinds = {p["name"].split(", ")[-1].rstrip("]") for p in options}
+    assert kinds == {"the base", "rank-8 adapter"}, kinds
+    assert any("bm25@3/ties" in p["name"] and "bm25@3/ties+rag" in p["name"] for p in options)
+    assert all(" x 512 tokens" in p["name"] for p in options if "+" in p["name"])
+    for p in options:
+        assert p["compiled_bytes"] > 0 and p["estimated_bytes"] > 0 and p["fits"], p
+
+
+@pytest.mark.tpu_aot
 def test_the_8b_memorys_cat_merge_keeps_the_library_split_and_fits_v5e():
     """configs/phonebook_memory_llama3_8b.yaml (16 rank-64 adapters on mesh 1/8/1): 16 questions'
     top 3 merged by `cat` into rank-192 adapters. Left to itself the compiler held the merged
