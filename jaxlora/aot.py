@@ -333,6 +333,15 @@ def _stacked(tree, n: int):
     )
 
 
+def _adapter_stack(w_abs, c_abs, n: int, mesh: Mesh):
+    """(weights, consts) of n adapters stacked and split over `adapter` (and their own axes) on
+    `mesh`, as the job holds a stack."""
+    return tuple(
+        _variables(_stacked(tree, n), mesh, ("adapter",), leading_in_shape=True)
+        for tree in (w_abs, c_abs)
+    )
+
+
 def eval_programs(config: Config, mesh: Mesh, plan: Plan) -> list[Program]:
     """Evaluation's greedy decoding as `evaluate.Evaluator` runs it (`decode_stack`), one
     program per group: each adapter of the stack continues `eval.batch_size` prompts of up to
@@ -355,8 +364,7 @@ def eval_programs(config: Config, mesh: Mesh, plan: Plan) -> list[Program]:
         n = len(g.slots)
         placement = union_placement([plans[i].lora for i in g.slots if i is not None])
         graph, w_abs, c_abs, _ = abstract_module(c, placement, dtype, param_dtype)
-        weights = _variables(_stacked(w_abs, n), mesh, ("adapter",), leading_in_shape=True)
-        consts = _variables(_stacked(c_abs, n), mesh, ("adapter",), leading_in_shape=True)
+        weights, consts = _adapter_stack(w_abs, c_abs, n, mesh)
         tokens = _sharded(
             jax.ShapeDtypeStruct((n, Q, T), jnp.int32), mesh, ("adapter", "batch", None)
         )

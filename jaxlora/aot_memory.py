@@ -30,14 +30,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxlora.aot import Program, _stacked, _variables
+from jaxlora.aot import Program, _adapter_stack, _variables
 from jaxlora.cells import plan_cells
 from jaxlora.config import Config
 from jaxlora.generate import DecodeSpec, _generate_base, decode_stack_for
 from jaxlora.lora import AdapterStack, LoRAConfig, union_placement
 from jaxlora.memory.compose import decode_mixture
 from jaxlora.memory.grammar import parse_method
-from jaxlora.memory.loglik import continuation_logprobs, prompt_width
+from jaxlora.memory.loglik import continuation_logprobs, prompt_width, questions_per_pass
 from jaxlora.memory.merging import CONCAT_TYPES, _merge_rows, merge_call
 from jaxlora.models.config import ModelConfig
 from jaxlora.models.model import abstract_module, model_config, parse_dtype
@@ -51,6 +51,13 @@ QUESTION_TOKENS = 256
 # dataset's; the positions scored are its length rounded up to a power of two, so 128 of them.
 OPTION_TOKENS = 128
 QUALITY_OPTIONS = 4
+
+
+def prompts(shape: tuple[int, ...], mesh: Mesh) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """Abstract token ids and mask of `shape`, whole on every device of `mesh` (as
+    `MemoryEvaluator._pack` places them)."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return tuple(jax.ShapeDtypeStruct(shape, t, sharding=replicated) for t in (jnp.int32, bool))
 
 
 def rows_per_pass(batch_size: int, max_batch_tokens: int, width: int, new_tokens: int) -> int:
@@ -96,13 +103,6 @@ def memory_programs(config: Config, mesh: Mesh, plan: Plan) -> list[Program]:
     lora = max((p.lora for p in cells), key=lambda lo: lo.rank)
     library = [p.lora for p in cells if p.lora.rank == lora.rank]
     spec = DecodeSpec(m.max_new_tokens, tuple(c.eos_token_ids) or (0,), c.pad_token_id)
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def ids(shape):
-        return (
-            jax.ShapeDtypeStruct(shape, jnp.int32, sharding=replicated),
-            jax.ShapeDtypeStruct(shape, bool, sharding=replicated),
-        )
 
     seen: dict[tuple, Program] = {}
     methods: dict[tuple, list[str]] = {}  # the methods each program decodes
@@ -125,10 +125,10 @@ def memory_programs(config: Config, mesh: Mesh, plan: Plan) -> list[Program]:
             if method.context == "icl" and B > 1:  # the book, shared: prefilled once per pass
                 P, S = W, prompt_width(QUESTION_TOKENS)
                 tokens = f"{B} x {S} + {m.max_new_tokens} tokens after a shared {P}-token prefix"
-                args = (*ids((B, S)), spec, None, None, None, mesh, ids((P,)))
+                args = (*prompts((B, S), mesh), spec, None, None, None, mesh, prompts((P,), mesh))
             else:
                 P, S = 0, W
-                args = (*ids((B, W)), spec, None, None, None, mesh)
+                args = (*prompts((B, W), mesh), spec, None, None, None, mesh)
             rows = decode_rows(
                 c, sizes, local, S, m.max_new_tokens, dtype_bytes, base_bytes, 0, prefix=P
             )
@@ -157,8 +157,7 @@ def memory_programs(config: Config, mesh: Mesh, plan: Plan) -> list[Program]:
             continue
         placement = union_placement([dataclasses.replace(lora, rank=rank)])
         graph, w_abs, c_abs, _ = abstract_module(c, placement, dtype, param_dtype)
-        weights = _variables(_stacked(w_abs, n), mesh, ("adapter",), leading_in_shape=True)
-        consts = _variables(_stacked(c_abs, n), mesh, ("adapter",), leading_in_shape=True)
+        weights, consts = _adapter_stack(w_abs, c_abs, n, mesh)
         adapter_bytes = shard_bytes(w_abs, sizes, leading=(("adapter", n),), dtype_bytes=4)
         local = math.ceil(n / sizes["adapter"])
         rows = decode_rows(
@@ -166,11 +165,11 @@ def memory_programs(config: Config, mesh: Mesh, plan: Plan) -> list[Program]:
         )
         if combiner == "mixture":
             name = f"memory_mixture[{{}}: {tokens}, {k} rank-{rank} adapters per row]"
-            args = (graph, base_abs, weights, consts, *ids((B, W)), spec, k, mesh)
+            args = (graph, base_abs, weights, consts, *prompts((B, W), mesh), spec, k, mesh)
             fn = decode_mixture
         else:
             name = f"memory_adapters[{{}}: {tokens}, a rank-{rank} adapter per row]"
-            args = (graph, base_abs, weights, consts, *ids((B, 1, W)), spec, None, mesh)
+            args = (graph, base_abs, weights, consts, *prompts((B, 1, W), mesh), spec, None, mesh)
             fn = decode_stack_for
         seen[key] = Program(name, fn, args, sum(b for _, b in rows), 0.0, mesh)
     for key, p in seen.items():
@@ -194,12 +193,8 @@ def merge_program(
     param_dtype = parse_dtype(config.model.param_dtype or config.model.dtype)
     n, k, rank = len(library), method.k, library[0].rank
     _, w_abs, c_abs, _ = abstract_module(c, union_placement(library), dtype, param_dtype)
-    stack = AdapterStack(
-        _variables(_stacked(w_abs, n), mesh, ("adapter",), leading_in_shape=True),
-        _variables(_stacked(c_abs, n), mesh, ("adapter",), leading_in_shape=True),
-        tuple(library),
-        tuple(f"unit{i}" for i in range(n)),
-    )
+    weights, consts = _adapter_stack(w_abs, c_abs, n, mesh)
+    stack = AdapterStack(weights, consts, tuple(library), tuple(f"unit{i}" for i in range(n)))
     call = merge_call(
         c,
         stack,
@@ -246,12 +241,10 @@ def option_program(
     W = width(config, method, c.max_position_embeddings, answer=OPTION_TOKENS)
     L = min(W - 1, OPTION_TOKENS)
     K = method.k if method.combiner == "mixture" else 1
-    fit = max(1, min(m.batch_size, m.max_batch_tokens // (W * K)) // QUALITY_OPTIONS)
-    Q = 1 << (fit.bit_length() - 1)
+    Q = questions_per_pass(m.batch_size, m.max_batch_tokens, W, K, QUALITY_OPTIONS)
     R = Q * QUALITY_OPTIONS
     replicated = NamedSharding(mesh, PartitionSpec())
-    rows = jax.ShapeDtypeStruct((R, W), jnp.int32, sharding=replicated)
-    mask = jax.ShapeDtypeStruct((R, W), bool, sharding=replicated)
+    rows, mask = prompts((R, W), mesh)
     rank = 0
     if not method.uses_adapters:
         graph, *_, base = abstract_module(c, None, dtype, param_dtype)
@@ -264,8 +257,7 @@ def option_program(
         n = Q if merged else len(library)  # a merge per question, or the library itself
         placement = union_placement([dataclasses.replace(lora, rank=rank)])
         graph, w_abs, c_abs, base = abstract_module(c, placement, dtype, param_dtype)
-        weights = _variables(_stacked(w_abs, n), mesh, ("adapter",), leading_in_shape=True)
-        consts = _variables(_stacked(c_abs, n), mesh, ("adapter",), leading_in_shape=True)
+        weights, consts = _adapter_stack(w_abs, c_abs, n, mesh)
         ids = jax.ShapeDtypeStruct((R, K), jnp.int32, sharding=replicated)
         one = shard_bytes(w_abs, {**sizes, "adapter": 1}, dtype_bytes=4)
         adapter_bytes = shard_bytes(w_abs, sizes, leading=(("adapter", n),), dtype_bytes=4)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxlora.aot import Program, _sharded, _stacked, _variables, topology_devices
+from jaxlora.aot import Program, _adapter_stack, _sharded, _variables, topology_devices
 from jaxlora.generate import DecodeSpec
 from jaxlora.grouped import decode_active
 from jaxlora.llm.engine import _routed_decode
@@ -55,8 +55,7 @@ def serving_programs(
     prompts = (array((rows, width), jnp.int32), array((rows, width), bool))
     base = _variables(abstract_module(c, None, dt, dt)[3], mesh)
     graph, w_one, c_one, _ = abstract_module(c, placement, dt, dt)
-    weights = _variables(_stacked(w_one, adapters), mesh, ("adapter",), leading_in_shape=True)
-    consts = _variables(_stacked(c_one, adapters), mesh, ("adapter",), leading_in_shape=True)
+    weights, consts = _adapter_stack(w_one, c_one, adapters, mesh)
     programs = [
         Program(
             "per row",

@@ -78,8 +78,7 @@ class OptionScoring:
         )
         route = self.route(method.router, method.k) if method.routes_questions else None
         K = method.k if method.combiner == "mixture" else 1
-        fit = max(1, min(self.m.batch_size, self.m.max_batch_tokens // (W * K)) // n_opt)
-        Q = 1 << (fit.bit_length() - 1)  # questions per pass, a power of two as in `decode`
+        Q = questions_per_pass(self.m.batch_size, self.m.max_batch_tokens, W, K, n_opt)
         out: list[list[float]] = []
         for start in range(0, n, Q):
             qs = list(range(start, min(start + Q, n)))
@@ -163,6 +162,14 @@ def _continuation_logprobs(graphdef, base, weights, consts, ids_RK, tokens_RT, m
     m = jnp.repeat(mask_RT, K, axis=0)[:, None]
     lp = jax.vmap(one)(w, c, t, m)[:, 0].reshape(R, K, L)
     return jax.nn.logsumexp(lp, axis=1) - jnp.log(K)
+
+
+def questions_per_pass(batch_size: int, max_batch_tokens: int, width: int, k: int, options: int):
+    """Questions per option-scoring pass: `batch_size` rows, fewer for long prompts
+    (`max_batch_tokens` over k adapters a row), each question taking a row per option; a power
+    of two, as in decoding."""
+    fit = max(1, min(batch_size, max_batch_tokens // (width * k)) // options)
+    return 1 << (fit.bit_length() - 1)
 
 
 def prompt_width(longest: int) -> int:
