@@ -249,6 +249,8 @@ def test_the_8b_memorys_cat_merge_keeps_the_library_split_and_fits_v5e():
     got = aot.compile_program(merge)
     usable, _ = aot.usable_hbm(devices[0])
     assert not got.error and got.total <= usable, (got.error, got.total / 2**30)
+    # the issue's +-20% for plan's estimates (measured 0.83x); the compiler's figure is the
+    # pinned libtpu's, the same on any host
     assert 0.8 <= merge.estimated_bytes / got.total <= 1.2, merge.estimated_bytes / got.total
 
 
