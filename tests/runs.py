@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -114,6 +115,15 @@ def free_port() -> int:
 
 def jaxlora_cmd(*args) -> list[str]:
     return [sys.executable, "-m", "jaxlora.cli", *map(str, args)]
+
+
+def optimised_env() -> dict[str, str]:
+    """This process's environment without the suite's unoptimised XLA:CPU code generation
+    (tests/conftest.py), for a subprocess whose time goes into running its programs, not
+    compiling them."""
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    kept = [f for f in flags if not f.startswith("--xla_backend_optimization_level")]
+    return {**os.environ, "XLA_FLAGS": " ".join(kept)}
 
 
 def train_refuses(tmp_path: Path, raw: dict) -> str:

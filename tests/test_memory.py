@@ -21,7 +21,7 @@ from jaxlora.memory import compose
 from jaxlora.memory.compose import MethodError, parse_method
 from jaxlora.memory.evaluate import MemoryEvaluator, evaluate_memory
 from jaxlora.memory.library import load_libraries
-from tests.runs import jaxlora_cmd, train_refuses
+from tests.runs import jaxlora_cmd, optimised_env, train_refuses
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -286,6 +286,7 @@ def test_memory_quickstart_recalls_with_the_oracle_and_bm25_not_the_base(tmp_pat
         ),
         capture_output=True,
         text=True,
+        env=optimised_env(),  # 500 training steps: running, not compiling, is its time
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = {r["method"]: r for r in csv.DictReader((out / "memory_results.csv").open())}
