@@ -121,7 +121,8 @@ def memory_programs(config: Config, mesh: Mesh, plan: Plan) -> list[Program]:
             methods.setdefault(key, []).append(text)
             if key in seen:
                 continue
-            local = B // sizes["fsdp"] if B % sizes["fsdp"] == 0 else B
+            split = B % sizes["fsdp"] == 0
+            local = B // sizes["fsdp"] if split else B
             if method.context == "icl" and B > 1:  # the book, shared: prefilled once per pass
                 P, S = W, prompt_width(QUESTION_TOKENS)
                 tokens = f"{B} x {S} + {m.max_new_tokens} tokens after a shared {P}-token prefix"
@@ -130,7 +131,16 @@ def memory_programs(config: Config, mesh: Mesh, plan: Plan) -> list[Program]:
                 P, S = 0, W
                 args = (*prompts((B, W), mesh), spec, None, None, None, mesh)
             rows = decode_rows(
-                c, sizes, local, S, m.max_new_tokens, dtype_bytes, base_bytes, 0, prefix=P
+                c,
+                sizes,
+                local,
+                S,
+                m.max_new_tokens,
+                dtype_bytes,
+                base_bytes,
+                0,
+                prefix=P,
+                rows_split=split,
             )
             seen[key] = Program(
                 f"memory_base[{{}}: {tokens}]",
@@ -160,8 +170,20 @@ def memory_programs(config: Config, mesh: Mesh, plan: Plan) -> list[Program]:
         weights, consts = _adapter_stack(w_abs, c_abs, n, mesh)
         adapter_bytes = shard_bytes(w_abs, sizes, leading=(("adapter", n),), dtype_bytes=4)
         local = math.ceil(n / sizes["adapter"])
+        # A stack's rows are its adapters, each with one prompt: they never split over fsdp
+        # (the compiler moves activations, not weights: no weight all-gather in the 8B's
+        # programs). A mixture's rows split over fsdp as the base's do.
+        split = combiner == "mixture" and B % sizes["fsdp"] == 0
         rows = decode_rows(
-            c, sizes, local, W, m.max_new_tokens, dtype_bytes, base_bytes, adapter_bytes
+            c,
+            sizes,
+            local,
+            W,
+            m.max_new_tokens,
+            dtype_bytes,
+            base_bytes,
+            adapter_bytes,
+            rows_split=split,
         )
         if combiner == "mixture":
             name = f"memory_mixture[{{}}: {tokens}, {k} rank-{rank} adapters per row]"

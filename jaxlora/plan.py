@@ -128,16 +128,16 @@ def prefill_rows(
     Working set of one layer at a time (the previous layer's are freed): the hidden states and
     their norm, residual and attention output (4D), q, k, v (NH + 2KH) and the MLP's gate, up
     and product (3F), per token. Attention: the blocked kernel (or cuDNN's flash attention on
-    GPU) holds [N, context, KEY_BLOCK] float32 logits and probabilities and an [N, context, H]
-    float32 accumulator -- linear in the context; the full kernel would hold [N, context,
-    context] logits and probabilities, shown for comparison and not counted."""
+    GPU) holds a block's probabilities and a float32 accumulator (`blocked_attention_bytes`) --
+    linear in the context; the full kernel would hold [N, context, context] float32 logits and
+    probabilities, shown for comparison and not counted."""
     from jaxlora.models.transformer import KEY_BLOCK
 
     D, F, N, K, H, L, _ = _dims(c)
     t = sizes["tensor"]
     cache = 2 * L * (K // t if K % t == 0 else K) * H * context * dtype_bytes
     per_token = (4 * D + N * H + 2 * K * H + 3 * F) * dtype_bytes
-    attention = N * context * (2 * min(KEY_BLOCK, context) + H) * 4
+    attention = blocked_attention_bytes(N, H, context, context, dtype_bytes)
     full = 2 * N * context * context * 4
     return [
         ("base weights", base_bytes),
@@ -158,6 +158,7 @@ def decode_rows(
     base_bytes: float,
     adapter_bytes: float,
     prefix: int = 0,
+    rows_split: bool = True,
 ) -> list[tuple[str, float]]:
     """Per-device memory of a stack's batched decoding (`generate.decode_stack` as evaluation
     runs it: `rows` prompts per device -- its adapters x their prompts over `fsdp` -- of
@@ -167,12 +168,15 @@ def decode_rows(
 
     KV cache: 2 x L x K x H x (prompt + new_tokens) per row, in the model dtype (kv heads split
     over `tensor`). The prefill's working set is one layer's, as `prefill_rows` counts it, with
-    the attention's float32 working set (`_attention_bytes`: full logits and probabilities of
-    a short prompt, the blocked kernel's of a long one, per row). The weights
-    live split over `fsdp`, so the program all-gathers each one whole where it is used: the
-    largest, the vocabulary table of the logits (V x D), twice over (the gathered table and
-    its copy for the product), and a layer's projections, which the compiler gathers a few
-    layers ahead (DECODE_LAYERS_AHEAD, read from the 8B's live ranges)."""
+    the attention's working set (`_attention_bytes`: full logits and probabilities of a short
+    prompt, the blocked kernel's of a long one, per row). The weights live split over `fsdp`.
+    Where the rows split over it too (`rows_split`), the program all-gathers each weight whole
+    where it is used: the largest, the vocabulary table of the logits (V x D), twice over (the
+    gathered table and its copy for the product), and a layer's projections, which the
+    compiler gathers a few layers ahead (DECODE_LAYERS_AHEAD, read from the 8B's live ranges).
+    Where they do not (one long ICL row on an 8-way fsdp mesh), the TPU compiler keeps the
+    weights split and moves the activations instead, each layer's whole ([T, D] gathered,
+    [T, F] summed), which the per-token working set already counts: no weight is gathered."""
     D, F, N, K, H, L, V = _dims(c)
     t = sizes["tensor"]
     kv = K // t if K % t == 0 else K
@@ -182,32 +186,46 @@ def decode_rows(
     row_cache = 2 * L * kv * H * cache * dtype_bytes
     # The prefix's prefill (one row) and the rows' own come one after the other.
     attention = max(
-        _attention_bytes(N, H, prefix, cache), rows * _attention_bytes(N, H, prompt, cache)
+        _attention_bytes(N, H, prefix, cache, dtype_bytes),
+        rows * _attention_bytes(N, H, prompt, cache, dtype_bytes),
     )
+    gathers = sizes["fsdp"] == 1 or rows_split
     out = [
         ("base weights", base_bytes),
         ("adapter weights (float32)", adapter_bytes),
         (f"KV cache ({rows} rows x {cache})", row_cache * rows),
         ("prefill: a layer's activations", max(prefix, rows * prompt) * per_token),
-        ("prefill: attention (float32)", attention),
-        ("vocab table gathered (2 copies)", 2 * V * D * dtype_bytes / t),
+        ("prefill: attention", attention),
     ]
+    if gathers:
+        out.append(("vocab table gathered (2 copies)", 2 * V * D * dtype_bytes / t))
     if prefix:
         out.append(("the prefix's cache (1 row, before its copies)", row_cache))
-    if sizes["fsdp"] > 1:
+    if sizes["fsdp"] > 1 and gathers:
         out.append((f"layers gathered ahead ({DECODE_LAYERS_AHEAD})", DECODE_LAYERS_AHEAD * layer))
     return out
 
 
-def _attention_bytes(N: int, H: int, prompt: int, keys: int) -> int:
-    """A prefill's float32 attention working set per row (`models.attention.attend`): full
-    [N, prompt, keys] logits and probabilities below LONG_CONTEXT keys, from it the blocked
-    kernel's [N, prompt, KEY_BLOCK] pair and its [N, prompt, H] accumulator."""
-    from jaxlora.models.attention import KEY_BLOCK, LONG_CONTEXT
+def _attention_bytes(N: int, H: int, prompt: int, keys: int, dtype_bytes: int) -> int:
+    """A prefill's attention working set per row (`models.attention.attend`): full [N, prompt,
+    keys] float32 logits and probabilities below LONG_CONTEXT keys; from it the blocked
+    kernel's, `blocked_attention_bytes`."""
+    from jaxlora.models.attention import LONG_CONTEXT
 
     if keys < LONG_CONTEXT:
         return 2 * N * prompt * keys * 4
-    return N * prompt * (2 * KEY_BLOCK + H) * 4
+    return blocked_attention_bytes(N, H, prompt, keys, dtype_bytes)
+
+
+def blocked_attention_bytes(N: int, H: int, queries: int, keys: int, dtype_bytes: int) -> int:
+    """The blocked kernel's working set for `queries` queries of one row over `keys` keys
+    (`models.attention._blocked`): a block's [N, queries, KEY_BLOCK] probabilities in the model
+    dtype, as its value product takes them, and the float32 [N, queries, H] accumulator. Its
+    float32 logits and probabilities fuse into those: the TPU compiler's buffers of the 8B's
+    25,600-token prefill are bf16 [K, N/K, T, 512] blocks, none of them float32 (2026-12-06)."""
+    from jaxlora.models.attention import KEY_BLOCK
+
+    return N * queries * (min(KEY_BLOCK, keys) * dtype_bytes + H * 4)
 
 
 # Layers whose weights a decoding step's all-gathers hold at once on an fsdp mesh: the TPU

@@ -255,6 +255,30 @@ def test_the_8b_memorys_cat_merge_keeps_the_library_split_and_fits_v5e():
 
 
 @pytest.mark.tpu_aot
+def test_the_8b_memorys_long_icl_row_is_planned_within_20_percent():
+    """configs/phonebook_memory_llama3_8b.yaml's `base+icl` on v5e:2x4 (mesh 1/8/1): one row of
+    25,600 tokens, which cannot split over fsdp 8. The compiler keeps the weights split and
+    all-gathers the row's activations instead; plan counts no gathered weights for it and the
+    blocked attention's bf16 probabilities, and is within the issue's 20% of the compiler
+    (measured 1.07x; counting gathered weights and float32 blocks, plan said 1.94x)."""
+    from jaxlora import aot_memory
+
+    config = load_config(
+        "configs/phonebook_memory_llama3_8b.yaml",
+        ["model.path=llama-3.1-8b-shape", "model.scan_layers=true", "memory.methods=[base+icl]"],
+    )
+    devices = aot.topology_devices(TOPOLOGY)
+    mesh = make_mesh(config.mesh.adapter, config.mesh.fsdp, config.mesh.tensor, devices)
+    plan = make_plan(config, len(devices), 16, 197, 0.4)
+    (icl,) = aot_memory.memory_programs(config, mesh, plan)
+    assert "1 x 25600" in icl.name
+    got = aot.compile_program(icl)
+    assert not got.error, got.error
+    # the compiler's figure is the pinned libtpu's, the same on any host
+    assert 0.8 <= icl.estimated_bytes / got.total <= 1.2, icl.estimated_bytes / got.total
+
+
+@pytest.mark.tpu_aot
 def test_grouped_serving_passes_compile_to_the_tpus_grouped_matmul():
     """What `Engine(grouped=None)` picks on a TPU, by the TPU compiler: a pass of 16 rows of the
     tiny model over 16 adapters, grouped over its U distinct adapters, compiles to the TPU's

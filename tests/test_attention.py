@@ -280,7 +280,7 @@ def test_plan_reports_a_long_context_prefill(capsys):
     )
     assert (
         rows[f"attention ({KEY_BLOCK}-key blocks)"]
-        == c.num_heads * T * (2 * KEY_BLOCK + c.head_dim) * 4
+        == c.num_heads * T * (KEY_BLOCK * 2 + c.head_dim * 4)  # bf16 blocks, f32 accumulator
     )
     assert plans[32768].prefill_total < 80 * 2**30
     assert plans[32768].prefill_full_attention == 2 * c.num_heads * T * T * 4  # would not fit

@@ -51,8 +51,9 @@ def test_more_fsdp_or_fewer_prompts_shrink_the_per_device_cache():
 
 def test_a_long_prompt_counts_the_blocked_attention_not_full_logits():
     """Past LONG_CONTEXT keys the prefill attends in KEY_BLOCK-key blocks (models/attention.py):
-    [N, T, 512] float32 logits and probabilities and an [N, T, H] accumulator per row, not the
-    [N, T, S] pair (which at 25,600 tokens would be 168 GB a row). Below it, the full pair."""
+    a block's [N, T, 512] probabilities in the model dtype and an [N, T, H] float32 accumulator
+    per row, not the [N, T, S] float32 pair (which at 25,600 tokens would be 168 GB a row).
+    Below it, the full pair."""
     from jaxlora.models.model import model_config
     from jaxlora.plan import decode_rows
 
@@ -60,6 +61,26 @@ def test_a_long_prompt_counts_the_blocked_attention_not_full_logits():
     sizes = {"adapter": 1, "fsdp": 1, "tensor": 1}
     N, H = 32, 128
     long = dict(decode_rows(c, sizes, 2, 25600, 50, 2, 0, 0))
-    assert long["prefill: attention (float32)"] == 2 * N * 25600 * (2 * 512 + H) * 4
+    assert long["prefill: attention"] == 2 * N * 25600 * (512 * 2 + H * 4)
     short = dict(decode_rows(c, sizes, 2, 128, 50, 2, 0, 0))
-    assert short["prefill: attention (float32)"] == 2 * 2 * N * 128 * 178 * 4
+    assert short["prefill: attention"] == 2 * 2 * N * 128 * 178 * 4
+
+
+def test_rows_that_do_not_split_over_fsdp_gather_no_weights():
+    """On an fsdp mesh, rows split over it gather each weight whole where it is used (the
+    vocabulary table, a few layers ahead); one row that cannot split leaves the weights split
+    (the TPU compiler moves its activations instead), so nothing of the weights is gathered,
+    and all else is the same."""
+    from jaxlora.models.model import model_config
+    from jaxlora.plan import DECODE_LAYERS_AHEAD, decode_rows
+
+    c = model_config("llama-3.1-8b-shape")
+    sizes = {"adapter": 1, "fsdp": 8, "tensor": 1}
+    split = dict(decode_rows(c, sizes, 1, 25600, 50, 2, 1.0, 0))
+    whole = dict(decode_rows(c, sizes, 1, 25600, 50, 2, 1.0, 0, rows_split=False))
+    gathered = {k for k in split if "gathered" in k}
+    assert gathered == {
+        "vocab table gathered (2 copies)",
+        f"layers gathered ahead ({DECODE_LAYERS_AHEAD})",
+    }
+    assert whole == {k: v for k, v in split.items() if k not in gathered}
