@@ -141,6 +141,7 @@ def memory_programs(config: Config, mesh: Mesh, plan: Plan) -> list[Program]:
                 0,
                 prefix=P,
                 rows_split=split,
+                hbm=plan.device_memory,
             )
             seen[key] = Program(
                 f"memory_base[{{}}: {tokens}]",
@@ -170,10 +171,9 @@ def memory_programs(config: Config, mesh: Mesh, plan: Plan) -> list[Program]:
         weights, consts = _adapter_stack(w_abs, c_abs, n, mesh)
         adapter_bytes = shard_bytes(w_abs, sizes, leading=(("adapter", n),), dtype_bytes=4)
         local = math.ceil(n / sizes["adapter"])
-        # A stack's rows are its adapters, each with one prompt: they never split over fsdp
-        # (the compiler moves activations, not weights: no weight all-gather in the 8B's
-        # programs). A mixture's rows split over fsdp as the base's do.
-        split = combiner == "mixture" and B % sizes["fsdp"] == 0
+        # A stack's rows are its adapters (a mixture's: each question's k), each with one
+        # prompt: they never split over fsdp, and the compiler moves activations, not weights
+        # (no weight all-gather in the 8B's cat and mixture programs).
         rows = decode_rows(
             c,
             sizes,
@@ -183,7 +183,7 @@ def memory_programs(config: Config, mesh: Mesh, plan: Plan) -> list[Program]:
             dtype_bytes,
             base_bytes,
             adapter_bytes,
-            rows_split=split,
+            rows_split=False,
         )
         if combiner == "mixture":
             name = f"memory_mixture[{{}}: {tokens}, {k} rank-{rank} adapters per row]"
@@ -254,8 +254,9 @@ def option_program(
     last L positions scored; under the base, a top-1 adapter, a merge (one per question) or the
     k adapters of a mixture per row. With its key: methods that run the same program share it.
 
-    Plan's estimate: `plan.decode_rows` of the rows' forward without a KV cache to keep, each
-    row's copy of its adapters, and the float32 log-softmax of the L scored positions."""
+    Plan's estimate: `plan.decode_rows` of the rows' forward without a KV cache to keep or a
+    token loop (the adapters are cast layer by layer), each row's copy of its adapters, and the
+    float32 log-softmax of the L scored positions."""
     m = config.memory
     dtype = parse_dtype(config.model.dtype)
     param_dtype = parse_dtype(config.model.param_dtype or config.model.dtype)
@@ -287,7 +288,9 @@ def option_program(
     local = R * K // sizes["fsdp"] if R * K % sizes["fsdp"] == 0 else R * K
     dtype_bytes = jnp.dtype(dtype).itemsize
     parts = decode_rows(c, sizes, local, W, 0, dtype_bytes, plan.rows[0][1], adapter_bytes)
-    estimate = sum(b for name, b in parts if not name.startswith("KV cache"))
+    # no cache to keep, and no token loop to hoist the adapters' casts out of
+    kept = ("KV cache", "adapter weights cast")
+    estimate = sum(b for name, b in parts if not name.startswith(kept))
     estimate += 2 * local * L * c.vocab_size * 4  # the scored positions' logits and log-softmax
     args = (graph, _variables(base, mesh), weights, consts, ids, rows, mask, L, mesh)
     what = f"rank-{rank} adapter{'s' if K > 1 else ''}" if rank else "the base"

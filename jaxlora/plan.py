@@ -159,6 +159,7 @@ def decode_rows(
     adapter_bytes: float,
     prefix: int = 0,
     rows_split: bool = True,
+    hbm: float = 0.0,
 ) -> list[tuple[str, float]]:
     """Per-device memory of a stack's batched decoding (`generate.decode_stack` as evaluation
     runs it: `rows` prompts per device -- its adapters x their prompts over `fsdp` -- of
@@ -172,11 +173,16 @@ def decode_rows(
     prompt, the blocked kernel's of a long one, per row). The weights live split over `fsdp`.
     Where the rows split over it too (`rows_split`), the program all-gathers each weight whole
     where it is used: the largest, the vocabulary table of the logits (V x D), twice over (the
-    gathered table and its copy for the product), and a layer's projections, which the
-    compiler gathers a few layers ahead (DECODE_LAYERS_AHEAD, read from the 8B's live ranges).
+    gathered table and its copy for the product), and the layers' projections, which the
+    compiler gathers ahead of their use: at least DECODE_LAYERS_AHEAD layers, and with the
+    device's memory `hbm` given, as many more as it leaves room for, up to every layer (the
+    TPU compiler prefetches the gathers into what HBM is left: the 8B's decoding held 14.9-16.8
+    GiB a v5e chip whatever its prompts, 2026-12-06).
     Where they do not (one long ICL row on an 8-way fsdp mesh), the TPU compiler keeps the
     weights split and moves the activations instead, each layer's whole ([T, D] gathered,
-    [T, F] summed), which the per-token working set already counts: no weight is gathered."""
+    [T, F] summed), which the per-token working set already counts: no weight is gathered.
+    The float32 adapters are cast to the model dtype once, every layer's before the token
+    loop (the compiler hoists the casts out of it), and that copy lives through the loop."""
     D, F, N, K, H, L, V = _dims(c)
     t = sizes["tensor"]
     kv = K // t if K % t == 0 else K
@@ -197,12 +203,16 @@ def decode_rows(
         ("prefill: a layer's activations", max(prefix, rows * prompt) * per_token),
         ("prefill: attention", attention),
     ]
+    if adapter_bytes and dtype_bytes < 4:
+        out.append(("adapter weights cast to the model dtype", adapter_bytes * dtype_bytes / 4))
     if gathers:
         out.append(("vocab table gathered (2 copies)", 2 * V * D * dtype_bytes / t))
     if prefix:
         out.append(("the prefix's cache (1 row, before its copies)", row_cache))
     if sizes["fsdp"] > 1 and gathers:
-        out.append((f"layers gathered ahead ({DECODE_LAYERS_AHEAD})", DECODE_LAYERS_AHEAD * layer))
+        room = hbm - sum(b for _, b in out)
+        ahead = max(DECODE_LAYERS_AHEAD, min(L, int(room // layer))) if hbm else DECODE_LAYERS_AHEAD
+        out.append((f"layers gathered ahead ({ahead} of {L})", ahead * layer))
     return out
 
 
@@ -228,8 +238,8 @@ def blocked_attention_bytes(N: int, H: int, queries: int, keys: int, dtype_bytes
     return N * queries * (min(KEY_BLOCK, keys) * dtype_bytes + H * 4)
 
 
-# Layers whose weights a decoding step's all-gathers hold at once on an fsdp mesh: the TPU
-# compiler's live ranges of the 8B decoding (2/4/1) hold 8 layers' MLP kernels.
+# Layers whose weights a decoding step's all-gathers hold at once on an fsdp mesh, at least:
+# the TPU compiler's live ranges of the 8B decoding (2/4/1) hold 8 layers' MLP kernels.
 DECODE_LAYERS_AHEAD = 8
 
 
@@ -535,8 +545,11 @@ def make_plan(
             placement = union_placement([plans[i].lora for i in g.slots if i is not None])
             _, weights, _, _ = abstract_module(c, placement)
             adapter_b = shard_bytes(weights, sizes, leading=(("adapter", len(g.slots)),))
+            # each adapter's prompts split over fsdp where it divides them, else all are on
+            # every device of the adapter's
+            split = config.eval.batch_size % sizes["fsdp"] == 0
             local = math.ceil(len(g.slots) / sizes["adapter"])
-            local *= math.ceil(config.eval.batch_size / sizes["fsdp"])
+            local *= config.eval.batch_size // sizes["fsdp"] if split else config.eval.batch_size
             decoding.append(
                 decode_rows(
                     c,
@@ -547,6 +560,8 @@ def make_plan(
                     dtype_bytes,
                     rows[0][1],
                     adapter_b,
+                    rows_split=split,
+                    hbm=device_memory_gib * GIB,
                 )
             )
     prefill, full = (None, 0.0)

@@ -81,6 +81,49 @@ def test_rows_that_do_not_split_over_fsdp_gather_no_weights():
     gathered = {k for k in split if "gathered" in k}
     assert gathered == {
         "vocab table gathered (2 copies)",
-        f"layers gathered ahead ({DECODE_LAYERS_AHEAD})",
+        f"layers gathered ahead ({DECODE_LAYERS_AHEAD} of 32)",
     }
     assert whole == {k: v for k, v in split.items() if k not in gathered}
+
+
+def test_split_rows_gather_layers_ahead_into_what_the_device_leaves():
+    """The TPU compiler prefetches a decoding's weight gathers into whatever memory is left
+    (the 8B's decoding held 14.9-16.8 GiB a 16 GiB v5e chip whatever its prompts): with the
+    device's memory given, plan counts as many layers ahead as fit in what the rest leaves, at
+    least DECODE_LAYERS_AHEAD and at most every layer."""
+    from jaxlora.models.model import model_config
+    from jaxlora.plan import DECODE_LAYERS_AHEAD, decode_rows
+
+    c = model_config("llama-3.1-8b-shape")
+    sizes = {"adapter": 1, "fsdp": 8, "tensor": 1}
+
+    def ahead(hbm: float) -> tuple[str, float, float]:
+        rows = decode_rows(c, sizes, 2, 256, 50, 2, 2.0 * GIB, 0, hbm=hbm)
+        (label, b), rest = rows[-1], sum(b for _, b in rows[:-1])
+        assert label.startswith("layers gathered ahead")
+        return label, b, rest
+
+    label, fill, rest = ahead(16 * GIB)
+    layer = fill / int(label.split("(")[1].split()[0])
+    assert DECODE_LAYERS_AHEAD < fill / layer < 32
+    assert 16 * GIB - layer < rest + fill <= 16 * GIB  # as many whole layers as fit
+    assert ahead(1 * GIB)[0] == f"layers gathered ahead ({DECODE_LAYERS_AHEAD} of 32)"
+    assert ahead(1000 * GIB)[0] == "layers gathered ahead (32 of 32)"
+    assert ahead(0.0)[0] == f"layers gathered ahead ({DECODE_LAYERS_AHEAD} of 32)"  # unknown
+
+
+def test_float32_adapters_decode_from_a_copy_in_the_model_dtype():
+    """The compiler casts every layer's float32 factors to the model dtype once, before the
+    token loop (the 8B's rank-192 decoding holds that copy: 1.87 GiB a chip), so a bf16 model
+    counts half the adapters' bytes again; a float32 one decodes from them as they are."""
+    from jaxlora.models.model import model_config
+    from jaxlora.plan import decode_rows
+
+    c = model_config("llama-3.1-8b-shape")
+    sizes = {"adapter": 1, "fsdp": 8, "tensor": 1}
+    bf16 = dict(decode_rows(c, sizes, 2, 256, 50, 2, 1.0, 4e9, rows_split=False))
+    assert bf16["adapter weights cast to the model dtype"] == 2e9
+    f32 = dict(decode_rows(c, sizes, 2, 256, 50, 4, 1.0, 4e9, rows_split=False))
+    assert "adapter weights cast to the model dtype" not in f32
+    base = dict(decode_rows(c, sizes, 2, 256, 50, 2, 1.0, 0, rows_split=False))
+    assert "adapter weights cast to the model dtype" not in base
