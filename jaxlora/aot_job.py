@@ -81,6 +81,9 @@ def compile_job(
 ) -> Report:
     """Plan `config` for the chips of `topology` and compile its programs for them (`devices`,
     when given, must be the topology's chip count)."""
+    # A persistent-cache hit would be no compile at all: this command measures the compiler.
+    # Before the first compile (usable_hbm's probe): jax decides once whether it uses the cache.
+    jax.config.update("jax_enable_compilation_cache", False)
     chips = topology_devices(topology)
     if devices is not None and devices != len(chips):
         raise AotError(f"--devices {devices} but {topology} has {len(chips)} chips; drop one")
@@ -96,8 +99,6 @@ def compile_job(
     c = plan.config.mesh
     sizes = mesh_sizes(c.adapter, c.fsdp, c.tensor, devices)
     mesh = Mesh(np.asarray(chips).reshape(tuple(sizes.values())), MESH_AXES)
-    # A persistent-cache hit would be no compile at all: this command measures the compiler.
-    jax.config.update("jax_enable_compilation_cache", False)
     programs = [
         train_program(plan.config, mesh, plan),
         *teacher_programs(plan.config, mesh, plan),

@@ -9,7 +9,10 @@ arithmetic; the last tests here are unmarked)."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -126,6 +129,26 @@ def test_cli_json_is_the_last_line(capsys):
     assert set(p) >= {"name", "compiled_bytes", "estimated_bytes", "fits", "flops", "compile_s"}
     assert p["compiled_bytes"] > 0 and p["compile_s"] > 0
     assert any("temporaries" in line for line in out)
+
+
+@pytest.mark.tpu_aot
+def test_aot_neither_reads_nor_writes_the_compilation_cache(tmp_path):
+    """`plan --aot` measures the compiler, so no program may come from jax's persistent cache
+    (and libtpu's compile-only client cannot load one: each read printed a warning). jax
+    decides once, at the first compile, whether it uses the cache: switched off later, it was
+    used all the same. A fresh process (that decision is per process), with the cache on."""
+    cache = tmp_path / "xla"
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env["JAXLORA_COMPILATION_CACHE"] = str(cache)
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxlora.cli", "plan", QUICKSTART, *_sets(SETS), "--aot", TOPOLOGY],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not (cache.exists() and any(cache.iterdir())), sorted(cache.iterdir())
+    assert "compilation cache" not in proc.stderr, proc.stderr[-2000:]
 
 
 @pytest.mark.tpu_aot
