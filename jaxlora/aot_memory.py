@@ -289,7 +289,7 @@ def option_program(
     dtype_bytes = jnp.dtype(dtype).itemsize
     parts = decode_rows(c, sizes, local, W, 0, dtype_bytes, plan.rows[0][1], adapter_bytes)
     # no cache to keep, and no token loop to hoist the adapters' casts out of
-    kept = ("KV cache", "adapter weights cast")
+    kept = ("KV cache", "adapters cast")
     estimate = sum(b for name, b in parts if not name.startswith(kept))
     estimate += 2 * local * L * c.vocab_size * 4  # the scored positions' logits and log-softmax
     args = (graph, _variables(base, mesh), weights, consts, ids, rows, mask, L, mesh)

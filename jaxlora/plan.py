@@ -204,7 +204,7 @@ def decode_rows(
         ("prefill: attention", attention),
     ]
     if adapter_bytes and dtype_bytes < 4:
-        out.append(("adapter weights cast to the model dtype", adapter_bytes * dtype_bytes / 4))
+        out.append(("adapters cast to the model dtype", adapter_bytes * dtype_bytes / 4))
     if gathers:
         out.append(("vocab table gathered (2 copies)", 2 * V * D * dtype_bytes / t))
     if prefix:

@@ -122,8 +122,8 @@ def test_float32_adapters_decode_from_a_copy_in_the_model_dtype():
     c = model_config("llama-3.1-8b-shape")
     sizes = {"adapter": 1, "fsdp": 8, "tensor": 1}
     bf16 = dict(decode_rows(c, sizes, 2, 256, 50, 2, 1.0, 4e9, rows_split=False))
-    assert bf16["adapter weights cast to the model dtype"] == 2e9
+    assert bf16["adapters cast to the model dtype"] == 2e9
     f32 = dict(decode_rows(c, sizes, 2, 256, 50, 4, 1.0, 4e9, rows_split=False))
-    assert "adapter weights cast to the model dtype" not in f32
+    assert "adapters cast to the model dtype" not in f32
     base = dict(decode_rows(c, sizes, 2, 256, 50, 2, 1.0, 0, rows_split=False))
-    assert "adapter weights cast to the model dtype" not in base
+    assert "adapters cast to the model dtype" not in base
