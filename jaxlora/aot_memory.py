@@ -41,7 +41,7 @@ from jaxlora.memory.loglik import continuation_logprobs, prompt_width, questions
 from jaxlora.memory.merging import CONCAT_TYPES, _merge_rows, merge_call
 from jaxlora.models.config import ModelConfig
 from jaxlora.models.model import abstract_module, model_config, parse_dtype
-from jaxlora.plan import Plan, decode_rows, shard_bytes
+from jaxlora.plan import Plan, decode_rows, rows_per_device, shard_bytes
 
 # A question with its chat template and the study's template words, in tokens: the study's
 # questions are one or two sentences (PhoneBook's "Question: ... Answer:" row is under 128
@@ -121,8 +121,7 @@ def memory_programs(config: Config, mesh: Mesh, plan: Plan) -> list[Program]:
             methods.setdefault(key, []).append(text)
             if key in seen:
                 continue
-            split = B % sizes["fsdp"] == 0
-            local = B // sizes["fsdp"] if split else B
+            local, split = rows_per_device(B, sizes["fsdp"])
             if method.context == "icl" and B > 1:  # the book, shared: prefilled once per pass
                 P, S = W, prompt_width(QUESTION_TOKENS)
                 tokens = f"{B} x {S} + {m.max_new_tokens} tokens after a shared {P}-token prefix"
@@ -285,7 +284,7 @@ def option_program(
         one = shard_bytes(w_abs, {**sizes, "adapter": 1}, dtype_bytes=4)
         adapter_bytes = shard_bytes(w_abs, sizes, leading=(("adapter", n),), dtype_bytes=4)
         adapter_bytes += R * K * one  # every row's own copy of its adapters
-    local = R * K // sizes["fsdp"] if R * K % sizes["fsdp"] == 0 else R * K
+    local, _ = rows_per_device(R * K, sizes["fsdp"])
     dtype_bytes = jnp.dtype(dtype).itemsize
     parts = decode_rows(c, sizes, local, W, 0, dtype_bytes, plan.rows[0][1], adapter_bytes)
     # no cache to keep, and no token loop to hoist the adapters' casts out of

@@ -216,6 +216,13 @@ def decode_rows(
     return out
 
 
+def rows_per_device(rows: int, fsdp: int) -> tuple[int, bool]:
+    """(rows each device holds, whether they split over fsdp): a pass's rows split over fsdp
+    where it divides them; otherwise every device holds them all."""
+    split = rows % fsdp == 0
+    return (rows // fsdp if split else rows), split
+
+
 def _attention_bytes(N: int, H: int, prompt: int, keys: int, dtype_bytes: int) -> int:
     """A prefill's attention working set per row (`models.attention.attend`): full [N, prompt,
     keys] float32 logits and probabilities below LONG_CONTEXT keys; from it the blocked
@@ -545,11 +552,8 @@ def make_plan(
             placement = union_placement([plans[i].lora for i in g.slots if i is not None])
             _, weights, _, _ = abstract_module(c, placement)
             adapter_b = shard_bytes(weights, sizes, leading=(("adapter", len(g.slots)),))
-            # each adapter's prompts split over fsdp where it divides them, else all are on
-            # every device of the adapter's
-            split = config.eval.batch_size % sizes["fsdp"] == 0
-            local = math.ceil(len(g.slots) / sizes["adapter"])
-            local *= config.eval.batch_size // sizes["fsdp"] if split else config.eval.batch_size
+            prompts, split = rows_per_device(config.eval.batch_size, sizes["fsdp"])
+            local = math.ceil(len(g.slots) / sizes["adapter"]) * prompts
             decoding.append(
                 decode_rows(
                     c,

@@ -252,25 +252,32 @@ def test_quality_option_scoring_compiles_for_v5e(capsys):
         assert p["compiled_bytes"] > 0 and p["estimated_bytes"] > 0 and p["fits"], p
 
 
+def _phonebook_8b_memory(method: str) -> tuple[list[aot.Program], float]:
+    """The programs of configs/phonebook_memory_llama3_8b.yaml's memory with `method` alone
+    (the 8B shape, scanned, mesh 1/8/1 on TOPOLOGY), and the bytes a chip lets a program use."""
+    from jaxlora import aot_memory
+
+    config = load_config(
+        "configs/phonebook_memory_llama3_8b.yaml",
+        ["model.path=llama-3.1-8b-shape", "model.scan_layers=true", f"memory.methods=[{method}]"],
+    )
+    devices = aot.topology_devices(TOPOLOGY)
+    mesh = make_mesh(config.mesh.adapter, config.mesh.fsdp, config.mesh.tensor, devices)
+    plan = make_plan(config, len(devices), 16, 197, 0.4)
+    usable, _ = aot.usable_hbm(devices[0])
+    return aot_memory.memory_programs(config, mesh, plan), usable
+
+
 @pytest.mark.tpu_aot
 def test_the_8b_memorys_cat_merge_keeps_the_library_split_and_fits_v5e():
     """configs/phonebook_memory_llama3_8b.yaml (16 rank-64 adapters on mesh 1/8/1): 16 questions'
     top 3 merged by `cat` into rank-192 adapters. Left to itself the compiler held the merged
     MLP factors of all 32 layers whole on every chip (37.4 GiB of temporaries, refused); kept
     split as the library is, the merge fits, and plan's estimate is within 20% of it."""
-    from jaxlora import aot_memory
-
-    config = load_config(
-        "configs/phonebook_memory_llama3_8b.yaml",
-        ["model.path=llama-3.1-8b-shape", "model.scan_layers=true", "memory.methods=[bm25@3/cat]"],
-    )
-    devices = aot.topology_devices(TOPOLOGY)
-    mesh = make_mesh(config.mesh.adapter, config.mesh.fsdp, config.mesh.tensor, devices)
-    plan = make_plan(config, len(devices), 16, 197, 0.4)
-    (merge,) = [p for p in aot_memory.memory_programs(config, mesh, plan) if "merge" in p.name]
+    programs, usable = _phonebook_8b_memory("bm25@3/cat")
+    (merge,) = [p for p in programs if "merge" in p.name]
     assert "16 rows x 3 rank-64 sources -> rank-192" in merge.name
     got = aot.compile_program(merge)
-    usable, _ = aot.usable_hbm(devices[0])
     assert not got.error and got.total <= usable, (got.error, got.total / 2**30)
     # the issue's +-20% for plan's estimates (measured 0.83x); the compiler's figure is the
     # pinned libtpu's, the same on any host
@@ -284,16 +291,7 @@ def test_the_8b_memorys_long_icl_row_is_planned_within_20_percent():
     all-gathers the row's activations instead; plan counts no gathered weights for it and the
     blocked attention's bf16 probabilities, and is within the issue's 20% of the compiler
     (measured 1.07x; counting gathered weights and float32 blocks, plan said 1.94x)."""
-    from jaxlora import aot_memory
-
-    config = load_config(
-        "configs/phonebook_memory_llama3_8b.yaml",
-        ["model.path=llama-3.1-8b-shape", "model.scan_layers=true", "memory.methods=[base+icl]"],
-    )
-    devices = aot.topology_devices(TOPOLOGY)
-    mesh = make_mesh(config.mesh.adapter, config.mesh.fsdp, config.mesh.tensor, devices)
-    plan = make_plan(config, len(devices), 16, 197, 0.4)
-    (icl,) = aot_memory.memory_programs(config, mesh, plan)
+    (icl,), _ = _phonebook_8b_memory("base+icl")
     assert "1 x 25600" in icl.name
     got = aot.compile_program(icl)
     assert not got.error, got.error
