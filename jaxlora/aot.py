@@ -347,7 +347,7 @@ def eval_programs(config: Config, mesh: Mesh, plan: Plan) -> list[Program]:
     program per group: each adapter of the stack continues `eval.batch_size` prompts of up to
     `data.max_length` tokens (a prompt is a training row cut before its answer) for
     `eval.max_new_tokens`, with a KV cache per adapter, adapters over `adapter` and each one's
-    prompts over `fsdp`. Plan's estimate for it: `plan.decode_rows`."""
+    prompts over `fsdp`. Plan's estimate for it: `plan_decode.decode_rows`."""
     if config.eval is None:
         return []
     c = model_config(config.model.path)
@@ -369,7 +369,7 @@ def eval_programs(config: Config, mesh: Mesh, plan: Plan) -> list[Program]:
             jax.ShapeDtypeStruct((n, Q, T), jnp.int32), mesh, ("adapter", "batch", None)
         )
         mask = _sharded(jax.ShapeDtypeStruct((n, Q, T), bool), mesh, ("adapter", "batch", None))
-        estimate = sum(b for _, b in plan.decoding[k])  # `plan.decode_rows`
+        estimate = sum(b for _, b in plan.decoding[k])  # `plan_decode.decode_rows`
         out.append(
             Program(
                 f"eval_decode[group {k}: r{placement.rank}x{n}, {Q} x {T} + "

@@ -41,7 +41,8 @@ from jaxlora.memory.loglik import continuation_logprobs, prompt_width, questions
 from jaxlora.memory.merging import CONCAT_TYPES, _merge_rows, merge_call
 from jaxlora.models.config import ModelConfig
 from jaxlora.models.model import abstract_module, model_config, parse_dtype
-from jaxlora.plan import Plan, decode_rows, rows_per_device, shard_bytes
+from jaxlora.plan import Plan, shard_bytes
+from jaxlora.plan_decode import decode_rows, rows_per_device, score_rows
 
 # A question with its chat template and the study's template words, in tokens: the study's
 # questions are one or two sentences (PhoneBook's "Question: ... Answer:" row is under 128
@@ -253,9 +254,7 @@ def option_program(
     last L positions scored; under the base, a top-1 adapter, a merge (one per question) or the
     k adapters of a mixture per row. With its key: methods that run the same program share it.
 
-    Plan's estimate: `plan.decode_rows` of the rows' forward without a KV cache to keep or a
-    token loop (the adapters are cast layer by layer), each row's copy of its adapters, and the
-    float32 log-softmax of the L scored positions."""
+    Plan's estimate: `plan_decode.score_rows`."""
     m = config.memory
     dtype = parse_dtype(config.model.dtype)
     param_dtype = parse_dtype(config.model.param_dtype or config.model.dtype)
@@ -271,7 +270,7 @@ def option_program(
     if not method.uses_adapters:
         graph, *_, base = abstract_module(c, None, dtype, param_dtype)
         weights = consts = ids = None
-        adapter_bytes = 0.0
+        adapter_bytes = rows_adapter_bytes = 0.0
     else:
         lora = library[0]
         merged = method.combiner not in ("one", "mixture")
@@ -281,16 +280,24 @@ def option_program(
         graph, w_abs, c_abs, base = abstract_module(c, placement, dtype, param_dtype)
         weights, consts = _adapter_stack(w_abs, c_abs, n, mesh)
         ids = jax.ShapeDtypeStruct((R, K), jnp.int32, sharding=replicated)
-        one = shard_bytes(w_abs, {**sizes, "adapter": 1}, dtype_bytes=4)
         adapter_bytes = shard_bytes(w_abs, sizes, leading=(("adapter", n),), dtype_bytes=4)
-        adapter_bytes += R * K * one  # every row's own copy of its adapters
-    local, _ = rows_per_device(R * K, sizes["fsdp"])
+        rows_adapter_bytes = R * K * shard_bytes(w_abs, {**sizes, "adapter": 1}, dtype_bytes=4)
+    local, split = rows_per_device(R * K, sizes["fsdp"])
     dtype_bytes = jnp.dtype(dtype).itemsize
-    parts = decode_rows(c, sizes, local, W, 0, dtype_bytes, plan.rows[0][1], adapter_bytes)
-    # no cache to keep, and no token loop to hoist the adapters' casts out of
-    kept = ("KV cache", "adapters cast")
-    estimate = sum(b for name, b in parts if not name.startswith(kept))
-    estimate += 2 * local * L * c.vocab_size * 4  # the scored positions' logits and log-softmax
+    parts = score_rows(
+        c,
+        sizes,
+        local,
+        W,
+        L,
+        dtype_bytes,
+        plan.rows[0][1],
+        adapter_bytes,
+        rows_adapter_bytes,
+        rows_split=split,
+        hbm=plan.device_memory,
+    )
+    estimate = sum(b for _, b in parts)
     args = (graph, _variables(base, mesh), weights, consts, ids, rows, mask, L, mesh)
     what = f"rank-{rank} adapter{'s' if K > 1 else ''}" if rank else "the base"
     name = f"memory_options[{{}}: {Q} questions x {QUALITY_OPTIONS} options x {W} tokens, {what}"

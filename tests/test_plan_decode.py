@@ -1,4 +1,4 @@
-"""`jaxlora plan` for evaluation's decoding (`plan.decode_rows`): each device's prompts, its
+"""`jaxlora plan` for evaluation's decoding (`plan_decode.decode_rows`): each device's prompts, its
 KV cache and its share of the weights, by hand arithmetic; `plan --aot` checks the total
 against the TPU compiler (docs/aot.md)."""
 
@@ -55,7 +55,7 @@ def test_a_long_prompt_counts_the_blocked_attention_not_full_logits():
     per row, not the [N, T, S] float32 pair (which at 25,600 tokens would be 168 GB a row).
     Below it, the full pair."""
     from jaxlora.models.model import model_config
-    from jaxlora.plan import decode_rows
+    from jaxlora.plan_decode import decode_rows
 
     c = model_config("llama-3.1-8b-shape")
     sizes = {"adapter": 1, "fsdp": 1, "tensor": 1}
@@ -72,7 +72,7 @@ def test_rows_that_do_not_split_over_fsdp_gather_no_weights():
     (the TPU compiler moves its activations instead), so nothing of the weights is gathered,
     and all else is the same."""
     from jaxlora.models.model import model_config
-    from jaxlora.plan import DECODE_LAYERS_AHEAD, decode_rows
+    from jaxlora.plan_decode import DECODE_LAYERS_AHEAD, decode_rows
 
     c = model_config("llama-3.1-8b-shape")
     sizes = {"adapter": 1, "fsdp": 8, "tensor": 1}
@@ -92,7 +92,7 @@ def test_split_rows_gather_layers_ahead_into_what_the_device_leaves():
     device's memory given, plan counts as many layers ahead as fit in what the rest leaves, at
     least DECODE_LAYERS_AHEAD and at most every layer."""
     from jaxlora.models.model import model_config
-    from jaxlora.plan import DECODE_LAYERS_AHEAD, decode_rows
+    from jaxlora.plan_decode import DECODE_LAYERS_AHEAD, decode_rows
 
     c = model_config("llama-3.1-8b-shape")
     sizes = {"adapter": 1, "fsdp": 8, "tensor": 1}
@@ -117,7 +117,7 @@ def test_float32_adapters_decode_from_a_copy_in_the_model_dtype():
     token loop (the 8B's rank-192 decoding holds that copy: 1.87 GiB a chip), so a bf16 model
     counts half the adapters' bytes again; a float32 one decodes from them as they are."""
     from jaxlora.models.model import model_config
-    from jaxlora.plan import decode_rows
+    from jaxlora.plan_decode import decode_rows
 
     c = model_config("llama-3.1-8b-shape")
     sizes = {"adapter": 1, "fsdp": 8, "tensor": 1}
@@ -127,3 +127,54 @@ def test_float32_adapters_decode_from_a_copy_in_the_model_dtype():
     assert "adapters cast to the model dtype" not in f32
     base = dict(decode_rows(c, sizes, 2, 256, 50, 2, 1.0, 0, rows_split=False))
     assert "adapters cast to the model dtype" not in base
+
+
+def test_a_scoring_pass_holds_the_larger_of_a_layer_and_the_head_not_both():
+    """A teacher-forced scoring pass (QuALITY's options) keeps no KV cache and has no token
+    loop: its temporaries are a layer's working set or the scored positions' logits, whichever
+    is larger, since the two are never live together (the 8B's option scoring on v5p)."""
+    from jaxlora.models.model import model_config
+    from jaxlora.plan_decode import score_rows
+
+    c = model_config("llama-3.1-8b-shape")
+    sizes = {"adapter": 4, "fsdp": 1, "tensor": 1}
+
+    def stage(width: int, scored: int) -> tuple[str, float]:
+        rows = score_rows(c, sizes, 32, width, scored, 2, 1.0, 0.0)
+        assert [k for k, _ in rows[:2]] == ["base weights", "adapter weights (float32)"]
+        assert not any(k.startswith(("KV cache", "adapters cast", "vocab")) for k, _ in rows)
+        ((label, b),) = rows[2:]
+        return label, b
+
+    # 32 rows x 512 tokens: 128 scored positions' logits, bf16 and their float32 copy, are
+    # 32 x 128 x 128256 x 6 bytes = 2.9 GiB, more than a layer's
+    label, head = stage(512, 128)
+    assert label.startswith("logits of the 128 scored positions")
+    assert head == 32 * 128 * 128256 * (2 + 4)
+    # 3,072 tokens a row: a layer's working set, whatever few positions are scored
+    long_label, layer = stage(3072, 128)
+    assert long_label.startswith("a layer's working set")
+    assert stage(3072, 8) == (long_label, layer)
+    assert layer > head
+
+
+def test_a_scoring_pass_with_adapters_counts_their_products_and_gathers_only_split_rows():
+    from jaxlora.models.model import model_config
+    from jaxlora.plan_decode import score_rows
+
+    c = model_config("llama-3.1-8b-shape")
+    one = {"adapter": 4, "fsdp": 1, "tensor": 1}
+    base = dict(score_rows(c, one, 32, 3072, 128, 2, 1.0, 0.0))
+    lora = dict(score_rows(c, one, 32, 3072, 128, 2, 1.0, 2e8, rows_adapter_bytes=32e8))
+    # the base's widest half is attention's; with adapters it is the MLP's, which holds one
+    # more [T, F] bf16 product (the adapter's beside the base's): residual, norm, gate, up and
+    # that product, 32 rows x 3,072 tokens
+    key = next(k for k in base if k.startswith("a layer's"))
+    assert base[key] < lora[key] == 32 * 3072 * (2 * 4096 + 3 * 14336) * 2
+    assert lora["the rows' copies of a layer's adapters"] == 32e8 / 32  # a layer of 32
+    fsdp = {"adapter": 1, "fsdp": 4, "tensor": 1}
+    split = dict(score_rows(c, fsdp, 8, 512, 128, 2, 1.0, 0.0, rows_split=True))
+    whole = dict(score_rows(c, fsdp, 32, 512, 128, 2, 1.0, 0.0, rows_split=False))
+    assert split["vocab table gathered (2 copies)"] == 2 * 128256 * 4096 * 2
+    assert any(k.startswith("layers gathered ahead") for k in split)
+    assert not any(k.startswith(("vocab", "layers gathered")) for k in whole)
