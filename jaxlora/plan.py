@@ -38,6 +38,7 @@ from jaxlora.errors import JaxloraError
 from jaxlora.lora import placement_params, union_placement
 from jaxlora.models.config import ModelConfig
 from jaxlora.models.model import abstract_module, local_tokenizer, model_config, parse_dtype
+from jaxlora.objectives import loss_chunk
 from jaxlora.plan_decode import decode_rows, dims, prefill_rows, rows_per_device
 from jaxlora.sharding import logical_spec, mesh_sizes
 
@@ -85,23 +86,35 @@ def shard_bytes(
 
 
 def activation_bytes(
-    c: ModelConfig, tokens: int, seq: int, dtype_bytes: int, remat: str, lora_rank: int = 0
+    c: ModelConfig,
+    tokens: int,
+    seq: int,
+    dtype_bytes: int,
+    remat: str,
+    lora_rank: int = 0,
+    batch: int = 1,
+    dropout: bool = False,
 ) -> int:
     """Estimated activations kept for the backward pass of one adapter's batch (`tokens` rows x
-    positions, sequences of length `seq`).
+    positions on the device, sequences of length `seq`; `batch` rows in all, as the loss's
+    chunks are cut).
 
     Per layer and token: the two norm inputs and outputs (4D), q, k, v and the attention output
-    ((2N + 2K)H), the MLP's gate, up, activation and down input (4F), LoRA intermediates
-    (7 rank-R vectors) and dropout masks; per layer and sequence, attention logits and
-    probabilities in float32 (2 N T^2 per sequence). With `remat="block"` only each block's input
-    is kept, plus one block's full activations during its recomputation. Logits and their
-    gradient are float32 [tokens, V] each.
+    ((2N + 2K)H), the MLP's gate, up, activation and down input (4F) and LoRA intermediates
+    (7 rank-R vectors); with `dropout`, the random words of the LoRA inputs' masks, a uint32
+    per element of the widest input (the down projection's F), two drawn at once; per layer
+    and sequence, attention logits and probabilities in float32 (2 N T^2 per sequence). With
+    `remat="block"` only each block's input is kept, plus one block's full activations during
+    its recomputation. The loss takes a chunk of positions at a time (`objectives.loss_chunk`):
+    a chunk's float32 logits and their gradient, [rows, chunk, V] each (the TPU compiler's
+    buffers of the 1B and 8B steps hold `f32[adapters, rows, 8, 128256]`, 2026-12-07).
     """
     D, F, N, K, H, L, V = dims(c)
-    per_token = (4 * D + (2 * N + 2 * K) * H + 4 * F + 7 * lora_rank) * dtype_bytes + 7 * D
+    per_token = (4 * D + (2 * N + 2 * K) * H + 4 * F + 7 * lora_rank) * dtype_bytes
+    per_token += 2 * F * 4 if dropout else 0
     per_layer = tokens * per_token + (tokens // seq) * 2 * N * seq * seq * 4
     layers = L * per_layer if remat == "none" else L * tokens * D * dtype_bytes + per_layer
-    return layers + 2 * tokens * V * 4
+    return layers + 2 * (tokens // seq) * loss_chunk(batch, seq, V) * V * 4
 
 
 def flops_per_token(c: ModelConfig, lora_params: float) -> float:
@@ -231,6 +244,17 @@ def device_memory_bytes(device: jax.Device) -> float:
     return physical / max(jax.local_device_count(), 1)
 
 
+def adapter_copies(config: Config) -> float:
+    """The training step's bytes per float32 adapter byte: the weights, their gradients and
+    AdamW's two moments; the weights cast to the model dtype once, every layer's before the
+    forward (`bf16[32,20,8,14336]` in the 8B's rank-64 step, 2026-12-07); and with
+    `model.scan_layers`, the gradients as they leave the layer loop, layer-major
+    (`f32[32,20,8,14336]`), before they are laid out as the adapters are."""
+    dtype_bytes = np.dtype(parse_dtype(config.model.dtype)).itemsize
+    cast = dtype_bytes / 4 if dtype_bytes < 4 else 0.0
+    return 4 + cast + (1 if config.model.scan_layers else 0)
+
+
 def job_memory(
     config: Config, c: ModelConfig, plans: Sequence[CellPlan], groups: Sequence[Group], sizes
 ) -> tuple[list[tuple[str, float]], float]:
@@ -260,8 +284,16 @@ def job_memory(
         per_pass = resolve_per_pass(config.training.adapters_per_pass, "gpu", B * T)
         if per_pass is not None:
             slots_local = min(slots_local, per_pass)
+        dropout = any(p.lora.dropout > 0 for p in members)
         act_b += slots_local * activation_bytes(
-            c, B * T // sizes["fsdp"], T, dtype_bytes, config.model.remat, placement.rank
+            c,
+            B * T // sizes["fsdp"],
+            T,
+            dtype_bytes,
+            config.model.remat,
+            placement.rank,
+            batch=B,
+            dropout=dropout,
         )
         lora_flops += sum(p.lora.num_params(c) for p in members) * B * T * 6
         if members[0].objective is not None:  # the teacher's logits and hidden states, float32
@@ -274,6 +306,20 @@ def job_memory(
         ("adapter gradients (float32)", adapter_b),
         (f"activations (estimate, remat={config.model.remat})", act_b),
     ]
+    # What the step's products take whole: the output head's table for the loss's chunks, and
+    # a layer's projections at a time (the compiler's buffers of the 1B and 8B steps: the
+    # table gathered over fsdp or copied once, `bf16[4096,128256]`; a layer's kernels
+    # gathered, or sliced from the scanned stack)
+    D, F, N, K, H, _, V = dims(c)
+    t = sizes["tensor"]
+    rows.append(("output head's table, whole (model dtype)", V * D * dtype_bytes / t))
+    if sizes["fsdp"] > 1 or config.model.scan_layers:
+        layer = (2 * D * N * H + 2 * D * K * H + 3 * D * F) * dtype_bytes / t
+        rows.append(("a layer's projections, whole (model dtype)", layer))
+    if dtype_bytes < 4:
+        rows.append(("adapters cast to the model dtype", adapter_b * dtype_bytes / 4))
+    if config.model.scan_layers:
+        rows.append(("gradients, layer-major from the scan (float32)", adapter_b))
     if residual_b:
         rows.append(("residual corrections (float32)", residual_b))
     if teacher_b:  # the teacher's own forward keeps nothing for the backward pass
@@ -331,7 +377,7 @@ def choose_layout(
         config, c, plans, build_groups(plans, tuple(ranks), sizes["adapter"]), sizes
     )
     need, padded = sum(b for _, b in rows), 0.0
-    per_param = 16 / sizes["adapter"]  # float32 weights, gradients, 2 moments; split on adapter
+    per_param = 4 * adapter_copies(config) / sizes["adapter"]  # float32, split on adapter
     buckets: list[list[int]] = []
     for rank in ranks:
         if buckets:

@@ -84,6 +84,34 @@ def test_plan_estimate_is_near_the_compiler(report):
 
 
 @pytest.mark.tpu_aot
+def test_the_1b_step_is_planned_within_20_percent():
+    """The study's capacity recipe (rank 8, dropout 0.1, batch 8 x 128, remat block) on the 1B
+    shape, scanned, 24 adapter slots on v5e:2x4 (mesh 8/1/1): its 128K vocabulary on a
+    2048-wide model makes the loss's logits the step's largest activation. The loss takes 8
+    positions at a time, so plan counts a chunk's logits, not the batch's [T, V] (with those,
+    plan said 1.62x), plus the head's table and a layer's kernels whole, the adapters' bf16
+    copy and the scan's layer-major gradients: within the issue's 20% (measured 1.11x)."""
+    config = load_config(
+        "configs/phonebook_capacity_llama3_8b.yaml",
+        [
+            "model.path=llama-3.2-1b-shape",
+            "model.scan_layers=true",
+            "mesh.adapter=8",
+            "mesh.fsdp=1",
+            "sweep.lora.rank=[8]",
+        ],
+    )
+    devices = aot.topology_devices(TOPOLOGY)
+    usable, _ = aot.usable_hbm(devices[0])
+    plan = make_plan(config, len(devices), usable / 2**30, 197, 0.4)
+    step = aot.train_program(plan.config, make_mesh(8, 1, 1, devices), plan)
+    got = aot.compile_program(step)
+    assert not got.error, got.error
+    # the compiler's figure is the pinned libtpu's, the same on any host
+    assert 0.8 <= step.estimated_bytes / got.total <= 1.2, step.estimated_bytes / got.total
+
+
+@pytest.mark.tpu_aot
 def test_remat_recompute_in_plan_flops_matches_the_compiler():
     """What remat adds, compiler vs plan: the second forward of every block (products and, in
     the compiler's count only, the block's elementwise work): plan's share within 0.75-1x."""

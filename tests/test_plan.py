@@ -19,6 +19,7 @@ from jaxlora.plan import (
     AUTO_PAD_FLOPS,
     AUTO_PAD_MEMORY,
     GIB,
+    activation_bytes,
     attention_flops_per_token,
     choose_layout,
     flops_per_token,
@@ -165,6 +166,36 @@ def test_a_small_job_fits(capsys):
     assert 15 < total < 74.5  # more than the bf16 base alone, within an H100
 
 
+def test_the_loss_is_planned_a_chunk_of_positions_at_a_time():
+    """The training loss never holds a batch's [T, V] logits (`objectives.loss_chunk`): an 8B
+    batch of 8 x 128 over 128,256 logits takes 8 positions at a time, so plan counts a chunk's
+    float32 logits and their gradient, 2 x 8 rows x 8 x V x 4 bytes. Doubling the vocabulary
+    halves the chunk and adds nothing (whole logits would add 1 GiB)."""
+    import dataclasses
+
+    from jaxlora.objectives import loss_chunk
+
+    V = LLAMA8B.vocab_size
+    assert loss_chunk(8, 128, V) == 8 and loss_chunk(8, 128, 2 * V) == 4
+    wide = dataclasses.replace(LLAMA8B, vocab_size=2 * V)
+    one = activation_bytes(LLAMA8B, 1024, 128, 2, "block", 8, batch=8)
+    assert activation_bytes(wide, 1024, 128, 2, "block", 8, batch=8) == one
+    # with no logits at all (a vocabulary of one chunk's 8 positions' worth), the difference is
+    # the chunk's pair
+    narrow = dataclasses.replace(LLAMA8B, vocab_size=8)
+    chunk = activation_bytes(narrow, 1024, 128, 2, "block", 8, batch=8)
+    assert one - chunk == 2 * 8 * 8 * V * 4 - 2 * 8 * loss_chunk(8, 128, 8) * 8 * 4
+
+
+def test_lora_dropout_is_planned_as_the_masks_random_words():
+    """Dropout draws a uint32 per element of each LoRA input (the TPU compiler's step holds
+    `u32[adapters, 1024, 8192]` for the 1B's 1,024 tokens): plan counts the widest input's, the
+    down projection's F, two at once, for the one block being recomputed."""
+    plain = activation_bytes(LLAMA8B, 1024, 128, 2, "block", 8, batch=8)
+    dropped = activation_bytes(LLAMA8B, 1024, 128, 2, "block", 8, batch=8, dropout=True)
+    assert dropped - plain == 1024 * 14336 * 4 * 2
+
+
 def test_plan_memory_grows_with_adapters():
     small = make_plan(_grid(None, **{"sweep.lora.rank": "[8]"}), 8, 80, 989, 0.4)
     large = make_plan(_grid(None, **{"sweep.lora.rank": "[8, 64]"}), 8, 80, 989, 0.4)
@@ -213,14 +244,15 @@ def _layout(config, devices: int, memory_gib: float) -> tuple[int, ...]:
 
 def test_auto_pads_the_small_ranks_of_a_big_model_into_one_stack():
     """Ranks 2..20 (2 adapters each) on the 8B shape: padding to 20 adds ~0.5% FLOPs, so one
-    stack (one compiled program instead of ten); its 7 GiB of padded adapter state is under a
-    tenth of an 80 GiB device."""
+    stack (one compiled program instead of ten); its 9.7 GiB of padded adapter state (float32
+    weights, gradients and moments, the bf16 copy and the scan's layer-major gradients) is
+    under a tenth of a 100 GiB device."""
     ranks = list(range(2, 21, 2))
     config = _grid(None, **{"sweep.lora.rank": ranks, "sweep.data.size_tokens": "[1000, 2000]"})
     assert _padding_cost(LLAMA8B, ranks, 2) < AUTO_PAD_FLOPS
-    assert _layout(config, 1, 80) == (20,)
-    plan = make_plan(config, 1, 80, 989, 0.4)
-    assert plan.groups == 1 and plan.total <= AUTO_FIT * 80 * GIB
+    assert _layout(config, 1, 100) == (20,)
+    plan = make_plan(config, 1, 100, 989, 0.4)
+    assert plan.groups == 1 and plan.total <= AUTO_FIT * 100 * GIB
     assert "training.layout=auto: ranks padded to [20]" in plan.render()
 
 
@@ -234,9 +266,9 @@ def test_auto_keeps_ranks_apart_where_padding_costs_flops():
 
 
 def test_auto_pads_only_within_a_tenth_of_the_device_memory():
-    """The same job on a 64 GiB device: padding everything to 20 would take 7 GiB more (> 6.4),
-    so only some ranks share a stack; on a 54 GiB device the job (52.5 GiB as rank groups) has
-    no room under 90% for any padding."""
+    """The same job on a 64 GiB device: padding everything to 20 would take 9.7 GiB more
+    (> 6.4), so only some ranks share a stack; on a 44 GiB device the job (40.4 GiB as rank
+    groups) has no room under 90% for any padding."""
     ranks = list(range(2, 21, 2))
     config = _grid(None, **{"sweep.lora.rank": ranks, "sweep.data.size_tokens": "[1000, 2000]"})
     groups = make_plan(config.with_value("training.layout", "groups"), 1, 64, 989, 0.4)
@@ -245,7 +277,7 @@ def test_auto_pads_only_within_a_tenth_of_the_device_memory():
     plan = make_plan(config.with_value("training.layout", list(shared)), 1, 64, 989, 0.4)
     assert plan.total - groups.total <= AUTO_PAD_MEMORY * 64 * GIB
     assert plan.total <= AUTO_FIT * 64 * GIB
-    assert _layout(config, 1, 54) == tuple(ranks)
+    assert _layout(config, 1, 44) == tuple(ranks)
 
 
 def test_plan_counts_one_adapter_per_unit():
