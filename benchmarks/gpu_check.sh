@@ -11,9 +11,10 @@
 # peak memory per adapter; the attention kernels checked against the reference on the GPU; and
 # many-adapter decoding per row vs grouped.
 # Every command has its own time limit, so one slow step cannot eat the whole budget.
-# Checked against the defaults of 2026-12-06 (model.remat none and scan_layers false unless set
-# here, the chunked loss always, mesh fsdp 1 on one device, platform paths from the mesh's
-# devices): the SMOKE run passes every step on a 2-core CPU (7.8 min under load).
+# Checked against the defaults of 2026-12-07 (model.remat and scan_layers `auto`: a job scans on
+# a GPU, and recomputes blocks only where it would not fit; bench_sweep sets both itself, as
+# below; the chunked loss always, mesh fsdp 1 on one device, platform paths from the mesh's
+# devices): the SMOKE run passes every step on a 2-core CPU (7.8 min under load, 2026-12-06).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -55,7 +56,7 @@ step mfu_1b $((LIMIT * 2)) $PY -m benchmarks.bench_sweep --model "$M1" --dtype "
 step mfu_8b $((LIMIT * 2)) $PY -m benchmarks.bench_sweep --model "$M8" --dtype "$DTYPE" \
   --remat block --adapters $ADAPTERS --steps "$STEPS" --no-single --scan-layers
 #    What scanning costs per step on this device: the 1B shape scanned at A = 16, against its
-#    unrolled row of mfu_1b (model.scan_layers defaults to false until this is measured).
+#    unrolled row of mfu_1b (`model.scan_layers: auto` scans on a GPU; this prices that).
 step scan_1b "$LIMIT" $PY -m benchmarks.bench_sweep --model "$M1" --dtype "$DTYPE" \
   --adapters "$SCAN_A" --steps "$STEPS" --no-single --scan-layers
 # 2. Adapters/hour vs PyTorch + PEFT on CUDA at the study's batch 8 (1B: PEFT reloads the base

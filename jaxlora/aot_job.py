@@ -95,7 +95,7 @@ def compile_job(
     nominal, peak = nominal / per_chip, peak / per_chip
     # Fits are judged against what the compiler lets a program use (v5e: 15.75 of 16 GiB).
     hbm, source = usable_hbm(chips[0])
-    plan = make_plan(config, devices, hbm / GIB, peak / 1e12, mfu, context)
+    plan = make_plan(config, devices, hbm / GIB, peak / 1e12, mfu, context, platform="tpu")
     c = plan.config.mesh
     sizes = mesh_sizes(c.adapter, c.fsdp, c.tensor, devices)
     mesh = Mesh(np.asarray(chips).reshape(tuple(sizes.values())), MESH_AXES)

@@ -168,7 +168,10 @@ def _plan(args: argparse.Namespace) -> int:
         memory = args.device_memory * 2**30
     if args.peak_tflops is not None:
         peak = args.peak_tflops * 1e12
-    plan = make_plan(config, args.devices, memory / 2**30, peak / 1e12, args.mfu, args.context)
+    platform = "tpu" if device.startswith("tpu") else "gpu"
+    plan = make_plan(
+        config, args.devices, memory / 2**30, peak / 1e12, args.mfu, args.context, platform
+    )
     print(plan.render())
     if not plan.fits:
         raise PlanError(

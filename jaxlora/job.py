@@ -22,7 +22,7 @@ from jaxlora.cells import CellPlan, Group, JobData, build_groups, expand_units, 
 from jaxlora.config import Config
 from jaxlora.lora import union_placement
 from jaxlora.models.model import load_pretrained
-from jaxlora.plan import choose_layout, device_memory_bytes
+from jaxlora.plan import choose_layout, device_memory_bytes, resolve_model
 from jaxlora.sharding import logical_spec, make_mesh
 
 log = logging.getLogger(__name__)
@@ -43,13 +43,25 @@ class Job:
         )
         self.config, self.units = expand_units(config, self.model.tokenizer)
         self.plans = plan_cells(self.config, self.model.config)
-        layout = self.config.training.layout
-        if layout == "auto":  # every process must choose the same: the smallest memory
+        m, layout = self.config.model, self.config.training.layout
+        if "auto" in (m.scan_layers, m.remat, layout):
+            # every process must choose the same: from the smallest memory
             mine = next(d for d in self.mesh.devices.flat if d.process_index == jax.process_index())
             gib = np.float32(device_memory_bytes(mine) / 2**30)
-            gib = float(np.min(multihost_utils.process_allgather(gib)))
+            memory = float(np.min(multihost_utils.process_allgather(gib))) * 2**30
+            self.config, why = resolve_model(
+                self.config,
+                self.model.config,
+                self.plans,
+                self.mesh.shape,
+                memory,
+                self.mesh.devices.flat[0].platform,
+            )
+            for line in why:
+                log.info(line)
+        if layout == "auto":
             layout, why = choose_layout(
-                self.config, self.model.config, self.plans, self.mesh.shape, gib * 2**30
+                self.config, self.model.config, self.plans, self.mesh.shape, memory
             )
             log.info("training.layout=auto: %s", why)
             self.config = self.config.with_value("training.layout", list(layout))

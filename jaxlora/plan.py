@@ -400,6 +400,43 @@ def choose_layout(
     return tops, f"ranks padded to {list(tops)} (<= 5% more FLOPs per stack; {memory})"
 
 
+def resolve_model(
+    config: Config,
+    c: ModelConfig,
+    plans: Sequence[CellPlan],
+    sizes: Mapping[str, int],
+    device_memory: float,
+    platform: str,
+) -> tuple[Config, list[str]]:
+    """`model.scan_layers: auto` and `model.remat: auto` for a job on `platform` devices
+    ("cpu", "gpu", "tpu") of `device_memory` bytes, and why, a line each.
+
+    Layers scan on GPUs and TPUs: the step compiles one block instead of every layer (the 8B's:
+    about a minute instead of seven on 2 cores) and the TPU compiler holds less (the 8B step of
+    issue 26, v5e 2/4/1: 18.0 GiB a chip scanned, 43.5 unrolled). On CPUs they run unrolled,
+    the faster there (the 2-layer quickstart's step, 1.15x). Blocks are recomputed in the
+    backward pass only where the job without it (`job_memory`, its ranks in their own groups,
+    the layout not yet chosen) would take more than AUTO_FIT of a device's memory: remat costs
+    a second forward, a third more FLOPs, that a job which fits need not pay."""
+    why = []
+    if config.model.scan_layers == "auto":
+        scan = platform != "cpu"
+        config = config.with_value("model.scan_layers", scan)
+        why.append(f"model.scan_layers=auto: {str(scan).lower()} on {platform}")
+    if config.model.remat == "auto":
+        ranks = tuple(sorted({p.lora.rank for p in plans}))
+        groups = build_groups(plans, ranks, sizes["adapter"])
+        plain = config.with_value("model.remat", "none")
+        need = sum(b for _, b in job_memory(plain, c, plans, groups, sizes)[0])
+        remat = "none" if need <= AUTO_FIT * device_memory else "block"
+        config = config.with_value("model.remat", remat)
+        why.append(
+            f"model.remat=auto: {remat} ({need / GIB:.1f} GiB per device without it, of "
+            f"{device_memory / GIB:.1f})"
+        )
+    return config, why
+
+
 def make_plan(
     config: Config,
     devices: int,
@@ -407,8 +444,10 @@ def make_plan(
     peak_tflops: float,
     mfu: float,
     context: int = 0,
+    platform: str = "gpu",
 ) -> Plan:
-    """The job's plan; with `context` > 0 also the memory of a prefill of that many tokens."""
+    """The job's plan on `platform` devices (its `auto` model settings resolve for it); with
+    `context` > 0 also the memory of a prefill of that many tokens."""
     if devices <= 0:
         raise PlanError(f"--devices must be positive, got {devices}")
     c = model_config(config.model.path)
@@ -430,6 +469,8 @@ def make_plan(
                 + (" (cut with the shape preset's stand-in tokenizer)" if shape else "")
             )
     plans = plan_cells(config, c)
+    config, why_model = resolve_model(config, c, plans, sizes, device_memory_gib * GIB, platform)
+    notes += why_model
     layout = config.training.layout
     if layout == "auto":
         layout, why = choose_layout(config, c, plans, sizes, device_memory_gib * GIB)

@@ -40,7 +40,7 @@ from jaxlora.cells import (
     seed_key,
 )
 from jaxlora.checkpoint import RunCheckpoints
-from jaxlora.config import Config, DistillSection
+from jaxlora.config import Config, DistillSection, load_config
 from jaxlora.data.stream import choose_packing
 from jaxlora.errors import DataError, JaxloraError
 from jaxlora.evaluate import plural
@@ -201,19 +201,17 @@ class SweepJob(Job):
             raise JaxloraError(
                 f"{self.run_dir} has no checkpoint to resume; start a new run without --resume"
             )
-        if self.config.training.layout == "auto":  # the buckets the run chose, not new ones
-            from jaxlora.config import load_config
-
-            saved = load_config(saved_file).training.layout
-            as_yaml = list(saved) if isinstance(saved, tuple) else saved
-            self.config = self.config.with_value("training.layout", as_yaml)
+        saved = load_config(saved_file)
+        for section, key in (("training", "layout"), ("model", "remat"), ("model", "scan_layers")):
+            if getattr(getattr(self.config, section), key) == "auto":  # the run's own choice
+                value = getattr(getattr(saved, section), key)
+                value = list(value) if isinstance(value, tuple) else value
+                self.config = self.config.with_value(f"{section}.{key}", value)
         # Before the model loads: every key but the unit axis, which needs the tokenizer.
         self._check_same_results(self.config, ignore=("sweep.data.unit",))
 
     def _check_same_results(self, config: Config, ignore: Sequence[str] = ()) -> None:
         """The resumed config must give the adapters the run was giving."""
-        from jaxlora.config import load_config
-
         saved = result_fingerprint(load_config(self.run_dir / "config.yaml"))
         now = result_fingerprint(config)
         changed = sorted(

@@ -24,10 +24,12 @@ from jaxlora.sharding import make_mesh
 
 TOPOLOGY = "v5e:2x4"
 # The study's recipe on the tiny model: bf16, all-linear rank-8 adapters with dropout, remat,
-# batch 8 x 128; 8 adapters, one per chip.
+# batch 8 x 128; 8 adapters, one per chip. Unrolled (`auto` scans on a TPU): XLA counts a
+# loop's body once, and the FLOPs tests compare every layer's.
 SETS = [
     "model.dtype=bfloat16",
     "model.remat=block",
+    "model.scan_layers=false",
     "lora.dropout=0.1",
     "data.max_length=128",
     "sweep.lora.rank=[8]",

@@ -297,3 +297,43 @@ def test_plan_says_when_it_cannot_cut_units(tmp_path):
     plan = make_plan(config, 1, 80, 989, 0.4)
     assert plan.adapters == 1
     assert "data.units: not cut (no local tokenizer at model.path)" in plan.render()
+
+
+def test_auto_model_settings_scan_on_accelerators_and_remat_only_where_needed():
+    """`model.scan_layers: auto` scans on GPUs and TPUs and not on CPUs; `model.remat: auto`
+    recomputes blocks only where the job without it would pass 90% of a device: the capacity
+    grid's rank-8 subset (20 adapters, 8B, batch 8 x 128) needs ~47 GiB a device without remat,
+    so it keeps its activations on an 80 GiB GPU and recomputes them on a 16 GiB chip."""
+    from jaxlora.plan import resolve_model
+
+    sets = {"model.remat": "auto", "model.scan_layers": "auto", "sweep.lora.rank": "[8]"}
+    config = _grid(None, **sets)
+    c = jaxlora.models.model.model_config(config.model.path)
+    plans = plan_cells(config, c)
+    sizes = {"adapter": 8, "fsdp": 1, "tensor": 1}
+    on_gpu, why = resolve_model(config, c, plans, sizes, 80 * GIB, "gpu")
+    assert on_gpu.model.scan_layers is True and on_gpu.model.remat == "none"
+    assert why[0] == "model.scan_layers=auto: true on gpu"
+    assert why[1].startswith("model.remat=auto: none (")
+    small, why = resolve_model(config, c, plans, sizes, 16 * GIB, "tpu")
+    assert small.model.scan_layers is True and small.model.remat == "block"
+    assert why[1].startswith("model.remat=auto: block (")
+    on_cpu, _ = resolve_model(config, c, plans, sizes, 80 * GIB, "cpu")
+    assert on_cpu.model.scan_layers is False
+    # set values are kept as they are, and nothing is said of them
+    fixed = config.with_value("model.remat", "block").with_value("model.scan_layers", False)
+    assert resolve_model(fixed, c, plans, sizes, 80 * GIB, "gpu") == (fixed, [])
+    # `jaxlora plan` resolves them for its device and says so
+    plan = make_plan(config, 8, 16, 197, 0.4, platform="tpu")
+    assert plan.config.model.remat == "block" and plan.config.model.scan_layers is True
+    assert "model.remat=auto: block" in plan.render()
+
+
+def test_a_cpu_job_resolves_its_auto_model_settings_to_the_fast_cpu_path():
+    """The quickstart on this CPU: unrolled layers and no remat (its 16 tiny adapters fit many
+    times over), as the resolved config a run records."""
+    from jaxlora.job import Job
+
+    job = Job(load_config("configs/quickstart.yaml"))
+    assert job.config.model.scan_layers is False and job.config.model.remat == "none"
+    assert "remat: none" in job.config.to_yaml() and "scan_layers: false" in job.config.to_yaml()

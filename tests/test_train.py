@@ -7,6 +7,7 @@ import csv
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -142,10 +143,16 @@ def test_outputs_of_a_run(grid_run):
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [ln["step"] for ln in lines] == list(range(1, 7))
     assert set(lines[-1]["loss"]) == {c.name for c in config.cells()}
-    # The run records what training.layout: auto chose (ranks 2 and 8 of tiny-llama keep
-    # their own groups: tests/test_plan.py), so a resume and an evaluation rebuild its stacks.
-    assert config.training.layout == "auto"
-    assert load_config(run_dir / "config.yaml") == config.with_value("training.layout", [2, 8])
+    # The run records what its `auto` settings chose, so a resume and an evaluation rebuild its
+    # stacks: ranks 2 and 8 of tiny-llama keep their own groups (tests/test_plan.py), and on a
+    # CPU the layers run unrolled, without remat (a few MB of activations)
+    assert config.training.layout == config.model.remat == config.model.scan_layers == "auto"
+    chosen = (
+        config.with_value("training.layout", [2, 8])
+        .with_value("model.remat", "none")
+        .with_value("model.scan_layers", False)
+    )
+    assert load_config(run_dir / "config.yaml") == chosen
 
 
 @pytest.mark.parametrize("devices", [1, 8])
@@ -155,6 +162,8 @@ def test_auto_settings_are_logged_and_valid(grid_run, tmp_path, caplog, devices)
     with caplog.at_level("INFO", logger="jaxlora"):
         job = SweepJob(config, tmp_path / "run", progress=False, devices=jax.devices()[:devices])
     assert "training.layout=auto: one group per rank" in caplog.text
+    assert "model.scan_layers=auto: false on cpu" in caplog.text
+    assert "model.remat=auto: none (" in caplog.text
     assert job.config.training.layout == (2, 8)
     ranks = [{job.plans[i].lora.rank for i in g.slots if i is not None} for g in job.groups]
     assert ranks == [{2}, {8}] and all(len(g.slots) % devices == 0 for g in job.groups)
@@ -180,8 +189,24 @@ def test_resume_keeps_the_layout_the_run_chose(grid_run, monkeypatch):
         raise AssertionError("choose_layout called on resume")
 
     monkeypatch.setattr("jaxlora.job.choose_layout", chosen_again)
+    monkeypatch.setattr("jaxlora.job.resolve_model", chosen_again)
     job = SweepJob(config, run_dir, resume=True, progress=False, devices=jax.devices()[:1])
     assert job.config.training.layout == (2, 8) and len(job.groups) == 2
+    assert job.config.model.remat == "none" and job.config.model.scan_layers is False
+
+
+def test_resume_keeps_the_model_settings_the_run_chose(grid_run, tmp_path):
+    """A run recorded `model.remat: block` and scanned layers (as a run on a GPU that was short
+    of memory would): resumed here with the original `auto` config, it keeps them, though this
+    CPU would choose neither."""
+    config, run_dir = grid_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    recorded = load_config(copy / "config.yaml")
+    recorded = recorded.with_value("model.remat", "block").with_value("model.scan_layers", True)
+    (copy / "config.yaml").write_text(recorded.to_yaml())
+    job = SweepJob(config, copy, resume=True, progress=False, devices=jax.devices()[:1])
+    assert job.config.model.remat == "block" and job.config.model.scan_layers is True
 
 
 def test_a_rank_above_the_layouts_ceilings_is_refused(tmp_path):

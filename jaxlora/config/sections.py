@@ -33,7 +33,7 @@ from jaxlora.config.schema import (
 from jaxlora.memory import grammar
 
 Dtype = Literal["float32", "bfloat16", "float16"]
-Remat = Literal["none", "block"]
+Remat = Literal["none", "block", "auto"]
 # PEFT's `init_lora_weights`: `default` (its True) is `kaiming`, A Kaiming-uniform and B = 0;
 # besides these names, `pissa_niter_N` (`_check_init`).
 InitKind = Literal["default", "kaiming", "gaussian", "pissa", "olora"]
@@ -166,9 +166,11 @@ class ModelSection(Section):
     path: str = field(default="tiny-llama", metadata=rule(check=non_empty))
     dtype: Dtype = "float32"
     param_dtype: Dtype | None = None  # None: same as dtype
-    remat: Remat = "none"
-    # The training step runs the layers as one lax.scan (one compiled block); same params.
-    scan_layers: bool = False
+    # Recompute each block in the backward pass (block); auto: only where the job would not fit.
+    remat: Remat = "auto"
+    # The step runs the layers as one lax.scan (one compiled block; same params). auto: on GPUs
+    # and TPUs, not CPUs (jaxlora.plan.resolve_model).
+    scan_layers: bool | Literal["auto"] = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
