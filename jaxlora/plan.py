@@ -191,9 +191,7 @@ class Plan:
             *self.notes,
             "per-device memory:",
         ]
-        lines += [f"  {label:<34}{b / GIB:>10.2f} GiB" for label, b in self.rows]
-        verdict = "fits" if self.fits else "does NOT fit"
-        lines.append(f"  {'total':<34}{self.total / GIB:>10.2f} GiB  ({verdict})")
+        lines += _table(self.rows, self.device_memory)
         hours = self.step_seconds * t.steps / 3600
         lines += [
             "step time estimate:",
@@ -208,21 +206,15 @@ class Plan:
         ]
         if self.decoding:
             k = max(range(len(self.decoding)), key=lambda i: sum(b for _, b in self.decoding[i]))
-            total = sum(b for _, b in self.decoding[k])
-            verdict = "fits" if total <= self.device_memory else "does NOT fit"
             e = self.config.eval
             lines.append(
                 f"evaluation decoding ({e.batch_size} prompts per adapter + {e.max_new_tokens} "
                 f"tokens; group {k}, the largest), per device:"
             )
-            lines += [f"  {label:<34}{b / GIB:>10.2f} GiB" for label, b in self.decoding[k]]
-            lines.append(f"  {'total':<34}{total / GIB:>10.2f} GiB  ({verdict})")
+            lines += _table(self.decoding[k], self.device_memory)
         if self.prefill:
-            total = self.prefill_total
-            verdict = "fits" if total <= self.device_memory else "does NOT fit"
             lines.append(f"prefill of {self.context:,} tokens (batch 1, no adapter), per device:")
-            lines += [f"  {label:<34}{b / GIB:>10.2f} GiB" for label, b in self.prefill]
-            lines.append(f"  {'total':<34}{total / GIB:>10.2f} GiB  ({verdict})")
+            lines += _table(self.prefill, self.device_memory)
             lines.append(
                 f"  (full [T, S] attention logits would add {self.prefill_full_attention / GIB:.2f} "
                 "GiB)"
@@ -232,6 +224,15 @@ class Plan:
     @property
     def prefill_total(self) -> float:
         return sum(b for _, b in self.prefill or [])
+
+
+def _table(rows: Sequence[tuple[str, float]], device_memory: float) -> list[str]:
+    """`rows` of (what, bytes) and their total against `device_memory`, the labels aligned."""
+    width = max(34, *(len(label) + 2 for label, _ in rows))
+    total = sum(b for _, b in rows)
+    verdict = "fits" if total <= device_memory else "does NOT fit"
+    lines = [f"  {label:<{width}}{b / GIB:>10.2f} GiB" for label, b in rows]
+    return [*lines, f"  {'total':<{width}}{total / GIB:>10.2f} GiB  ({verdict})"]
 
 
 def device_memory_bytes(device: jax.Device) -> float:
@@ -312,14 +313,14 @@ def job_memory(
     # gathered, or sliced from the scanned stack)
     D, F, N, K, H, _, V = dims(c)
     t = sizes["tensor"]
-    rows.append(("output head's table, whole (model dtype)", V * D * dtype_bytes / t))
+    rows.append(("output head's table, whole", V * D * dtype_bytes / t))
     if sizes["fsdp"] > 1 or config.model.scan_layers:
         layer = (2 * D * N * H + 2 * D * K * H + 3 * D * F) * dtype_bytes / t
-        rows.append(("a layer's projections, whole (model dtype)", layer))
+        rows.append(("a layer's kernels, whole", layer))
     if dtype_bytes < 4:
         rows.append(("adapters cast to the model dtype", adapter_b * dtype_bytes / 4))
     if config.model.scan_layers:
-        rows.append(("gradients, layer-major from the scan (float32)", adapter_b))
+        rows.append(("scan's layer-major gradients (float32)", adapter_b))
     if residual_b:
         rows.append(("residual corrections (float32)", residual_b))
     if teacher_b:  # the teacher's own forward keeps nothing for the backward pass

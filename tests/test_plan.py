@@ -337,3 +337,13 @@ def test_a_cpu_job_resolves_its_auto_model_settings_to_the_fast_cpu_path():
     job = Job(load_config("configs/quickstart.yaml"))
     assert job.config.model.scan_layers is False and job.config.model.remat == "none"
     assert "remat: none" in job.config.to_yaml() and "scan_layers: false" in job.config.to_yaml()
+
+
+def test_the_memory_table_aligns_its_figures_whatever_the_labels():
+    """A scanned bf16 job has the longest labels ("scan's layer-major gradients (float32)"):
+    every row of each table still puts its GiB in one column."""
+    plan = make_plan(_grid(None, **{"sweep.lora.rank": "[8]"}), 8, 80, 989, 0.4)
+    text = plan.render()
+    table = text.split("per-device memory:\n")[1].split("step time estimate:")[0].splitlines()
+    assert any("scan's layer-major gradients" in line for line in table)
+    assert len({line.index(" GiB") for line in table}) == 1, table
