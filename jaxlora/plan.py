@@ -39,7 +39,7 @@ from jaxlora.lora import placement_params, union_placement
 from jaxlora.models.config import ModelConfig
 from jaxlora.models.model import abstract_module, local_tokenizer, model_config, parse_dtype
 from jaxlora.objectives import loss_chunk
-from jaxlora.plan_decode import decode_rows, dims, prefill_rows, rows_per_device
+from jaxlora.plan_decode import decode_rows, dims, layer_bytes, prefill_rows, rows_per_device
 from jaxlora.sharding import logical_spec, mesh_sizes
 
 GIB = 1024**3
@@ -245,15 +245,23 @@ def device_memory_bytes(device: jax.Device) -> float:
     return physical / max(jax.local_device_count(), 1)
 
 
-def adapter_copies(config: Config) -> float:
-    """The training step's bytes per float32 adapter byte: the weights, their gradients and
-    AdamW's two moments; the weights cast to the model dtype once, every layer's before the
-    forward (`bf16[32,20,8,14336]` in the 8B's rank-64 step, 2026-12-07); and with
-    `model.scan_layers`, the gradients as they leave the layer loop, layer-major
+def adapter_state(config: Config, adapter_b: float) -> list[tuple[str, float]]:
+    """The training step's copies of `adapter_b` bytes of float32 adapters: the weights, their
+    gradients and AdamW's two moments; the weights cast to the model dtype once, every
+    layer's before the forward (`bf16[32,20,8,14336]` in the 8B's rank-64 step, 2026-12-07);
+    and with `model.scan_layers`, the gradients as they leave the layer loop, layer-major
     (`f32[32,20,8,14336]`), before they are laid out as the adapters are."""
     dtype_bytes = np.dtype(parse_dtype(config.model.dtype)).itemsize
-    cast = dtype_bytes / 4 if dtype_bytes < 4 else 0.0
-    return 4 + cast + (1 if config.model.scan_layers else 0)
+    rows = [
+        ("adapter weights (float32)", adapter_b),
+        ("AdamW moments (2 x float32)", 2 * adapter_b),
+        ("adapter gradients (float32)", adapter_b),
+    ]
+    if dtype_bytes < 4:
+        rows.append(("adapters cast to the model dtype", adapter_b * dtype_bytes / 4))
+    if config.model.scan_layers:
+        rows.append(("scan's layer-major gradients (float32)", adapter_b))
+    return rows
 
 
 def job_memory(
@@ -302,25 +310,17 @@ def job_memory(
             teacher_b += slots_local * B * T // sizes["fsdp"] * width * 4
     rows = [
         ("base weights", base_b),
-        ("adapter weights (float32)", adapter_b),
-        ("AdamW moments (2 x float32)", 2 * adapter_b),
-        ("adapter gradients (float32)", adapter_b),
+        *adapter_state(config, adapter_b),
         (f"activations (estimate, remat={config.model.remat})", act_b),
     ]
     # What the step's products take whole: the output head's table for the loss's chunks, and
     # a layer's projections at a time (the compiler's buffers of the 1B and 8B steps: the
     # table gathered over fsdp or copied once, `bf16[4096,128256]`; a layer's kernels
     # gathered, or sliced from the scanned stack)
-    D, F, N, K, H, _, V = dims(c)
     t = sizes["tensor"]
-    rows.append(("output head's table, whole", V * D * dtype_bytes / t))
+    rows.append(("output head's table, whole", c.vocab_size * c.hidden_size * dtype_bytes / t))
     if sizes["fsdp"] > 1 or config.model.scan_layers:
-        layer = (2 * D * N * H + 2 * D * K * H + 3 * D * F) * dtype_bytes / t
-        rows.append(("a layer's kernels, whole", layer))
-    if dtype_bytes < 4:
-        rows.append(("adapters cast to the model dtype", adapter_b * dtype_bytes / 4))
-    if config.model.scan_layers:
-        rows.append(("scan's layer-major gradients (float32)", adapter_b))
+        rows.append(("a layer's kernels, whole", layer_bytes(c, dtype_bytes, t)))
     if residual_b:
         rows.append(("residual corrections (float32)", residual_b))
     if teacher_b:  # the teacher's own forward keeps nothing for the backward pass
@@ -378,7 +378,8 @@ def choose_layout(
         config, c, plans, build_groups(plans, tuple(ranks), sizes["adapter"]), sizes
     )
     need, padded = sum(b for _, b in rows), 0.0
-    per_param = 4 * adapter_copies(config) / sizes["adapter"]  # float32, split on adapter
+    # a float32 parameter's copies in the step, split on adapter
+    per_param = sum(b for _, b in adapter_state(config, 4.0)) / sizes["adapter"]
     buckets: list[list[int]] = []
     for rank in ranks:
         if buckets:

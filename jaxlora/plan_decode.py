@@ -27,6 +27,13 @@ def dims(c: ModelConfig) -> tuple[int, ...]:
     )
 
 
+def layer_bytes(c: ModelConfig, dtype_bytes: int, tensor: int) -> float:
+    """One decoder layer's projection kernels on a device (q, k, v, o and the MLP's three), in
+    the model dtype, split over `tensor`: what a layer's use holds whole."""
+    D, F, N, K, H, _, _ = dims(c)
+    return (2 * D * N * H + 2 * D * K * H + 3 * D * F) * dtype_bytes / tensor
+
+
 def prefill_rows(
     c: ModelConfig, context: int, dtype_bytes: int, sizes: Mapping[str, int], base_bytes: float
 ) -> tuple[list[tuple[str, float]], float]:
@@ -183,8 +190,8 @@ def _layers_ahead(
     """The layers' projections an fsdp mesh gathers ahead of their use: DECODE_LAYERS_AHEAD,
     and with the device's memory `hbm` given, as many more as it leaves room for beyond `used`,
     up to every layer."""
-    D, F, N, K, H, L, _ = dims(c)
-    layer = (2 * D * N * H + 2 * D * K * H + 3 * D * F) * dtype_bytes / sizes["tensor"]
+    L = c.num_layers
+    layer = layer_bytes(c, dtype_bytes, sizes["tensor"])
     room = int((hbm - used) // layer)
     ahead = max(DECODE_LAYERS_AHEAD, min(L, room)) if hbm else DECODE_LAYERS_AHEAD
     return f"layers gathered ahead ({ahead} of {L})", ahead * layer
